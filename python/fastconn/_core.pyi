@@ -1,0 +1,50 @@
+"""Type stubs for the private Rust extension. The public API is :mod:`fastconn.dispatcher`."""
+
+__version__: str
+build_profile: str
+LATENCY_BUCKETS: list[float]
+
+_TargetTuple = tuple[str, str, list[str], int | None, float | None, list[tuple[str, str]]]
+_WireMessage = tuple[str, bytes, object, str, bytes | None, int, bool]
+_ResultTuple = tuple[
+    str, int, int, int, float, float | None, bytes | None, list[tuple[str, str]] | None
+]
+_StatsTuple = tuple[str, list[tuple[str, int]], list[int], float, int, int]
+
+class Runtime:
+    def __init__(
+        self,
+        *,
+        workers: int,
+        max_inflight: int,
+        max_inflight_per_function: int,
+        max_queued: int,
+        max_attempts: int,
+        retry_on: list[int],
+        backoff_initial: float,
+        backoff_max: float,
+        timeout: float,
+        connect_timeout: float,
+        content_type: str | None,
+        user_agent: str,
+        authorization: str | None,
+    ) -> None: ...
+    @property
+    def pid(self) -> int: ...
+    @property
+    def wake_fd(self) -> int: ...
+    @property
+    def queued(self) -> int: ...
+    @property
+    def inflight(self) -> int: ...
+    @property
+    def capacity(self) -> int: ...
+    @property
+    def target_count(self) -> int: ...
+    @property
+    def closed(self) -> bool: ...
+    def set_targets(self, targets: list[_TargetTuple]) -> None: ...
+    def submit(self, base_token: int, batch: list[_WireMessage]) -> None: ...
+    def drain(self) -> list[tuple[int, int, list[_ResultTuple]]]: ...
+    def stats(self) -> list[_StatsTuple]: ...
+    def close(self, timeout: float) -> int: ...

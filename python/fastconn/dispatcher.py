@@ -1,0 +1,356 @@
+"""The asyncio side of the bridge to the Rust core.
+
+One FFI call per batch in each direction:
+
+* ``submit`` reserves capacity for the batch (awaiting it when the core is full: that wait is
+  the backpressure sources turn into "stop fetching, don't ack"), then hands the whole batch
+  to ``Runtime.submit``, which never blocks.
+* The core pushes completions onto a queue and writes an eventfd once per burst; the loop's
+  reader callback drains everything in one ``Runtime.drain`` call and resolves the batches'
+  callbacks on the loop thread. Tokio threads never touch Python objects or the GIL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import contextlib
+import itertools
+import logging
+import os
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from fastconn import _core
+from fastconn.errors import DispatcherClosed
+from fastconn.functions import FunctionTarget
+from fastconn.message import ErrorKind, Message, Outcome, TargetResult, Verdict
+
+__all__ = ["Dispatcher", "DispatchOptions", "OutcomeCallback"]
+
+log = logging.getLogger("fastconn.dispatcher")
+
+OutcomeCallback = Callable[[list[Outcome]], None]
+"""Called on the event loop with the outcomes of one batch that completed since the last
+drain (possibly a part of the batch). Must not block."""
+
+_INDEX_BITS = 20
+"""Tokens are ``batch_id << 20 | index``: batches are capped at 2**20 messages."""
+_INDEX_MASK = (1 << _INDEX_BITS) - 1
+_VERDICTS = tuple(Verdict)
+_ERRORS = tuple(ErrorKind)
+_VERSION = _core.__version__
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchOptions:
+    """Everything the core needs; built from ``[dispatch]`` and ``[gateway]`` by the daemon."""
+
+    workers: int = 2
+    max_inflight: int = 1024
+    max_inflight_per_function: int = 256
+    max_queued: int | None = None
+    """Messages accepted and not completed; default ``max(2 * max_inflight, 2 * batch_size)``."""
+    max_attempts: int = 5
+    retry_on: tuple[int, ...] = (408, 429, 500, 502, 503, 504)
+    backoff_initial: float = 0.1
+    backoff_max: float = 30.0
+    timeout: float = 30.0
+    connect_timeout: float = 5.0
+    content_type: str | None = "text/plain"
+    basic_auth: tuple[str, str] | None = None
+    batch_size: int = 512
+
+    @property
+    def queue_bound(self) -> int:
+        return self.max_queued or max(2 * self.max_inflight, 2 * self.batch_size)
+
+
+@dataclass(slots=True)
+class _Batch:
+    messages: Sequence[Message]
+    ids: list[str]
+    callback: OutcomeCallback
+    remaining: int
+
+
+@dataclass(slots=True)
+class _Capacity:
+    """A counting semaphore that hands out ``n`` units at once, first come first served, so a
+    large batch is not starved by a stream of small ones."""
+
+    available: int
+    waiters: collections.deque[tuple[int, asyncio.Future[None]]] = field(default_factory=collections.deque)
+
+    async def acquire(self, n: int) -> None:
+        if not self.waiters and self.available >= n:
+            self.available -= n
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (n, future)
+        self.waiters.append(entry)
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self.release(n)  # granted just as we were cancelled: give it back
+            else:
+                self.waiters.remove(entry)
+                self._grant()
+            raise
+
+    def release(self, n: int) -> None:
+        self.available += n
+        self._grant()
+
+    def _grant(self) -> None:
+        while self.waiters and self.waiters[0][0] <= self.available:
+            n, future = self.waiters.popleft()
+            if future.done():
+                continue
+            self.available -= n
+            future.set_result(None)
+
+
+class Dispatcher:
+    """Routes messages to functions and calls them through the Rust core.
+
+    Create it inside a running event loop (``async with Dispatcher(...)``): the tokio runtime
+    is built in ``start`` and belongs to this process; using it after a fork raises
+    :class:`~fastconn.errors.ForkError`.
+    """
+
+    def __init__(self, options: DispatchOptions | None = None) -> None:
+        self.options = options or DispatchOptions()
+        self._runtime: _core.Runtime | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._capacity = _Capacity(self.options.queue_bound)
+        self._batches: dict[int, _Batch] = {}
+        self._batch_ids = itertools.count(1)
+        self._id_prefix = uuid.uuid4().hex[:12]
+        self._id_counter = itertools.count()
+        self._observers: list[OutcomeCallback] = []
+        self._targets: tuple[FunctionTarget, ...] = ()
+        self._closing = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._runtime is not None:
+            return
+        o = self.options
+        auth = None
+        if o.basic_auth is not None:
+            user, password = o.basic_auth
+            auth = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+        self._runtime = _core.Runtime(
+            workers=o.workers,
+            max_inflight=o.max_inflight,
+            max_inflight_per_function=o.max_inflight_per_function,
+            max_queued=o.queue_bound,
+            max_attempts=o.max_attempts,
+            retry_on=list(o.retry_on),
+            backoff_initial=o.backoff_initial,
+            backoff_max=o.backoff_max,
+            timeout=o.timeout,
+            connect_timeout=o.connect_timeout,
+            content_type=o.content_type or None,
+            user_agent=f"fastconn/{_VERSION}",
+            authorization=auth,
+        )
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._runtime.wake_fd, self._on_wake)
+        if self._targets:
+            self.set_functions(self._targets)
+
+    async def close(self, timeout: float = 30.0) -> int:
+        """Stops intake and waits up to ``timeout`` for accepted messages; their callbacks
+        still run (on this loop) while we wait. Returns how many did not finish."""
+        runtime = self._runtime
+        if runtime is None or self._closing:
+            return 0
+        self._closing = True
+        # The core's close blocks a thread (without the GIL) until its queue is empty; the loop
+        # keeps running meanwhile and drains completions as they arrive.
+        left = await asyncio.get_running_loop().run_in_executor(None, runtime.close, timeout)
+        self._on_wake()
+        assert self._loop is not None
+        self._loop.remove_reader(runtime.wake_fd)
+        for waiter in self._capacity.waiters:
+            if not waiter[1].done():
+                waiter[1].set_exception(DispatcherClosed("the dispatcher closed while waiting for capacity"))
+        self._capacity.waiters.clear()
+        if left:
+            log.warning("dispatcher closed with %d message(s) unfinished", left)
+        return left
+
+    async def __aenter__(self) -> Dispatcher:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- routing ---------------------------------------------------------------------------
+
+    def set_functions(self, targets: Iterable[FunctionTarget]) -> None:
+        """Swaps the routing table atomically; calls already running are not affected."""
+        self._targets = tuple(targets)
+        if self._runtime is None:
+            return
+        self._runtime.set_targets(
+            [
+                (
+                    t.name,
+                    t.async_url if t.asynchronous and t.async_url else t.url,
+                    list(t.topics),
+                    t.max_inflight,
+                    t.timeout,
+                    [],
+                )
+                for t in self._targets
+            ]
+        )
+
+    @property
+    def functions(self) -> tuple[FunctionTarget, ...]:
+        return self._targets
+
+    # -- the hot path ----------------------------------------------------------------------
+
+    async def submit(
+        self, messages: Sequence[Message], on_outcomes: OutcomeCallback, *, capture: bool = False
+    ) -> None:
+        """Hands messages to the core, waiting only for capacity. ``on_outcomes`` receives
+        every message's :class:`Outcome` later, on this loop, in groups. With ``capture`` the
+        results carry each function's response body and headers."""
+        runtime = self._require_runtime()
+        step = max(1, min(self.options.batch_size, self.options.queue_bound, _INDEX_MASK))
+        for start in range(0, len(messages), step):
+            chunk = messages[start : start + step]
+            await self._capacity.acquire(len(chunk))
+            if self._closing:
+                self._capacity.release(len(chunk))
+                raise DispatcherClosed("the dispatcher is closing")
+            self._submit_chunk(runtime, chunk, on_outcomes, capture)
+
+    def _submit_chunk(
+        self, runtime: _core.Runtime, chunk: Sequence[Message], callback: OutcomeCallback, capture: bool
+    ) -> None:
+        batch_id = next(self._batch_ids)
+        ids = [m.message_id or self._new_id() for m in chunk]
+        wire = [
+            (m.topic, m.payload, m.headers, mid, m.key, m.delivery_attempt, capture)
+            for m, mid in zip(chunk, ids, strict=True)
+        ]
+        try:
+            runtime.submit(batch_id << _INDEX_BITS, wire)
+        except BaseException:
+            self._capacity.release(len(chunk))
+            raise
+        self._batches[batch_id] = _Batch(chunk, ids, callback, len(chunk))
+
+    async def call(self, messages: Sequence[Message], *, capture: bool = False) -> list[Outcome]:
+        """Submits and waits for every outcome; returned in the order of ``messages``."""
+        if not messages:
+            return []
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        outcomes: dict[int, Outcome] = {}
+        positions = {id(m): i for i, m in enumerate(messages)}
+
+        def collect(batch: list[Outcome]) -> None:
+            for outcome in batch:
+                outcomes[positions[id(outcome.message)]] = outcome
+            if len(outcomes) == len(messages) and not done.done():
+                done.set_result(None)
+
+        await self.submit(messages, collect, capture=capture)
+        await done
+        return [outcomes[i] for i in range(len(messages))]
+
+    def add_observer(self, observer: OutcomeCallback) -> None:
+        """Sees every outcome of every batch after its own callback (metrics, logging)."""
+        self._observers.append(observer)
+
+    @property
+    def queued(self) -> int:
+        return self._runtime.queued if self._runtime else 0
+
+    @property
+    def inflight(self) -> int:
+        return self._runtime.inflight if self._runtime else 0
+
+    @property
+    def capacity(self) -> int:
+        return self.options.queue_bound
+
+    @property
+    def has_capacity(self) -> bool:
+        """Whether a submit of one message would proceed without waiting."""
+        return not self._capacity.waiters and self._capacity.available > 0
+
+    def stats(self) -> list[tuple[str, list[tuple[str, int]], list[int], float, int, int]]:
+        return self._runtime.stats() if self._runtime else []
+
+    # -- completions -----------------------------------------------------------------------
+
+    def _on_wake(self) -> None:
+        runtime = self._runtime
+        if runtime is None:
+            return
+        with contextlib.suppress(BlockingIOError):
+            os.read(runtime.wake_fd, 8)
+        records = runtime.drain()
+        if not records:
+            return
+        self._capacity.release(len(records))
+        by_batch: dict[int, list[Outcome]] = {}
+        batches = self._batches
+        for token, verdict_code, raw_results in records:
+            batch_id = token >> _INDEX_BITS
+            index = token & _INDEX_MASK
+            batch = batches[batch_id]
+            results = tuple(
+                TargetResult(fn, status, _ERRORS[err], attempts, latency, retry_after, body,
+                             tuple(headers) if headers is not None else None)
+                for fn, status, err, attempts, latency, retry_after, body, headers in raw_results
+            )
+            verdict = _VERDICTS[verdict_code]
+            retry_after = None
+            if verdict is Verdict.RETRY:
+                retry_after = max((r.retry_after for r in results if r.retry_after is not None), default=None)
+            outcome = Outcome(batch.messages[index], verdict, batch.ids[index], results, retry_after)
+            group = by_batch.get(batch_id)
+            if group is None:
+                by_batch[batch_id] = [outcome]
+            else:
+                group.append(outcome)
+        for batch_id, outcomes in by_batch.items():
+            batch = batches[batch_id]
+            batch.remaining -= len(outcomes)
+            if batch.remaining == 0:
+                del batches[batch_id]
+            self._deliver(batch.callback, outcomes)
+            for observer in self._observers:
+                self._deliver(observer, outcomes)
+
+    @staticmethod
+    def _deliver(callback: OutcomeCallback, outcomes: list[Outcome]) -> None:
+        try:
+            callback(outcomes)
+        except Exception:
+            # A bug in one source's settle code must not stop completions for everyone else.
+            log.exception("outcome callback %r failed", callback)
+
+    def _new_id(self) -> str:
+        return f"{self._id_prefix}-{next(self._id_counter)}"
+
+    def _require_runtime(self) -> _core.Runtime:
+        if self._runtime is None:
+            raise DispatcherClosed("the dispatcher is not started (use `async with Dispatcher()`)")
+        if self._closing:
+            raise DispatcherClosed("the dispatcher is closing")
+        return self._runtime

@@ -1,0 +1,109 @@
+"""The plain data that crosses the bridge: messages in, outcomes out.
+
+A source turns whatever its broker delivers into :class:`Message` objects; the dispatcher
+returns one :class:`Outcome` per message once *every* target function of that message has a
+final result. Per-message failure is data (``verdict``), never an exception.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class Verdict(enum.IntEnum):
+    """What the source should do with a message. Values match the Rust core's encoding."""
+
+    OK = 0
+    """Every target answered 2xx: acknowledge."""
+    RETRY = 1
+    """A target failed with a retryable error after the dispatcher's own retries: keep the
+    message (nak / don't commit) and redeliver later, after ``Outcome.retry_after`` if set."""
+    FAILED = 2
+    """A target failed for good (non-retryable status): dead-letter, then acknowledge."""
+    UNROUTED = 3
+    """No function subscribes to the topic: nothing to deliver, the message is done."""
+
+
+class ErrorKind(enum.IntEnum):
+    """Why a target call has no HTTP status. Values match the Rust core's encoding."""
+
+    NONE = 0
+    CONNECT = 1
+    TIMEOUT = 2
+    IO = 3
+    """The connection broke mid-request or mid-response."""
+    INVALID_REQUEST = 4
+    """The request could not be built (bad URL, bad header)."""
+    INTERNAL = 5
+    """A bug in fastconn (a panicked task); reported rather than lost."""
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+@dataclass(slots=True)
+class Message:
+    """One event to deliver. ``handle`` is the source's own reference (for ack/nack); the
+    core never sees it."""
+
+    topic: str
+    payload: bytes
+    headers: Sequence[tuple[str, str]] = ()
+    message_id: str | None = None
+    """Idempotency key sent as ``X-Message-Id``; stable across retries and redeliveries.
+    Generated when ``None``."""
+    key: bytes | None = None
+    """Ordering key: messages with the same key are delivered one at a time, in order."""
+    delivery_attempt: int = 1
+    """Delivery count as the *source* sees it (redeliveries); the dispatcher adds its own
+    retries on top when it sends ``X-Delivery-Attempt``."""
+    handle: Any = None
+
+
+@dataclass(slots=True, frozen=True)
+class TargetResult:
+    """The final result of one message at one function."""
+
+    function: str
+    status: int
+    """HTTP status of the last attempt, or 0 when there was none (see ``error``)."""
+    error: ErrorKind
+    attempts: int
+    latency: float
+    """Seconds from the first attempt's start to the final answer."""
+    retry_after: float | None = None
+    body: bytes | None = None
+    """The response body when captured (``capture`` submits) or an excerpt on failure."""
+    headers: tuple[tuple[str, str], ...] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status < 300
+
+    @property
+    def status_label(self) -> str:
+        """The status as a metric label: the HTTP code, or the error kind."""
+        return str(self.status) if self.status else self.error.label
+
+
+@dataclass(slots=True)
+class Outcome:
+    """All targets of one message are settled: the worst result decides the verdict."""
+
+    message: Message
+    verdict: Verdict
+    message_id: str
+    results: tuple[TargetResult, ...] = field(default=())
+    retry_after: float | None = None
+    """The largest ``Retry-After`` a function asked for, when the verdict is RETRY."""
+
+    @property
+    def ok(self) -> bool:
+        return self.verdict in (Verdict.OK, Verdict.UNROUTED)
+
+    def first_failure(self) -> TargetResult | None:
+        return next((r for r in self.results if not r.ok), None)

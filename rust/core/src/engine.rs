@@ -1,0 +1,449 @@
+//! The dispatcher: owns the tokio runtime, the HTTP pool and every in-flight bound.
+//!
+//! Bounds, from the outside in:
+//! * `max_queued` messages accepted and not yet completed (the caller reserves this capacity
+//!   before submitting; `submit` refuses a batch that would exceed it, so nothing here grows
+//!   without a bound);
+//! * `max_inflight_per_function` (or the target's own bound) requests per function, acquired
+//!   first, so a stalled function's waiting calls hold no global permit;
+//! * `max_inflight` requests overall.
+//! Permits are released during retry backoff so a sleeping retry blocks nobody.
+
+use crate::http::{self, HttpClient};
+use crate::message::{Completion, CompletionSink, ErrorKind, Message, TargetResult, Verdict};
+use crate::ordering::KeyedQueue;
+use crate::retry::{Decision, RetryPolicy};
+use crate::router::{RouteTable, Router};
+use crate::stats::{StatsSnapshot, TargetStats};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE, USER_AGENT};
+use hyper::{HeaderMap, Method, Request, Uri};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+use tokio::runtime::Runtime;
+use tokio::sync::Semaphore;
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Tokio worker threads.
+    pub workers: usize,
+    pub max_inflight: usize,
+    pub max_inflight_per_function: usize,
+    /// Messages accepted and not yet completed.
+    pub max_queued: usize,
+    pub retry: RetryPolicy,
+    /// Per-attempt timeout unless the target has its own.
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+    pub content_type: Option<String>,
+    pub user_agent: String,
+    /// A ready `Authorization` header value (e.g. `Basic ...`) for every call.
+    pub authorization: Option<String>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            workers: 2,
+            max_inflight: 1024,
+            max_inflight_per_function: 256,
+            max_queued: 4096,
+            retry: RetryPolicy::default(),
+            timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+            content_type: Some("text/plain".to_owned()),
+            user_agent: concat!("fastconn/", env!("CARGO_PKG_VERSION")).to_owned(),
+            authorization: None,
+        }
+    }
+}
+
+/// A function as the caller describes it.
+#[derive(Debug, Clone)]
+pub struct TargetSpec {
+    pub name: String,
+    pub url: String,
+    pub topics: Vec<String>,
+    pub max_inflight: Option<usize>,
+    pub timeout: Option<Duration>,
+    /// Extra headers on every call to this function.
+    pub headers: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubmitError {
+    /// The engine is closed or closing.
+    Closed,
+    /// The batch would exceed `max_queued`; the caller should wait for completions.
+    Full { queued: usize, capacity: usize },
+    /// A target could not be built (bad URL or header).
+    InvalidTarget(String),
+}
+
+impl std::fmt::Display for SubmitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SubmitError::Closed => write!(f, "the dispatcher is closed"),
+            SubmitError::Full { queued, capacity } => {
+                write!(f, "dispatcher full: {queued} of {capacity} messages queued")
+            }
+            SubmitError::InvalidTarget(why) => write!(f, "invalid function target: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for SubmitError {}
+
+/// A routable function with everything a call needs, built once per table.
+#[derive(Debug)]
+struct Target {
+    name: Arc<str>,
+    uri: Uri,
+    timeout: Duration,
+    limit: Arc<Semaphore>,
+    stats: Arc<TargetStats>,
+    headers: HeaderMap,
+}
+
+/// A message with its targets, while its calls run.
+struct InFlight {
+    message: Message,
+    /// Headers shared by every call of this message (all but the attempt number).
+    headers: Result<HeaderMap, String>,
+    remaining: AtomicUsize,
+    results: Mutex<Vec<TargetResult>>,
+}
+
+struct Shared {
+    config: EngineConfig,
+    router: Router<Arc<Target>>,
+    client: HttpClient,
+    global: Arc<Semaphore>,
+    limits: Mutex<HashMap<String, (usize, Arc<Semaphore>)>>,
+    stats: Mutex<HashMap<String, Arc<TargetStats>>>,
+    sink: Arc<dyn CompletionSink>,
+    keys: KeyedQueue<(Message, Vec<Arc<Target>>)>,
+    queued: AtomicUsize,
+    inflight: AtomicUsize,
+    closed: AtomicBool,
+}
+
+pub struct Engine {
+    /// Taken on close; the handle below stays usable for spawning until then.
+    runtime: Mutex<Option<Runtime>>,
+    handle: tokio::runtime::Handle,
+    shared: Arc<Shared>,
+}
+
+impl Engine {
+    pub fn new(config: EngineConfig, sink: Arc<dyn CompletionSink>) -> std::io::Result<Engine> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(config.workers.max(1))
+            .thread_name("fastconn-io")
+            .enable_all()
+            .build()?;
+        let client = {
+            // The pool must be built inside the runtime (its timer and executor live there).
+            let _guard = runtime.enter();
+            http::build_client(config.max_inflight, config.connect_timeout)
+        };
+        let shared = Arc::new(Shared {
+            global: Arc::new(Semaphore::new(config.max_inflight.max(1))),
+            router: Router::default(),
+            client,
+            limits: Mutex::new(HashMap::new()),
+            stats: Mutex::new(HashMap::new()),
+            sink,
+            keys: KeyedQueue::default(),
+            queued: AtomicUsize::new(0),
+            inflight: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
+            config,
+        });
+        let handle = runtime.handle().clone();
+        Ok(Engine { runtime: Mutex::new(Some(runtime)), handle, shared })
+    }
+
+    /// Replaces the routing table. Calls already running keep the target they started with;
+    /// per-function bounds carry over to the new table when the bound is unchanged.
+    pub fn set_targets(&self, specs: Vec<TargetSpec>) -> Result<(), SubmitError> {
+        let mut entries = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let target = self.shared.build_target(&spec)?;
+            entries.push((Arc::new(target), spec.topics));
+        }
+        self.shared.router.swap(RouteTable::build(entries));
+        Ok(())
+    }
+
+    /// Accepts a batch without waiting. Routing and dispatch happen on the runtime; one
+    /// [`Completion`] per message reaches the sink when all its targets are settled.
+    pub fn submit(&self, messages: Vec<Message>) -> Result<(), SubmitError> {
+        if self.shared.closed.load(Ordering::Acquire) {
+            return Err(SubmitError::Closed);
+        }
+        let n = messages.len();
+        let capacity = self.shared.config.max_queued;
+        let before = self.shared.queued.fetch_add(n, Ordering::AcqRel);
+        if before + n > capacity {
+            self.shared.queued.fetch_sub(n, Ordering::AcqRel);
+            return Err(SubmitError::Full { queued: before, capacity });
+        }
+        let shared = Arc::clone(&self.shared);
+        // One task per batch, which spawns the calls from inside the runtime: one cross-thread
+        // wake-up per batch instead of one per message.
+        self.handle.spawn(async move {
+            let table = shared.router.snapshot();
+            for message in messages {
+                let targets: Vec<Arc<Target>> = table.lookup(&message.topic).into_iter().cloned().collect();
+                Arc::clone(&shared).admit(message, targets);
+            }
+        });
+        Ok(())
+    }
+
+    /// Messages accepted and not yet completed.
+    pub fn queued(&self) -> usize {
+        self.shared.queued.load(Ordering::Acquire)
+    }
+
+    /// HTTP requests on the wire right now.
+    pub fn inflight(&self) -> usize {
+        self.shared.inflight.load(Ordering::Relaxed)
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.shared.config.max_queued
+    }
+
+    /// Number of functions in the current table.
+    pub fn target_count(&self) -> usize {
+        self.shared.router.snapshot().len()
+    }
+
+    pub fn stats(&self) -> Vec<StatsSnapshot> {
+        let stats = self.shared.stats.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut out: Vec<StatsSnapshot> = stats.iter().map(|(name, s)| s.snapshot(name)).collect();
+        out.sort_by(|a, b| a.function.cmp(&b.function));
+        out
+    }
+
+    /// Stops intake and waits up to `timeout` for accepted messages to complete. Returns the
+    /// number still unfinished (0 = drained). Blocks the calling thread: call it without the GIL.
+    pub fn close(&self, timeout: Duration) -> usize {
+        self.shared.closed.store(true, Ordering::Release);
+        let deadline = Instant::now() + timeout;
+        while self.queued() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let left = self.queued();
+        let runtime = self.runtime.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(runtime) = runtime {
+            runtime.shutdown_timeout(Duration::from_millis(100));
+        }
+        left
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.shared.closed.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        let runtime = self.runtime.get_mut().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(runtime) = runtime {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl Shared {
+    fn build_target(&self, spec: &TargetSpec) -> Result<Target, SubmitError> {
+        let invalid = |why: String| SubmitError::InvalidTarget(format!("{}: {why}", spec.name));
+        let uri: Uri = spec.url.parse().map_err(|e| invalid(format!("url {:?}: {e}", spec.url)))?;
+        if uri.scheme_str() != Some("http") {
+            return Err(invalid(format!("url {:?}: only http:// is supported", spec.url)));
+        }
+        let mut headers = HeaderMap::new();
+        for (k, v) in &spec.headers {
+            let name = HeaderName::try_from(k.as_str()).map_err(|e| invalid(format!("header {k:?}: {e}")))?;
+            let value = HeaderValue::try_from(v.as_str()).map_err(|e| invalid(format!("header {k:?}: {e}")))?;
+            headers.insert(name, value);
+        }
+        let bound = spec.max_inflight.unwrap_or(self.config.max_inflight_per_function).max(1);
+        let limit = {
+            let mut limits = self.limits.lock().unwrap_or_else(PoisonError::into_inner);
+            match limits.get(&spec.name) {
+                Some((existing, sem)) if *existing == bound => Arc::clone(sem),
+                _ => {
+                    let sem = Arc::new(Semaphore::new(bound));
+                    limits.insert(spec.name.clone(), (bound, Arc::clone(&sem)));
+                    sem
+                }
+            }
+        };
+        let stats = {
+            let mut stats = self.stats.lock().unwrap_or_else(PoisonError::into_inner);
+            Arc::clone(stats.entry(spec.name.clone()).or_insert_with(|| Arc::new(TargetStats::new())))
+        };
+        Ok(Target {
+            name: Arc::from(spec.name.as_str()),
+            uri,
+            timeout: spec.timeout.unwrap_or(self.config.timeout),
+            limit,
+            stats,
+            headers,
+        })
+    }
+
+    /// Starts a routed message now, or queues it behind its key.
+    fn admit(self: Arc<Self>, message: Message, targets: Vec<Arc<Target>>) {
+        if targets.is_empty() {
+            let token = message.token;
+            self.finish_message(message.key.clone(), Completion { token, verdict: Verdict::Unrouted, results: vec![] });
+            return;
+        }
+        match message.key.clone() {
+            Some(key) => {
+                if let Some((message, targets)) = self.keys.admit(&key, (message, targets)) {
+                    self.launch(message, targets);
+                }
+            }
+            None => self.launch(message, targets),
+        }
+    }
+
+    fn launch(self: Arc<Self>, message: Message, targets: Vec<Arc<Target>>) {
+        let headers = self.base_headers(&message);
+        let state = Arc::new(InFlight {
+            message,
+            headers,
+            remaining: AtomicUsize::new(targets.len()),
+            results: Mutex::new(Vec::with_capacity(targets.len())),
+        });
+        for target in targets {
+            let shared = Arc::clone(&self);
+            let state = Arc::clone(&state);
+            tokio::spawn(async move {
+                let result = shared.deliver(&state, &target).await;
+                shared.target_done(&state, result);
+            });
+        }
+    }
+
+    fn base_headers(&self, message: &Message) -> Result<HeaderMap, String> {
+        let mut headers = HeaderMap::with_capacity(message.headers.len() + 8);
+        // The message's own headers first: fastconn's headers below replace any of the same name.
+        for (k, v) in &message.headers {
+            let name = HeaderName::try_from(k.as_str()).map_err(|_| format!("invalid header name {k:?}"))?;
+            let value = HeaderValue::try_from(v.as_str()).map_err(|_| format!("invalid value for header {k}"))?;
+            headers.append(name, value);
+        }
+        let value = |v: &str, what: &str| HeaderValue::try_from(v).map_err(|_| format!("invalid {what} {v:?}"));
+        if let Some(ct) = &self.config.content_type {
+            if !headers.contains_key(CONTENT_TYPE) {
+                headers.insert(CONTENT_TYPE, value(ct, "content type")?);
+            }
+        }
+        headers.insert(HeaderName::from_static("x-topic"), value(&message.topic, "topic")?);
+        headers.insert(HeaderName::from_static("x-connector"), HeaderValue::from_static("fastconn"));
+        headers.insert(HeaderName::from_static("x-message-id"), value(&message.message_id, "message id")?);
+        headers.insert(USER_AGENT, value(&self.config.user_agent, "user agent")?);
+        if let Some(auth) = &self.config.authorization {
+            headers.insert(AUTHORIZATION, value(auth, "authorization")?);
+        }
+        Ok(headers)
+    }
+
+    /// Calls one function for one message until success, a final failure or spent attempts.
+    async fn deliver(&self, state: &InFlight, target: &Target) -> TargetResult {
+        let started = Instant::now();
+        let policy = &self.config.retry;
+        let mut attempt: u32 = 0;
+        loop {
+            attempt += 1;
+            let outcome = match &state.headers {
+                Err(why) => http::Attempt {
+                    error: ErrorKind::InvalidRequest,
+                    body: Some(Bytes::from(why.clone())),
+                    ..Default::default()
+                },
+                Ok(base) => {
+                    let request = build_request(target, base, state, attempt);
+                    // Per-function bound first: a stalled function's waiting calls hold no
+                    // global permit. Closed semaphores cannot happen (never closed).
+                    let _local = target.limit.acquire().await;
+                    let _global = self.global.acquire().await;
+                    self.inflight.fetch_add(1, Ordering::Relaxed);
+                    let result = http::attempt(&self.client, request, target.timeout, state.message.capture).await;
+                    self.inflight.fetch_sub(1, Ordering::Relaxed);
+                    result
+                }
+            };
+            let decision = policy.decide(attempt, outcome.status, outcome.error, outcome.retry_after);
+            let verdict = match decision {
+                Decision::RetryAfter(wait) => {
+                    target.stats.record_retry();
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
+                Decision::Success => Verdict::Ok,
+                Decision::Exhausted => Verdict::Retry,
+                Decision::Final => Verdict::Failed,
+            };
+            let latency = started.elapsed();
+            target.stats.record(outcome.status, outcome.error, latency);
+            return TargetResult {
+                function: Arc::clone(&target.name),
+                status: outcome.status,
+                error: outcome.error,
+                attempts: attempt,
+                latency,
+                retry_after: outcome.retry_after.map(|d| d.min(policy.backoff_max)),
+                body: outcome.body,
+                headers: outcome.headers,
+                verdict,
+            };
+        }
+    }
+
+    fn target_done(self: &Arc<Self>, state: &Arc<InFlight>, result: TargetResult) {
+        let mut results = state.results.lock().unwrap_or_else(PoisonError::into_inner);
+        results.push(result);
+        if state.remaining.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return;
+        }
+        let results = std::mem::take(&mut *results);
+        let verdict = results.iter().map(|r| r.verdict).max().unwrap_or(Verdict::Unrouted);
+        let completion = Completion { token: state.message.token, verdict, results };
+        Arc::clone(self).finish_message(state.message.key.clone(), completion);
+    }
+
+    fn finish_message(self: Arc<Self>, key: Option<Bytes>, completion: Completion) {
+        self.sink.complete(completion);
+        self.queued.fetch_sub(1, Ordering::AcqRel);
+        if let Some(key) = key {
+            if let Some((next, targets)) = self.keys.release(&key) {
+                self.launch(next, targets);
+            }
+        }
+    }
+}
+
+fn build_request(target: &Target, base: &HeaderMap, state: &InFlight, attempt: u32) -> Request<Full<Bytes>> {
+    let mut headers = base.clone();
+    for (k, v) in &target.headers {
+        headers.insert(k.clone(), v.clone());
+    }
+    let delivery = state.message.delivery_attempt.max(1) + attempt - 1;
+    headers.insert(HeaderName::from_static("x-delivery-attempt"), HeaderValue::from(delivery));
+    let mut request = Request::new(Full::new(state.message.payload.clone()));
+    *request.method_mut() = Method::POST;
+    *request.uri_mut() = target.uri.clone();
+    *request.headers_mut() = headers;
+    request
+}

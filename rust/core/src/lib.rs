@@ -1,0 +1,23 @@
+//! fastconn-core: the hot path of fastconn, with no Python in it.
+//!
+//! A [`Message`] enters through [`Engine::submit`] (one call per batch), is routed by the
+//! [`router`] to every subscribed function, delivered over a pooled keep-alive HTTP/1.1 client
+//! with bounded concurrency and retries ([`retry`]), and comes back as one [`Completion`] per
+//! message through a [`CompletionSink`] once every target has a final result.
+//!
+//! Everything here is plain data: bytes, strings and integers. The binding crate converts and
+//! wakes; it makes no decisions.
+
+pub mod engine;
+pub mod message;
+pub mod ordering;
+pub mod retry;
+pub mod router;
+pub mod stats;
+mod http;
+
+pub use engine::{Engine, EngineConfig, SubmitError, TargetSpec};
+pub use message::{Completion, CompletionSink, ErrorKind, Message, TargetResult, Verdict};
+pub use retry::RetryPolicy;
+pub use router::{Pattern, RouteTable, Router};
+pub use stats::{StatsSnapshot, LATENCY_BUCKETS};

@@ -1,0 +1,118 @@
+//! Messages in, completions out: the data exchanged with the binding crate.
+
+use bytes::Bytes;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// One event to deliver. `token` is the caller's handle for the message; it comes back in the
+/// [`Completion`] untouched.
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub token: u64,
+    pub topic: String,
+    pub payload: Bytes,
+    /// The message's own headers, passed through to every function.
+    pub headers: Vec<(String, String)>,
+    /// Sent as `X-Message-Id`; stays the same across retries and redeliveries.
+    pub message_id: String,
+    /// Messages with the same key are delivered one at a time, in submission order.
+    pub key: Option<Bytes>,
+    /// Delivery count the source has already seen (1 = first delivery). `X-Delivery-Attempt`
+    /// is this plus the dispatcher's own retries.
+    pub delivery_attempt: u32,
+    /// Keep each function's response body and headers in the result.
+    pub capture: bool,
+}
+
+/// Why a call has no HTTP status. The integer values are part of the binding's interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[repr(u8)]
+pub enum ErrorKind {
+    #[default]
+    None = 0,
+    Connect = 1,
+    Timeout = 2,
+    Io = 3,
+    InvalidRequest = 4,
+    Internal = 5,
+}
+
+impl ErrorKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            ErrorKind::None => "none",
+            ErrorKind::Connect => "connect",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Io => "io",
+            ErrorKind::InvalidRequest => "invalid_request",
+            ErrorKind::Internal => "internal",
+        }
+    }
+}
+
+/// What the source should do with the message. Ordered by severity: the verdict of a message
+/// fanned out to several functions is the worst of theirs. `Retry` outranks `Failed` because
+/// redelivering keeps every target's chance of success; dead-lettering would drop the retryable
+/// target's delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[repr(u8)]
+pub enum Verdict {
+    Ok = 0,
+    Unrouted = 1,
+    Failed = 2,
+    Retry = 3,
+}
+
+impl Verdict {
+    /// The integer the binding exposes (stable, independent of the severity order).
+    pub fn code(self) -> u8 {
+        match self {
+            Verdict::Ok => 0,
+            Verdict::Retry => 1,
+            Verdict::Failed => 2,
+            Verdict::Unrouted => 3,
+        }
+    }
+}
+
+/// The final result of one message at one function.
+#[derive(Debug, Clone)]
+pub struct TargetResult {
+    pub function: Arc<str>,
+    /// HTTP status of the last attempt; 0 when there was none (see `error`).
+    pub status: u16,
+    pub error: ErrorKind,
+    pub attempts: u32,
+    pub latency: Duration,
+    /// `Retry-After` of the last answer, when it had one (already capped by `backoff_max`).
+    pub retry_after: Option<Duration>,
+    /// Full body when the message asked for capture; otherwise an excerpt on failure.
+    pub body: Option<Bytes>,
+    pub headers: Option<Vec<(String, String)>>,
+    pub verdict: Verdict,
+}
+
+/// Every target of one message has a final result.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub token: u64,
+    pub verdict: Verdict,
+    pub results: Vec<TargetResult>,
+}
+
+impl Completion {
+    /// The largest `Retry-After` among the targets that still need a retry.
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.results
+            .iter()
+            .filter(|r| r.verdict == Verdict::Retry)
+            .filter_map(|r| r.retry_after)
+            .max()
+    }
+}
+
+/// Where completions go. Called from tokio worker threads; implementations must not block
+/// (the binding pushes onto a queue and writes an eventfd at most once per drain).
+pub trait CompletionSink: Send + Sync + 'static {
+    fn complete(&self, completion: Completion);
+}

@@ -1,0 +1,234 @@
+//! `Runtime`: the one explicit object Python owns. It holds the tokio runtime (inside the core
+//! engine), the completion queue and the PID it was created in: a forked child inherits the
+//! object but not the runtime's threads, so every entry point refuses to run there.
+
+use crate::completions::CompletionQueue;
+use bytes::Bytes;
+use fastconn_core::{Engine, EngineConfig, Message, RetryPolicy, SubmitError, TargetSpec};
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyList, PyTuple};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// One function target as Python passes it: (name, url, topics, max_inflight, timeout_s, headers).
+type TargetTuple = (String, String, Vec<String>, Option<usize>, Option<f64>, Vec<(String, String)>);
+
+/// One function's counters: (function, [(status, count)], cumulative buckets, sum_s, count, retries).
+type StatsTuple = (String, Vec<(String, u64)>, Vec<u64>, f64, u64, u64);
+
+#[pyclass(module = "fastconn._core", frozen)]
+pub struct Runtime {
+    engine: Engine,
+    completions: Arc<CompletionQueue>,
+    pid: u32,
+}
+
+fn error_class<'py>(py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyAny>> {
+    py.import("fastconn.errors")?.getattr(name)
+}
+
+fn raise(py: Python<'_>, class: &str, message: String) -> PyErr {
+    match error_class(py, class).and_then(|cls| cls.call1((message.clone(),))) {
+        Ok(instance) => PyErr::from_value(instance),
+        Err(_) => PyRuntimeError::new_err(message),
+    }
+}
+
+fn seconds(value: f64, what: &str) -> PyResult<Duration> {
+    Duration::try_from_secs_f64(value).map_err(|_| PyValueError::new_err(format!("{what} must be >= 0 seconds, got {value}")))
+}
+
+#[pymethods]
+impl Runtime {
+    #[new]
+    #[pyo3(signature = (
+        *, workers, max_inflight, max_inflight_per_function, max_queued, max_attempts, retry_on,
+        backoff_initial, backoff_max, timeout, connect_timeout, content_type, user_agent, authorization
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        workers: usize,
+        max_inflight: usize,
+        max_inflight_per_function: usize,
+        max_queued: usize,
+        max_attempts: u32,
+        retry_on: Vec<u16>,
+        backoff_initial: f64,
+        backoff_max: f64,
+        timeout: f64,
+        connect_timeout: f64,
+        content_type: Option<String>,
+        user_agent: String,
+        authorization: Option<String>,
+    ) -> PyResult<Runtime> {
+        let config = EngineConfig {
+            workers,
+            max_inflight,
+            max_inflight_per_function,
+            max_queued,
+            retry: RetryPolicy {
+                max_attempts: max_attempts.max(1),
+                retry_on,
+                backoff_initial: seconds(backoff_initial, "backoff_initial")?,
+                backoff_max: seconds(backoff_max, "backoff_max")?,
+            },
+            timeout: seconds(timeout, "timeout")?,
+            connect_timeout: seconds(connect_timeout, "connect_timeout")?,
+            content_type,
+            user_agent,
+            authorization,
+        };
+        let completions = Arc::new(CompletionQueue::new()?);
+        let sink: Arc<dyn fastconn_core::CompletionSink> = completions.clone();
+        let engine = Engine::new(config, sink)?;
+        Ok(Runtime { engine, completions, pid: std::process::id() })
+    }
+
+    /// The PID this runtime was created in.
+    #[getter]
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// The eventfd that becomes readable when completions are waiting.
+    #[getter]
+    fn wake_fd(&self, py: Python<'_>) -> PyResult<i32> {
+        self.check_process(py, "use")?;
+        Ok(self.completions.fd())
+    }
+
+    #[getter]
+    fn queued(&self) -> usize {
+        self.engine.queued()
+    }
+
+    #[getter]
+    fn inflight(&self) -> usize {
+        self.engine.inflight()
+    }
+
+    #[getter]
+    fn capacity(&self) -> usize {
+        self.engine.capacity()
+    }
+
+    #[getter]
+    fn target_count(&self) -> usize {
+        self.engine.target_count()
+    }
+
+    #[getter]
+    fn closed(&self) -> bool {
+        self.engine.is_closed()
+    }
+
+    fn set_targets(&self, py: Python<'_>, targets: Vec<TargetTuple>) -> PyResult<()> {
+        self.check_process(py, "set targets")?;
+        let specs = targets
+            .into_iter()
+            .map(|(name, url, topics, max_inflight, timeout, headers)| {
+                Ok(TargetSpec {
+                    timeout: timeout.map(|t| seconds(t, &format!("timeout of {name}"))).transpose()?,
+                    name,
+                    url,
+                    topics,
+                    max_inflight,
+                    headers,
+                })
+            })
+            .collect::<PyResult<Vec<_>>>()?;
+        self.engine.set_targets(specs).map_err(|e| PyValueError::new_err(e.to_string()))
+    }
+
+    /// Accepts a batch: each item is (topic, payload, headers, message_id, key, delivery_attempt,
+    /// capture); message `i` gets token `base_token + i`. Never blocks.
+    fn submit(&self, py: Python<'_>, base_token: u64, batch: &Bound<'_, PyList>) -> PyResult<()> {
+        self.check_process(py, "submit")?;
+        let mut messages = Vec::with_capacity(batch.len());
+        for (i, item) in batch.iter().enumerate() {
+            let item = item.cast_into::<PyTuple>().map_err(|_| PyValueError::new_err(format!("batch item {i} is not a tuple")))?;
+            let (topic, payload, headers, message_id, key, delivery_attempt, capture): (
+                String,
+                Bound<'_, PyBytes>,
+                Vec<(String, String)>,
+                String,
+                Option<Bound<'_, PyBytes>>,
+                u32,
+                bool,
+            ) = item.extract().map_err(|e| PyValueError::new_err(format!("batch item {i}: {e}")))?;
+            messages.push(Message {
+                token: base_token + i as u64,
+                topic,
+                payload: Bytes::copy_from_slice(payload.as_bytes()),
+                headers,
+                message_id,
+                key: key.map(|k| Bytes::copy_from_slice(k.as_bytes())),
+                delivery_attempt,
+                capture,
+            });
+        }
+        self.engine.submit(messages).map_err(|e| match e {
+            SubmitError::Closed => raise(py, "DispatcherClosed", e.to_string()),
+            SubmitError::Full { .. } => raise(py, "DispatcherFull", e.to_string()),
+            SubmitError::InvalidTarget(_) => PyValueError::new_err(e.to_string()),
+        })
+    }
+
+    /// Everything completed since the last drain, re-arming the wake-up. Each item:
+    /// (token, verdict, [(function, status, error_kind, attempts, latency_s, retry_after_s,
+    /// body, headers)]).
+    fn drain<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let completions = self.completions.take();
+        let out = PyList::empty(py);
+        for c in completions {
+            let results = PyList::empty(py);
+            for r in &c.results {
+                let body = r.body.as_ref().map(|b| PyBytes::new(py, b));
+                let item = (
+                    &*r.function,
+                    r.status,
+                    r.error as u8,
+                    r.attempts,
+                    r.latency.as_secs_f64(),
+                    r.retry_after.map(|d| d.as_secs_f64()),
+                    body,
+                    r.headers.clone(),
+                );
+                results.append(item)?;
+            }
+            out.append((c.token, c.verdict.code(), results))?;
+        }
+        Ok(out)
+    }
+
+    fn stats(&self) -> Vec<StatsTuple> {
+        self.engine
+            .stats()
+            .into_iter()
+            .map(|s| (s.function, s.results, s.cumulative_buckets, s.sum_seconds, s.count, s.retries))
+            .collect()
+    }
+
+    /// Stops intake and waits (without the GIL) up to `timeout` seconds for accepted messages;
+    /// returns how many did not finish.
+    fn close(&self, py: Python<'_>, timeout: f64) -> PyResult<usize> {
+        self.check_process(py, "close")?;
+        let timeout = seconds(timeout, "timeout")?;
+        Ok(py.detach(|| self.engine.close(timeout)))
+    }
+}
+
+impl Runtime {
+    fn check_process(&self, py: Python<'_>, action: &str) -> PyResult<()> {
+        let pid = std::process::id();
+        if pid == self.pid {
+            return Ok(());
+        }
+        Err(raise(
+            py,
+            "ForkError",
+            format!("cannot {action} a fastconn runtime across a fork (created in pid {}, used in pid {pid}); create a new one in the child", self.pid),
+        ))
+    }
+}

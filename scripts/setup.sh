@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One-command set-up on a fresh Debian machine: system packages the tests and benchmarks use
+# (only those missing), a virtualenv with the Python dependencies, and the Rust extension built
+# in the release profile.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v nats-server >/dev/null || need_apt+=(nats-server)
+command -v mosquitto >/dev/null || need_apt+=(mosquitto)
+command -v wrk >/dev/null || need_apt+=(wrk)
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need_apt+=(nginx-light)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "setup: installing ${need_apt[*]}"
+  if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
+fi
+
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/pip install -q --upgrade pip
+# profile = "release" in [tool.maturin]: the editable install keeps python/ live while
+# the extension is built optimised.
+.venv/bin/pip install -q -e '.[dev,bench]'
+.venv/bin/python -c "import fastconn._core as c; print('setup: fastconn._core', c.__version__, c.build_profile)"
