@@ -62,6 +62,8 @@ class DispatchOptions:
     content_type: str | None = "text/plain"
     basic_auth: tuple[str, str] | None = None
     batch_size: int = 512
+    capture_responses: bool = False
+    """Capture every response body and headers (for ``print_response_body``)."""
 
     @property
     def queue_bound(self) -> int:
@@ -208,7 +210,7 @@ class Dispatcher:
                     list(t.topics),
                     t.max_inflight,
                     t.timeout,
-                    [],
+                    list(t.headers),
                 )
                 for t in self._targets
             ]
@@ -227,6 +229,7 @@ class Dispatcher:
         every message's :class:`Outcome` later, on this loop, in groups. With ``capture`` the
         results carry each function's response body and headers."""
         runtime = self._require_runtime()
+        capture = capture or self.options.capture_responses
         step = max(1, min(self.options.batch_size, self.options.queue_bound, _INDEX_MASK))
         for start in range(0, len(messages), step):
             chunk = messages[start : start + step]

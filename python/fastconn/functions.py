@@ -24,3 +24,5 @@ class FunctionTarget:
     """Per-request timeout in seconds; the dispatcher default applies when None."""
     asynchronous: bool = False
     """Invoke through ``async_url`` (OpenFaaS async) instead of ``url``."""
+    headers: tuple[tuple[str, str], ...] = ()
+    """Extra headers on every call (e.g. the gateway's basic auth, never sent to static URLs)."""

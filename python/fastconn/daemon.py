@@ -1,0 +1,208 @@
+"""The daemon: wires configuration, registry, dispatcher, admin server and sources, and runs
+them until a signal.
+
+Shutdown order (SIGTERM/SIGINT): sources stop intake → the dispatcher drains in-flight work up
+to ``shutdown_timeout`` while completions keep settling → sources close (final acks, commits)
+→ the admin server stops → exit 0. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import importlib
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Sequence
+
+from pydantic import BaseModel
+
+from fastconn.admin import AdminServer
+from fastconn.config import Config
+from fastconn.dispatcher import Dispatcher, DispatchOptions
+from fastconn.functions import FunctionTarget
+from fastconn.message import Outcome
+from fastconn.metrics import Metrics
+from fastconn.registry import GatewayRegistry, TopicMapSync, static_targets
+from fastconn.source import Source, SourceContext
+
+log = logging.getLogger("fastconn.daemon")
+
+
+def dispatch_options(config: Config) -> DispatchOptions:
+    d = config.dispatch
+    return DispatchOptions(
+        workers=d.workers,
+        max_inflight=d.max_inflight,
+        max_inflight_per_function=d.max_inflight_per_function,
+        max_attempts=d.max_attempts,
+        retry_on=tuple(d.retry_on),
+        backoff_initial=d.backoff_initial,
+        backoff_max=d.backoff_max,
+        timeout=config.gateway.upstream_timeout if config.gateway else 30.0,
+        content_type=d.content_type,
+        batch_size=d.batch_size,
+        capture_responses=d.print_response_body,
+    )
+
+
+def create_source(entry: BaseModel) -> Source:
+    """Instantiates ``fastconn.sources.<type>`` from its validated config model."""
+    type_name = str(getattr(entry, "type", "")).replace("-", "_")
+    module = importlib.import_module(f"fastconn.sources.{type_name}")
+    source: Source = module.create(entry)
+    return source
+
+
+class Daemon:
+    def __init__(self, config: Config, *, metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.dispatcher = Dispatcher(dispatch_options(config))
+        self.admin = AdminServer(config.server.listen, self.metrics, self._readiness)
+        self.sources: list[Source] = [create_source(entry) for entry in config.sources]
+        self.stopping = asyncio.Event()
+        self._sources_started = False
+        self._gateway_auth: tuple[tuple[str, str], ...] = ()
+        gateway = config.gateway
+        credentials = gateway.credentials() if gateway else None
+        if credentials is not None:
+            token = base64.b64encode(f"{credentials[0]}:{credentials[1]}".encode()).decode()
+            self._gateway_auth = (("Authorization", f"Basic {token}"),)
+        self.registry = GatewayRegistry(
+            gateway.url,
+            credentials=credentials,
+            topic_delimiter=gateway.topic_delimiter,
+            listing_timeout=gateway.listing_timeout,
+            namespaces=list(gateway.namespaces) or None,
+        ) if gateway else None
+        self.sync = TopicMapSync(
+            self.registry,
+            self._static_targets(),
+            gateway.rebuild_interval if gateway else 3600.0,
+            self._apply_targets,
+            logger=logging.getLogger("fastconn.registry"),
+        )
+        self.ctx = SourceContext(
+            dispatcher=self.dispatcher,
+            metrics=self.metrics,
+            app=self.admin.app,
+            wait_ready=self._wait_ready,
+            default_topics=tuple(config.topics),
+            print_request_body=config.dispatch.print_request_body,
+            startup_wait=gateway.startup_wait if gateway else 0.0,
+        )
+
+    def _static_targets(self) -> list[FunctionTarget]:
+        gateway_url = self.config.gateway.url if self.config.gateway else None
+        targets = static_targets(self.config.functions, gateway_url)
+        return [self._with_gateway_auth(t) for t in targets]
+
+    def _with_gateway_auth(self, target: FunctionTarget) -> FunctionTarget:
+        """Gateway credentials go only to calls through the gateway, never to static URLs."""
+        gateway = self.config.gateway
+        if not self._gateway_auth or gateway is None or not target.url.startswith(gateway.url + "/"):
+            return target
+        return dataclasses.replace(target, headers=(*target.headers, *self._gateway_auth))
+
+    def _apply_targets(self, targets: list[FunctionTarget]) -> None:
+        targets = [self._with_gateway_auth(t) for t in targets]
+        if self.config.dispatch.asynchronous_invocation:
+            targets = [dataclasses.replace(t, asynchronous=True) if t.async_url else t for t in targets]
+        self.dispatcher.set_functions(targets)
+        self.metrics.topic_map_functions.set(len(targets))
+        self.ctx.publish_topics(tuple(sorted({topic for t in targets for topic in t.topics})))
+        log.info("topic map: %d function(s), %d topic(s)", len(targets), len(self.ctx.subscribed_topics))
+
+    async def _wait_ready(self, timeout: float) -> bool:
+        if self.sync.ready.is_set():
+            return True
+        try:
+            await asyncio.wait_for(self.sync.ready.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def _readiness(self) -> tuple[bool, str]:
+        if not self.sync.ready.is_set():
+            return False, f"topic map not loaded ({self.sync.last_error or 'first listing pending'})"
+        if not self._sources_started:
+            return False, "sources starting"
+        if self.stopping.is_set():
+            return False, "shutting down"
+        return True, "ready"
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.dispatcher.start()
+        self.metrics.bind_core(self.dispatcher.stats, lambda: self.dispatcher.inflight,
+                               lambda: self.dispatcher.queued)
+        self.dispatcher.add_observer(self._print_responses)
+        for source in self.sources:
+            source.register(self.ctx)
+        await self.admin.start()
+        await self.sync.start()
+        for source in self.sources:
+            await source.start()
+        self._sources_started = True
+        log.info("fastconn listening on %s with %d source(s)", self.admin.url, len(self.sources))
+
+    async def shutdown(self) -> None:
+        self.stopping.set()
+        timeout = self.config.dispatch.shutdown_timeout
+        for source in self.sources:
+            await _guard(source.stop(), f"stopping source {source.name}")
+        left = await self.dispatcher.close(timeout)
+        for source in self.sources:
+            await _guard(source.close(), f"closing source {source.name}")
+        await self.sync.stop()
+        if self.registry is not None:
+            await self.registry.close()
+        await self.admin.stop()
+        log.info("fastconn stopped (%d message(s) unfinished)", left)
+
+    async def run(self) -> None:
+        """Runs until SIGTERM/SIGINT (or ``stopping`` is set), then shuts down gracefully."""
+        loop = asyncio.get_running_loop()
+        signals = (signal.SIGTERM, signal.SIGINT)
+        for sig in signals:
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        try:
+            await self.start()
+            await self.stopping.wait()
+        finally:
+            await self.shutdown()
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if self.stopping.is_set():
+            log.warning("second %s: exiting now", sig.name)
+            os._exit(1)
+        log.info("%s: stopping intake, draining in-flight work", sig.name)
+        self.stopping.set()
+
+    # -- response printing (print_response / print_response_body) -------------------------
+
+    def _print_responses(self, outcomes: Sequence[Outcome]) -> None:
+        d = self.config.dispatch
+        if not d.print_response:
+            return
+        for outcome in outcomes:
+            for r in outcome.results:
+                if d.print_response_body and r.body is not None:
+                    log.info("%s => %s [%s] %.3fs body=%r", outcome.message.topic, r.function,
+                             r.status_label, r.latency, r.body[:4096])
+                else:
+                    log.info("%s => %s [%s] %.3fs", outcome.message.topic, r.function, r.status_label,
+                             r.latency)
+
+
+async def _guard(step: Awaitable[object], what: str) -> None:
+    try:
+        await step
+    except Exception:
+        log.exception("error while %s", what)

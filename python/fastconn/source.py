@@ -1,0 +1,126 @@
+"""The small protocol every source implements, and the context the daemon gives it.
+
+A source module ``fastconn.sources.<type>`` exposes ``CONFIG_MODEL`` (its pydantic config,
+with ``type: Literal["<type>"]``) and ``create(config) -> Source``. Nothing else in fastconn
+names a source: adding one is adding one module.
+
+Lifecycle, driven by the daemon:
+
+1. ``register(ctx)`` before anything starts: add HTTP routes to the admin server if needed.
+2. ``start()``: connect and begin intake. Return once connected; run intake in tasks.
+3. ``stop()``: stop taking new messages (unsubscribe, pause, stop fetching). In-flight
+   messages keep settling: the dispatcher is still running.
+4. ``close()``: after the dispatcher drained: commit/ack what finished, disconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from fastconn.dispatcher import Dispatcher, OutcomeCallback
+from fastconn.message import Message, Outcome, Verdict
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from fastconn.metrics import Metrics
+
+__all__ = ["Source", "SourceContext", "TopicsListener"]
+
+TopicsListener = Callable[[tuple[str, ...]], None]
+
+
+@runtime_checkable
+class Source(Protocol):
+    name: str
+
+    def register(self, ctx: SourceContext) -> None: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass
+class SourceContext:
+    """What a source may use. It never reaches into the daemon beyond this."""
+
+    dispatcher: Dispatcher
+    metrics: Metrics
+    app: web.Application
+    """The admin server's application: add routes in ``register``."""
+    wait_ready: Callable[[float], Awaitable[bool]]
+    """Waits (bounded) for the first topic map, so early messages are not dropped."""
+    default_topics: tuple[str, ...] = ()
+    """The connector-wide ``topics`` (OpenFaaS env ``topics``) for sources that subscribe."""
+    print_request_body: bool = False
+    startup_wait: float = 30.0
+    _topic_listeners: list[TopicsListener] = field(default_factory=list)
+    _topics: tuple[str, ...] = ()
+
+    # -- topics ----------------------------------------------------------------------------
+
+    @property
+    def subscribed_topics(self) -> tuple[str, ...]:
+        """The topics functions subscribe to now (for sources that subscribe per topic)."""
+        return self._topics
+
+    def on_topics_changed(self, listener: TopicsListener) -> None:
+        self._topic_listeners.append(listener)
+
+    def publish_topics(self, topics: tuple[str, ...]) -> None:
+        """Called by the daemon when the topic map changes."""
+        if topics == self._topics:
+            return
+        self._topics = topics
+        for listener in self._topic_listeners:
+            listener(topics)
+
+    # -- dispatch --------------------------------------------------------------------------
+
+    async def submit(
+        self,
+        source: str,
+        messages: Sequence[Message],
+        on_outcomes: OutcomeCallback,
+        *,
+        capture: bool = False,
+    ) -> None:
+        """``dispatcher.submit`` plus the per-source metrics and request logging. Waits while
+        the dispatcher is full: a source awaiting this should not fetch more."""
+        if not messages:
+            return
+        counts = Counter(m.topic for m in messages)
+        for topic, n in counts.items():
+            self.metrics.messages_received.labels(source=source, topic=topic).inc(n)
+        if self.print_request_body:
+            log = logging.getLogger(f"fastconn.source.{source}")
+            for m in messages:
+                log.info("%s => %r", m.topic, m.payload[:4096])
+        await self.dispatcher.submit(messages, on_outcomes, capture=capture)
+
+    def count_settled(self, source: str, outcomes: Sequence[Outcome]) -> None:
+        """Counts acknowledged (delivered or unrouted) and failed messages for a source that
+        acknowledges on the verdict as is. Sources with their own redelivery count themselves."""
+        acked = sum(1 for o in outcomes if o.verdict in (Verdict.OK, Verdict.UNROUTED))
+        failed = len(outcomes) - acked
+        if acked:
+            self.metrics.messages_acked.labels(source=source).inc(acked)
+        if failed:
+            self.metrics.messages_failed.labels(source=source).inc(failed)
+
+
+async def wait_or_stop(stop: asyncio.Event, timeout: float) -> bool:
+    """Sleeps up to ``timeout``; True when ``stop`` was set meanwhile."""
+    try:
+        await asyncio.wait_for(stop.wait(), timeout)
+    except TimeoutError:
+        return False
+    return True
