@@ -244,8 +244,10 @@ class Dispatcher:
     ) -> None:
         batch_id = next(self._batch_ids)
         ids = [m.message_id or self._new_id() for m in chunk]
+        base_flags = 1 if capture else 0
         wire = [
-            (m.topic, m.payload, m.headers, mid, m.key, m.delivery_attempt, capture)
+            (m.topic, m.payload, m.headers, mid, m.key, m.delivery_attempt,
+             base_flags | (m.hold_key_on_retry << 1) | (m.resume << 2))
             for m, mid in zip(chunk, ids, strict=True)
         ]
         try:
@@ -273,6 +275,15 @@ class Dispatcher:
         await self.submit(messages, collect, capture=capture)
         await done
         return [outcomes[i] for i in range(len(messages))]
+
+    def release_key(self, key: bytes) -> None:
+        """Lets the next message of ``key`` start after a held RETRY that will not be resubmitted."""
+        self._require_runtime().release_key(key)
+
+    @property
+    def busy_keys(self) -> int:
+        """Ordering keys with a message in flight or held."""
+        return self._runtime.busy_keys if self._runtime else 0
 
     def add_observer(self, observer: OutcomeCallback) -> None:
         """Sees every outcome of every batch after its own callback (metrics, logging)."""

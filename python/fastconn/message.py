@@ -61,6 +61,12 @@ class Message:
     delivery_attempt: int = 1
     """Delivery count as the *source* sees it (redeliveries); the dispatcher adds its own
     retries on top when it sends ``X-Delivery-Attempt``."""
+    hold_key_on_retry: bool = False
+    """With a ``key``: a RETRY verdict keeps the key busy, so later messages of the key wait
+    until this one is resubmitted with ``resume=True`` (or the key is released with
+    ``Dispatcher.release_key``). Lets a source retry without reordering its key."""
+    resume: bool = False
+    """This message's key is held for it by its earlier RETRY: start at once."""
     handle: Any = None
 
 

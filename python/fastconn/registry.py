@@ -483,7 +483,7 @@ class TopicMapSync:
         self._apply(merged)
         self._targets = merged
         topics = {topic for target in merged for topic in target.topics}
-        self._log.info("function table updated: %d functions, %d topics", len(merged), len(topics))
+        self._log.info("function table updated: %d function(s), %d topic(s)", len(merged), len(topics))
 
     def _record_success(self) -> None:
         if self.consecutive_failures:
@@ -497,7 +497,7 @@ class TopicMapSync:
         self.consecutive_failures += 1
         self.last_error = str(exc) or type(exc).__name__
         kept = (
-            f"keeping the last table ({len(self._targets)} functions)"
+            f"keeping the last table of {len(self._targets)} function(s)"
             if self.ready.is_set()
             else "no table yet"
         )

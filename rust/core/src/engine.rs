@@ -205,6 +205,18 @@ impl Engine {
         Ok(())
     }
 
+    /// Releases a key held by a `Retry` of a `hold_key_on_retry` message that will not be
+    /// resubmitted (e.g. its partition was revoked): the key's next message starts.
+    pub fn release_key(&self, key: Bytes) {
+        let shared = Arc::clone(&self.shared);
+        self.handle.spawn(async move { shared.release_key(&key) });
+    }
+
+    /// Keys with a message in flight or held.
+    pub fn busy_keys(&self) -> usize {
+        self.shared.keys.busy_keys()
+    }
+
     /// Messages accepted and not yet completed.
     pub fn queued(&self) -> usize {
         self.shared.queued.load(Ordering::Acquire)
@@ -304,10 +316,12 @@ impl Shared {
     fn admit(self: Arc<Self>, message: Message, targets: Vec<Arc<Target>>) {
         if targets.is_empty() {
             let token = message.token;
-            self.finish_message(message.key.clone(), Completion { token, verdict: Verdict::Unrouted, results: vec![] });
+            let key = message.key.clone().filter(|_| message.resume);
+            self.finish_message(key, Completion { token, verdict: Verdict::Unrouted, results: vec![] });
             return;
         }
         match message.key.clone() {
+            Some(_) if message.resume => self.launch(message, targets),
             Some(key) => {
                 if let Some((message, targets)) = self.keys.admit(&key, (message, targets)) {
                     self.launch(message, targets);
@@ -420,16 +434,23 @@ impl Shared {
         let results = std::mem::take(&mut *results);
         let verdict = results.iter().map(|r| r.verdict).max().unwrap_or(Verdict::Unrouted);
         let completion = Completion { token: state.message.token, verdict, results };
-        Arc::clone(self).finish_message(state.message.key.clone(), completion);
+        let hold = state.message.hold_key_on_retry && verdict == Verdict::Retry;
+        let key = state.message.key.clone().filter(|_| !hold);
+        Arc::clone(self).finish_message(key, completion);
     }
 
+    /// Reports the completion, then lets the next message of `key` (if given) start.
     fn finish_message(self: Arc<Self>, key: Option<Bytes>, completion: Completion) {
         self.sink.complete(completion);
         self.queued.fetch_sub(1, Ordering::AcqRel);
         if let Some(key) = key {
-            if let Some((next, targets)) = self.keys.release(&key) {
-                self.launch(next, targets);
-            }
+            self.release_key(&key);
+        }
+    }
+
+    fn release_key(self: Arc<Self>, key: &Bytes) {
+        if let Some((next, targets)) = self.keys.release(key) {
+            self.launch(next, targets);
         }
     }
 }

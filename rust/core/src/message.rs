@@ -22,6 +22,13 @@ pub struct Message {
     pub delivery_attempt: u32,
     /// Keep each function's response body and headers in the result.
     pub capture: bool,
+    /// With a key: when the verdict is `Retry`, keep the key busy so later messages of the key
+    /// wait until the caller resubmits this one with `resume` (or calls `release_key`).
+    /// This is how a source retries a message without letting its key overtake it.
+    pub hold_key_on_retry: bool,
+    /// This message's key is held for it by an earlier `Retry` (see `hold_key_on_retry`):
+    /// start at once instead of queueing behind the key.
+    pub resume: bool,
 }
 
 /// Why a call has no HTTP status. The integer values are part of the binding's interface.

@@ -119,6 +119,17 @@ impl Runtime {
     }
 
     #[getter]
+    fn busy_keys(&self) -> usize {
+        self.engine.busy_keys()
+    }
+
+    fn release_key(&self, py: Python<'_>, key: &Bound<'_, PyBytes>) -> PyResult<()> {
+        self.check_process(py, "release a key of")?;
+        self.engine.release_key(Bytes::copy_from_slice(key.as_bytes()));
+        Ok(())
+    }
+
+    #[getter]
     fn closed(&self) -> bool {
         self.engine.is_closed()
     }
@@ -142,20 +153,21 @@ impl Runtime {
     }
 
     /// Accepts a batch: each item is (topic, payload, headers, message_id, key, delivery_attempt,
-    /// capture); message `i` gets token `base_token + i`. Never blocks.
+    /// flags) with flags = capture | hold_key_on_retry << 1 | resume << 2; message `i` gets token
+    /// `base_token + i`. Never blocks.
     fn submit(&self, py: Python<'_>, base_token: u64, batch: &Bound<'_, PyList>) -> PyResult<()> {
         self.check_process(py, "submit")?;
         let mut messages = Vec::with_capacity(batch.len());
         for (i, item) in batch.iter().enumerate() {
             let item = item.cast_into::<PyTuple>().map_err(|_| PyValueError::new_err(format!("batch item {i} is not a tuple")))?;
-            let (topic, payload, headers, message_id, key, delivery_attempt, capture): (
+            let (topic, payload, headers, message_id, key, delivery_attempt, flags): (
                 String,
                 Bound<'_, PyBytes>,
                 Vec<(String, String)>,
                 String,
                 Option<Bound<'_, PyBytes>>,
                 u32,
-                bool,
+                u8,
             ) = item.extract().map_err(|e| PyValueError::new_err(format!("batch item {i}: {e}")))?;
             messages.push(Message {
                 token: base_token + i as u64,
@@ -165,7 +177,9 @@ impl Runtime {
                 message_id,
                 key: key.map(|k| Bytes::copy_from_slice(k.as_bytes())),
                 delivery_attempt,
-                capture,
+                capture: flags & 1 != 0,
+                hold_key_on_retry: flags & 2 != 0,
+                resume: flags & 4 != 0,
             });
         }
         self.engine.submit(messages).map_err(|e| match e {

@@ -1,0 +1,251 @@
+"""Helpers for testing fastconn and its sources (used by fastconn's own tests, and usable by
+anyone embedding it): free ports, a recording HTTP function double, TOML config writing, and
+the daemon run as a subprocess the way users run it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+__all__ = ["DaemonProcess", "FunctionDouble", "RecordedCall", "free_port", "to_toml", "wait_for"]
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.02, what: str = "condition") -> None:
+    """Polls ``predicate()`` (sync or async) until truthy; raises TimeoutError naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+# -- TOML ------------------------------------------------------------------------------------
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, Sequence):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"cannot write {type(value).__name__} as TOML")
+
+
+def to_toml(config: Mapping[str, Any]) -> str:
+    """Writes fastconn's config shape: scalars, then ``[tables]``, then ``[[arrays of tables]]``."""
+    lines: list[str] = []
+    tables: list[tuple[str, Mapping[str, Any]]] = []
+    arrays: list[tuple[str, Sequence[Mapping[str, Any]]]] = []
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            tables.append((key, value))
+        elif isinstance(value, list | tuple) and value and all(isinstance(v, Mapping) for v in value):
+            arrays.append((key, value))
+        else:
+            lines.append(f"{key} = {_toml_value(value)}")
+    for key, table in tables:
+        lines.append(f"\n[{key}]")
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in table.items())
+    for key, items in arrays:
+        for item in items:
+            lines.append(f"\n[[{key}]]")
+            lines.extend(f"{k} = {_toml_value(v)}" for k, v in item.items())
+    return "\n".join(lines) + "\n"
+
+
+# -- a function double ------------------------------------------------------------------------
+
+
+@dataclass
+class RecordedCall:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    at: float
+
+
+@dataclass
+class FunctionDouble:
+    """An HTTP server standing in for functions: records calls, answers per path with a
+    scripted status sequence (the last one repeats), optional delay and headers."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    calls: list[RecordedCall] = field(default_factory=list)
+    _scripts: dict[str, tuple[list[int], float, dict[str, str]]] = field(default_factory=dict)
+    _runner: web.AppRunner | None = None
+
+    def script(self, path: str, statuses: Sequence[int] = (200,), delay: float = 0.0,
+               headers: Mapping[str, str] | None = None) -> None:
+        self._scripts[path] = (list(statuses), delay, dict(headers or {}))
+
+    def url(self, path: str) -> str:
+        return f"http://{self.host}:{self.port}{path}"
+
+    def calls_to(self, path: str) -> list[RecordedCall]:
+        return [c for c in self.calls if c.path == path]
+
+    async def start(self) -> FunctionDouble:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> FunctionDouble:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        self.calls.append(RecordedCall(request.path, dict(request.headers), body, time.monotonic()))
+        statuses, delay, headers = self._scripts.get(request.path, ([200], 0.0, {}))
+        seen = len(self.calls_to(request.path))
+        status = statuses[min(seen, len(statuses)) - 1]
+        if delay:
+            await asyncio.sleep(delay)
+        return web.Response(status=status, body=body, headers=headers)
+
+
+# -- the daemon as a subprocess ---------------------------------------------------------------
+
+
+class DaemonProcess:
+    """``python -m fastconn --config <file>`` in a subprocess, as users run it.
+
+    ``await start()`` waits for ``/readyz`` (or only ``/healthz`` with ``wait="health"``);
+    ``await stop()`` sends SIGTERM and returns the exit code. Output goes to a log file whose
+    text is in ``output()`` for assertions and failure messages.
+    """
+
+    def __init__(self, config: Mapping[str, Any], workdir: Path, *, env: Mapping[str, str] | None = None,
+                 args: Sequence[str] = ()) -> None:
+        self.config = dict(config)
+        server = dict(self.config.get("server", {}))
+        if "listen" not in server:
+            server["listen"] = f"127.0.0.1:{free_port()}"
+        self.config["server"] = server
+        self.listen = str(server["listen"])
+        self.workdir = workdir
+        self.config_path = workdir / f"fastconn-{id(self)}.toml"
+        self.log_path = workdir / f"fastconn-{id(self)}.log"
+        self.env = dict(env or {})
+        self.args = list(args)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.listen}"
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    async def start(self, wait: str = "ready", timeout: float = 20.0) -> DaemonProcess:
+        self.config_path.write_text(to_toml(self.config))
+        env = {**os.environ, **self.env}
+        env.pop("FASTCONN_CONFIG", None)
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "fastconn", "run", "--config", str(self.config_path), *self.args],
+            stdout=log, stderr=subprocess.STDOUT, env=env,
+        )
+        log.close()
+        path = "/readyz" if wait == "ready" else "/healthz"
+        async with aiohttp.ClientSession() as http:
+
+            async def up() -> bool:
+                if self.process is not None and self.process.poll() is not None:
+                    raise RuntimeError(f"fastconn exited with {self.process.returncode}:\n{self.output()}")
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with http.get(self.url + path) as r:
+                        return r.status == 200
+                return False
+
+            try:
+                await wait_for(up, timeout, 0.05, f"fastconn {path}")
+            except TimeoutError as exc:
+                raise TimeoutError(f"{exc}\n--- fastconn output ---\n{self.output()}") from None
+        return self
+
+    async def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        process = self.process
+        if process is None:
+            return 0
+        if process.poll() is None:
+            process.send_signal(sig)
+        deadline = time.monotonic() + timeout
+        while process.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+            raise TimeoutError(f"fastconn did not exit within {timeout}s after {sig}:\n{self.output()}")
+        return int(process.returncode)
+
+    def kill(self) -> None:
+        """kill -9: no shutdown at all (crash tests)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    async def metrics(self) -> dict[str, float]:
+        """The Prometheus samples, keyed like ``name{label="v",...}`` (labels sorted)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        async with aiohttp.ClientSession() as http, http.get(self.url + "/metrics") as r:
+            text = await r.text()
+        samples: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+                samples[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+        return samples
+
+    async def __aenter__(self) -> DaemonProcess:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.process is not None and self.process.poll() is None:
+            await self.stop()
