@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from fastconn import _core
 from fastconn.errors import DispatcherClosed
 from fastconn.functions import FunctionTarget
-from fastconn.message import ErrorKind, Message, Outcome, TargetResult, Verdict
+from fastconn.message import Message, Outcome, Verdict
 
 __all__ = ["Dispatcher", "DispatchOptions", "OutcomeCallback"]
 
@@ -40,7 +40,6 @@ _INDEX_BITS = 20
 """Tokens are ``batch_id << 20 | index``: batches are capped at 2**20 messages."""
 _INDEX_MASK = (1 << _INDEX_BITS) - 1
 _VERDICTS = tuple(Verdict)
-_ERRORS = tuple(ErrorKind)
 _VERSION = _core.__version__
 
 
@@ -323,20 +322,12 @@ class Dispatcher:
         self._capacity.release(len(records))
         by_batch: dict[int, list[Outcome]] = {}
         batches = self._batches
+        from_wire = Outcome._from_wire
         for token, verdict_code, raw_results in records:
             batch_id = token >> _INDEX_BITS
             index = token & _INDEX_MASK
             batch = batches[batch_id]
-            results = tuple(
-                TargetResult(fn, status, _ERRORS[err], attempts, latency, retry_after, body,
-                             tuple(headers) if headers is not None else None)
-                for fn, status, err, attempts, latency, retry_after, body, headers in raw_results
-            )
-            verdict = _VERDICTS[verdict_code]
-            retry_after = None
-            if verdict is Verdict.RETRY:
-                retry_after = max((r.retry_after for r in results if r.retry_after is not None), default=None)
-            outcome = Outcome(batch.messages[index], verdict, batch.ids[index], results, retry_after)
+            outcome = from_wire(batch.messages[index], _VERDICTS[verdict_code], batch.ids[index], raw_results)
             group = by_batch.get(batch_id)
             if group is None:
                 by_batch[batch_id] = [outcome]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -96,16 +96,60 @@ class TargetResult:
         return str(self.status) if self.status else self.error.label
 
 
-@dataclass(slots=True)
+_WireResult = tuple[str, int, int, int, float, "float | None", "bytes | None", "list[tuple[str, str]] | None"]
+_ERROR_KINDS = tuple(ErrorKind)
+
+
+def _result_from_wire(raw: _WireResult) -> TargetResult:
+    fn, status, err, attempts, latency, retry_after, body, headers = raw
+    return TargetResult(fn, status, _ERROR_KINDS[err], attempts, latency, retry_after, body,
+                        tuple(headers) if headers is not None else None)
+
+
 class Outcome:
-    """All targets of one message are settled: the worst result decides the verdict."""
+    """All targets of one message are settled: the worst result decides the verdict.
+
+    Per-function :attr:`results` are built on first access: most sources only look at the
+    verdict, and the per-function figures are already counted in the core's metrics.
+    """
+
+    __slots__ = ("_raw", "_results", "message", "message_id", "verdict")
 
     message: Message
     verdict: Verdict
     message_id: str
-    results: tuple[TargetResult, ...] = field(default=())
-    retry_after: float | None = None
-    """The largest ``Retry-After`` a function asked for, when the verdict is RETRY."""
+
+    def __init__(self, message: Message, verdict: Verdict, message_id: str,
+                 results: tuple[TargetResult, ...] = ()) -> None:
+        self.message = message
+        self.verdict = verdict
+        self.message_id = message_id
+        self._results: tuple[TargetResult, ...] | None = tuple(results)
+        self._raw: Sequence[_WireResult] = ()
+
+    @classmethod
+    def _from_wire(cls, message: Message, verdict: Verdict, message_id: str,
+                   raw: Sequence[_WireResult]) -> Outcome:
+        outcome = cls.__new__(cls)
+        outcome.message = message
+        outcome.verdict = verdict
+        outcome.message_id = message_id
+        outcome._results = None
+        outcome._raw = raw
+        return outcome
+
+    @property
+    def results(self) -> tuple[TargetResult, ...]:
+        if self._results is None:
+            self._results = tuple(_result_from_wire(r) for r in self._raw)
+        return self._results
+
+    @property
+    def retry_after(self) -> float | None:
+        """The largest ``Retry-After`` a function asked for, when the verdict is RETRY."""
+        if self.verdict is not Verdict.RETRY:
+            return None
+        return max((r.retry_after for r in self.results if r.retry_after is not None), default=None)
 
     @property
     def ok(self) -> bool:
@@ -113,3 +157,6 @@ class Outcome:
 
     def first_failure(self) -> TargetResult | None:
         return next((r for r in self.results if not r.ok), None)
+
+    def __repr__(self) -> str:
+        return f"Outcome({self.message.topic!r}, {self.verdict.name}, id={self.message_id!r}, results={self.results!r})"

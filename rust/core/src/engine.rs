@@ -441,8 +441,10 @@ impl Shared {
 
     /// Reports the completion, then lets the next message of `key` (if given) start.
     fn finish_message(self: Arc<Self>, key: Option<Bytes>, completion: Completion) {
-        self.sink.complete(completion);
+        // Count it out before the caller can see the completion: the caller frees its own
+        // capacity on seeing it and may submit again at once.
         self.queued.fetch_sub(1, Ordering::AcqRel);
+        self.sink.complete(completion);
         if let Some(key) = key {
             self.release_key(&key);
         }

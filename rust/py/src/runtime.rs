@@ -7,7 +7,9 @@ use bytes::Bytes;
 use fastconn_core::{Engine, EngineConfig, Message, RetryPolicy, SubmitError, TargetSpec};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyList, PyTuple};
+use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,6 +22,8 @@ type StatsTuple = (String, Vec<(String, u64)>, Vec<u64>, f64, u64, u64);
 #[pyclass(module = "fastconn._core", frozen)]
 pub struct Runtime {
     engine: Engine,
+    /// Interned function names for `drain` (bounded by the number of functions ever routed).
+    names: Mutex<HashMap<Arc<str>, Py<PyString>>>,
     completions: Arc<CompletionQueue>,
     pid: u32,
 }
@@ -82,7 +86,7 @@ impl Runtime {
         let completions = Arc::new(CompletionQueue::new()?);
         let sink: Arc<dyn fastconn_core::CompletionSink> = completions.clone();
         let engine = Engine::new(config, sink)?;
-        Ok(Runtime { engine, completions, pid: std::process::id() })
+        Ok(Runtime { engine, names: Mutex::new(HashMap::new()), completions, pid: std::process::id() })
     }
 
     /// The PID this runtime was created in.
@@ -194,26 +198,32 @@ impl Runtime {
     /// body, headers)]).
     fn drain<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let completions = self.completions.take();
-        let out = PyList::empty(py);
+        let mut names = self.names.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut items = Vec::with_capacity(completions.len());
         for c in completions {
-            let results = PyList::empty(py);
-            for r in &c.results {
+            let mut results = Vec::with_capacity(c.results.len());
+            for r in c.results {
+                // Function names repeat on every completion: one Python string per name.
+                let name = names
+                    .entry(Arc::clone(&r.function))
+                    .or_insert_with(|| PyString::new(py, &r.function).unbind())
+                    .clone_ref(py);
                 let body = r.body.as_ref().map(|b| PyBytes::new(py, b));
                 let item = (
-                    &*r.function,
+                    name,
                     r.status,
                     r.error as u8,
                     r.attempts,
                     r.latency.as_secs_f64(),
                     r.retry_after.map(|d| d.as_secs_f64()),
                     body,
-                    r.headers.clone(),
+                    r.headers,
                 );
-                results.append(item)?;
+                results.push(item.into_pyobject(py)?);
             }
-            out.append((c.token, c.verdict.code(), results))?;
+            items.push((c.token, c.verdict.code(), PyTuple::new(py, results)?).into_pyobject(py)?);
         }
-        Ok(out)
+        PyList::new(py, items)
     }
 
     fn stats(&self) -> Vec<StatsTuple> {

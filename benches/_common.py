@@ -1,0 +1,131 @@
+"""Shared benchmark plumbing: the counting sink, rounds run alternately in subprocesses, and
+medians. Benchmarks report ratios against baselines measured in the same run: the machine is
+shared and absolute figures drift."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def sink_binary() -> Path:
+    """The release-built sink; built on demand (set-up builds it too)."""
+    path = ROOT / "target" / "release" / "fastconn-sink"
+    if not path.exists():
+        subprocess.run(["cargo", "build", "--release", "-q", "-p", "fastconn-sink"], cwd=ROOT, check=True)
+    return path
+
+
+class Sink:
+    """The counting HTTP sink in its own process."""
+
+    def __init__(self, threads: int = 1) -> None:
+        self.process = subprocess.Popen(
+            [str(sink_binary()), "--threads", str(threads)], stdout=subprocess.PIPE, text=True
+        )
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line.startswith("listening on "):
+            raise RuntimeError(f"sink did not start: {line!r}")
+        self.port = int(line.split()[-1])
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def _call(self, method: str, path: str) -> bytes:
+        request = urllib.request.Request(self.url + path, method=method, data=b"" if method == "POST" else None)
+        with urllib.request.urlopen(request, timeout=30) as response:
+            body: bytes = response.read()
+            return body
+
+    def stats(self) -> dict[str, Any]:
+        result: dict[str, Any] = json.loads(self._call("GET", "/__stats"))
+        return result
+
+    def reset(self) -> None:
+        self._call("POST", "/__reset")
+
+    def stall(self, ms: int) -> None:
+        self._call("POST", f"/__stall?ms={ms}")
+
+    def cpu_seconds(self) -> float:
+        with open(f"/proc/{self.process.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        return (int(fields[11]) + int(fields[12])) / ticks
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=5)
+
+    def __enter__(self) -> Sink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def run_worker(script: Path, args: list[str]) -> dict[str, Any]:
+    """Runs one measured round in a fresh interpreter; it prints one JSON line. CPU time and
+    peak RSS of the child come from rusage."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    out = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if out.returncode != 0:
+        raise RuntimeError(f"{script.name} {' '.join(args)} failed:\n{out.stdout}\n{out.stderr}")
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    result["process_cpu_s"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    result["process_wall_s"] = wall
+    return result
+
+
+@dataclass
+class Figure:
+    values: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values) if self.values else 0.0
+
+    @property
+    def spread(self) -> float:
+        """Half the min-max range, relative to the median."""
+        if len(self.values) < 2 or not self.median:
+            return 0.0
+        return (max(self.values) - min(self.values)) / 2 / self.median
+
+
+def environment() -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, check=False).stdout.strip()
+    import fastconn
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "fastconn": fastconn.__version__,
+        "build": fastconn._core.build_profile,
+        "git": revision or "unknown",
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "wrk": shutil.which("wrk") is not None,
+    }

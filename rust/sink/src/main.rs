@@ -1,0 +1,147 @@
+//! `fastconn-sink`: the function stand-in for benchmarks. Every POST gets `200 ok` and is
+//! counted, so a benchmark checks what was delivered instead of assuming it. When the body
+//! starts with a decimal wall-clock timestamp in nanoseconds (the benchmark's publish time),
+//! the publish-to-function latency is recorded.
+//!
+//! Control endpoints: `GET /__stats` (JSON: requests, bytes, latency percentiles),
+//! `POST /__reset`, `POST /__stall?ms=N` (hold every answer for N ms from now; 0 ends it).
+//!
+//! Usage: `fastconn-sink [--port N] [--threads N]` (prints `listening on PORT` when ready).
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response};
+use hyper_util::rt::TokioIo;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::net::TcpListener;
+
+#[derive(Default)]
+struct Stats {
+    requests: AtomicU64,
+    bytes: AtomicU64,
+    /// Latency samples in microseconds (bounded: the first 2M per reset).
+    latencies: Mutex<Vec<u32>>,
+    /// Answers are held until this instant (stall simulation).
+    stall_until: Mutex<Option<Instant>>,
+}
+
+const MAX_SAMPLES: usize = 2_000_000;
+
+fn now_ns() -> u128 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
+}
+
+fn leading_timestamp(body: &[u8]) -> Option<u128> {
+    let digits = body.iter().take_while(|b| b.is_ascii_digit()).count();
+    if digits < 16 {
+        return None;
+    }
+    std::str::from_utf8(body.get(..digits)?).ok()?.parse().ok()
+}
+
+fn percentile(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    f64::from(sorted.get(rank).copied().unwrap_or(0)) / 1e6
+}
+
+fn text(status: u16, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::OK);
+    response
+}
+
+async fn handle(stats: Arc<Stats>, request: Request<Incoming>) -> Result<Response<Full<Bytes>>, hyper::Error> {
+    let path = request.uri().path().to_owned();
+    let query = request.uri().query().unwrap_or("").to_owned();
+    let method = request.method().clone();
+    let body = request.into_body().collect().await?.to_bytes();
+    match (method, path.as_str()) {
+        (Method::GET, "/__stats") => {
+            let mut samples = stats.latencies.lock().unwrap_or_else(PoisonError::into_inner).clone();
+            samples.sort_unstable();
+            let json = format!(
+                "{{\"requests\":{},\"bytes\":{},\"latency_samples\":{},\"p50\":{:.6},\"p99\":{:.6}}}",
+                stats.requests.load(Ordering::Relaxed),
+                stats.bytes.load(Ordering::Relaxed),
+                samples.len(),
+                percentile(&samples, 50.0),
+                percentile(&samples, 99.0),
+            );
+            Ok(text(200, json))
+        }
+        (Method::POST, "/__reset") => {
+            stats.requests.store(0, Ordering::Relaxed);
+            stats.bytes.store(0, Ordering::Relaxed);
+            stats.latencies.lock().unwrap_or_else(PoisonError::into_inner).clear();
+            Ok(text(200, "reset\n"))
+        }
+        (Method::POST, "/__stall") => {
+            let ms: u64 = query.strip_prefix("ms=").and_then(|v| v.parse().ok()).unwrap_or(0);
+            *stats.stall_until.lock().unwrap_or_else(PoisonError::into_inner) =
+                (ms > 0).then(|| Instant::now() + Duration::from_millis(ms));
+            Ok(text(200, "stall set\n"))
+        }
+        _ => {
+            let stall = *stats.stall_until.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(until) = stall {
+                tokio::time::sleep_until(until.into()).await;
+            }
+            stats.requests.fetch_add(1, Ordering::Relaxed);
+            stats.bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
+            if let Some(sent) = leading_timestamp(&body) {
+                let micros = now_ns().saturating_sub(sent) / 1000;
+                let mut samples = stats.latencies.lock().unwrap_or_else(PoisonError::into_inner);
+                if samples.len() < MAX_SAMPLES {
+                    samples.push(u32::try_from(micros).unwrap_or(u32::MAX));
+                }
+            }
+            Ok(text(200, Bytes::from_static(b"ok")))
+        }
+    }
+}
+
+fn arg(args: &[String], name: &str, default: u64) -> u64 {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() -> std::io::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let port = u16::try_from(arg(&args, "--port", 0)).unwrap_or(0);
+    let threads = usize::try_from(arg(&args, "--threads", 1)).unwrap_or(1).max(1);
+    let runtime = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()?
+    };
+    runtime.block_on(async move {
+        let listener = TcpListener::bind(("127.0.0.1", port)).await?;
+        let port = listener.local_addr()?.port();
+        // The benchmark reads this line to learn the port.
+        let mut out = std::io::stdout().lock();
+        std::io::Write::write_all(&mut out, format!("listening on {port}\n").as_bytes())?;
+        std::io::Write::flush(&mut out)?;
+        drop(out);
+        let stats = Arc::new(Stats::default());
+        loop {
+            let (stream, _) = listener.accept().await?;
+            stream.set_nodelay(true)?;
+            let stats = Arc::clone(&stats);
+            tokio::spawn(async move {
+                let service = service_fn(move |req| handle(Arc::clone(&stats), req));
+                let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+            });
+        }
+    })
+}
