@@ -7,18 +7,17 @@
 //! * `max_inflight_per_function` (or the target's own bound) requests per function, acquired
 //!   first, so a stalled function's waiting calls hold no global permit;
 //! * `max_inflight` requests overall.
+//!
 //! Permits are released during retry backoff so a sleeping retry blocks nobody.
 
-use crate::http::{self, HttpClient};
+use crate::http::{Attempt, Endpoint, Pool};
 use crate::message::{Completion, CompletionSink, ErrorKind, Message, TargetResult, Verdict};
 use crate::ordering::KeyedQueue;
 use crate::retry::{Decision, RetryPolicy};
 use crate::router::{RouteTable, Router};
 use crate::stats::{StatsSnapshot, TargetStats};
 use bytes::Bytes;
-use http_body_util::Full;
-use hyper::header::{HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE, USER_AGENT};
-use hyper::{HeaderMap, Method, Request, Uri};
+use http::header::{HeaderName, HeaderValue};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -101,26 +100,49 @@ impl std::error::Error for SubmitError {}
 #[derive(Debug)]
 struct Target {
     name: Arc<str>,
-    uri: Uri,
+    endpoint: Endpoint,
     timeout: Duration,
     limit: Arc<Semaphore>,
     stats: Arc<TargetStats>,
-    headers: HeaderMap,
+    /// The target's own headers, serialized; their names override a message's.
+    extra_head: Vec<u8>,
+    extra_names: Vec<HeaderName>,
 }
+
+/// Header names fastconn sets itself: a message's headers of these names are not passed on.
+const RESERVED: [&str; 10] = [
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "x-topic",
+    "x-connector",
+    "x-message-id",
+    "x-delivery-attempt",
+    "user-agent",
+    "expect",
+];
 
 /// A message with its targets, while its calls run.
 struct InFlight {
     message: Message,
-    /// Headers shared by every call of this message (all but the attempt number).
-    headers: Result<HeaderMap, String>,
+    /// The parts of the request head shared by every call of this message, or why the
+    /// message's headers cannot be sent.
+    headers: Result<MessageHead, String>,
     remaining: AtomicUsize,
     results: Mutex<Vec<TargetResult>>,
+}
+
+/// A message's validated pass-through headers and fastconn's own headers, serialized.
+struct MessageHead {
+    passed: Vec<(HeaderName, HeaderValue)>,
+    own: Vec<u8>,
 }
 
 struct Shared {
     config: EngineConfig,
     router: Router<Arc<Target>>,
-    client: HttpClient,
+    pool: Pool,
     global: Arc<Semaphore>,
     limits: Mutex<HashMap<String, (usize, Arc<Semaphore>)>>,
     stats: Mutex<HashMap<String, Arc<TargetStats>>>,
@@ -145,15 +167,11 @@ impl Engine {
             .thread_name("fastconn-io")
             .enable_all()
             .build()?;
-        let client = {
-            // The pool must be built inside the runtime (its timer and executor live there).
-            let _guard = runtime.enter();
-            http::build_client(config.max_inflight, config.connect_timeout)
-        };
+        let pool = Pool::new(config.max_inflight, config.connect_timeout);
         let shared = Arc::new(Shared {
             global: Arc::new(Semaphore::new(config.max_inflight.max(1))),
             router: Router::default(),
-            client,
+            pool,
             limits: Mutex::new(HashMap::new()),
             stats: Mutex::new(HashMap::new()),
             sink,
@@ -164,7 +182,11 @@ impl Engine {
             config,
         });
         let handle = runtime.handle().clone();
-        Ok(Engine { runtime: Mutex::new(Some(runtime)), handle, shared })
+        Ok(Engine {
+            runtime: Mutex::new(Some(runtime)),
+            handle,
+            shared,
+        })
     }
 
     /// Replaces the routing table. Calls already running keep the target they started with;
@@ -190,7 +212,10 @@ impl Engine {
         let before = self.shared.queued.fetch_add(n, Ordering::AcqRel);
         if before + n > capacity {
             self.shared.queued.fetch_sub(n, Ordering::AcqRel);
-            return Err(SubmitError::Full { queued: before, capacity });
+            return Err(SubmitError::Full {
+                queued: before,
+                capacity,
+            });
         }
         let shared = Arc::clone(&self.shared);
         // One task per batch, which spawns the calls from inside the runtime: one cross-thread
@@ -198,7 +223,8 @@ impl Engine {
         self.handle.spawn(async move {
             let table = shared.router.snapshot();
             for message in messages {
-                let targets: Vec<Arc<Target>> = table.lookup(&message.topic).into_iter().cloned().collect();
+                let targets: Vec<Arc<Target>> =
+                    table.lookup(&message.topic).into_iter().cloned().collect();
                 Arc::clone(&shared).admit(message, targets);
             }
         });
@@ -237,7 +263,11 @@ impl Engine {
     }
 
     pub fn stats(&self) -> Vec<StatsSnapshot> {
-        let stats = self.shared.stats.lock().unwrap_or_else(PoisonError::into_inner);
+        let stats = self
+            .shared
+            .stats
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let mut out: Vec<StatsSnapshot> = stats.iter().map(|(name, s)| s.snapshot(name)).collect();
         out.sort_by(|a, b| a.function.cmp(&b.function));
         out
@@ -252,7 +282,11 @@ impl Engine {
             std::thread::sleep(Duration::from_millis(5));
         }
         let left = self.queued();
-        let runtime = self.runtime.lock().unwrap_or_else(PoisonError::into_inner).take();
+        let runtime = self
+            .runtime
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
         if let Some(runtime) = runtime {
             runtime.shutdown_timeout(Duration::from_millis(100));
         }
@@ -266,7 +300,11 @@ impl Engine {
 
 impl Drop for Engine {
     fn drop(&mut self) {
-        let runtime = self.runtime.get_mut().unwrap_or_else(PoisonError::into_inner).take();
+        let runtime = self
+            .runtime
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
         if let Some(runtime) = runtime {
             runtime.shutdown_background();
         }
@@ -276,17 +314,22 @@ impl Drop for Engine {
 impl Shared {
     fn build_target(&self, spec: &TargetSpec) -> Result<Target, SubmitError> {
         let invalid = |why: String| SubmitError::InvalidTarget(format!("{}: {why}", spec.name));
-        let uri: Uri = spec.url.parse().map_err(|e| invalid(format!("url {:?}: {e}", spec.url)))?;
-        if uri.scheme_str() != Some("http") {
-            return Err(invalid(format!("url {:?}: only http:// is supported", spec.url)));
-        }
-        let mut headers = HeaderMap::new();
+        let endpoint =
+            Endpoint::parse(&spec.url).map_err(|e| invalid(format!("url {:?}: {e}", spec.url)))?;
+        let mut extra_head = Vec::new();
+        let mut extra_names = Vec::new();
         for (k, v) in &spec.headers {
-            let name = HeaderName::try_from(k.as_str()).map_err(|e| invalid(format!("header {k:?}: {e}")))?;
-            let value = HeaderValue::try_from(v.as_str()).map_err(|e| invalid(format!("header {k:?}: {e}")))?;
-            headers.insert(name, value);
+            let name = HeaderName::try_from(k.as_str())
+                .map_err(|e| invalid(format!("header {k:?}: {e}")))?;
+            let value = HeaderValue::try_from(v.as_str())
+                .map_err(|e| invalid(format!("header {k:?}: {e}")))?;
+            push_header(&mut extra_head, name.as_str(), value.as_bytes());
+            extra_names.push(name);
         }
-        let bound = spec.max_inflight.unwrap_or(self.config.max_inflight_per_function).max(1);
+        let bound = spec
+            .max_inflight
+            .unwrap_or(self.config.max_inflight_per_function)
+            .max(1);
         let limit = {
             let mut limits = self.limits.lock().unwrap_or_else(PoisonError::into_inner);
             match limits.get(&spec.name) {
@@ -300,15 +343,20 @@ impl Shared {
         };
         let stats = {
             let mut stats = self.stats.lock().unwrap_or_else(PoisonError::into_inner);
-            Arc::clone(stats.entry(spec.name.clone()).or_insert_with(|| Arc::new(TargetStats::new())))
+            Arc::clone(
+                stats
+                    .entry(spec.name.clone())
+                    .or_insert_with(|| Arc::new(TargetStats::new())),
+            )
         };
         Ok(Target {
             name: Arc::from(spec.name.as_str()),
-            uri,
+            endpoint,
             timeout: spec.timeout.unwrap_or(self.config.timeout),
             limit,
             stats,
-            headers,
+            extra_head,
+            extra_names,
         })
     }
 
@@ -317,7 +365,14 @@ impl Shared {
         if targets.is_empty() {
             let token = message.token;
             let key = message.key.clone().filter(|_| message.resume);
-            self.finish_message(key, Completion { token, verdict: Verdict::Unrouted, results: vec![] });
+            self.finish_message(
+                key,
+                Completion {
+                    token,
+                    verdict: Verdict::Unrouted,
+                    results: vec![],
+                },
+            );
             return;
         }
         match message.key.clone() {
@@ -349,28 +404,44 @@ impl Shared {
         }
     }
 
-    fn base_headers(&self, message: &Message) -> Result<HeaderMap, String> {
-        let mut headers = HeaderMap::with_capacity(message.headers.len() + 8);
-        // The message's own headers first: fastconn's headers below replace any of the same name.
+    fn base_headers(&self, message: &Message) -> Result<MessageHead, String> {
+        let mut passed = Vec::with_capacity(message.headers.len());
+        let mut has_content_type = false;
         for (k, v) in &message.headers {
-            let name = HeaderName::try_from(k.as_str()).map_err(|_| format!("invalid header name {k:?}"))?;
-            let value = HeaderValue::try_from(v.as_str()).map_err(|_| format!("invalid value for header {k}"))?;
-            headers.append(name, value);
-        }
-        let value = |v: &str, what: &str| HeaderValue::try_from(v).map_err(|_| format!("invalid {what} {v:?}"));
-        if let Some(ct) = &self.config.content_type {
-            if !headers.contains_key(CONTENT_TYPE) {
-                headers.insert(CONTENT_TYPE, value(ct, "content type")?);
+            let name = HeaderName::try_from(k.as_str())
+                .map_err(|_| format!("invalid header name {k:?}"))?;
+            let value = HeaderValue::try_from(v.as_str())
+                .map_err(|_| format!("invalid value for header {k}"))?;
+            if RESERVED.contains(&name.as_str()) {
+                continue;
             }
+            has_content_type |= name == http::header::CONTENT_TYPE;
+            passed.push((name, value));
         }
-        headers.insert(HeaderName::from_static("x-topic"), value(&message.topic, "topic")?);
-        headers.insert(HeaderName::from_static("x-connector"), HeaderValue::from_static("fastconn"));
-        headers.insert(HeaderName::from_static("x-message-id"), value(&message.message_id, "message id")?);
-        headers.insert(USER_AGENT, value(&self.config.user_agent, "user agent")?);
+        let check = |v: &str, what: &str| {
+            HeaderValue::try_from(v)
+                .map(|_| ())
+                .map_err(|_| format!("invalid {what} {v:?}"))
+        };
+        check(&message.topic, "topic")?;
+        check(&message.message_id, "message id")?;
+        let mut own = Vec::with_capacity(256);
+        if let (Some(ct), false) = (&self.config.content_type, has_content_type) {
+            push_header(&mut own, "content-type", ct.as_bytes());
+        }
+        push_header(&mut own, "x-topic", message.topic.as_bytes());
+        push_header(&mut own, "x-connector", b"fastconn");
+        push_header(&mut own, "x-message-id", message.message_id.as_bytes());
+        push_header(&mut own, "user-agent", self.config.user_agent.as_bytes());
         if let Some(auth) = &self.config.authorization {
-            headers.insert(AUTHORIZATION, value(auth, "authorization")?);
+            push_header(&mut own, "authorization", auth.as_bytes());
         }
-        Ok(headers)
+        push_header(
+            &mut own,
+            "content-length",
+            message.payload.len().to_string().as_bytes(),
+        );
+        Ok(MessageHead { passed, own })
     }
 
     /// Calls one function for one message until success, a final failure or spent attempts.
@@ -381,24 +452,35 @@ impl Shared {
         loop {
             attempt += 1;
             let outcome = match &state.headers {
-                Err(why) => http::Attempt {
+                Err(why) => Attempt {
                     error: ErrorKind::InvalidRequest,
                     body: Some(Bytes::from(why.clone())),
                     ..Default::default()
                 },
-                Ok(base) => {
-                    let request = build_request(target, base, state, attempt);
+                Ok(message_head) => {
+                    let head = request_head(
+                        target,
+                        message_head,
+                        state.message.delivery_attempt,
+                        attempt,
+                    );
                     // Per-function bound first: a stalled function's waiting calls hold no
-                    // global permit. Closed semaphores cannot happen (never closed).
+                    // global permit. The semaphores are never closed, so acquire cannot fail.
                     let _local = target.limit.acquire().await;
                     let _global = self.global.acquire().await;
                     self.inflight.fetch_add(1, Ordering::Relaxed);
-                    let result = http::attempt(&self.client, request, target.timeout, state.message.capture).await;
+                    let capture = state.message.capture;
+                    let payload = &state.message.payload;
+                    let result = self
+                        .pool
+                        .attempt(&target.endpoint, &head, payload, target.timeout, capture)
+                        .await;
                     self.inflight.fetch_sub(1, Ordering::Relaxed);
                     result
                 }
             };
-            let decision = policy.decide(attempt, outcome.status, outcome.error, outcome.retry_after);
+            let decision =
+                policy.decide(attempt, outcome.status, outcome.error, outcome.retry_after);
             let verdict = match decision {
                 Decision::RetryAfter(wait) => {
                     target.stats.record_retry();
@@ -432,8 +514,16 @@ impl Shared {
             return;
         }
         let results = std::mem::take(&mut *results);
-        let verdict = results.iter().map(|r| r.verdict).max().unwrap_or(Verdict::Unrouted);
-        let completion = Completion { token: state.message.token, verdict, results };
+        let verdict = results
+            .iter()
+            .map(|r| r.verdict)
+            .max()
+            .unwrap_or(Verdict::Unrouted);
+        let completion = Completion {
+            token: state.message.token,
+            verdict,
+            results,
+        };
         let hold = state.message.hold_key_on_retry && verdict == Verdict::Retry;
         let key = state.message.key.clone().filter(|_| !hold);
         Arc::clone(self).finish_message(key, completion);
@@ -457,16 +547,38 @@ impl Shared {
     }
 }
 
-fn build_request(target: &Target, base: &HeaderMap, state: &InFlight, attempt: u32) -> Request<Full<Bytes>> {
-    let mut headers = base.clone();
-    for (k, v) in &target.headers {
-        headers.insert(k.clone(), v.clone());
+fn push_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The full request head of one attempt: request line and Host, the message's headers (minus
+/// any the target overrides), fastconn's headers, the target's headers, the attempt number.
+fn request_head(
+    target: &Target,
+    message: &MessageHead,
+    delivery_attempt: u32,
+    attempt: u32,
+) -> Vec<u8> {
+    let mut head = Vec::with_capacity(
+        target.endpoint.head.len() + message.own.len() + target.extra_head.len() + 128,
+    );
+    head.extend_from_slice(&target.endpoint.head);
+    for (name, value) in &message.passed {
+        if !target.extra_names.contains(name) {
+            push_header(&mut head, name.as_str(), value.as_bytes());
+        }
     }
-    let delivery = state.message.delivery_attempt.max(1) + attempt - 1;
-    headers.insert(HeaderName::from_static("x-delivery-attempt"), HeaderValue::from(delivery));
-    let mut request = Request::new(Full::new(state.message.payload.clone()));
-    *request.method_mut() = Method::POST;
-    *request.uri_mut() = target.uri.clone();
-    *request.headers_mut() = headers;
-    request
+    head.extend_from_slice(&message.own);
+    head.extend_from_slice(&target.extra_head);
+    let delivery = delivery_attempt.max(1).saturating_add(attempt - 1);
+    push_header(
+        &mut head,
+        "x-delivery-attempt",
+        delivery.to_string().as_bytes(),
+    );
+    head.extend_from_slice(b"\r\n");
+    head
 }

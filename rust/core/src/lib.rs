@@ -9,12 +9,12 @@
 //! wakes; it makes no decisions.
 
 pub mod engine;
+mod http;
 pub mod message;
 pub mod ordering;
 pub mod retry;
 pub mod router;
 pub mod stats;
-mod http;
 
 pub use engine::{Engine, EngineConfig, SubmitError, TargetSpec};
 pub use message::{Completion, CompletionSink, ErrorKind, Message, TargetResult, Verdict};

@@ -13,7 +13,9 @@ pub struct KeyedQueue<T> {
 
 impl<T> Default for KeyedQueue<T> {
     fn default() -> Self {
-        KeyedQueue { lines: Mutex::new(HashMap::new()) }
+        KeyedQueue {
+            lines: Mutex::new(HashMap::new()),
+        }
     }
 }
 
@@ -21,7 +23,10 @@ impl<T> KeyedQueue<T> {
     /// Returns the item back when its key is idle (the caller starts it now), or `None` when it
     /// was queued behind the key's in-flight message.
     pub fn admit(&self, key: &Bytes, item: T) -> Option<T> {
-        let mut lines = self.lines.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut lines = self
+            .lines
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         match lines.get_mut(key) {
             Some(line) => {
                 line.push_back(item);
@@ -37,7 +42,10 @@ impl<T> KeyedQueue<T> {
     /// The key's in-flight message finished: returns the next one to start, if any; the key
     /// becomes idle when its line is empty.
     pub fn release(&self, key: &Bytes) -> Option<T> {
-        let mut lines = self.lines.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut lines = self
+            .lines
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let next = lines.get_mut(key).and_then(VecDeque::pop_front);
         if next.is_none() {
             lines.remove(key);

@@ -120,16 +120,30 @@ mod tests {
         assert_eq!(p.decide(1, 204, ErrorKind::None, None), Decision::Success);
         assert_eq!(p.decide(1, 400, ErrorKind::None, None), Decision::Final);
         assert_eq!(p.decide(1, 404, ErrorKind::None, None), Decision::Final);
-        assert_eq!(p.decide(1, 500, ErrorKind::None, None), Decision::Final, "500 not in retry_on");
-        assert_eq!(p.decide(1, 0, ErrorKind::InvalidRequest, None), Decision::Final);
+        assert_eq!(
+            p.decide(1, 500, ErrorKind::None, None),
+            Decision::Final,
+            "500 not in retry_on"
+        );
+        assert_eq!(
+            p.decide(1, 0, ErrorKind::InvalidRequest, None),
+            Decision::Final
+        );
     }
 
     #[test]
     fn retryable_until_exhausted() {
         let p = policy();
-        for (status, error) in [(503, ErrorKind::None), (0, ErrorKind::Connect), (0, ErrorKind::Timeout)] {
+        for (status, error) in [
+            (503, ErrorKind::None),
+            (0, ErrorKind::Connect),
+            (0, ErrorKind::Timeout),
+        ] {
             for attempt in 1..4 {
-                assert!(matches!(p.decide(attempt, status, error, None), Decision::RetryAfter(_)));
+                assert!(matches!(
+                    p.decide(attempt, status, error, None),
+                    Decision::RetryAfter(_)
+                ));
             }
             assert_eq!(p.decide(4, status, error, None), Decision::Exhausted);
         }
@@ -164,7 +178,10 @@ mod tests {
         assert_eq!(parse_retry_after("5", now), Some(Duration::from_secs(5)));
         assert_eq!(parse_retry_after(" 0 ", now), Some(Duration::ZERO));
         let later = httpdate::fmt_http_date(now + Duration::from_secs(30));
-        assert_eq!(parse_retry_after(&later, now), Some(Duration::from_secs(30)));
+        assert_eq!(
+            parse_retry_after(&later, now),
+            Some(Duration::from_secs(30))
+        );
         let earlier = httpdate::fmt_http_date(now - Duration::from_secs(30));
         assert_eq!(parse_retry_after(&earlier, now), Some(Duration::ZERO));
         assert_eq!(parse_retry_after("soon", now), None);

@@ -129,7 +129,10 @@ impl<T> RouteTable<T> {
                         Some(first) => {
                             let slot = usize::from(pattern.separator() == '/');
                             let first = first.to_owned();
-                            table.by_first[slot].entry(first).or_default().push((pattern, index));
+                            table.by_first[slot]
+                                .entry(first)
+                                .or_default()
+                                .push((pattern, index));
                         }
                         None => table.leading_wild.push((pattern, index)),
                     },
@@ -149,16 +152,28 @@ impl<T> RouteTable<T> {
         for (separator, by_first) in ['.', '/'].into_iter().zip(&self.by_first) {
             let first = topic.split(separator).next().unwrap_or(topic);
             if let Some(patterns) = by_first.get(first) {
-                hits.extend(patterns.iter().filter(|(p, _)| p.matches(topic)).map(|(_, i)| *i));
+                hits.extend(
+                    patterns
+                        .iter()
+                        .filter(|(p, _)| p.matches(topic))
+                        .map(|(_, i)| *i),
+                );
             }
         }
-        hits.extend(self.leading_wild.iter().filter(|(p, _)| p.matches(topic)).map(|(_, i)| *i));
+        hits.extend(
+            self.leading_wild
+                .iter()
+                .filter(|(p, _)| p.matches(topic))
+                .map(|(_, i)| *i),
+        );
         if hits.len() > 1 {
             // A function subscribed through two matching patterns still gets the message once.
             hits.sort_unstable();
             hits.dedup();
         }
-        hits.into_iter().filter_map(|i| self.targets.get(i)).collect()
+        hits.into_iter()
+            .filter_map(|i| self.targets.get(i))
+            .collect()
     }
 
     /// Whether any target subscribes to anything at all.
@@ -179,7 +194,9 @@ pub struct Router<T> {
 
 impl<T> Default for Router<T> {
     fn default() -> Self {
-        Router { table: ArcSwap::from_pointee(RouteTable::default()) }
+        Router {
+            table: ArcSwap::from_pointee(RouteTable::default()),
+        }
     }
 }
 
@@ -249,7 +266,10 @@ mod tests {
             ("other", vec!["payments.*"]),
             ("lead", vec!["*.created"]),
         ]);
-        assert_eq!(names(&table, "orders.created"), vec!["exact", "star", "both", "lead"]);
+        assert_eq!(
+            names(&table, "orders.created"),
+            vec!["exact", "star", "both", "lead"]
+        );
         assert_eq!(names(&table, "orders.created.eu"), vec!["both"]);
         assert_eq!(names(&table, "payments.refunded"), vec!["other"]);
         assert!(names(&table, "nothing").is_empty());
@@ -298,8 +318,9 @@ mod tests {
     fn exact_lookup_with_10k_functions_is_well_under_a_microsecond() {
         // Not a timing assertion (the machine is shared): prints the figure for the notes and
         // checks the lookup returns the right function among 10k exact and 1k pattern entries.
-        let mut entries: Vec<(usize, Vec<String>)> =
-            (0..10_000).map(|i| (i, vec![format!("topic.{i}")])).collect();
+        let mut entries: Vec<(usize, Vec<String>)> = (0..10_000)
+            .map(|i| (i, vec![format!("topic.{i}")]))
+            .collect();
         entries.extend((0..1_000).map(|i| (10_000 + i, vec![format!("pat{i}.*")])));
         let table = RouteTable::build(entries);
         let n = 200_000;

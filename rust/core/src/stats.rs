@@ -44,7 +44,9 @@ impl TargetStats {
         TargetStats {
             by_status: (0..600).map(|_| AtomicU64::new(0)).collect(),
             by_error: Mutex::new(HashMap::new()),
-            buckets: (0..=LATENCY_BUCKETS.len()).map(|_| AtomicU64::new(0)).collect(),
+            buckets: (0..=LATENCY_BUCKETS.len())
+                .map(|_| AtomicU64::new(0))
+                .collect(),
             ..Default::default()
         }
     }
@@ -61,7 +63,10 @@ impl TargetStats {
             }
         }
         let seconds = latency.as_secs_f64();
-        let bucket = LATENCY_BUCKETS.iter().position(|b| seconds <= *b).unwrap_or(LATENCY_BUCKETS.len());
+        let bucket = LATENCY_BUCKETS
+            .iter()
+            .position(|b| seconds <= *b)
+            .unwrap_or(LATENCY_BUCKETS.len());
         if let Some(counter) = self.buckets.get(bucket) {
             counter.fetch_add(1, Ordering::Relaxed);
         }
@@ -130,6 +135,10 @@ mod tests {
         assert_eq!(snap.retries, 1);
         assert_eq!(snap.cumulative_buckets.first(), Some(&1));
         assert_eq!(snap.cumulative_buckets.last(), Some(&4));
-        assert_eq!(snap.cumulative_buckets[LATENCY_BUCKETS.len() - 1], 3, "20 s is only in +Inf");
+        assert_eq!(
+            snap.cumulative_buckets[LATENCY_BUCKETS.len() - 1],
+            3,
+            "20 s is only in +Inf"
+        );
     }
 }

@@ -25,7 +25,11 @@ impl CompletionQueue {
         if fd < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        Ok(CompletionQueue { queue: Mutex::new(Vec::with_capacity(1024)), armed: AtomicBool::new(true), fd })
+        Ok(CompletionQueue {
+            queue: Mutex::new(Vec::with_capacity(1024)),
+            armed: AtomicBool::new(true),
+            fd,
+        })
     }
 
     pub fn fd(&self) -> RawFd {
@@ -51,7 +55,10 @@ impl CompletionQueue {
 
 impl CompletionSink for CompletionQueue {
     fn complete(&self, completion: Completion) {
-        self.queue.lock().unwrap_or_else(PoisonError::into_inner).push(completion);
+        self.queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(completion);
         if self.armed.swap(false, Ordering::SeqCst) {
             self.wake();
         }

@@ -9,12 +9,30 @@ use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
 use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
 use std::sync::Arc;
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 /// One function target as Python passes it: (name, url, topics, max_inflight, timeout_s, headers).
-type TargetTuple = (String, String, Vec<String>, Option<usize>, Option<f64>, Vec<(String, String)>);
+type TargetTuple = (
+    String,
+    String,
+    Vec<String>,
+    Option<usize>,
+    Option<f64>,
+    Vec<(String, String)>,
+);
+
+/// One message as Python passes it (see `submit`).
+type WireMessage<'py> = (
+    String,
+    Bound<'py, PyBytes>,
+    Vec<(String, String)>,
+    String,
+    Option<Bound<'py, PyBytes>>,
+    u32,
+    u8,
+);
 
 /// One function's counters: (function, [(status, count)], cumulative buckets, sum_s, count, retries).
 type StatsTuple = (String, Vec<(String, u64)>, Vec<u64>, f64, u64, u64);
@@ -40,7 +58,8 @@ fn raise(py: Python<'_>, class: &str, message: String) -> PyErr {
 }
 
 fn seconds(value: f64, what: &str) -> PyResult<Duration> {
-    Duration::try_from_secs_f64(value).map_err(|_| PyValueError::new_err(format!("{what} must be >= 0 seconds, got {value}")))
+    Duration::try_from_secs_f64(value)
+        .map_err(|_| PyValueError::new_err(format!("{what} must be >= 0 seconds, got {value}")))
 }
 
 #[pymethods]
@@ -86,7 +105,12 @@ impl Runtime {
         let completions = Arc::new(CompletionQueue::new()?);
         let sink: Arc<dyn fastconn_core::CompletionSink> = completions.clone();
         let engine = Engine::new(config, sink)?;
-        Ok(Runtime { engine, names: Mutex::new(HashMap::new()), completions, pid: std::process::id() })
+        Ok(Runtime {
+            engine,
+            names: Mutex::new(HashMap::new()),
+            completions,
+            pid: std::process::id(),
+        })
     }
 
     /// The PID this runtime was created in.
@@ -129,7 +153,8 @@ impl Runtime {
 
     fn release_key(&self, py: Python<'_>, key: &Bound<'_, PyBytes>) -> PyResult<()> {
         self.check_process(py, "release a key of")?;
-        self.engine.release_key(Bytes::copy_from_slice(key.as_bytes()));
+        self.engine
+            .release_key(Bytes::copy_from_slice(key.as_bytes()));
         Ok(())
     }
 
@@ -144,7 +169,9 @@ impl Runtime {
             .into_iter()
             .map(|(name, url, topics, max_inflight, timeout, headers)| {
                 Ok(TargetSpec {
-                    timeout: timeout.map(|t| seconds(t, &format!("timeout of {name}"))).transpose()?,
+                    timeout: timeout
+                        .map(|t| seconds(t, &format!("timeout of {name}")))
+                        .transpose()?,
                     name,
                     url,
                     topics,
@@ -153,7 +180,9 @@ impl Runtime {
                 })
             })
             .collect::<PyResult<Vec<_>>>()?;
-        self.engine.set_targets(specs).map_err(|e| PyValueError::new_err(e.to_string()))
+        self.engine
+            .set_targets(specs)
+            .map_err(|e| PyValueError::new_err(e.to_string()))
     }
 
     /// Accepts a batch: each item is (topic, payload, headers, message_id, key, delivery_attempt,
@@ -163,16 +192,14 @@ impl Runtime {
         self.check_process(py, "submit")?;
         let mut messages = Vec::with_capacity(batch.len());
         for (i, item) in batch.iter().enumerate() {
-            let item = item.cast_into::<PyTuple>().map_err(|_| PyValueError::new_err(format!("batch item {i} is not a tuple")))?;
-            let (topic, payload, headers, message_id, key, delivery_attempt, flags): (
-                String,
-                Bound<'_, PyBytes>,
-                Vec<(String, String)>,
-                String,
-                Option<Bound<'_, PyBytes>>,
-                u32,
-                u8,
-            ) = item.extract().map_err(|e| PyValueError::new_err(format!("batch item {i}: {e}")))?;
+            let item = item
+                .cast_into::<PyTuple>()
+                .map_err(|_| PyValueError::new_err(format!("batch item {i} is not a tuple")))?;
+            let (topic, payload, headers, message_id, key, delivery_attempt, flags): WireMessage<
+                '_,
+            > = item
+                .extract()
+                .map_err(|e| PyValueError::new_err(format!("batch item {i}: {e}")))?;
             messages.push(Message {
                 token: base_token + i as u64,
                 topic,
@@ -230,7 +257,16 @@ impl Runtime {
         self.engine
             .stats()
             .into_iter()
-            .map(|s| (s.function, s.results, s.cumulative_buckets, s.sum_seconds, s.count, s.retries))
+            .map(|s| {
+                (
+                    s.function,
+                    s.results,
+                    s.cumulative_buckets,
+                    s.sum_seconds,
+                    s.count,
+                    s.retries,
+                )
+            })
             .collect()
     }
 

@@ -33,7 +33,10 @@ struct Stats {
 const MAX_SAMPLES: usize = 2_000_000;
 
 fn now_ns() -> u128 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
 }
 
 fn leading_timestamp(body: &[u8]) -> Option<u128> {
@@ -58,14 +61,21 @@ fn text(status: u16, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     response
 }
 
-async fn handle(stats: Arc<Stats>, request: Request<Incoming>) -> Result<Response<Full<Bytes>>, hyper::Error> {
+async fn handle(
+    stats: Arc<Stats>,
+    request: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, hyper::Error> {
     let path = request.uri().path().to_owned();
     let query = request.uri().query().unwrap_or("").to_owned();
     let method = request.method().clone();
     let body = request.into_body().collect().await?.to_bytes();
     match (method, path.as_str()) {
         (Method::GET, "/__stats") => {
-            let mut samples = stats.latencies.lock().unwrap_or_else(PoisonError::into_inner).clone();
+            let mut samples = stats
+                .latencies
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
             samples.sort_unstable();
             let json = format!(
                 "{{\"requests\":{},\"bytes\":{},\"latency_samples\":{},\"p50\":{:.6},\"p99\":{:.6}}}",
@@ -80,17 +90,30 @@ async fn handle(stats: Arc<Stats>, request: Request<Incoming>) -> Result<Respons
         (Method::POST, "/__reset") => {
             stats.requests.store(0, Ordering::Relaxed);
             stats.bytes.store(0, Ordering::Relaxed);
-            stats.latencies.lock().unwrap_or_else(PoisonError::into_inner).clear();
+            stats
+                .latencies
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clear();
             Ok(text(200, "reset\n"))
         }
         (Method::POST, "/__stall") => {
-            let ms: u64 = query.strip_prefix("ms=").and_then(|v| v.parse().ok()).unwrap_or(0);
-            *stats.stall_until.lock().unwrap_or_else(PoisonError::into_inner) =
+            let ms: u64 = query
+                .strip_prefix("ms=")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            *stats
+                .stall_until
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) =
                 (ms > 0).then(|| Instant::now() + Duration::from_millis(ms));
             Ok(text(200, "stall set\n"))
         }
         _ => {
-            let stall = *stats.stall_until.lock().unwrap_or_else(PoisonError::into_inner);
+            let stall = *stats
+                .stall_until
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             if let Some(until) = stall {
                 tokio::time::sleep_until(until.into()).await;
             }
@@ -98,7 +121,10 @@ async fn handle(stats: Arc<Stats>, request: Request<Incoming>) -> Result<Respons
             stats.bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
             if let Some(sent) = leading_timestamp(&body) {
                 let micros = now_ns().saturating_sub(sent) / 1000;
-                let mut samples = stats.latencies.lock().unwrap_or_else(PoisonError::into_inner);
+                let mut samples = stats
+                    .latencies
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
                 if samples.len() < MAX_SAMPLES {
                     samples.push(u32::try_from(micros).unwrap_or(u32::MAX));
                 }
@@ -119,11 +145,18 @@ fn arg(args: &[String], name: &str, default: u64) -> u64 {
 fn main() -> std::io::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let port = u16::try_from(arg(&args, "--port", 0)).unwrap_or(0);
-    let threads = usize::try_from(arg(&args, "--threads", 1)).unwrap_or(1).max(1);
+    let threads = usize::try_from(arg(&args, "--threads", 1))
+        .unwrap_or(1)
+        .max(1);
     let runtime = if threads == 1 {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()?
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
     } else {
-        tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()?
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()?
     };
     runtime.block_on(async move {
         let listener = TcpListener::bind(("127.0.0.1", port)).await?;
@@ -140,7 +173,9 @@ fn main() -> std::io::Result<()> {
             let stats = Arc::clone(&stats);
             tokio::spawn(async move {
                 let service = service_fn(move |req| handle(Arc::clone(&stats), req));
-                let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
             });
         }
     })
