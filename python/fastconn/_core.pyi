@@ -1,11 +1,13 @@
 """Type stubs for the private Rust extension. The public API is :mod:`fastconn.dispatcher`."""
 
+from collections.abc import Sequence
+
 __version__: str
 build_profile: str
 LATENCY_BUCKETS: list[float]
 
 _TargetTuple = tuple[str, str, list[str], int | None, float | None, list[tuple[str, str]]]
-_WireMessage = tuple[str, bytes, object, str, bytes | None, int, int]
+_WireMessage = tuple[str, bytes, Sequence[tuple[str, str]], str, bytes | None, int, int]
 _ResultTuple = tuple[
     str, int, int, int, float, float | None, bytes | None, list[tuple[str, str]] | None
 ]

@@ -32,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ns.command == "bench":
         from fastconn.bench import cli as bench_cli
 
-        return bench_cli(ns.bench_args)
+        return bench_cli(list(ns.bench_args))
     handler = {"run": _run, "check": _check, "topics": _topics, "invoke": _invoke, "demo": _demo}[ns.command]
     try:
         return handler(ns)
@@ -66,8 +66,13 @@ def _parser() -> argparse.ArgumentParser:
 
     invoke = with_config(sub.add_parser("invoke", help="call a function with stdin as the body"))
     invoke.add_argument("name", help="function name (name or name.namespace)")
-    invoke.add_argument("-a", "--async", dest="asynchronous", action="store_true",
-                        help="invoke asynchronously and print the call id")
+    invoke.add_argument(
+        "-a",
+        "--async",
+        dest="asynchronous",
+        action="store_true",
+        help="invoke asynchronously and print the call id",
+    )
     invoke.add_argument("-H", "--header", action="append", default=[], metavar="K=V", help="extra header")
     invoke.add_argument("--callback-url", help="X-Callback-Url for an async invocation")
     invoke.add_argument("--gateway", help="gateway URL (default: [gateway] url, $gateway_url, or :8080)")
@@ -117,9 +122,13 @@ def _topics(ns: argparse.Namespace) -> int:
         gw = config.gateway
         targets = static_targets(config.functions, gw.url if gw else None)
         if gw is not None:
-            async with GatewayRegistry(gw.url, credentials=gw.credentials(), topic_delimiter=gw.topic_delimiter,
-                                       listing_timeout=gw.listing_timeout,
-                                       namespaces=list(gw.namespaces) or None) as registry:
+            async with GatewayRegistry(
+                gw.url,
+                credentials=gw.credentials(),
+                topic_delimiter=gw.topic_delimiter,
+                listing_timeout=gw.listing_timeout,
+                namespaces=list(gw.namespaces) or None,
+            ) as registry:
                 targets += await registry.fetch()
         table: dict[str, list[str]] = {}
         for t in targets:
@@ -141,8 +150,12 @@ def _invoke(ns: argparse.Namespace) -> int:
     from fastconn.invoke import invoke
 
     config = _load(ns) if (ns.config or os.environ.get("FASTCONN_CONFIG")) else None
-    gateway = ns.gateway or (config.gateway.url if config and config.gateway else None) \
-        or os.environ.get("gateway_url") or "http://127.0.0.1:8080"
+    gateway = (
+        ns.gateway
+        or (config.gateway.url if config and config.gateway else None)
+        or os.environ.get("gateway_url")
+        or "http://127.0.0.1:8080"
+    )
     headers = []
     for item in ns.header:
         key, sep, value = item.partition("=")
@@ -152,8 +165,18 @@ def _invoke(ns: argparse.Namespace) -> int:
         headers.append((key, value))
     body = sys.stdin.buffer.read() if not sys.stdin.isatty() else b""
     credentials = config.gateway.credentials() if config and config.gateway else None
-    return _event_loop_run(invoke(gateway, ns.name, body, headers=headers, asynchronous=ns.asynchronous,
-                                  callback_url=ns.callback_url, topic=ns.topic, credentials=credentials))
+    return _event_loop_run(
+        invoke(
+            gateway,
+            ns.name,
+            body,
+            headers=headers,
+            asynchronous=ns.asynchronous,
+            callback_url=ns.callback_url,
+            topic=ns.topic,
+            credentials=credentials,
+        )
+    )
 
 
 def _demo(ns: argparse.Namespace) -> int:

@@ -28,7 +28,7 @@ from fastconn.errors import DispatcherClosed
 from fastconn.functions import FunctionTarget
 from fastconn.message import Message, Outcome, Verdict
 
-__all__ = ["Dispatcher", "DispatchOptions", "OutcomeCallback"]
+__all__ = ["DispatchOptions", "Dispatcher", "OutcomeCallback"]
 
 log = logging.getLogger("fastconn.dispatcher")
 
@@ -245,8 +245,15 @@ class Dispatcher:
         ids = [m.message_id or self._new_id() for m in chunk]
         base_flags = 1 if capture else 0
         wire = [
-            (m.topic, m.payload, m.headers, mid, m.key, m.delivery_attempt,
-             base_flags | (m.hold_key_on_retry << 1) | (m.resume << 2))
+            (
+                m.topic,
+                m.payload,
+                m.headers,
+                mid,
+                m.key,
+                m.delivery_attempt,
+                base_flags | (m.hold_key_on_retry << 1) | (m.resume << 2),
+            )
             for m, mid in zip(chunk, ids, strict=True)
         ]
         try:

@@ -102,8 +102,16 @@ _ERROR_KINDS = tuple(ErrorKind)
 
 def _result_from_wire(raw: _WireResult) -> TargetResult:
     fn, status, err, attempts, latency, retry_after, body, headers = raw
-    return TargetResult(fn, status, _ERROR_KINDS[err], attempts, latency, retry_after, body,
-                        tuple(headers) if headers is not None else None)
+    return TargetResult(
+        fn,
+        status,
+        _ERROR_KINDS[err],
+        attempts,
+        latency,
+        retry_after,
+        body,
+        tuple(headers) if headers is not None else None,
+    )
 
 
 class Outcome:
@@ -119,8 +127,9 @@ class Outcome:
     verdict: Verdict
     message_id: str
 
-    def __init__(self, message: Message, verdict: Verdict, message_id: str,
-                 results: tuple[TargetResult, ...] = ()) -> None:
+    def __init__(
+        self, message: Message, verdict: Verdict, message_id: str, results: tuple[TargetResult, ...] = ()
+    ) -> None:
         self.message = message
         self.verdict = verdict
         self.message_id = message_id
@@ -128,8 +137,9 @@ class Outcome:
         self._raw: Sequence[_WireResult] = ()
 
     @classmethod
-    def _from_wire(cls, message: Message, verdict: Verdict, message_id: str,
-                   raw: Sequence[_WireResult]) -> Outcome:
+    def _from_wire(
+        cls, message: Message, verdict: Verdict, message_id: str, raw: Sequence[_WireResult]
+    ) -> Outcome:
         outcome = cls.__new__(cls)
         outcome.message = message
         outcome.verdict = verdict

@@ -19,7 +19,8 @@ import hashlib
 import hmac
 import logging
 import uuid
-from typing import Literal
+from collections.abc import Awaitable
+from typing import Literal, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
@@ -29,6 +30,8 @@ from fastconn.message import Message, Outcome, Verdict
 from fastconn.source import SourceContext
 
 log = logging.getLogger("fastconn.source.webhook")
+
+T = TypeVar("T")
 
 # Headers that describe the HTTP hop or carry the sender's credentials: never forwarded.
 _NOT_FORWARDED = frozenset(
@@ -76,6 +79,10 @@ class WebhookSource:
         self.name = config.name
         self._ctx: SourceContext | None = None
         self._accepting = False
+        # Set by stop() / close(): requests still waiting for the topic map / for their
+        # outcome get a 503 then, so a pending request cannot hold up the shutdown.
+        self._stopping = asyncio.Event()
+        self._closed = asyncio.Event()
 
     def register(self, ctx: SourceContext) -> None:
         self._ctx = ctx
@@ -88,9 +95,10 @@ class WebhookSource:
 
     async def stop(self) -> None:
         self._accepting = False
+        self._stopping.set()
 
     async def close(self) -> None:
-        return None
+        self._closed.set()
 
     # -- request handling ------------------------------------------------------------------
 
@@ -102,8 +110,11 @@ class WebhookSource:
         if denied:
             return denied
         if request.content_length is not None and request.content_length > self.config.max_body_bytes:
-            return _error(413, f"body of {request.content_length} bytes exceeds max_body_bytes "
-                               f"({self.config.max_body_bytes})")
+            return _error(
+                413,
+                f"body of {request.content_length} bytes exceeds max_body_bytes "
+                f"({self.config.max_body_bytes})",
+            )
         body = await self._read_limited(request)
         if body is None:
             return _error(413, f"body exceeds max_body_bytes ({self.config.max_body_bytes})")
@@ -119,7 +130,11 @@ class WebhookSource:
         # The id is made here so the 202 can carry it; it stays the same across retries.
         message = Message(topic, body, headers, message_id=uuid.uuid4().hex)
         wait = request.query.get("wait", "").lower() in ("1", "true", "yes")
-        if not await ctx.wait_ready(ctx.startup_wait):
+        # Ready already (the usual case) without tasks; else wait, unless shutdown comes first.
+        ready = await ctx.wait_ready(0) or await _unless(ctx.wait_ready(ctx.startup_wait), self._stopping)
+        if ready is None:
+            return _error(503, "shutting down", retry_after=1)
+        if not ready:
             return _error(503, "topic map not loaded yet", retry_after=1)
         loop = asyncio.get_running_loop()
         settled: asyncio.Future[Outcome] = loop.create_future()
@@ -129,8 +144,12 @@ class WebhookSource:
             for outcome in outcomes:
                 if not outcome.ok:
                     failure = outcome.first_failure()
-                    log.warning("webhook message %s on %s not delivered: %s", outcome.message_id, topic,
-                                failure and f"{failure.function} -> {failure.status_label}")
+                    log.warning(
+                        "webhook message %s on %s not delivered: %s",
+                        outcome.message_id,
+                        topic,
+                        failure and f"{failure.function} -> {failure.status_label}",
+                    )
                 if not settled.done():
                     settled.set_result(outcome)
 
@@ -139,8 +158,13 @@ class WebhookSource:
         except DispatcherClosed:
             return _error(503, "shutting down", retry_after=1)
         if not wait:
-            return web.Response(status=202, text="accepted\n", headers={"X-Message-Id": message.message_id})
-        outcome = await settled
+            return web.Response(status=202, text="accepted\n", headers={"X-Message-Id": message.message_id or ""})
+        # After close() the dispatcher is gone: an outcome still missing will never come.
+        outcome = await _unless(settled, self._closed)
+        if outcome is None:
+            return _error(
+                503, "shut down before every function answered", retry_after=1, message_id=message.message_id
+            )
         return _waited_response(outcome, outcome.message_id)
 
     def _check_token(self, request: web.Request) -> web.Response | None:
@@ -191,9 +215,30 @@ def _waited_response(outcome: Outcome, message_id: str) -> web.Response:
     return response
 
 
-def _error(status: int, reason: str, *, retry_after: int | None = None,
-           www_authenticate: str | None = None) -> web.Response:
+async def _unless(work: Awaitable[T], event: asyncio.Event) -> T | None:
+    """``work``'s result, or None (``work`` cancelled) when ``event`` is set first."""
+    task = asyncio.ensure_future(work)
+    interrupt = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({task, interrupt}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        interrupt.cancel()
+        if not task.done():
+            task.cancel()
+    return task.result() if task.done() and not task.cancelled() else None
+
+
+def _error(
+    status: int,
+    reason: str,
+    *,
+    retry_after: int | None = None,
+    www_authenticate: str | None = None,
+    message_id: str | None = None,
+) -> web.Response:
     headers = {}
+    if message_id is not None:
+        headers["X-Message-Id"] = message_id
     if retry_after is not None:
         headers["Retry-After"] = str(retry_after)
     if www_authenticate is not None:
