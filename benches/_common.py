@@ -44,7 +44,9 @@ class Sink:
         self.url = f"http://127.0.0.1:{self.port}"
 
     def _call(self, method: str, path: str) -> bytes:
-        request = urllib.request.Request(self.url + path, method=method, data=b"" if method == "POST" else None)
+        request = urllib.request.Request(
+            self.url + path, method=method, data=b"" if method == "POST" else None
+        )
         with urllib.request.urlopen(request, timeout=30) as response:
             body: bytes = response.read()
             return body
@@ -115,8 +117,9 @@ def environment() -> dict[str, Any]:
             cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
     except OSError:
         pass
-    revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=False).stdout.strip()
+    revision = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False
+    ).stdout.strip()
     import fastconn
 
     return {

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Figure, Sink, environment, run_worker  # noqa: E402
+from _common import Figure, Sink, environment, run_worker
 
 
 def args_workers() -> int:
@@ -46,8 +46,13 @@ async def fastconn_worker(url: str, n: int, size: int, inflight: int) -> dict[st
         if count >= n and not done.done():
             done.set_result(None)
 
-    options = DispatchOptions(workers=args_workers(), max_inflight=inflight, max_inflight_per_function=inflight,
-                              batch_size=512, max_queued=max(4 * inflight, 2048))
+    options = DispatchOptions(
+        workers=args_workers(),
+        max_inflight=inflight,
+        max_inflight_per_function=inflight,
+        batch_size=512,
+        max_queued=max(4 * inflight, 2048),
+    )
     async with Dispatcher(options) as dispatcher:
         dispatcher.set_functions([FunctionTarget("sink", ("bench",), f"{url}/function/sink")])
         started = time.perf_counter()
@@ -70,8 +75,11 @@ async def aiohttp_worker(url: str, n: int, size: int, inflight: int) -> dict[str
             nonlocal remaining, failed
             while remaining > 0:
                 remaining -= 1
-                async with http.post(f"{url}/function/sink", data=body,
-                                     headers={"Content-Type": "text/plain", "X-Topic": "bench"}) as r:
+                async with http.post(
+                    f"{url}/function/sink",
+                    data=body,
+                    headers={"Content-Type": "text/plain", "X-Topic": "bench"},
+                ) as r:
                     await r.read()
                     if r.status != 200:
                         failed += 1
@@ -91,7 +99,9 @@ def worker_main(args: argparse.Namespace) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--messages", type=int, default=200_000)
     parser.add_argument("--payload", type=int, default=100)
     parser.add_argument("--inflight", type=int, default=64)
@@ -103,26 +113,44 @@ def main() -> int:
         worker_main(args)
         return 0
     env = environment()
-    print(f"# dispatch benchmark: {args.messages} x {args.payload} B, {args.inflight} in flight, "
-          f"{args.rounds} rounds each, {env['cpu']} ({env['cores']} cores)")
+    print(
+        f"# dispatch benchmark: {args.messages} x {args.payload} B, {args.inflight} in flight, "
+        f"{args.rounds} rounds each, {env['cpu']} ({env['cores']} cores)"
+    )
     figures = {"fastconn": Figure([]), "aiohttp": Figure([])}
     cpu = {"fastconn": Figure([]), "aiohttp": Figure([])}
     with Sink() as sink:
         for round_no in range(1, args.rounds + 1):
             for name in ("fastconn", "aiohttp"):
                 sink.reset()
-                result = run_worker(Path(__file__), [
-                    "--worker", name, "--url", sink.url, "--messages", str(args.messages),
-                    "--payload", str(args.payload), "--inflight", str(args.inflight)])
+                result = run_worker(
+                    Path(__file__),
+                    [
+                        "--worker",
+                        name,
+                        "--url",
+                        sink.url,
+                        "--messages",
+                        str(args.messages),
+                        "--payload",
+                        str(args.payload),
+                        "--inflight",
+                        str(args.inflight),
+                    ],
+                )
                 received = sink.stats()["requests"]
                 if received != args.messages or result["failed"]:
-                    print(f"FAIL: {name} round {round_no}: sink received {received} of {args.messages} "
-                          f"({result['failed']} failed)")
+                    print(
+                        f"FAIL: {name} round {round_no}: sink received {received} of {args.messages} "
+                        f"({result['failed']} failed)"
+                    )
                     return 1
                 figures[name].values.append(result["rate"])
                 cpu[name].values.append(result["process_cpu_s"] / args.messages * 1e5)
-                print(f"round {round_no} {name:8s} {result['rate']:>10,.0f} msg/s  "
-                      f"(sink received {received:,}; {cpu[name].values[-1]:.2f} CPU s per 100k)")
+                print(
+                    f"round {round_no} {name:8s} {result['rate']:>10,.0f} msg/s  "
+                    f"(sink received {received:,}; {cpu[name].values[-1]:.2f} CPU s per 100k)"
+                )
     f, a = figures["fastconn"], figures["aiohttp"]
     print()
     print("| | messages/s (median) | spread | CPU s per 100k msgs |")

@@ -71,19 +71,24 @@ class Daemon:
         if credentials is not None:
             token = base64.b64encode(f"{credentials[0]}:{credentials[1]}".encode()).decode()
             self._gateway_auth = (("Authorization", f"Basic {token}"),)
-        self.registry = GatewayRegistry(
-            gateway.url,
-            credentials=credentials,
-            topic_delimiter=gateway.topic_delimiter,
-            listing_timeout=gateway.listing_timeout,
-            namespaces=list(gateway.namespaces) or None,
-        ) if gateway else None
+        self.registry = (
+            GatewayRegistry(
+                gateway.url,
+                credentials=credentials,
+                topic_delimiter=gateway.topic_delimiter,
+                listing_timeout=gateway.listing_timeout,
+                namespaces=list(gateway.namespaces) or None,
+            )
+            if gateway
+            else None
+        )
         self.sync = TopicMapSync(
             self.registry,
             self._static_targets(),
             gateway.rebuild_interval if gateway else 3600.0,
             self._apply_targets,
             logger=logging.getLogger("fastconn.registry"),
+            on_failure=lambda _exc: self.metrics.registry_failures.inc(),
         )
         self.ctx = SourceContext(
             dispatcher=self.dispatcher,
@@ -138,8 +143,9 @@ class Daemon:
 
     async def start(self) -> None:
         await self.dispatcher.start()
-        self.metrics.bind_core(self.dispatcher.stats, lambda: self.dispatcher.inflight,
-                               lambda: self.dispatcher.queued)
+        self.metrics.bind_core(
+            self.dispatcher.stats, lambda: self.dispatcher.inflight, lambda: self.dispatcher.queued
+        )
         self.dispatcher.add_observer(self._print_responses)
         for source in self.sources:
             source.register(self.ctx)
@@ -194,11 +200,18 @@ class Daemon:
         for outcome in outcomes:
             for r in outcome.results:
                 if d.print_response_body and r.body is not None:
-                    log.info("%s => %s [%s] %.3fs body=%r", outcome.message.topic, r.function,
-                             r.status_label, r.latency, r.body[:4096])
+                    log.info(
+                        "%s => %s [%s] %.3fs body=%r",
+                        outcome.message.topic,
+                        r.function,
+                        r.status_label,
+                        r.latency,
+                        r.body[:4096],
+                    )
                 else:
-                    log.info("%s => %s [%s] %.3fs", outcome.message.topic, r.function, r.status_label,
-                             r.latency)
+                    log.info(
+                        "%s => %s [%s] %.3fs", outcome.message.topic, r.function, r.status_label, r.latency
+                    )
 
 
 async def _guard(step: Awaitable[object], what: str) -> None:

@@ -41,8 +41,9 @@ async def demo(seconds: float = 5.0, listen: str = "127.0.0.1:0") -> int:
     config = validate_config(
         {
             "server": {"listen": listen},
-            "functions": [{"name": "shout", "url": f"http://127.0.0.1:{port}/function/shout",
-                           "topics": ["demo.*"]}],
+            "functions": [
+                {"name": "shout", "url": f"http://127.0.0.1:{port}/function/shout", "topics": ["demo.*"]}
+            ],
             "sources": [{"type": "webhook"}],
         }
     )

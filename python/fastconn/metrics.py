@@ -65,9 +65,7 @@ class Metrics:
         self.topic_map_functions = Gauge(
             "fastconn_topic_map_functions", "Functions in the current topic map", registry=r
         )
-        self.registry_failures = Counter(
-            "fastconn_topic_map_failures", "Failed gateway listings", registry=r
-        )
+        self.registry_failures = Counter("fastconn_topic_map_failures", "Failed gateway listings", registry=r)
         self.source_errors = Counter(
             "fastconn_source_errors", "Errors reported by sources", ["source", "kind"], registry=r
         )

@@ -366,6 +366,7 @@ class TopicMapSync:
     the first success and whenever it changes. A failed listing never stops the loop: the last
     good table stays in force, one warning is logged, the counters below are updated, and the
     listing is retried after ``min(rebuild_interval, backoff)`` with backoff doubling from 0.5 s.
+    ``on_failure`` (e.g. a metric) is called with each failure's exception.
     """
 
     failures: int
@@ -384,6 +385,7 @@ class TopicMapSync:
         rebuild_interval: float,
         apply: Callable[[list[FunctionTarget]], None],
         logger: logging.Logger | None = None,
+        on_failure: Callable[[Exception], None] | None = None,
     ) -> None:
         # connector-sdk panics on a zero interval (time.NewTicker); refuse it up front instead.
         if not math.isfinite(rebuild_interval) or rebuild_interval <= 0:
@@ -395,6 +397,7 @@ class TopicMapSync:
         self._interval = rebuild_interval
         self._apply = apply
         self._log = logger or logging.getLogger(__name__)
+        self._on_failure = on_failure
         self._targets: list[FunctionTarget] = []
         self._task: asyncio.Task[None] | None = None
         self._shadowed: set[str] = set()
@@ -496,6 +499,11 @@ class TopicMapSync:
         self.failures += 1
         self.consecutive_failures += 1
         self.last_error = str(exc) or type(exc).__name__
+        if self._on_failure is not None:
+            try:
+                self._on_failure(exc)
+            except Exception:  # a broken hook must not stop the rebuild loop either
+                self._log.exception("on_failure hook failed")
         kept = (
             f"keeping the last table of {len(self._targets)} function(s)"
             if self.ready.is_set()

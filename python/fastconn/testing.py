@@ -20,6 +20,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
 
 __all__ = ["DaemonProcess", "FunctionDouble", "RecordedCall", "free_port", "to_toml", "wait_for"]
 
@@ -32,7 +33,9 @@ def free_port() -> int:
         return port
 
 
-async def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.02, what: str = "condition") -> None:
+async def wait_for(
+    predicate: Any, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"
+) -> None:
     """Polls ``predicate()`` (sync or async) until truthy; raises TimeoutError naming ``what``."""
     deadline = time.monotonic() + timeout
     while True:
@@ -91,7 +94,8 @@ def to_toml(config: Mapping[str, Any]) -> str:
 @dataclass
 class RecordedCall:
     path: str
-    headers: dict[str, str]
+    headers: CIMultiDictProxy[str]
+    """Case-insensitive, as HTTP header names are (fastconn's client sends them lowercased)."""
     body: bytes
     at: float
 
@@ -107,8 +111,13 @@ class FunctionDouble:
     _scripts: dict[str, tuple[list[int], float, dict[str, str]]] = field(default_factory=dict)
     _runner: web.AppRunner | None = None
 
-    def script(self, path: str, statuses: Sequence[int] = (200,), delay: float = 0.0,
-               headers: Mapping[str, str] | None = None) -> None:
+    def script(
+        self,
+        path: str,
+        statuses: Sequence[int] = (200,),
+        delay: float = 0.0,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         self._scripts[path] = (list(statuses), delay, dict(headers or {}))
 
     def url(self, path: str) -> str:
@@ -140,7 +149,8 @@ class FunctionDouble:
 
     async def _handle(self, request: web.Request) -> web.Response:
         body = await request.read()
-        self.calls.append(RecordedCall(request.path, dict(request.headers), body, time.monotonic()))
+        received = CIMultiDictProxy(CIMultiDict(request.headers))
+        self.calls.append(RecordedCall(request.path, received, body, time.monotonic()))
         statuses, delay, headers = self._scripts.get(request.path, ([200], 0.0, {}))
         seen = len(self.calls_to(request.path))
         status = statuses[min(seen, len(statuses)) - 1]
@@ -160,8 +170,14 @@ class DaemonProcess:
     text is in ``output()`` for assertions and failure messages.
     """
 
-    def __init__(self, config: Mapping[str, Any], workdir: Path, *, env: Mapping[str, str] | None = None,
-                 args: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        config: Mapping[str, Any],
+        workdir: Path,
+        *,
+        env: Mapping[str, str] | None = None,
+        args: Sequence[str] = (),
+    ) -> None:
         self.config = dict(config)
         server = dict(self.config.get("server", {}))
         if "listen" not in server:
@@ -189,7 +205,9 @@ class DaemonProcess:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "fastconn", "run", "--config", str(self.config_path), *self.args],
-            stdout=log, stderr=subprocess.STDOUT, env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
         )
         log.close()
         path = "/readyz" if wait == "ready" else "/healthz"

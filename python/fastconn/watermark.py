@@ -130,8 +130,10 @@ class Watermark:
             self._committed = position
 
     def __repr__(self) -> str:
-        return (f"Watermark(committable={self.committable}, committed={self._committed}, "
-                f"outstanding={self.outstanding}, in_flight={self.in_flight})")
+        return (
+            f"Watermark(committable={self.committable}, committed={self._committed}, "
+            f"outstanding={self.outstanding}, in_flight={self.in_flight})"
+        )
 
 
 class Watermarks(Generic[K]):
