@@ -253,6 +253,7 @@ class Dispatcher:
                 m.key,
                 m.delivery_attempt,
                 base_flags | (m.hold_key_on_retry << 1) | (m.resume << 2),
+                m.function,
             )
             for m, mid in zip(chunk, ids, strict=True)
         ]

@@ -67,6 +67,9 @@ class Message:
     ``Dispatcher.release_key``). Lets a source retry without reordering its key."""
     resume: bool = False
     """This message's key is held for it by its earlier RETRY: start at once."""
+    function: str | None = None
+    """Deliver only to this function (one of those the topic routes to): used to re-invoke a
+    single function, e.g. after a failed async callback."""
     handle: Any = None
 
 

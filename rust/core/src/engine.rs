@@ -223,8 +223,11 @@ impl Engine {
         self.handle.spawn(async move {
             let table = shared.router.snapshot();
             for message in messages {
-                let targets: Vec<Arc<Target>> =
+                let mut targets: Vec<Arc<Target>> =
                     table.lookup(&message.topic).into_iter().cloned().collect();
+                if let Some(only) = &message.only_function {
+                    targets.retain(|t| *t.name == **only);
+                }
                 Arc::clone(&shared).admit(message, targets);
             }
         });
@@ -241,6 +244,15 @@ impl Engine {
     /// Keys with a message in flight or held.
     pub fn busy_keys(&self) -> usize {
         self.shared.keys.busy_keys()
+    }
+
+    /// The functions each topic routes to, by name, in the current table.
+    pub fn route(&self, topics: &[String]) -> Vec<Vec<Arc<str>>> {
+        let table = self.shared.router.snapshot();
+        topics
+            .iter()
+            .map(|topic| table.lookup(topic).into_iter().map(|t| Arc::clone(&t.name)).collect())
+            .collect()
     }
 
     /// Messages accepted and not yet completed.

@@ -29,6 +29,8 @@ pub struct Message {
     /// This message's key is held for it by an earlier `Retry` (see `hold_key_on_retry`):
     /// start at once instead of queueing behind the key.
     pub resume: bool,
+    /// Deliver only to this function (of those the topic routes to): a targeted re-invocation.
+    pub only_function: Option<String>,
 }
 
 /// Why a call has no HTTP status. The integer values are part of the binding's interface.

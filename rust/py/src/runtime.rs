@@ -32,6 +32,7 @@ type WireMessage<'py> = (
     Option<Bound<'py, PyBytes>>,
     u32,
     u8,
+    Option<String>,
 );
 
 /// One function's counters: (function, [(status, count)], cumulative buckets, sum_s, count, retries).
@@ -186,7 +187,7 @@ impl Runtime {
     }
 
     /// Accepts a batch: each item is (topic, payload, headers, message_id, key, delivery_attempt,
-    /// flags) with flags = capture | hold_key_on_retry << 1 | resume << 2; message `i` gets token
+    /// flags, only_function) with flags = capture | hold_key_on_retry << 1 | resume << 2; message `i` gets token
     /// `base_token + i`. Never blocks.
     fn submit(&self, py: Python<'_>, base_token: u64, batch: &Bound<'_, PyList>) -> PyResult<()> {
         self.check_process(py, "submit")?;
@@ -195,7 +196,7 @@ impl Runtime {
             let item = item
                 .cast_into::<PyTuple>()
                 .map_err(|_| PyValueError::new_err(format!("batch item {i} is not a tuple")))?;
-            let (topic, payload, headers, message_id, key, delivery_attempt, flags): WireMessage<
+            let (topic, payload, headers, message_id, key, delivery_attempt, flags, only_function): WireMessage<
                 '_,
             > = item
                 .extract()
@@ -211,6 +212,7 @@ impl Runtime {
                 capture: flags & 1 != 0,
                 hold_key_on_retry: flags & 2 != 0,
                 resume: flags & 4 != 0,
+                only_function,
             });
         }
         self.engine.submit(messages).map_err(|e| match e {
@@ -251,6 +253,16 @@ impl Runtime {
             items.push((c.token, c.verdict.code(), PyTuple::new(py, results)?).into_pyobject(py)?);
         }
         PyList::new(py, items)
+    }
+
+    /// The function names each topic routes to now (one call per batch, for sources that need
+    /// to know before submitting, e.g. to prepare async callbacks).
+    fn route(&self, topics: Vec<String>) -> Vec<Vec<String>> {
+        self.engine
+            .route(&topics)
+            .into_iter()
+            .map(|names| names.iter().map(|n| n.to_string()).collect())
+            .collect()
     }
 
     fn stats(&self) -> Vec<StatsTuple> {

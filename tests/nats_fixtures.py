@@ -1,0 +1,134 @@
+"""Fixtures for the NATS and JetStream tests: a real ``nats-server`` (JetStream on, store in a
+temp folder) on a free port, shared by the session; one with token auth; a function double;
+helpers to build daemon configs and JetStream state.
+
+Import the fixtures explicitly in a test module::
+
+    from nats_fixtures import function_double, nats_server  # noqa: F401
+
+A missing ``nats-server`` binary is a failure, not a skip (set-up installs it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+from nats.aio.client import Client
+
+from fastconn.testing import FunctionDouble, free_port
+
+NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
+TOKEN = "s3cret-token"
+
+
+@dataclass
+class NatsServer:
+    url: str
+    port: int
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_nats_server(workdir: Path, *args: str, port: int | None = None) -> NatsServer:
+    """Starts ``nats-server -js`` on a free port (or ``port``) with its store in ``workdir``;
+    waits until it accepts connections. The same ``workdir`` again restarts with the same store."""
+    if not Path(NATS_SERVER).exists():
+        pytest.fail(f"nats-server not found ({NATS_SERVER}): run scripts/setup.sh", pytrace=False)
+    port = port or free_port()
+    store = workdir / "store"
+    store.mkdir(parents=True, exist_ok=True)
+    log_path = workdir / "nats-server.log"
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            [NATS_SERVER, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(store), *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    server = NatsServer(f"nats://127.0.0.1:{port}", port, process, log_path)
+    deadline = time.monotonic() + 10
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"nats-server exited with {process.returncode}:\n{server.output()}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            break
+        if time.monotonic() > deadline:
+            server.stop()
+            raise RuntimeError(f"nats-server did not listen on {port}:\n{server.output()}")
+        time.sleep(0.02)
+    return server
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    server = start_nats_server(tmp_path_factory.mktemp("nats"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def nats_token_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    server = start_nats_server(tmp_path_factory.mktemp("nats-auth"), "--auth", TOKEN)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def function_double() -> AsyncIterator[FunctionDouble]:
+    async with FunctionDouble() as double:
+        yield double
+
+
+@contextlib.asynccontextmanager
+async def connected(url: str, **options: Any) -> AsyncIterator[Client]:
+    client = await nats.connect(url, **options)
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+def unique(prefix: str) -> str:
+    """A name no other test uses (the server is shared by the session)."""
+    return f"{prefix}{uuid.uuid4().hex[:8]}"
+
+
+def daemon_config(
+    double: FunctionDouble,
+    functions: Mapping[str, Sequence[str]],
+    sources: Sequence[Mapping[str, Any]],
+    **dispatch: Any,
+) -> dict[str, Any]:
+    """A daemon config with static functions ``name -> topics`` served by ``double`` at
+    ``/<name>``, fast retries, and the given sources."""
+    return {
+        "log_level": "info",
+        "dispatch": {"backoff_initial": "10ms", "backoff_max": "50ms", "shutdown_timeout": "5s", **dispatch},
+        "functions": [
+            {"name": name, "url": double.url(f"/{name}"), "topics": list(topics)}
+            for name, topics in functions.items()
+        ],
+        "sources": list(sources),
+    }
