@@ -228,6 +228,16 @@ class DispatchConfig(_Model):
     """Most messages moved across the Python/Rust bridge in one crossing."""
     shutdown_timeout: Duration = 30.0
     """How long shutdown waits for in-flight invocations, seconds."""
+    async_ack: Literal["on_callback", "on_accept"] = "on_callback"
+    """When an async invocation settles its source message: when the callback reports the
+    function's result (at-least-once), or on the gateway's 202 (as OpenFaaS connectors do)."""
+    callback_timeout: _PositiveDuration = 600.0
+    """No callback within this long counts as a retryable failure."""
+    max_pending_callbacks: _PositiveInt = 10000
+    """Async calls waiting for their callback; when full, new async invocations wait."""
+    callback_secret: str | None = None
+    """Key of the callback URL tokens (HMAC); generated at start-up when unset. Set it when
+    callbacks must survive a restart (calls in flight across the restart)."""
 
     @field_validator("backoff_max")
     @classmethod

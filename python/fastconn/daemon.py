@@ -14,12 +14,15 @@ import dataclasses
 import importlib
 import logging
 import os
+import secrets
 import signal
+import time
 from collections.abc import Awaitable, Sequence
 
 from pydantic import BaseModel
 
 from fastconn.admin import AdminServer
+from fastconn.callbacks import CallbackMetrics, CallbackSettings
 from fastconn.config import Config
 from fastconn.dispatcher import Dispatcher, DispatchOptions
 from fastconn.functions import FunctionTarget
@@ -90,6 +93,23 @@ class Daemon:
             logger=logging.getLogger("fastconn.registry"),
             on_failure=lambda _exc: self.metrics.registry_failures.inc(),
         )
+        d = config.dispatch
+        secret = d.callback_secret.encode() if d.callback_secret else secrets.token_bytes(32)
+        self.callbacks = self.dispatcher.enable_callbacks(
+            CallbackSettings(
+                public_url=config.public_url,
+                secret=secret,
+                timeout=d.callback_timeout,
+                max_pending=d.max_pending_callbacks,
+                ack=d.async_ack,
+                max_attempts=d.max_attempts,
+                retry_on=tuple(d.retry_on),
+                backoff_initial=d.backoff_initial,
+                backoff_max=d.backoff_max,
+            ),
+            CallbackMetrics(self.metrics.registry),
+        )
+        self.callbacks.register_routes(self.admin.app)
         self.ctx = SourceContext(
             dispatcher=self.dispatcher,
             metrics=self.metrics,
@@ -159,9 +179,13 @@ class Daemon:
     async def shutdown(self) -> None:
         self.stopping.set()
         timeout = self.config.dispatch.shutdown_timeout
+        deadline = time.monotonic() + timeout
         for source in self.sources:
             await _guard(source.stop(), f"stopping source {source.name}")
-        left = await self.dispatcher.close(timeout)
+        # Async calls still waiting for their callback get the same grace as calls in flight.
+        while self.callbacks.pending and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        left = await self.dispatcher.close(max(0.0, deadline - time.monotonic()))
         for source in self.sources:
             await _guard(source.close(), f"closing source {source.name}")
         await self.sync.stop()

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from fastconn import _core
+from fastconn.callbacks import CallbackMetrics, Callbacks, CallbackSettings
 from fastconn.errors import DispatcherClosed
 from fastconn.functions import FunctionTarget
 from fastconn.message import Message, Outcome, Verdict
@@ -75,6 +76,9 @@ class _Batch:
     ids: list[str]
     callback: OutcomeCallback
     remaining: int
+    observed: bool
+    """Whether observers see these outcomes (not for the async layer's per-function calls,
+    whose combined outcome is observed instead)."""
 
 
 @dataclass(slots=True)
@@ -134,6 +138,9 @@ class Dispatcher:
         self._id_counter = itertools.count()
         self._observers: list[OutcomeCallback] = []
         self._targets: tuple[FunctionTarget, ...] = ()
+        self._async_functions: frozenset[str] = frozenset()
+        self._async_capable: frozenset[str] = frozenset()
+        self.callbacks: Callbacks | None = None
         self._closing = False
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -165,6 +172,8 @@ class Dispatcher:
         self._loop.add_reader(self._runtime.wake_fd, self._on_wake)
         if self._targets:
             self.set_functions(self._targets)
+        if self.callbacks is not None:
+            self.callbacks.start()
 
     async def close(self, timeout: float = 30.0) -> int:
         """Stops intake and waits up to ``timeout`` for accepted messages; their callbacks
@@ -176,6 +185,8 @@ class Dispatcher:
         # The core's close blocks a thread (without the GIL) until its queue is empty; the loop
         # keeps running meanwhile and drains completions as they arrive.
         left = await asyncio.get_running_loop().run_in_executor(None, runtime.close, timeout)
+        if self.callbacks is not None:
+            await self.callbacks.stop()
         self._on_wake()
         assert self._loop is not None
         self._loop.remove_reader(runtime.wake_fd)
@@ -199,18 +210,13 @@ class Dispatcher:
     def set_functions(self, targets: Iterable[FunctionTarget]) -> None:
         """Swaps the routing table atomically; calls already running are not affected."""
         self._targets = tuple(targets)
+        self._async_capable = frozenset(t.name for t in self._targets if t.async_url)
+        self._async_functions = frozenset(t.name for t in self._targets if t.async_url and t.asynchronous)
         if self._runtime is None:
             return
         self._runtime.set_targets(
             [
-                (
-                    t.name,
-                    t.async_url if t.asynchronous and t.async_url else t.url,
-                    list(t.topics),
-                    t.max_inflight,
-                    t.timeout,
-                    list(t.headers),
-                )
+                (t.name, t.url, list(t.topics), t.max_inflight, t.timeout, list(t.headers), t.async_url)
                 for t in self._targets
             ]
         )
@@ -222,11 +228,66 @@ class Dispatcher:
     # -- the hot path ----------------------------------------------------------------------
 
     async def submit(
-        self, messages: Sequence[Message], on_outcomes: OutcomeCallback, *, capture: bool = False
+        self,
+        messages: Sequence[Message],
+        on_outcomes: OutcomeCallback,
+        *,
+        capture: bool = False,
+        asynchronous: bool = False,
     ) -> None:
         """Hands messages to the core, waiting only for capacity. ``on_outcomes`` receives
         every message's :class:`Outcome` later, on this loop, in groups. With ``capture`` the
-        results carry each function's response body and headers."""
+        results carry each function's response body and headers. With ``asynchronous`` every
+        function that has an ``/async-function/`` form is invoked through it (functions marked
+        asynchronous always are); see :mod:`fastconn.callbacks` for when such calls settle."""
+        runtime = self._require_runtime()
+        async_pool = self._async_capable if asynchronous else self._async_functions
+        if not async_pool:
+            await self._submit_plain(messages, on_outcomes, capture=capture)
+            return
+        layer = self._async_layer()
+        step = max(1, min(self.options.batch_size, self.options.queue_bound, _INDEX_MASK))
+        for start in range(0, len(messages), step):
+            chunk = messages[start : start + step]
+            # One crossing per batch to learn which messages reach an async function.
+            routes = runtime.route([m.topic for m in chunk])
+            plain: list[Message] = []
+            split: list[Message] = []
+            split_routes: list[list[str]] = []
+            split_async: list[frozenset[str]] = []
+            for message, functions in zip(chunk, routes, strict=True):
+                chosen = async_pool.intersection(functions)
+                if chosen and message.function is None:
+                    split.append(message)
+                    split_routes.append(functions)
+                    split_async.append(chosen)
+                else:
+                    plain.append(message)
+            if plain:
+                await self._submit_plain(plain, on_outcomes, capture=capture)
+            if split:
+                await layer.submit(split, split_routes, split_async, on_outcomes, capture)
+
+    def enable_callbacks(self, settings: CallbackSettings, metrics: CallbackMetrics | None = None) -> Callbacks:
+        """Settles async calls on their callback (or on the 202, per ``settings.ack``); the
+        returned object's ``handle`` must be served at ``<public_url>/callback/{token}``."""
+        self.callbacks = Callbacks(self, settings, metrics)
+        if self._runtime is not None:
+            self.callbacks.start()
+        return self.callbacks
+
+    def _async_layer(self) -> Callbacks:
+        if self.callbacks is None:
+            # No callback receiver: async calls settle on their 202, as OpenFaaS connectors do.
+            o = self.options
+            settings = CallbackSettings(public_url="", ack="on_accept", max_attempts=o.max_attempts,
+                                        retry_on=o.retry_on)
+            self.callbacks = Callbacks(self, settings)
+        return self.callbacks
+
+    async def _submit_plain(
+        self, messages: Sequence[Message], on_outcomes: OutcomeCallback, *, capture: bool, observed: bool = True
+    ) -> None:
         runtime = self._require_runtime()
         capture = capture or self.options.capture_responses
         step = max(1, min(self.options.batch_size, self.options.queue_bound, _INDEX_MASK))
@@ -236,10 +297,15 @@ class Dispatcher:
             if self._closing:
                 self._capacity.release(len(chunk))
                 raise DispatcherClosed("the dispatcher is closing")
-            self._submit_chunk(runtime, chunk, on_outcomes, capture)
+            self._submit_chunk(runtime, chunk, on_outcomes, capture, observed)
 
     def _submit_chunk(
-        self, runtime: _core.Runtime, chunk: Sequence[Message], callback: OutcomeCallback, capture: bool
+        self,
+        runtime: _core.Runtime,
+        chunk: Sequence[Message],
+        callback: OutcomeCallback,
+        capture: bool,
+        observed: bool,
     ) -> None:
         batch_id = next(self._batch_ids)
         ids = [m.message_id or self._new_id() for m in chunk]
@@ -252,7 +318,7 @@ class Dispatcher:
                 mid,
                 m.key,
                 m.delivery_attempt,
-                base_flags | (m.hold_key_on_retry << 1) | (m.resume << 2),
+                base_flags | (m.hold_key_on_retry << 1) | (m.resume << 2) | (m.asynchronous << 3),
                 m.function,
             )
             for m, mid in zip(chunk, ids, strict=True)
@@ -262,7 +328,7 @@ class Dispatcher:
         except BaseException:
             self._capacity.release(len(chunk))
             raise
-        self._batches[batch_id] = _Batch(chunk, ids, callback, len(chunk))
+        self._batches[batch_id] = _Batch(chunk, ids, callback, len(chunk), observed)
 
     async def call(self, messages: Sequence[Message], *, capture: bool = False) -> list[Outcome]:
         """Submits and waits for every outcome; returned in the order of ``messages``."""
@@ -346,9 +412,16 @@ class Dispatcher:
             batch.remaining -= len(outcomes)
             if batch.remaining == 0:
                 del batches[batch_id]
-            self._deliver(batch.callback, outcomes)
-            for observer in self._observers:
-                self._deliver(observer, outcomes)
+            if batch.observed:
+                self._deliver_final(batch.callback, outcomes)
+            else:
+                self._deliver(batch.callback, outcomes)
+
+    def _deliver_final(self, callback: OutcomeCallback, outcomes: list[Outcome]) -> None:
+        """Delivers outcomes that are final for their source message, then to observers."""
+        self._deliver(callback, outcomes)
+        for observer in self._observers:
+            self._deliver(observer, outcomes)
 
     @staticmethod
     def _deliver(callback: OutcomeCallback, outcomes: list[Outcome]) -> None:

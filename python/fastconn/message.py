@@ -70,6 +70,9 @@ class Message:
     function: str | None = None
     """Deliver only to this function (one of those the topic routes to): used to re-invoke a
     single function, e.g. after a failed async callback."""
+    asynchronous: bool = False
+    """Invoke through the functions' ``/async-function/`` form (set by the dispatcher's async
+    layer; sources ask for async with ``submit(..., asynchronous=True)``)."""
     handle: Any = None
 
 

@@ -70,6 +70,9 @@ pub struct TargetSpec {
     pub timeout: Option<Duration>,
     /// Extra headers on every call to this function.
     pub headers: Vec<(String, String)>,
+    /// Where asynchronous invocations go (OpenFaaS `/async-function/<name>`), if the function
+    /// has such a form.
+    pub async_url: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,12 +104,23 @@ impl std::error::Error for SubmitError {}
 struct Target {
     name: Arc<str>,
     endpoint: Endpoint,
+    async_endpoint: Option<Endpoint>,
     timeout: Duration,
     limit: Arc<Semaphore>,
     stats: Arc<TargetStats>,
     /// The target's own headers, serialized; their names override a message's.
     extra_head: Vec<u8>,
     extra_names: Vec<HeaderName>,
+}
+
+impl Target {
+    /// The async form when the message asks for it and the function has one.
+    fn endpoint_for(&self, message: &Message) -> &Endpoint {
+        match (&self.async_endpoint, message.asynchronous) {
+            (Some(endpoint), true) => endpoint,
+            _ => &self.endpoint,
+        }
+    }
 }
 
 /// Header names fastconn sets itself: a message's headers of these names are not passed on.
@@ -328,6 +342,10 @@ impl Shared {
         let invalid = |why: String| SubmitError::InvalidTarget(format!("{}: {why}", spec.name));
         let endpoint =
             Endpoint::parse(&spec.url).map_err(|e| invalid(format!("url {:?}: {e}", spec.url)))?;
+        let async_endpoint = match &spec.async_url {
+            Some(url) => Some(Endpoint::parse(url).map_err(|e| invalid(format!("async url {url:?}: {e}")))?),
+            None => None,
+        };
         let mut extra_head = Vec::new();
         let mut extra_names = Vec::new();
         for (k, v) in &spec.headers {
@@ -364,6 +382,7 @@ impl Shared {
         Ok(Target {
             name: Arc::from(spec.name.as_str()),
             endpoint,
+            async_endpoint,
             timeout: spec.timeout.unwrap_or(self.config.timeout),
             limit,
             stats,
@@ -470,8 +489,10 @@ impl Shared {
                     ..Default::default()
                 },
                 Ok(message_head) => {
+                    let endpoint = target.endpoint_for(&state.message);
                     let head = request_head(
                         target,
+                        endpoint,
                         message_head,
                         state.message.delivery_attempt,
                         attempt,
@@ -485,7 +506,7 @@ impl Shared {
                     let payload = &state.message.payload;
                     let result = self
                         .pool
-                        .attempt(&target.endpoint, &head, payload, target.timeout, capture)
+                        .attempt(endpoint, &head, payload, target.timeout, capture)
                         .await;
                     self.inflight.fetch_sub(1, Ordering::Relaxed);
                     result
@@ -570,14 +591,15 @@ fn push_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
 /// any the target overrides), fastconn's headers, the target's headers, the attempt number.
 fn request_head(
     target: &Target,
+    endpoint: &Endpoint,
     message: &MessageHead,
     delivery_attempt: u32,
     attempt: u32,
 ) -> Vec<u8> {
     let mut head = Vec::with_capacity(
-        target.endpoint.head.len() + message.own.len() + target.extra_head.len() + 128,
+        endpoint.head.len() + message.own.len() + target.extra_head.len() + 128,
     );
-    head.extend_from_slice(&target.endpoint.head);
+    head.extend_from_slice(&endpoint.head);
     for (name, value) in &message.passed {
         if !target.extra_names.contains(name) {
             push_header(&mut head, name.as_str(), value.as_bytes());

@@ -31,6 +31,8 @@ pub struct Message {
     pub resume: bool,
     /// Deliver only to this function (of those the topic routes to): a targeted re-invocation.
     pub only_function: Option<String>,
+    /// Invoke through each function's asynchronous endpoint where it has one.
+    pub asynchronous: bool,
 }
 
 /// Why a call has no HTTP status. The integer values are part of the binding's interface.

@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
-/// One function target as Python passes it: (name, url, topics, max_inflight, timeout_s, headers).
+/// One function target as Python passes it: (name, url, topics, max_inflight, timeout_s, headers,
+/// async_url).
 type TargetTuple = (
     String,
     String,
@@ -21,6 +22,7 @@ type TargetTuple = (
     Option<usize>,
     Option<f64>,
     Vec<(String, String)>,
+    Option<String>,
 );
 
 /// One message as Python passes it (see `submit`).
@@ -168,7 +170,7 @@ impl Runtime {
         self.check_process(py, "set targets")?;
         let specs = targets
             .into_iter()
-            .map(|(name, url, topics, max_inflight, timeout, headers)| {
+            .map(|(name, url, topics, max_inflight, timeout, headers, async_url)| {
                 Ok(TargetSpec {
                     timeout: timeout
                         .map(|t| seconds(t, &format!("timeout of {name}")))
@@ -178,6 +180,7 @@ impl Runtime {
                     topics,
                     max_inflight,
                     headers,
+                    async_url,
                 })
             })
             .collect::<PyResult<Vec<_>>>()?;
@@ -187,7 +190,8 @@ impl Runtime {
     }
 
     /// Accepts a batch: each item is (topic, payload, headers, message_id, key, delivery_attempt,
-    /// flags, only_function) with flags = capture | hold_key_on_retry << 1 | resume << 2; message `i` gets token
+    /// flags, only_function) with flags = capture | hold_key_on_retry << 1 | resume << 2 |
+    /// asynchronous << 3; message `i` gets token
     /// `base_token + i`. Never blocks.
     fn submit(&self, py: Python<'_>, base_token: u64, batch: &Bound<'_, PyList>) -> PyResult<()> {
         self.check_process(py, "submit")?;
@@ -213,6 +217,7 @@ impl Runtime {
                 hold_key_on_retry: flags & 2 != 0,
                 resume: flags & 4 != 0,
                 only_function,
+                asynchronous: flags & 8 != 0,
             });
         }
         self.engine.submit(messages).map_err(|e| match e {

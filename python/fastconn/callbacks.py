@@ -1,0 +1,352 @@
+"""Asynchronous invocations: ``/async-function/<name>``, callbacks, and settling the source
+only when the function really finished.
+
+OpenFaaS answers an async call with 202 at once and POSTs the result later to the caller's
+``X-Callback-Url``. Every connector today acknowledges its source on the 202, so a call that
+fails later is lost. Here:
+
+* A message that routes to at least one async function is split into one targeted call per
+  function (``Message.function``), so each async call carries its own ``X-Call-Id`` and
+  ``X-Callback-Url: <public_url>/callback/<token>``, where the token is an HMAC of the call id:
+  a forged or stray callback is refused without any lookup.
+* With ``ack = "on_callback"`` (the default) the message's :class:`~fastconn.message.Outcome`
+  is produced once every function has a final result: sync calls when they answer, async calls
+  when their callback arrives. A non-2xx callback, a non-202 answer from ``/async-function/`` or
+  no callback within ``callback_timeout`` is handled like a failed sync call: re-invoked with
+  backoff up to ``max_attempts``, then reported as RETRY (retryable) or FAILED, so the source
+  redelivers or dead-letters it.
+* With ``ack = "on_accept"`` the 202 settles the call, as OpenFaaS connectors do (still, only a
+  202 counts: any other answer from ``/async-function/`` is a failed call).
+* Pending calls are bounded by ``max_pending_callbacks``: when full, new async invocations wait,
+  which is backpressure to the source like any other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import hashlib
+import hmac
+import logging
+import random
+import secrets
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from fastconn.message import ErrorKind, Message, Outcome, TargetResult, Verdict
+
+if TYPE_CHECKING:
+    from fastconn.dispatcher import Dispatcher, OutcomeCallback
+
+__all__ = ["AckMode", "CallbackMetrics", "CallbackSettings", "Callbacks"]
+
+log = logging.getLogger("fastconn.callbacks")
+
+AckMode = Literal["on_callback", "on_accept"]
+
+# Callback headers set by the OpenFaaS gateway (queue worker).
+_CALL_ID = "X-Call-Id"
+_STATUS = "X-Function-Status"
+_DURATION = "X-Duration-Seconds"
+_FUNCTION = "X-Function-Name"
+_SETTLED_MEMORY = 65536
+"""Recently settled call ids remembered to answer duplicates with 409 rather than 404."""
+
+
+@dataclass(frozen=True, slots=True)
+class CallbackSettings:
+    public_url: str
+    """Base URL the gateway reaches fastconn's admin server at."""
+    secret: bytes = field(default_factory=lambda: secrets.token_bytes(32))
+    timeout: float = 600.0
+    max_pending: int = 10_000
+    ack: AckMode = "on_callback"
+    max_attempts: int = 5
+    retry_on: tuple[int, ...] = (408, 429, 500, 502, 503, 504)
+    backoff_initial: float = 0.1
+    backoff_max: float = 30.0
+
+
+class CallbackMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        # A private registry when none is given: embedding apps keep their default one clean.
+        r = registry if registry is not None else CollectorRegistry()
+        self.callbacks = Counter(
+            "fastconn_callbacks", "Async callbacks received", ["function", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "fastconn_callback_latency_seconds",
+            "From async invocation to its callback",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 600),
+            registry=r,
+        )
+        self.pending = Gauge("fastconn_pending_callbacks", "Async calls waiting for their callback", registry=r)
+        self.rejected = Counter("fastconn_callback_rejected", "Callbacks refused", ["reason"], registry=r)
+
+
+@dataclass(slots=True, eq=False)
+class _Composite:
+    """One source message split into targeted calls; settles when all have final results."""
+
+    message: Message
+    message_id: str
+    callback: OutcomeCallback
+    waiting: int
+    results: list[TargetResult] = field(default_factory=list)
+
+
+@dataclass(slots=True, eq=False)
+class _Call:
+    """One async invocation of one function for one message."""
+
+    composite: _Composite
+    function: str
+    call_id: str
+    invocation: int
+    invoked_at: float
+    deadline: float
+    accepted: bool = False
+
+
+def _verdict(result: TargetResult, retry_on: tuple[int, ...]) -> Verdict:
+    if result.ok:
+        return Verdict.OK
+    if result.error in (ErrorKind.CONNECT, ErrorKind.TIMEOUT, ErrorKind.IO) or result.status in retry_on:
+        return Verdict.RETRY
+    return Verdict.FAILED
+
+
+# Severity as in the core: RETRY outranks FAILED (redelivery keeps every function's chance).
+_SEVERITY = {Verdict.OK: 0, Verdict.UNROUTED: 1, Verdict.FAILED: 2, Verdict.RETRY: 3}
+
+
+class Callbacks:
+    """Splits async messages into calls, tracks pending calls, receives callbacks."""
+
+    def __init__(self, dispatcher: Dispatcher, settings: CallbackSettings,
+                 metrics: CallbackMetrics | None = None) -> None:
+        self.dispatcher = dispatcher
+        self.settings = settings
+        self.metrics = metrics or CallbackMetrics()
+        self._calls: dict[str, _Call] = {}
+        self._settled: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._pending_free = settings.max_pending
+        self._pending_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._sweeper: asyncio.Task[None] | None = None
+        self._retry_tasks: set[asyncio.Task[None]] = set()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep(), name="fastconn-callbacks")
+
+    async def stop(self) -> None:
+        tasks = [t for t in (self._sweeper, *self._retry_tasks) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._sweeper = None
+
+    @property
+    def pending(self) -> int:
+        return len(self._calls)
+
+    def register_routes(self, app: web.Application) -> None:
+        app.router.add_post("/callback/{token}", self.handle)
+
+    # -- tokens ----------------------------------------------------------------------------
+
+    def token(self, call_id: str) -> str:
+        return hmac.new(self.settings.secret, call_id.encode(), hashlib.sha256).hexdigest()[:40]
+
+    def callback_url(self, call_id: str) -> str:
+        return f"{self.settings.public_url.rstrip('/')}/callback/{self.token(call_id)}"
+
+    # -- submitting ------------------------------------------------------------------------
+
+    async def submit(self, messages: Sequence[Message], routes: Sequence[Sequence[str]],
+                     async_sets: Sequence[frozenset[str]], on_outcomes: OutcomeCallback, capture: bool) -> None:
+        """Submits messages whose routes include async functions, one targeted call each."""
+        calls: list[Message] = []
+        async_count = sum(len(a) for a in async_sets) if self.settings.ack == "on_callback" else 0
+        await self._acquire_pending(async_count)
+        for message, functions, async_functions in zip(messages, routes, async_sets, strict=True):
+            message_id = message.message_id or uuid.uuid4().hex
+            composite = _Composite(message, message_id, on_outcomes, len(functions))
+            for function in functions:
+                calls.append(self._targeted(composite, function, function in async_functions, 1))
+        await self.dispatcher._submit_plain(calls, self._on_call_outcomes, capture=capture, observed=False)
+
+    def _targeted(self, composite: _Composite, function: str, asynchronous: bool, invocation: int) -> Message:
+        m = composite.message
+        headers = list(m.headers)
+        handle: _Composite | _Call = composite
+        if asynchronous and self.settings.ack == "on_callback":
+            call_id = uuid.uuid4().hex
+            now = time.monotonic()
+            call = _Call(composite, function, call_id, invocation, now, now + self.settings.timeout)
+            self._calls[call_id] = call
+            self.metrics.pending.set(len(self._calls))
+            headers += [(_CALL_ID, call_id), ("X-Callback-Url", self.callback_url(call_id))]
+            handle = call
+        return dataclasses.replace(
+            m, headers=headers, message_id=composite.message_id, function=function,
+            asynchronous=asynchronous, delivery_attempt=m.delivery_attempt + invocation - 1, handle=handle,
+        )
+
+    # -- outcomes of the targeted calls -------------------------------------------------------
+
+    def _on_call_outcomes(self, outcomes: list[Outcome]) -> None:
+        for outcome in outcomes:
+            handle = outcome.message.handle
+            result = outcome.results[0] if outcome.results else None
+            if isinstance(handle, _Call):
+                self._on_async_answer(handle, result)
+            elif isinstance(handle, _Composite):
+                if result is not None and outcome.message.asynchronous:
+                    # ack = on_accept: the 202 settles the call, and only a 202 counts.
+                    result = self._accepted_result(result)
+                # result None: the function left the table between routing and the call.
+                self._finish(handle, result)
+
+    @staticmethod
+    def _accepted_result(result: TargetResult) -> TargetResult:
+        if result.status == 202 or result.status == 0:
+            return result
+        # A 2xx other than 202 from /async-function/ is not an acceptance: fail the call.
+        status = result.status if not result.ok else 502
+        return dataclasses.replace(result, status=status)
+
+    def _on_async_answer(self, call: _Call, result: TargetResult | None) -> None:
+        if call.call_id not in self._calls:
+            return  # the callback arrived before the 202 was drained: already settled
+        if result is not None and result.status == 202:
+            call.accepted = True
+            return
+        # No acceptance: the invocation itself failed (or the function left the table).
+        self._forget(call.call_id)
+        if result is None:
+            self._finish(call.composite, None)
+            return
+        failed = result if not result.ok else dataclasses.replace(result, status=502)
+        self._retry_or_finish(call, failed)
+
+    # -- callbacks ---------------------------------------------------------------------------
+
+    async def handle(self, request: web.Request) -> web.Response:
+        call_id = request.headers.get(_CALL_ID, "")
+        token = request.match_info["token"]
+        if not call_id or not hmac.compare_digest(token.encode(), self.token(call_id).encode()):
+            self.metrics.rejected.labels(reason="bad_token").inc()
+            return web.json_response({"error": "bad callback token"}, status=401)
+        call = self._calls.get(call_id)
+        if call is None:
+            reason = "duplicate" if call_id in self._settled else "unknown"
+            self.metrics.rejected.labels(reason=reason).inc()
+            status = 409 if reason == "duplicate" else 404
+            return web.json_response({"error": f"{reason} call id {call_id}"}, status=status)
+        try:
+            status = int(request.headers.get(_STATUS, ""))
+        except ValueError:
+            self.metrics.rejected.labels(reason="bad_request").inc()
+            return web.json_response({"error": f"missing or invalid {_STATUS}"}, status=400)
+        body = await request.read()
+        latency = time.monotonic() - call.invoked_at
+        self.metrics.callbacks.labels(function=call.function, status=str(status)).inc()
+        self.metrics.latency.observe(latency)
+        headers = tuple((k, v) for k, v in request.headers.items())
+        result = TargetResult(call.function, status, ErrorKind.NONE, call.invocation, latency, None, body, headers)
+        self._forget(call_id)
+        if result.ok:
+            self._finish(call.composite, result)
+        else:
+            self._retry_or_finish(call, result)
+        return web.json_response({"status": "settled"}, status=200)
+
+    # -- settling ----------------------------------------------------------------------------
+
+    def _retry_or_finish(self, call: _Call, result: TargetResult) -> None:
+        s = self.settings
+        if _verdict(result, s.retry_on) is Verdict.RETRY and call.invocation < s.max_attempts:
+            ceiling = min(s.backoff_max, s.backoff_initial * 2 ** (call.invocation - 1))
+            delay = random.uniform(0, ceiling)
+            task = asyncio.get_running_loop().create_task(self._reinvoke(call, delay))
+            self._retry_tasks.add(task)
+            task.add_done_callback(self._retry_tasks.discard)
+            return
+        self._finish(call.composite, result)
+
+    async def _reinvoke(self, call: _Call, delay: float) -> None:
+        await asyncio.sleep(delay)
+        await self._acquire_pending(1)
+        message = self._targeted(call.composite, call.function, True, call.invocation + 1)
+        try:
+            await self.dispatcher._submit_plain([message], self._on_call_outcomes, capture=False, observed=False)
+        except Exception as exc:  # closing: report the call as still retryable
+            log.warning("could not re-invoke %s: %s", call.function, exc)
+            if isinstance(message.handle, _Call):
+                self._forget(message.handle.call_id)
+            failed = TargetResult(call.function, 0, ErrorKind.CONNECT, call.invocation, 0.0)
+            self._finish(call.composite, failed)
+
+    def _forget(self, call_id: str) -> None:
+        if self._calls.pop(call_id, None) is not None:
+            self._settled[call_id] = None
+            if len(self._settled) > _SETTLED_MEMORY:
+                self._settled.popitem(last=False)
+            self.metrics.pending.set(len(self._calls))
+            self._release_pending(1)
+
+    def _finish(self, composite: _Composite, result: TargetResult | None) -> None:
+        if result is not None:
+            composite.results.append(result)
+        composite.waiting -= 1
+        if composite.waiting > 0:
+            return
+        verdicts = [_verdict(r, self.settings.retry_on) for r in composite.results]
+        verdict = max(verdicts, key=_SEVERITY.__getitem__, default=Verdict.UNROUTED)
+        outcome = Outcome(composite.message, verdict, composite.message_id, tuple(composite.results))
+        self.dispatcher._deliver_final(composite.callback, [outcome])
+
+    # -- timeouts ----------------------------------------------------------------------------
+
+    async def _sweep(self) -> None:
+        interval = max(0.01, min(1.0, self.settings.timeout / 4))
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for call in [c for c in self._calls.values() if c.deadline <= now]:
+                log.warning("no callback for %s (call %s) within %.1fs", call.function, call.call_id,
+                            self.settings.timeout)
+                self.metrics.rejected.labels(reason="timeout").inc()
+                self._forget(call.call_id)
+                result = TargetResult(call.function, 0, ErrorKind.TIMEOUT, call.invocation, now - call.invoked_at)
+                self._retry_or_finish(call, result)
+
+    # -- the pending bound ---------------------------------------------------------------------
+
+    async def _acquire_pending(self, n: int) -> None:
+        while n > self._pending_free and self._pending_free < self.settings.max_pending:
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._pending_waiters.append(future)
+            await future
+        self._pending_free -= n
+
+    def _release_pending(self, n: int) -> None:
+        self._pending_free += n
+        while self._pending_waiters:
+            waiter = self._pending_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+

@@ -1,0 +1,222 @@
+"""Async invocations with callbacks (issue 5): the dispatcher's async layer against the gateway
+double's documented async behaviour (202 + X-Call-Id, then a POST to X-Callback-Url)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+import pytest
+from aiohttp import web
+from gateway_double import FunctionSpec, GatewayDouble
+
+from fastconn import Dispatcher, DispatchOptions, FunctionTarget, Message, Outcome, Verdict
+from fastconn.callbacks import CallbackMetrics, Callbacks, CallbackSettings
+from fastconn.testing import free_port, wait_for
+
+
+@dataclass
+class Harness:
+    gateway: GatewayDouble
+    dispatcher: Dispatcher
+    callbacks: Callbacks
+    public_url: str
+    outcomes: list[Outcome] = field(default_factory=list)
+    observed: list[Outcome] = field(default_factory=list)
+    deployed: list[FunctionSpec] = field(default_factory=list)
+
+    def collect(self, batch: list[Outcome]) -> None:
+        self.outcomes.extend(batch)
+
+    def target(self, name: str, topic: str, *, asynchronous: bool = True) -> FunctionTarget:
+        """A function deployed on the gateway double, and its target as the registry builds it."""
+        self.deployed.append(FunctionSpec(name))
+        self.gateway.set_functions(self.deployed)
+        return FunctionTarget(
+            name,
+            (topic,),
+            f"{self.gateway.url}/function/{name}",
+            async_url=f"{self.gateway.url}/async-function/{name}",
+            asynchronous=asynchronous,
+        )
+
+
+HarnessFactory = Callable[..., "asyncio.Future[Harness]"]
+
+
+@pytest.fixture
+async def harness_factory(gateway: GatewayDouble) -> AsyncIterator[Callable[..., object]]:
+    started: list[tuple[Dispatcher, web.AppRunner]] = []
+
+    async def make(**settings: object) -> Harness:
+        port = free_port()
+        public_url = f"http://127.0.0.1:{port}"
+        dispatcher = Dispatcher(
+            DispatchOptions(max_inflight=16, backoff_initial=0.01, backoff_max=0.1, max_attempts=3)
+        )
+        defaults: dict[str, object] = {
+            "public_url": public_url,
+            "timeout": 5.0,
+            "max_attempts": 3,
+            "backoff_initial": 0.01,
+            "backoff_max": 0.05,
+        }
+        callbacks = dispatcher.enable_callbacks(CallbackSettings(**{**defaults, **settings}), CallbackMetrics())  # type: ignore[arg-type]
+        app = web.Application()
+        callbacks.register_routes(app)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        await dispatcher.start()
+        started.append((dispatcher, runner))
+        h = Harness(gateway, dispatcher, callbacks, public_url)
+        dispatcher.add_observer(h.observed.extend)
+        return h
+
+    yield make
+    for dispatcher, runner in started:
+        await dispatcher.close(5)
+        await runner.cleanup()
+
+
+async def test_success_settles_only_after_the_callback(harness_factory: Callable[..., object]) -> None:
+    h: Harness = await harness_factory()  # type: ignore[misc]
+    h.gateway.script("slow", statuses=[200], body=b"done", callback_delay=0.5)
+    h.dispatcher.set_functions([h.target("slow", "jobs")])
+    started = time.monotonic()
+    await h.dispatcher.submit([Message("jobs", b"work")], h.collect)
+    await wait_for(lambda: h.gateway.calls("slow") == 1, what="the async call")
+    await asyncio.sleep(0.2)
+    assert h.outcomes == [], "the 202 must not settle the message"
+    assert h.callbacks.pending == 1
+    await wait_for(lambda: h.outcomes, what="the outcome")
+    assert time.monotonic() - started >= 0.5
+    [outcome] = h.outcomes
+    assert outcome.verdict is Verdict.OK
+    [result] = outcome.results
+    assert (result.function, result.status, result.body) == ("slow", 200, b"done")
+    assert h.callbacks.pending == 0
+    assert h.observed == [outcome], "the response hook sees the final result, not the 202"
+    [request] = h.gateway.requests_for("slow")
+    assert request.path == "/async-function/slow"
+    assert request.headers["X-Callback-Url"].startswith(f"{h.public_url}/callback/")
+    assert request.headers["X-Call-Id"]
+
+
+async def test_a_failing_callback_is_reinvoked_then_succeeds(harness_factory: Callable[..., object]) -> None:
+    h: Harness = await harness_factory()  # type: ignore[misc]
+    h.gateway.script("flaky", statuses=[500, 200])
+    h.dispatcher.set_functions([h.target("flaky", "jobs")])
+    await h.dispatcher.submit([Message("jobs", b"x", message_id="m-1")], h.collect)
+    await wait_for(lambda: h.outcomes, what="the outcome")
+    [outcome] = h.outcomes
+    assert outcome.verdict is Verdict.OK
+    assert outcome.results[0].attempts == 2
+    requests = h.gateway.requests_for("flaky")
+    assert len(requests) == 2
+    call_ids = {r.headers["X-Call-Id"] for r in requests}
+    assert len(call_ids) == 2, "each invocation has its own call id"
+    assert {r.headers["X-Message-Id"] for r in requests} == {"m-1"}, "the message id stays the same"
+
+
+async def test_retryable_failures_exhaust_to_retry_and_final_ones_fail(
+    harness_factory: Callable[..., object],
+) -> None:
+    h: Harness = await harness_factory()  # type: ignore[misc]
+    h.gateway.script("down", statuses=[503])
+    h.gateway.script("bad", statuses=[400])
+    h.dispatcher.set_functions([h.target("down", "a"), h.target("bad", "b")])
+    await h.dispatcher.submit([Message("a", b"1"), Message("b", b"2")], h.collect)
+    await wait_for(lambda: len(h.outcomes) == 2, what="both outcomes")
+    by_topic = {o.message.topic: o for o in h.outcomes}
+    assert by_topic["a"].verdict is Verdict.RETRY
+    assert h.gateway.calls("down") == 3, "max_attempts invocations"
+    assert by_topic["b"].verdict is Verdict.FAILED
+    assert h.gateway.calls("bad") == 1, "a 400 is not retried"
+    assert by_topic["b"].results[0].status == 400
+
+
+async def test_a_lost_callback_times_out_and_is_retried(harness_factory: Callable[..., object]) -> None:
+    h: Harness = await harness_factory(timeout=0.3)  # type: ignore[misc]
+    h.gateway.script("lossy", statuses=[200], callback_copies=[0, 1])
+    h.dispatcher.set_functions([h.target("lossy", "jobs")])
+    await h.dispatcher.submit([Message("jobs", b"x")], h.collect)
+    await wait_for(lambda: h.outcomes, timeout=5, what="the outcome")
+    assert h.outcomes[0].verdict is Verdict.OK
+    assert h.gateway.calls("lossy") == 2, "re-invoked after the callback timeout"
+
+
+async def test_forged_and_duplicate_callbacks_are_refused(harness_factory: Callable[..., object]) -> None:
+    h: Harness = await harness_factory()  # type: ignore[misc]
+    h.gateway.script("dup", statuses=[200], callback_copies=2, callback_delay=0.3)
+    h.dispatcher.set_functions([h.target("dup", "jobs")])
+    await h.dispatcher.submit([Message("jobs", b"x")], h.collect)
+    await wait_for(lambda: h.gateway.calls("dup") == 1, what="the call")
+    call_id = h.gateway.requests_for("dup")[0].headers["X-Call-Id"]
+    async with aiohttp.ClientSession() as http:
+        forged = {"X-Call-Id": call_id, "X-Function-Status": "200", "X-Function-Name": "dup"}
+        async with http.post(f"{h.public_url}/callback/{'0' * 40}", headers=forged, data=b"evil") as r:
+            assert r.status == 401
+        async with http.post(f"{h.public_url}/callback/nothing", data=b"") as r:
+            assert r.status == 401, "no call id"
+    assert h.outcomes == [] and h.callbacks.pending == 1, "a forged callback changes nothing"
+    sent = await asyncio.wait_for(h.gateway.wait_callbacks(2), 5)
+    assert sorted(c.response_status for c in sent) == [200, 409], "the duplicate is refused"
+    assert len(h.outcomes) == 1 and h.outcomes[0].results[0].body == b"x"
+    rejected = {
+        s.labels["reason"]: s.value
+        for m in h.callbacks.metrics.rejected.collect()
+        for s in m.samples
+        if s.name.endswith("_total")
+    }
+    assert rejected == {"bad_token": 2.0, "duplicate": 1.0}
+
+
+async def test_pending_bound_gives_backpressure(harness_factory: Callable[..., object]) -> None:
+    h: Harness = await harness_factory(max_pending=2)  # type: ignore[misc]
+    h.gateway.script("held", statuses=[200], callback_delay=0.4)
+    h.dispatcher.set_functions([h.target("held", "jobs")])
+    peak = 0
+
+    async def watch() -> None:
+        nonlocal peak
+        while len(h.outcomes) < 6:
+            peak = max(peak, h.callbacks.pending)
+            await asyncio.sleep(0.01)
+
+    watcher = asyncio.create_task(watch())
+    for i in range(3):  # three batches of two: the third waits for the first to settle
+        await h.dispatcher.submit([Message("jobs", b"%d" % i), Message("jobs", b"%d" % i)], h.collect)
+    await asyncio.wait_for(watcher, 10)
+    assert peak == 2
+    assert h.gateway.calls("held") == 6
+
+
+async def test_on_accept_settles_on_the_202_and_only_a_202(harness_factory: Callable[..., object]) -> None:
+    h: Harness = await harness_factory(ack="on_accept")  # type: ignore[misc]
+    h.gateway.script("later", statuses=[500], callback_delay=0.2)
+    h.dispatcher.set_functions([h.target("later", "jobs"), h.target("sync200", "jobs", asynchronous=False)])
+    await h.dispatcher.submit([Message("jobs", b"x")], h.collect)
+    await wait_for(lambda: h.outcomes, what="the outcome")
+    results = {r.function: r.status for r in h.outcomes[0].results}
+    assert results["later"] == 202
+    assert "X-Callback-Url" not in h.gateway.requests_for("later")[0].headers
+    assert h.callbacks.pending == 0
+
+
+async def test_sync_and_async_functions_fan_out_and_fan_in(harness_factory: Callable[..., object]) -> None:
+    h: Harness = await harness_factory()  # type: ignore[misc]
+    h.gateway.script("slowasync", statuses=[200], body=b"async-done", callback_delay=0.3)
+    h.gateway.script("quick", statuses=[200], body=b"sync-done")
+    h.dispatcher.set_functions(
+        [h.target("slowasync", "orders.*"), h.target("quick", "orders.created", asynchronous=False)]
+    )
+    await h.dispatcher.submit([Message("orders.created", b"o")], h.collect, capture=True)
+    await wait_for(lambda: h.outcomes, what="the outcome")
+    [outcome] = h.outcomes
+    assert outcome.verdict is Verdict.OK
+    assert {r.function: r.body for r in outcome.results} == {"slowasync": b"async-done", "quick": b"sync-done"}
+    assert h.gateway.requests_for("quick")[0].path == "/function/quick"
