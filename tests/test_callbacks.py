@@ -7,15 +7,18 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import web
-from gateway_double import FunctionSpec, GatewayDouble
 
 from fastconn import Dispatcher, DispatchOptions, FunctionTarget, Message, Outcome, Verdict
 from fastconn.callbacks import CallbackMetrics, Callbacks, CallbackSettings
-from fastconn.testing import free_port, wait_for
+from fastconn.testing import DaemonProcess, free_port, wait_for
+from gateway_double import FunctionSpec, GatewayDouble
+from nats_fixtures import NatsServer, connected, nats_server, unique  # noqa: F401 (fixture)
+from test_jetstream import acked_up_to, add_stream, consumer, js_source
 
 
 @dataclass
@@ -44,9 +47,6 @@ class Harness:
         )
 
 
-HarnessFactory = Callable[..., "asyncio.Future[Harness]"]
-
-
 @pytest.fixture
 async def harness_factory(gateway: GatewayDouble) -> AsyncIterator[Callable[..., object]]:
     started: list[tuple[Dispatcher, web.AppRunner]] = []
@@ -64,7 +64,9 @@ async def harness_factory(gateway: GatewayDouble) -> AsyncIterator[Callable[...,
             "backoff_initial": 0.01,
             "backoff_max": 0.05,
         }
-        callbacks = dispatcher.enable_callbacks(CallbackSettings(**{**defaults, **settings}), CallbackMetrics())  # type: ignore[arg-type]
+        callbacks = dispatcher.enable_callbacks(
+            CallbackSettings(**{**defaults, **settings}), CallbackMetrics()
+        )  # type: ignore[arg-type]
         app = web.Application()
         callbacks.register_routes(app)
         runner = web.AppRunner(app, access_log=None)
@@ -218,5 +220,68 @@ async def test_sync_and_async_functions_fan_out_and_fan_in(harness_factory: Call
     await wait_for(lambda: h.outcomes, what="the outcome")
     [outcome] = h.outcomes
     assert outcome.verdict is Verdict.OK
-    assert {r.function: r.body for r in outcome.results} == {"slowasync": b"async-done", "quick": b"sync-done"}
+    assert {r.function: r.body for r in outcome.results} == {
+        "slowasync": b"async-done",
+        "quick": b"sync-done",
+    }
     assert h.gateway.requests_for("quick")[0].path == "/function/quick"
+
+
+# -- end to end: JetStream → async function → callback → ack ---------------------------------
+
+
+def async_daemon_config(gateway: GatewayDouble, source: dict[str, object]) -> dict[str, object]:
+    return {
+        "gateway": {"url": gateway.url, "rebuild_interval": "200ms"},
+        "dispatch": {
+            "asynchronous_invocation": True,
+            "backoff_initial": "10ms",
+            "backoff_max": "50ms",
+            "shutdown_timeout": "2s",
+        },
+        "sources": [source],
+    }
+
+
+async def test_jetstream_acks_only_after_the_callback(
+    nats_server: NatsServer, gateway: GatewayDouble, tmp_path: Path
+) -> None:
+    stream, subject = unique("ASYNC"), unique("async")
+    gateway.set_functions([FunctionSpec("worker", topic=subject)])
+    gateway.script("worker", statuses=[200], callback_delay=1.0)
+    config = async_daemon_config(gateway, js_source(nats_server, stream, [subject], ack_wait="10s"))
+    async with connected(nats_server.url) as nc:
+        await add_stream(nc, stream, [subject])
+        async with DaemonProcess(config, tmp_path) as daemon:
+            for i in range(5):
+                await nc.jetstream().publish(subject, b"job %d" % i)
+            await wait_for(lambda: gateway.calls("worker") == 5, what="5 async calls")
+            info = await consumer(nc, stream)
+            assert info.num_ack_pending == 5, "accepted (202) but not acknowledged before the callback"
+            await acked_up_to(nc, stream, 5)
+            metrics = await daemon.metrics()
+            assert metrics['fastconn_callbacks_total{function="worker.openfaas-fn",status="200"}'] == 5
+            assert metrics["fastconn_pending_callbacks"] == 0
+    assert all(r.path.startswith("/async-function/") for r in gateway.requests_for("worker"))
+
+
+async def test_kill_9_with_calls_pending_loses_no_message(
+    nats_server: NatsServer, gateway: GatewayDouble, tmp_path: Path
+) -> None:
+    stream, subject = unique("ASYNCKILL"), unique("asynckill")
+    gateway.set_functions([FunctionSpec("worker", topic=subject)])
+    gateway.script("worker", statuses=[200], callback_copies=[0, 0, 0, 1, 1, 1])  # first 3 never call back
+    config = async_daemon_config(gateway, js_source(nats_server, stream, [subject], ack_wait="2s"))
+    async with connected(nats_server.url) as nc:
+        await add_stream(nc, stream, [subject])
+        first = DaemonProcess(config, tmp_path)
+        await first.start()
+        for i in range(3):
+            await nc.jetstream().publish(subject, b"job %d" % i)
+        await wait_for(lambda: gateway.calls("worker") == 3, what="3 async calls")
+        first.kill()
+        async with DaemonProcess(config, tmp_path):
+            await acked_up_to(nc, stream, 3)
+    bodies = [r.body for r in gateway.requests_for("worker")]
+    assert sorted(set(bodies)) == [b"job 0", b"job 1", b"job 2"]
+    assert len(bodies) == 6, "each message invoked again after the restart"

@@ -88,7 +88,9 @@ class CallbackMetrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 600),
             registry=r,
         )
-        self.pending = Gauge("fastconn_pending_callbacks", "Async calls waiting for their callback", registry=r)
+        self.pending = Gauge(
+            "fastconn_pending_callbacks", "Async calls waiting for their callback", registry=r
+        )
         self.rejected = Counter("fastconn_callback_rejected", "Callbacks refused", ["reason"], registry=r)
 
 
@@ -131,8 +133,9 @@ _SEVERITY = {Verdict.OK: 0, Verdict.UNROUTED: 1, Verdict.FAILED: 2, Verdict.RETR
 class Callbacks:
     """Splits async messages into calls, tracks pending calls, receives callbacks."""
 
-    def __init__(self, dispatcher: Dispatcher, settings: CallbackSettings,
-                 metrics: CallbackMetrics | None = None) -> None:
+    def __init__(
+        self, dispatcher: Dispatcher, settings: CallbackSettings, metrics: CallbackMetrics | None = None
+    ) -> None:
         self.dispatcher = dispatcher
         self.settings = settings
         self.metrics = metrics or CallbackMetrics()
@@ -175,8 +178,14 @@ class Callbacks:
 
     # -- submitting ------------------------------------------------------------------------
 
-    async def submit(self, messages: Sequence[Message], routes: Sequence[Sequence[str]],
-                     async_sets: Sequence[frozenset[str]], on_outcomes: OutcomeCallback, capture: bool) -> None:
+    async def submit(
+        self,
+        messages: Sequence[Message],
+        routes: Sequence[Sequence[str]],
+        async_sets: Sequence[frozenset[str]],
+        on_outcomes: OutcomeCallback,
+        capture: bool,
+    ) -> None:
         """Submits messages whose routes include async functions, one targeted call each."""
         calls: list[Message] = []
         async_count = sum(len(a) for a in async_sets) if self.settings.ack == "on_callback" else 0
@@ -201,8 +210,13 @@ class Callbacks:
             headers += [(_CALL_ID, call_id), ("X-Callback-Url", self.callback_url(call_id))]
             handle = call
         return dataclasses.replace(
-            m, headers=headers, message_id=composite.message_id, function=function,
-            asynchronous=asynchronous, delivery_attempt=m.delivery_attempt + invocation - 1, handle=handle,
+            m,
+            headers=headers,
+            message_id=composite.message_id,
+            function=function,
+            asynchronous=asynchronous,
+            delivery_attempt=m.delivery_attempt + invocation - 1,
+            handle=handle,
         )
 
     # -- outcomes of the targeted calls -------------------------------------------------------
@@ -222,7 +236,7 @@ class Callbacks:
 
     @staticmethod
     def _accepted_result(result: TargetResult) -> TargetResult:
-        if result.status == 202 or result.status == 0:
+        if result.status in {202, 0}:
             return result
         # A 2xx other than 202 from /async-function/ is not an acceptance: fail the call.
         status = result.status if not result.ok else 502
@@ -266,7 +280,9 @@ class Callbacks:
         self.metrics.callbacks.labels(function=call.function, status=str(status)).inc()
         self.metrics.latency.observe(latency)
         headers = tuple((k, v) for k, v in request.headers.items())
-        result = TargetResult(call.function, status, ErrorKind.NONE, call.invocation, latency, None, body, headers)
+        result = TargetResult(
+            call.function, status, ErrorKind.NONE, call.invocation, latency, None, body, headers
+        )
         self._forget(call_id)
         if result.ok:
             self._finish(call.composite, result)
@@ -292,7 +308,9 @@ class Callbacks:
         await self._acquire_pending(1)
         message = self._targeted(call.composite, call.function, True, call.invocation + 1)
         try:
-            await self.dispatcher._submit_plain([message], self._on_call_outcomes, capture=False, observed=False)
+            await self.dispatcher._submit_plain(
+                [message], self._on_call_outcomes, capture=False, observed=False
+            )
         except Exception as exc:  # closing: report the call as still retryable
             log.warning("could not re-invoke %s: %s", call.function, exc)
             if isinstance(message.handle, _Call):
@@ -327,11 +345,17 @@ class Callbacks:
             await asyncio.sleep(interval)
             now = time.monotonic()
             for call in [c for c in self._calls.values() if c.deadline <= now]:
-                log.warning("no callback for %s (call %s) within %.1fs", call.function, call.call_id,
-                            self.settings.timeout)
+                log.warning(
+                    "no callback for %s (call %s) within %.1fs",
+                    call.function,
+                    call.call_id,
+                    self.settings.timeout,
+                )
                 self.metrics.rejected.labels(reason="timeout").inc()
                 self._forget(call.call_id)
-                result = TargetResult(call.function, 0, ErrorKind.TIMEOUT, call.invocation, now - call.invoked_at)
+                result = TargetResult(
+                    call.function, 0, ErrorKind.TIMEOUT, call.invocation, now - call.invoked_at
+                )
                 self._retry_or_finish(call, result)
 
     # -- the pending bound ---------------------------------------------------------------------
@@ -349,4 +373,3 @@ class Callbacks:
             waiter = self._pending_waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
-

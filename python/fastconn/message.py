@@ -175,4 +175,7 @@ class Outcome:
         return next((r for r in self.results if not r.ok), None)
 
     def __repr__(self) -> str:
-        return f"Outcome({self.message.topic!r}, {self.verdict.name}, id={self.message_id!r}, results={self.results!r})"
+        return (
+            f"Outcome({self.message.topic!r}, {self.verdict.name}, id={self.message_id!r}, "
+            f"results={self.results!r})"
+        )

@@ -440,7 +440,7 @@ class TopicMapSync:
         # cancellation of stop() itself still propagates.
         await asyncio.wait({task})
 
-    async def wait_ready(self, timeout: float) -> bool:  # noqa: ASYNC109 - a bool, not an exception, suits startup gating
+    async def wait_ready(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for the first successful build; True if it happened."""
         try:
             async with asyncio.timeout(timeout):
