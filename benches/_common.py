@@ -19,6 +19,34 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+STAMP_DIGITS = 19
+"""A wall-clock time in nanoseconds has 19 decimal digits (until 2286)."""
+
+
+def stamped_payload(size: int) -> bytes:
+    """``size`` bytes starting with the wall clock in nanoseconds: the sink subtracts it from its
+    own clock on arrival, which gives publish-to-function latency across processes. Payloads
+    too small to hold the stamp are plain filler (no latency sample)."""
+    if size < STAMP_DIGITS:
+        return b"x" * size
+    return str(time.time_ns()).encode() + b"x" * (size - STAMP_DIGITS)
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """User + system CPU of a running process (all its threads), from /proc: works for a
+    daemon subprocess we did not fork ourselves and while it is still running."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_peak_rss_mb(pid: int) -> float:
+    """The process's peak resident set (VmHWM) so far, in MB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def sink_binary() -> Path:
@@ -62,10 +90,7 @@ class Sink:
         self._call("POST", f"/__stall?ms={ms}")
 
     def cpu_seconds(self) -> float:
-        with open(f"/proc/{self.process.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        ticks = os.sysconf("SC_CLK_TCK")
-        return (int(fields[11]) + int(fields[12])) / ticks
+        return proc_cpu_seconds(self.process.pid)
 
     def close(self) -> None:
         self.process.terminate()

@@ -268,7 +268,9 @@ class Dispatcher:
             if split:
                 await layer.submit(split, split_routes, split_async, on_outcomes, capture)
 
-    def enable_callbacks(self, settings: CallbackSettings, metrics: CallbackMetrics | None = None) -> Callbacks:
+    def enable_callbacks(
+        self, settings: CallbackSettings, metrics: CallbackMetrics | None = None
+    ) -> Callbacks:
         """Settles async calls on their callback (or on the 202, per ``settings.ack``); the
         returned object's ``handle`` must be served at ``<public_url>/callback/{token}``."""
         self.callbacks = Callbacks(self, settings, metrics)
@@ -280,13 +282,19 @@ class Dispatcher:
         if self.callbacks is None:
             # No callback receiver: async calls settle on their 202, as OpenFaaS connectors do.
             o = self.options
-            settings = CallbackSettings(public_url="", ack="on_accept", max_attempts=o.max_attempts,
-                                        retry_on=o.retry_on)
+            settings = CallbackSettings(
+                public_url="", ack="on_accept", max_attempts=o.max_attempts, retry_on=o.retry_on
+            )
             self.callbacks = Callbacks(self, settings)
         return self.callbacks
 
     async def _submit_plain(
-        self, messages: Sequence[Message], on_outcomes: OutcomeCallback, *, capture: bool, observed: bool = True
+        self,
+        messages: Sequence[Message],
+        on_outcomes: OutcomeCallback,
+        *,
+        capture: bool,
+        observed: bool = True,
     ) -> None:
         runtime = self._require_runtime()
         capture = capture or self.options.capture_responses

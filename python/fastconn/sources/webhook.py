@@ -158,7 +158,9 @@ class WebhookSource:
         except DispatcherClosed:
             return _error(503, "shutting down", retry_after=1)
         if not wait:
-            return web.Response(status=202, text="accepted\n", headers={"X-Message-Id": message.message_id or ""})
+            return web.Response(
+                status=202, text="accepted\n", headers={"X-Message-Id": message.message_id or ""}
+            )
         # After close() the dispatcher is gone: an outcome still missing will never come.
         outcome = await _unless(settled, self._closed)
         if outcome is None:
