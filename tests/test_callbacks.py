@@ -285,3 +285,22 @@ async def test_kill_9_with_calls_pending_loses_no_message(
     bodies = [r.body for r in gateway.requests_for("worker")]
     assert sorted(set(bodies)) == [b"job 0", b"job 1", b"job 2"]
     assert len(bodies) == 6, "each message invoked again after the restart"
+
+
+async def test_webhook_source_async_with_wait_returns_the_callback_result(
+    gateway: GatewayDouble, tmp_path: Path
+) -> None:
+    gateway.set_functions([FunctionSpec("render", topic="pages")])
+    gateway.script("render", statuses=[201], body=b"rendered", callback_delay=0.3)
+    config = {
+        "gateway": {"url": gateway.url, "rebuild_interval": "200ms"},
+        "sources": [{"type": "webhook", "asynchronous_invocation": True}],
+    }
+    async with DaemonProcess(config, tmp_path) as daemon, aiohttp.ClientSession() as http:
+        async with http.post(f"{daemon.url}/webhook/pages?wait=true", data=b"page") as r:
+            assert (r.status, await r.read()) == (201, b"rendered")
+        async with http.post(f"{daemon.url}/webhook/pages", data=b"page2") as r:
+            assert r.status == 202
+        await wait_for(lambda: len(gateway.callbacks) == 2, what="both callbacks")
+        assert all(c.response_status == 200 for c in gateway.callbacks)
+    assert [r.path for r in gateway.requests_for("render")] == ["/async-function/render.openfaas-fn"] * 2

@@ -92,6 +92,7 @@ class SourceContext:
         on_outcomes: OutcomeCallback,
         *,
         capture: bool = False,
+        asynchronous: bool = False,
     ) -> None:
         """``dispatcher.submit`` plus the per-source metrics and request logging. Waits while
         the dispatcher is full: a source awaiting this should not fetch more."""
@@ -104,7 +105,7 @@ class SourceContext:
             log = logging.getLogger(f"fastconn.source.{source}")
             for m in messages:
                 log.info("%s => %r", m.topic, m.payload[:4096])
-        await self.dispatcher.submit(messages, on_outcomes, capture=capture)
+        await self.dispatcher.submit(messages, on_outcomes, capture=capture, asynchronous=asynchronous)
 
     def count_settled(self, source: str, outcomes: Sequence[Outcome]) -> None:
         """Counts acknowledged (delivered or unrouted) and failed messages for a source that

@@ -111,6 +111,9 @@ class JetStreamConfig(NatsConnectionConfig):
 
     type: Literal["jetstream"] = "jetstream"
     name: str = Field(default="jetstream", min_length=1)
+    asynchronous_invocation: bool = False
+    """Invoke functions through ``/async-function/`` for this source's messages; the message
+    settles when the callback reports the result (``[dispatch] async_ack``)."""
     stream: str
     create_stream: bool = False
     """Create ``stream`` (capturing ``subjects``) when it does not exist."""
@@ -559,7 +562,9 @@ class JetStreamSource:
                 continue
             messages = [self._to_message(d) for d in batch]
             try:
-                await ctx.submit(self.name, messages, self._on_outcomes)
+                await ctx.submit(
+                    self.name, messages, self._on_outcomes, asynchronous=self.config.asynchronous_invocation
+                )
             except DispatcherClosed:
                 for delivery in batch:
                     self._nak(delivery, 0)
@@ -788,7 +793,9 @@ class JetStreamSource:
             while self._retries and self._retries[0][0] <= now:
                 due.append(heapq.heappop(self._retries)[2])
             try:
-                await dispatcher.submit(due, self._on_outcomes)
+                await dispatcher.submit(
+                    due, self._on_outcomes, asynchronous=self.config.asynchronous_invocation
+                )
             except (DispatcherClosed, asyncio.CancelledError) as exc:
                 for message in due:
                     self._nak(message.handle, 0)

@@ -54,6 +54,9 @@ class NatsConfig(NatsConnectionConfig):
 
     type: Literal["nats"] = "nats"
     name: str = Field(default="nats", min_length=1)
+    asynchronous_invocation: bool = False
+    """Invoke functions through ``/async-function/`` for this source's messages; the message
+    settles when the callback reports the result (``[dispatch] async_ack``)."""
     subjects: tuple[str, ...] = ()
     """Subjects to subscribe (wildcards allowed); empty: ``topics``, else the topic map's."""
     queue_group: str = "fastconn"
@@ -283,9 +286,17 @@ class NatsSource:
                 (requests if msg.reply else plain).append(message)
             try:
                 if plain:
-                    await ctx.submit(self.name, plain, self._settled)
+                    await ctx.submit(
+                        self.name, plain, self._settled, asynchronous=self.config.asynchronous_invocation
+                    )
                 if requests:
-                    await ctx.submit(self.name, requests, self._answered, capture=True)
+                    await ctx.submit(
+                        self.name,
+                        requests,
+                        self._answered,
+                        capture=True,
+                        asynchronous=self.config.asynchronous_invocation,
+                    )
             except DispatcherClosed:
                 lost = len(plain) + len(requests)
                 ctx.metrics.messages_failed.labels(source=self.name).inc(lost)

@@ -64,6 +64,8 @@ class WebhookConfig(BaseModel):
     hmac_secret: str | None = None
     """Shared secret for GitHub-style ``X-Hub-Signature-256`` HMAC verification; None disables it."""
     signature_header: str = "X-Hub-Signature-256"
+    asynchronous_invocation: bool = False
+    """Invoke functions through ``/async-function/``; ``?wait=true`` waits for the callback."""
 
 
 CONFIG_MODEL = WebhookConfig
@@ -154,7 +156,13 @@ class WebhookSource:
                     settled.set_result(outcome)
 
         try:
-            await ctx.submit(self.name, [message], on_outcomes, capture=wait)
+            await ctx.submit(
+                self.name,
+                [message],
+                on_outcomes,
+                capture=wait,
+                asynchronous=self.config.asynchronous_invocation,
+            )
         except DispatcherClosed:
             return _error(503, "shutting down", retry_after=1)
         if not wait:
