@@ -12,6 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
+from nats.aio.msg import Msg
 
 from fastconn import Dispatcher, DispatchOptions, FunctionTarget, Message, Outcome, Verdict
 from fastconn.callbacks import CallbackMetrics, Callbacks, CallbackSettings
@@ -304,3 +305,34 @@ async def test_webhook_source_async_with_wait_returns_the_callback_result(
         await wait_for(lambda: len(gateway.callbacks) == 2, what="both callbacks")
         assert all(c.response_status == 200 for c in gateway.callbacks)
     assert [r.path for r in gateway.requests_for("render")] == ["/async-function/render.openfaas-fn"] * 2
+
+
+async def test_results_reach_a_response_subject(
+    nats_server: NatsServer, gateway: GatewayDouble, tmp_path: Path
+) -> None:
+    stream, subject, responses = unique("RESP"), unique("resp"), unique("responses")
+    gateway.set_functions([FunctionSpec("answer", topic=subject)])
+    gateway.script("answer", statuses=[200], body=b"forty-two", headers={"Content-Type": "text/x-answer"})
+    source = js_source(nats_server, stream, [subject], response_subject=responses)
+    config = async_daemon_config(gateway, source)
+    async with connected(nats_server.url) as nc:
+        received: list[Msg] = []
+
+        async def collect(msg: Msg) -> None:
+            received.append(msg)
+
+        await nc.subscribe(responses, cb=collect)
+        await add_stream(nc, stream, [subject])
+        async with DaemonProcess(config, tmp_path):
+            ack = await nc.jetstream().publish(subject, b"question")
+            await wait_for(lambda: received, what="the response message")
+            await acked_up_to(nc, stream, 1)
+    [msg] = received
+    assert msg.data == b"forty-two"
+    headers = msg.headers or {}
+    call_id = gateway.requests_for("answer")[0].headers["X-Call-Id"]
+    assert headers["X-Call-Id"] == call_id, "the async call's id"
+    assert headers["X-Function-Status"] == "200"
+    assert headers["X-Function-Name"] == "answer.openfaas-fn"
+    assert headers["X-Message-Id"] == f"{stream}/{ack.seq}"
+    assert headers["Content-Type"] == "text/x-answer"

@@ -51,6 +51,7 @@ from pydantic import Field, field_validator, model_validator
 from fastconn.durations import Duration
 from fastconn.errors import DispatcherClosed, SourceError
 from fastconn.message import Message, Outcome, Verdict
+from fastconn.responses import response_messages
 from fastconn.source import SourceContext
 from fastconn.sources._nats_common import (
     ACK,
@@ -111,6 +112,9 @@ class JetStreamConfig(NatsConnectionConfig):
 
     type: Literal["jetstream"] = "jetstream"
     name: str = Field(default="jetstream", min_length=1)
+    response_subject: str | None = None
+    """Publish every function's result (sync response or async callback) to this subject, with
+    ``X-Function-Name``, ``X-Function-Status``, ``X-Call-Id`` and ``X-Message-Id`` headers."""
     asynchronous_invocation: bool = False
     """Invoke functions through ``/async-function/`` for this source's messages; the message
     settles when the callback reports the result (``[dispatch] async_ack``)."""
@@ -209,6 +213,7 @@ class JetStreamSource:
         self.name = config.name
         self._ctx: SourceContext | None = None
         self._nc: Any = None
+        self._response_tasks: set[asyncio.Task[None]] = set()
         self._js: Any = None
         self._acks = AckWriter(None)
         self._inbox = ""
@@ -563,7 +568,11 @@ class JetStreamSource:
             messages = [self._to_message(d) for d in batch]
             try:
                 await ctx.submit(
-                    self.name, messages, self._on_outcomes, asynchronous=self.config.asynchronous_invocation
+                    self.name,
+                    messages,
+                    self._on_outcomes,
+                    capture=bool(self.config.response_subject),
+                    asynchronous=self.config.asynchronous_invocation,
                 )
             except DispatcherClosed:
                 for delivery in batch:
@@ -606,6 +615,24 @@ class JetStreamSource:
     def _on_outcomes(self, outcomes: list[Outcome]) -> None:
         self._settle_queue.append(outcomes)
         self._settle_ready.set()
+        if self.config.response_subject:
+            self._publish_responses(self.config.response_subject, outcomes)
+
+    def _publish_responses(self, subject: str, outcomes: list[Outcome]) -> None:
+        """Publishes the results (one task per batch: core NATS publishes only buffer)."""
+        records = [record for outcome in outcomes for record in response_messages(outcome)]
+
+        async def publish() -> None:
+            try:
+                for body, headers in records:
+                    await self._nc.publish(subject, body, headers=headers)
+            except Exception as exc:
+                self._require_ctx().metrics.source_errors.labels(source=self.name, kind="response").inc()
+                log.warning("source %s: could not publish responses to %s: %s", self.name, subject, exc)
+
+        task = asyncio.get_running_loop().create_task(publish())
+        self._response_tasks.add(task)
+        task.add_done_callback(self._response_tasks.discard)
 
     async def _settle_loop(self) -> None:
         metrics = self._require_ctx().metrics
@@ -794,7 +821,10 @@ class JetStreamSource:
                 due.append(heapq.heappop(self._retries)[2])
             try:
                 await dispatcher.submit(
-                    due, self._on_outcomes, asynchronous=self.config.asynchronous_invocation
+                    due,
+                    self._on_outcomes,
+                    capture=bool(self.config.response_subject),
+                    asynchronous=self.config.asynchronous_invocation,
                 )
             except (DispatcherClosed, asyncio.CancelledError) as exc:
                 for message in due:

@@ -31,6 +31,7 @@ from pydantic import Field, field_validator
 
 from fastconn.errors import DispatcherClosed
 from fastconn.message import Message, Outcome, Verdict
+from fastconn.responses import response_messages
 from fastconn.source import SourceContext
 from fastconn.sources._nats_common import (
     NatsConnectionConfig,
@@ -54,6 +55,9 @@ class NatsConfig(NatsConnectionConfig):
 
     type: Literal["nats"] = "nats"
     name: str = Field(default="nats", min_length=1)
+    response_subject: str | None = None
+    """Publish every function's result (sync response or async callback) to this subject, with
+    ``X-Function-Name``, ``X-Function-Status``, ``X-Call-Id`` and ``X-Message-Id`` headers."""
     asynchronous_invocation: bool = False
     """Invoke functions through ``/async-function/`` for this source's messages; the message
     settles when the callback reports the result (``[dispatch] async_ack``)."""
@@ -287,7 +291,11 @@ class NatsSource:
             try:
                 if plain:
                     await ctx.submit(
-                        self.name, plain, self._settled, asynchronous=self.config.asynchronous_invocation
+                        self.name,
+                        plain,
+                        self._settled,
+                        capture=bool(self.config.response_subject),
+                        asynchronous=self.config.asynchronous_invocation,
                     )
                 if requests:
                     await ctx.submit(
@@ -308,6 +316,11 @@ class NatsSource:
     def _settled(self, outcomes: list[Outcome]) -> None:
         ctx = self._require_ctx()
         ctx.count_settled(self.name, outcomes)
+        subject = self.config.response_subject
+        if subject:
+            for outcome in outcomes:
+                self._replies.extend((subject, body, headers) for body, headers in response_messages(outcome))
+            self._replies_ready.set()
         failed = [o for o in outcomes if not o.ok]
         if failed:
             first = failed[0]
