@@ -186,15 +186,27 @@ class Callbacks:
         on_outcomes: OutcomeCallback,
         capture: bool,
     ) -> None:
-        """Submits messages whose routes include async functions, one targeted call each."""
+        """Submits messages whose routes include async functions, one targeted call each.
+
+        Calls go out as pending capacity frees up, not when the whole batch fits: a batch
+        larger than the free room starts with what fits and continues as callbacks arrive.
+        """
+        holds = self.settings.ack == "on_callback"
         calls: list[Message] = []
-        async_count = sum(len(a) for a in async_sets) if self.settings.ack == "on_callback" else 0
-        await self._acquire_pending(async_count)
         for message, functions, async_functions in zip(messages, routes, async_sets, strict=True):
+            need = len(async_functions) if holds else 0
+            if need > self._pending_free and calls:
+                await self._send(calls, capture)
+                calls = []
+            await self._acquire_pending(need)
             message_id = message.message_id or uuid.uuid4().hex
             composite = _Composite(message, message_id, on_outcomes, len(functions))
             for function in functions:
                 calls.append(self._targeted(composite, function, function in async_functions, 1))
+        if calls:
+            await self._send(calls, capture)
+
+    async def _send(self, calls: list[Message], capture: bool) -> None:
         await self.dispatcher._submit_plain(calls, self._on_call_outcomes, capture=capture, observed=False)
 
     def _targeted(self, composite: _Composite, function: str, asynchronous: bool, invocation: int) -> Message:
@@ -361,10 +373,15 @@ class Callbacks:
     # -- the pending bound ---------------------------------------------------------------------
 
     async def _acquire_pending(self, n: int) -> None:
-        while n > self._pending_free and self._pending_free < self.settings.max_pending:
-            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._pending_waiters.append(future)
-            await future
+        if n > self._pending_free:
+            # Full: wait for some room beyond what this call needs, so the calls that follow
+            # cross into the core as a batch rather than one per callback.
+            limit = self.settings.max_pending
+            want = min(limit, n + max(1, limit // 8))
+            while self._pending_free < want:
+                future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                self._pending_waiters.append(future)
+                await future
         self._pending_free -= n
 
     def _release_pending(self, n: int) -> None:

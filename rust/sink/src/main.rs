@@ -3,6 +3,10 @@
 //! starts with a decimal wall-clock timestamp in nanoseconds (the benchmark's publish time),
 //! the publish-to-function latency is recorded.
 //!
+//! `POST /async-function/<name>` plays the OpenFaaS gateway's async path: `202` with
+//! `X-Call-Id` at once, then a POST of the result (`200 ok`) to the request's `X-Callback-Url`
+//! with `X-Call-Id`, `X-Function-Status`, `X-Function-Name` and `X-Duration-Seconds`.
+//!
 //! Control endpoints: `GET /__stats` (JSON: requests, bytes, latency percentiles),
 //! `POST /__reset`, `POST /__stall?ms=N` (hold every answer for N ms from now; 0 ends it).
 //!
@@ -19,6 +23,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::net::TcpListener;
+
+type Client = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    Full<Bytes>,
+>;
 
 #[derive(Default)]
 struct Stats {
@@ -61,11 +70,37 @@ fn text(status: u16, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     response
 }
 
+/// The gateway's queue worker: POST the function's result to the caller's callback URL.
+async fn call_back(client: Client, url: String, call_id: String, function: String) {
+    let request = Request::post(url)
+        .header("X-Call-Id", call_id)
+        .header("X-Function-Status", "200")
+        .header("X-Function-Name", function)
+        .header("X-Duration-Seconds", "0.000100")
+        .body(Full::new(Bytes::from_static(b"ok")));
+    if let Ok(request) = request {
+        if let Ok(response) = client.request(request).await {
+            let _ = response.into_body().collect().await;
+        }
+    }
+}
+
 async fn handle(
     stats: Arc<Stats>,
+    client: Client,
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, hyper::Error> {
     let path = request.uri().path().to_owned();
+    let header = |name: &str| {
+        request
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let callback = header("x-callback-url");
+    let call_id =
+        header("x-call-id").unwrap_or_else(|| stats.requests.load(Ordering::Relaxed).to_string());
     let query = request.uri().query().unwrap_or("").to_owned();
     let method = request.method().clone();
     let body = request.into_body().collect().await?.to_bytes();
@@ -129,6 +164,16 @@ async fn handle(
                     samples.push(u32::try_from(micros).unwrap_or(u32::MAX));
                 }
             }
+            if let Some(function) = path.strip_prefix("/async-function/") {
+                if let Some(url) = callback {
+                    tokio::spawn(call_back(client, url, call_id.clone(), function.to_owned()));
+                }
+                let mut response = text(202, Bytes::new());
+                if let Ok(value) = hyper::header::HeaderValue::from_str(&call_id) {
+                    response.headers_mut().insert("x-call-id", value);
+                }
+                return Ok(response);
+            }
             Ok(text(200, Bytes::from_static(b"ok")))
         }
     }
@@ -167,12 +212,17 @@ fn main() -> std::io::Result<()> {
         std::io::Write::flush(&mut out)?;
         drop(out);
         let stats = Arc::new(Stats::default());
+        let client: Client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http();
         loop {
             let (stream, _) = listener.accept().await?;
             stream.set_nodelay(true)?;
             let stats = Arc::clone(&stats);
+            let client = client.clone();
             tokio::spawn(async move {
-                let service = service_fn(move |req| handle(Arc::clone(&stats), req));
+                let service =
+                    service_fn(move |req| handle(Arc::clone(&stats), client.clone(), req));
                 let _ = http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service)
                     .await;
