@@ -326,7 +326,11 @@ class Dispatcher:
                 mid,
                 m.key,
                 m.delivery_attempt,
-                base_flags | (m.hold_key_on_retry << 1) | (m.resume << 2) | (m.asynchronous << 3),
+                base_flags
+                | (m.hold_key_on_retry << 1)
+                | (m.resume << 2)
+                | (m.asynchronous << 3)
+                | (m.hold_key_on_failure << 4),
                 m.function,
             )
             for m, mid in zip(chunk, ids, strict=True)

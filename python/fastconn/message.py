@@ -65,8 +65,11 @@ class Message:
     """With a ``key``: a RETRY verdict keeps the key busy, so later messages of the key wait
     until this one is resubmitted with ``resume=True`` (or the key is released with
     ``Dispatcher.release_key``). Lets a source retry without reordering its key."""
+    hold_key_on_failure: bool = False
+    """Like ``hold_key_on_retry``, after a FAILED verdict: for a source that keeps retrying a
+    message that failed for good (no dead-letter destination)."""
     resume: bool = False
-    """This message's key is held for it by its earlier RETRY: start at once."""
+    """This message's key is held for it by its earlier RETRY (or FAILED): start at once."""
     function: str | None = None
     """Deliver only to this function (one of those the topic routes to): used to re-invoke a
     single function, e.g. after a failed async callback."""

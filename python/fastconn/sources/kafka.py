@@ -898,6 +898,8 @@ class KafkaSource:
                 id_prefix + offset_text,
                 order_key,
                 hold_key_on_retry=order_key is not None,
+                # Without a dead-letter topic a final failure is retried forever: its key waits.
+                hold_key_on_failure=order_key is not None and not self.config.dead_letter_topic,
             )
             message.handle = _Record(part, offset, key, record_headers, message)
             out.append(message)
@@ -944,7 +946,8 @@ class KafkaSource:
     def _abandon(self, rec: _Record, outcome: Outcome) -> None:
         """An outcome for a partition no longer ours: only give back a key the core holds."""
         message = outcome.message
-        if outcome.verdict is Verdict.RETRY and message.hold_key_on_retry and message.key is not None:
+        if _holds_key(outcome):
+            assert message.key is not None
             self._require_ctx().dispatcher.release_key(message.key)
         self._unstick(rec)
 
@@ -971,7 +974,7 @@ class KafkaSource:
 
     def _retry_later(self, rec: _Record, outcome: Outcome) -> None:
         message = outcome.message
-        held = outcome.verdict is Verdict.RETRY and message.hold_key_on_retry and message.key is not None
+        held = _holds_key(outcome)
         rec.held = held
         if not rec.stuck:
             rec.stuck = True
@@ -1326,3 +1329,13 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
             self._source._assigned(list(assigned))
         except Exception:
             log.exception("kafka: handling assigned partitions failed")
+
+
+def _holds_key(outcome: Outcome) -> bool:
+    """Whether the core kept the message's ordering key busy for its redelivery."""
+    m = outcome.message
+    if m.key is None:
+        return False
+    return (outcome.verdict is Verdict.RETRY and m.hold_key_on_retry) or (
+        outcome.verdict is Verdict.FAILED and m.hold_key_on_failure
+    )

@@ -231,18 +231,29 @@ impl Engine {
                 capacity,
             });
         }
+        // Routing and key admission happen here, on the caller's thread, so a key's messages
+        // queue in submission order even when two batches' tasks run on different workers.
+        let table = self.shared.router.snapshot();
+        let mut start = Vec::with_capacity(n);
+        for message in messages {
+            let mut targets: Vec<Arc<Target>> =
+                table.lookup(&message.topic).into_iter().cloned().collect();
+            if let Some(only) = &message.only_function {
+                targets.retain(|t| *t.name == **only);
+            }
+            if let Some(ready) = self.shared.admit(message, targets) {
+                start.push(ready);
+            }
+        }
+        if start.is_empty() {
+            return Ok(());
+        }
         let shared = Arc::clone(&self.shared);
         // One task per batch, which spawns the calls from inside the runtime: one cross-thread
         // wake-up per batch instead of one per message.
         self.handle.spawn(async move {
-            let table = shared.router.snapshot();
-            for message in messages {
-                let mut targets: Vec<Arc<Target>> =
-                    table.lookup(&message.topic).into_iter().cloned().collect();
-                if let Some(only) = &message.only_function {
-                    targets.retain(|t| *t.name == **only);
-                }
-                Arc::clone(&shared).admit(message, targets);
+            for (message, targets) in start {
+                Arc::clone(&shared).start(message, targets);
             }
         });
         Ok(())
@@ -265,7 +276,13 @@ impl Engine {
         let table = self.shared.router.snapshot();
         topics
             .iter()
-            .map(|topic| table.lookup(topic).into_iter().map(|t| Arc::clone(&t.name)).collect())
+            .map(|topic| {
+                table
+                    .lookup(topic)
+                    .into_iter()
+                    .map(|t| Arc::clone(&t.name))
+                    .collect()
+            })
             .collect()
     }
 
@@ -343,7 +360,9 @@ impl Shared {
         let endpoint =
             Endpoint::parse(&spec.url).map_err(|e| invalid(format!("url {:?}: {e}", spec.url)))?;
         let async_endpoint = match &spec.async_url {
-            Some(url) => Some(Endpoint::parse(url).map_err(|e| invalid(format!("async url {url:?}: {e}")))?),
+            Some(url) => {
+                Some(Endpoint::parse(url).map_err(|e| invalid(format!("async url {url:?}: {e}")))?)
+            }
             None => None,
         };
         let mut extra_head = Vec::new();
@@ -392,29 +411,36 @@ impl Shared {
     }
 
     /// Starts a routed message now, or queues it behind its key.
-    fn admit(self: Arc<Self>, message: Message, targets: Vec<Arc<Target>>) {
+    /// Decides whether a routed message starts now: `Some` when it does (including unrouted
+    /// ones, which complete at once), `None` when it waits behind its key.
+    fn admit(
+        &self,
+        message: Message,
+        targets: Vec<Arc<Target>>,
+    ) -> Option<(Message, Vec<Arc<Target>>)> {
+        match message.key.clone() {
+            Some(key) if !message.resume && !targets.is_empty() => {
+                self.keys.admit(&key, (message, targets))
+            }
+            _ => Some((message, targets)),
+        }
+    }
+
+    /// Starts an admitted message: its calls, or its completion when nothing subscribes.
+    fn start(self: Arc<Self>, message: Message, targets: Vec<Arc<Target>>) {
         if targets.is_empty() {
             let token = message.token;
+            // A resumed message holds its key: give it back even though nothing was called.
             let key = message.key.clone().filter(|_| message.resume);
-            self.finish_message(
-                key,
-                Completion {
-                    token,
-                    verdict: Verdict::Unrouted,
-                    results: vec![],
-                },
-            );
+            let completion = Completion {
+                token,
+                verdict: Verdict::Unrouted,
+                results: vec![],
+            };
+            self.finish_message(key, completion);
             return;
         }
-        match message.key.clone() {
-            Some(_) if message.resume => self.launch(message, targets),
-            Some(key) => {
-                if let Some((message, targets)) = self.keys.admit(&key, (message, targets)) {
-                    self.launch(message, targets);
-                }
-            }
-            None => self.launch(message, targets),
-        }
+        self.launch(message, targets);
     }
 
     fn launch(self: Arc<Self>, message: Message, targets: Vec<Arc<Target>>) {
@@ -557,7 +583,8 @@ impl Shared {
             verdict,
             results,
         };
-        let hold = state.message.hold_key_on_retry && verdict == Verdict::Retry;
+        let hold = (state.message.hold_key_on_retry && verdict == Verdict::Retry)
+            || (state.message.hold_key_on_failure && verdict == Verdict::Failed);
         let key = state.message.key.clone().filter(|_| !hold);
         Arc::clone(self).finish_message(key, completion);
     }
@@ -596,9 +623,8 @@ fn request_head(
     delivery_attempt: u32,
     attempt: u32,
 ) -> Vec<u8> {
-    let mut head = Vec::with_capacity(
-        endpoint.head.len() + message.own.len() + target.extra_head.len() + 128,
-    );
+    let mut head =
+        Vec::with_capacity(endpoint.head.len() + message.own.len() + target.extra_head.len() + 128);
     head.extend_from_slice(&endpoint.head);
     for (name, value) in &message.passed {
         if !target.extra_names.contains(name) {
@@ -615,4 +641,145 @@ fn request_head(
     );
     head.extend_from_slice(b"\r\n");
     head
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::TcpListener;
+
+    /// Records completions for the test.
+    #[derive(Default)]
+    struct Collect(Mutex<Vec<Completion>>);
+
+    impl CompletionSink for Collect {
+        fn complete(&self, completion: Completion) {
+            self.0
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(completion);
+        }
+    }
+
+    /// A blocking HTTP/1.1 server (one thread per connection) that records each request's
+    /// `x-message-id` in arrival order and answers 200.
+    fn recording_server() -> (String, Arc<Mutex<Vec<String>>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let url = format!("http://{}/f", listener.local_addr().expect("addr"));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let record = Arc::clone(&seen);
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let record = Arc::clone(&record);
+                std::thread::spawn(move || {
+                    let mut writer = stream.try_clone().expect("clone");
+                    let mut reader = BufReader::new(stream);
+                    loop {
+                        let (mut id, mut length) = (String::new(), 0usize);
+                        loop {
+                            let mut line = String::new();
+                            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                                return;
+                            }
+                            let line = line.trim_end().to_ascii_lowercase();
+                            if line.is_empty() {
+                                break;
+                            }
+                            if let Some(v) = line.strip_prefix("x-message-id: ") {
+                                id = v.to_owned();
+                            } else if let Some(v) = line.strip_prefix("content-length: ") {
+                                length = v.parse().unwrap_or(0);
+                            }
+                        }
+                        let mut body = vec![0u8; length];
+                        if reader.read_exact(&mut body).is_err() {
+                            return;
+                        }
+                        record
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .push(id);
+                        let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                        if writer.write_all(reply).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (url, seen)
+    }
+
+    fn message(token: u64, key: Option<&'static [u8]>) -> Message {
+        Message {
+            token,
+            topic: "t".to_owned(),
+            payload: Bytes::from_static(b"x"),
+            headers: vec![],
+            message_id: token.to_string(),
+            key: key.map(Bytes::from_static),
+            delivery_attempt: 1,
+            capture: false,
+            hold_key_on_retry: false,
+            hold_key_on_failure: false,
+            resume: false,
+            only_function: None,
+            asynchronous: false,
+        }
+    }
+
+    #[test]
+    fn a_keys_messages_run_in_submission_order_across_batches() {
+        // Two workers and many tiny back-to-back batches: the batches' tasks may run in any
+        // order, yet each key's messages must reach the function in submission order.
+        let (url, seen) = recording_server();
+        let sink = Arc::new(Collect::default());
+        let config = EngineConfig {
+            workers: 2,
+            max_queued: 100_000,
+            ..EngineConfig::default()
+        };
+        let engine = Engine::new(config, sink.clone()).expect("engine");
+        let spec = TargetSpec {
+            name: "f".to_owned(),
+            url,
+            topics: vec!["t".to_owned()],
+            max_inflight: None,
+            timeout: None,
+            headers: vec![],
+            async_url: None,
+        };
+        engine.set_targets(vec![spec]).expect("targets");
+        let keys: [&'static [u8]; 3] = [b"a", b"b", b"c"];
+        let total = 600u64;
+        for token in 0..total {
+            let key = keys.get(usize::try_from(token % 3).unwrap_or(0)).copied();
+            engine.submit(vec![message(token, key)]).expect("submit");
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while sink.0.lock().map(|c| c.len()).unwrap_or(0) < total as usize
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let seen = seen.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        assert_eq!(seen.len(), total as usize, "every message delivered once");
+        for k in 0..3u64 {
+            let order: Vec<u64> = seen
+                .iter()
+                .filter_map(|id| id.parse().ok())
+                .filter(|t: &u64| t % 3 == k)
+                .collect();
+            let mut sorted = order.clone();
+            sorted.sort_unstable();
+            assert_eq!(order, sorted, "key {k} delivered out of order");
+        }
+        assert!(sink
+            .0
+            .lock()
+            .map(|c| c.iter().all(|c| c.verdict == Verdict::Ok))
+            .unwrap_or(false));
+        engine.close(Duration::from_secs(1));
+    }
 }

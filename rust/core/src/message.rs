@@ -26,6 +26,9 @@ pub struct Message {
     /// wait until the caller resubmits this one with `resume` (or calls `release_key`).
     /// This is how a source retries a message without letting its key overtake it.
     pub hold_key_on_retry: bool,
+    /// Likewise after a `Failed` verdict: for sources that keep retrying a message that failed
+    /// for good (no dead-letter destination), so the key's later messages still wait.
+    pub hold_key_on_failure: bool,
     /// This message's key is held for it by an earlier `Retry` (see `hold_key_on_retry`):
     /// start at once instead of queueing behind the key.
     pub resume: bool,

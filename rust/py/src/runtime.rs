@@ -170,19 +170,21 @@ impl Runtime {
         self.check_process(py, "set targets")?;
         let specs = targets
             .into_iter()
-            .map(|(name, url, topics, max_inflight, timeout, headers, async_url)| {
-                Ok(TargetSpec {
-                    timeout: timeout
-                        .map(|t| seconds(t, &format!("timeout of {name}")))
-                        .transpose()?,
-                    name,
-                    url,
-                    topics,
-                    max_inflight,
-                    headers,
-                    async_url,
-                })
-            })
+            .map(
+                |(name, url, topics, max_inflight, timeout, headers, async_url)| {
+                    Ok(TargetSpec {
+                        timeout: timeout
+                            .map(|t| seconds(t, &format!("timeout of {name}")))
+                            .transpose()?,
+                        name,
+                        url,
+                        topics,
+                        max_inflight,
+                        headers,
+                        async_url,
+                    })
+                },
+            )
             .collect::<PyResult<Vec<_>>>()?;
         self.engine
             .set_targets(specs)
@@ -191,7 +193,7 @@ impl Runtime {
 
     /// Accepts a batch: each item is (topic, payload, headers, message_id, key, delivery_attempt,
     /// flags, only_function) with flags = capture | hold_key_on_retry << 1 | resume << 2 |
-    /// asynchronous << 3; message `i` gets token
+    /// asynchronous << 3 | hold_key_on_failure << 4; message `i` gets token
     /// `base_token + i`. Never blocks.
     fn submit(&self, py: Python<'_>, base_token: u64, batch: &Bound<'_, PyList>) -> PyResult<()> {
         self.check_process(py, "submit")?;
@@ -215,6 +217,7 @@ impl Runtime {
                 delivery_attempt,
                 capture: flags & 1 != 0,
                 hold_key_on_retry: flags & 2 != 0,
+                hold_key_on_failure: flags & 16 != 0,
                 resume: flags & 4 != 0,
                 only_function,
                 asynchronous: flags & 8 != 0,
