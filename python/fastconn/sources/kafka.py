@@ -162,6 +162,8 @@ class KafkaConfig(BaseModel):
     retried forever instead."""
     response_topic: _NonEmpty | None = None
     """Publish every function's response here (keyed like the input)."""
+    asynchronous_invocation: bool = False
+    """Invoke functions through ``/async-function/``; the offset waits for the callbacks."""
     session_timeout: _PositiveDuration = 10.0
     heartbeat_interval: _PositiveDuration = 3.0
     max_poll_interval: _PositiveDuration = 300.0
@@ -908,7 +910,13 @@ class KafkaSource:
 
     async def _submit(self, messages: list[Message]) -> None:
         try:
-            await self._require_ctx().submit(self.name, messages, self._on_outcomes, capture=self._capture)
+            await self._require_ctx().submit(
+                self.name,
+                messages,
+                self._on_outcomes,
+                capture=self._capture,
+                asynchronous=self.config.asynchronous_invocation,
+            )
         except BaseException:
             for m in messages:
                 m.handle.partition.in_core -= 1
