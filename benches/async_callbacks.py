@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Figure, Sink, environment, run_worker  # noqa: E402
+from _common import Figure, Sink, environment, run_worker
 
 
 async def worker(url: str, n: int, inflight: int, asynchronous: bool) -> dict[str, float]:

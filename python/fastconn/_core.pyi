@@ -6,13 +6,9 @@ __version__: str
 build_profile: str
 LATENCY_BUCKETS: list[float]
 
-_TargetTuple = tuple[
-    str, str, list[str], int | None, float | None, list[tuple[str, str]], str | None
-]
+_TargetTuple = tuple[str, str, list[str], int | None, float | None, list[tuple[str, str]], str | None]
 _WireMessage = tuple[str, bytes, Sequence[tuple[str, str]], str, bytes | None, int, int, str | None]
-_ResultTuple = tuple[
-    str, int, int, int, float, float | None, bytes | None, list[tuple[str, str]] | None
-]
+_ResultTuple = tuple[str, int, int, int, float, float | None, bytes | None, list[tuple[str, str]] | None]
 _StatsTuple = tuple[str, list[tuple[str, int]], list[int], float, int, int]
 
 class Runtime:

@@ -981,7 +981,6 @@ class KafkaSource:
             self.stuck_messages -= 1
 
     def _retry_later(self, rec: _Record, outcome: Outcome) -> None:
-        message = outcome.message
         held = _holds_key(outcome)
         rec.held = held
         if not rec.stuck:
