@@ -11,7 +11,7 @@ setup:
 build:
 	$(VENV)/bin/pip install -q --no-deps -e .
 
-test: lint test-rust test-python
+test: build lint test-rust test-python
 
 test-rust:
 	cargo test --workspace --exclude fastconn-py -q
@@ -25,6 +25,7 @@ lint-python:
 	$(VENV)/bin/ruff check python tests benches
 	$(VENV)/bin/ruff format --check python tests benches
 	$(VENV)/bin/mypy
+	$(PY) -m mypy.stubtest fastconn._core
 
 lint-rust:
 	cargo fmt --all --check

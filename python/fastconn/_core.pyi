@@ -1,6 +1,9 @@
 """Type stubs for the private Rust extension. The public API is :mod:`fastconn.dispatcher`."""
 
 from collections.abc import Sequence
+from typing import final
+
+__all__ = ["LATENCY_BUCKETS", "Runtime", "__version__", "build_profile"]
 
 __version__: str
 build_profile: str
@@ -11,9 +14,10 @@ _WireMessage = tuple[str, bytes, Sequence[tuple[str, str]], str, bytes | None, i
 _ResultTuple = tuple[str, int, int, int, float, float | None, bytes | None, list[tuple[str, str]] | None]
 _StatsTuple = tuple[str, list[tuple[str, int]], list[int], float, int, int]
 
+@final
 class Runtime:
-    def __init__(
-        self,
+    def __new__(
+        cls,
         *,
         workers: int,
         max_inflight: int,
@@ -28,7 +32,7 @@ class Runtime:
         content_type: str | None,
         user_agent: str,
         authorization: str | None,
-    ) -> None: ...
+    ) -> Runtime: ...
     @property
     def pid(self) -> int: ...
     @property
