@@ -531,7 +531,8 @@ BROKEN = [
     pytest.param(
         GATEWAY + '[[sources]]\ntype = "webhook"\nnope = true\n',
         "sources[0].nope",
-        "unknown key (allowed: asynchronous_invocation, auth_token, hmac_secret, max_body_bytes, name, signature_header, type)",
+        "unknown key (allowed: asynchronous_invocation, auth_token, hmac_secret, max_body_bytes, name, "
+        "signature_header, type)",
         True,
         id="unknown-webhook-key",
     ),
