@@ -435,3 +435,14 @@ def watch_task(task: asyncio.Task[Any], log: logging.Logger, what: str) -> async
 
     task.add_done_callback(done)
     return task
+
+
+class NatsSourceOptions(NatsConnectionConfig):
+    """What both NATS sources offer besides the connection: response routing and async calls."""
+
+    response_subject: str | None = None
+    """Publish every function's result (sync response or async callback) to this subject, with
+    ``X-Function-Name``, ``X-Function-Status``, ``X-Call-Id`` and ``X-Message-Id`` headers."""
+    asynchronous_invocation: bool = False
+    """Invoke functions through ``/async-function/`` for this source's messages; the message
+    settles when the callback reports the result (``[dispatch] async_ack``)."""

@@ -58,7 +58,7 @@ from fastconn.sources._nats_common import (
     PROGRESS,
     TERM,
     AckWriter,
-    NatsConnectionConfig,
+    NatsSourceOptions,
     RateLimitedLog,
     check_subject,
     connect,
@@ -107,17 +107,11 @@ def _check_name(value: str) -> str:
     return value
 
 
-class JetStreamConfig(NatsConnectionConfig):
+class JetStreamConfig(NatsSourceOptions):
     """``[[sources]] type = "jetstream"``: a durable pull consumer (at-least-once)."""
 
     type: Literal["jetstream"] = "jetstream"
     name: str = Field(default="jetstream", min_length=1)
-    response_subject: str | None = None
-    """Publish every function's result (sync response or async callback) to this subject, with
-    ``X-Function-Name``, ``X-Function-Status``, ``X-Call-Id`` and ``X-Message-Id`` headers."""
-    asynchronous_invocation: bool = False
-    """Invoke functions through ``/async-function/`` for this source's messages; the message
-    settles when the callback reports the result (``[dispatch] async_ack``)."""
     stream: str
     create_stream: bool = False
     """Create ``stream`` (capturing ``subjects``) when it does not exist."""

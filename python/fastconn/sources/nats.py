@@ -34,7 +34,7 @@ from fastconn.message import Message, Outcome, Verdict
 from fastconn.responses import response_messages
 from fastconn.source import SourceContext
 from fastconn.sources._nats_common import (
-    NatsConnectionConfig,
+    NatsSourceOptions,
     RateLimitedLog,
     check_subject,
     connect,
@@ -50,17 +50,11 @@ _UNROUTED_STATUS = "404"
 _DRAIN_TIMEOUT = 5.0
 
 
-class NatsConfig(NatsConnectionConfig):
+class NatsConfig(NatsSourceOptions):
     """``[[sources]] type = "nats"``: core NATS subscriptions (at-most-once)."""
 
     type: Literal["nats"] = "nats"
     name: str = Field(default="nats", min_length=1)
-    response_subject: str | None = None
-    """Publish every function's result (sync response or async callback) to this subject, with
-    ``X-Function-Name``, ``X-Function-Status``, ``X-Call-Id`` and ``X-Message-Id`` headers."""
-    asynchronous_invocation: bool = False
-    """Invoke functions through ``/async-function/`` for this source's messages; the message
-    settles when the callback reports the result (``[dispatch] async_ack``)."""
     subjects: tuple[str, ...] = ()
     """Subjects to subscribe (wildcards allowed); empty: ``topics``, else the topic map's."""
     queue_group: str = "fastconn"
