@@ -145,6 +145,10 @@ class KafkaConfig(BaseModel):
     """Where a group without a committed offset starts (``oldest``/``newest`` accepted)."""
     max_bytes: Annotated[int, Field(ge=1024)] = 1048576
     """Most bytes fetched per partition per request (Kafka ``max.partition.fetch.bytes``)."""
+    fetch_max_wait: _PositiveDuration = 0.1
+    """How long the broker may hold a fetch that has no data (``fetch.max.wait.ms``). Brokers
+    that answer only when this runs out (not every Kafka-protocol server wakes a waiting fetch
+    on new data) add up to this much latency to the first message of a burst."""
     ordering: Literal["key", "partition", "none"] = "key"
     max_pending_per_partition: Annotated[int, Field(ge=1)] = 1000
     """Messages of one partition fetched and not yet below its committed watermark (in flight,
@@ -346,6 +350,7 @@ def consumer_options(config: KafkaConfig) -> dict[str, Any]:
         "enable_auto_commit": False,
         "auto_offset_reset": config.initial_offset,
         "max_partition_fetch_bytes": config.max_bytes,
+        "fetch_max_wait_ms": int(config.fetch_max_wait * 1000),
         "fetch_max_bytes": max(52428800, config.max_bytes),
         "session_timeout_ms": int(config.session_timeout * 1000),
         "heartbeat_interval_ms": int(config.heartbeat_interval * 1000),
