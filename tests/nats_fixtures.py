@@ -12,13 +12,8 @@ A missing ``nats-server`` binary is a failure, not a skip (set-up installs it).
 from __future__ import annotations
 
 import contextlib
-import shutil
-import socket
-import subprocess
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,59 +21,30 @@ import nats
 import pytest
 from nats.aio.client import Client
 
-from fastconn.testing import FunctionDouble, free_port
+from fastconn.testing import FunctionDouble, ServerProcess, free_port, nats_server_command
 
-NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 TOKEN = "s3cret-token"
 
 
-@dataclass
-class NatsServer:
-    url: str
-    port: int
-    process: subprocess.Popen[bytes]
-    log_path: Path
+class NatsServer(ServerProcess):
+    """A running ``nats-server -js``; ``url`` is its client URL."""
 
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
 
 
 def start_nats_server(workdir: Path, *args: str, port: int | None = None) -> NatsServer:
     """Starts ``nats-server -js`` on a free port (or ``port``) with its store in ``workdir``;
     waits until it accepts connections. The same ``workdir`` again restarts with the same store."""
-    if not Path(NATS_SERVER).exists():
-        pytest.fail(f"nats-server not found ({NATS_SERVER}): run scripts/setup.sh", pytrace=False)
     port = port or free_port()
     store = workdir / "store"
     store.mkdir(parents=True, exist_ok=True)
-    log_path = workdir / "nats-server.log"
-    with log_path.open("ab") as log:
-        process = subprocess.Popen(
-            [NATS_SERVER, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(store), *args],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    server = NatsServer(f"nats://127.0.0.1:{port}", port, process, log_path)
-    deadline = time.monotonic() + 10
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"nats-server exited with {process.returncode}:\n{server.output()}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            break
-        if time.monotonic() > deadline:
-            server.stop()
-            raise RuntimeError(f"nats-server did not listen on {port}:\n{server.output()}")
-        time.sleep(0.02)
-    return server
+    try:
+        argv = nats_server_command(port, store, *args)
+    except FileNotFoundError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    return NatsServer("nats-server", argv, port, workdir / "nats-server.log")
 
 
 @pytest.fixture(scope="session")

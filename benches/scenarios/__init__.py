@@ -1,0 +1,16 @@
+"""One module per scenario, each with ``async def run(ctx) -> list[ScenarioResult]``.
+Modules starting with ``_`` are shared plumbing."""
+
+SCENARIOS: dict[str, str] = {
+    "dispatch": "scenarios.dispatch",
+    "webhook": "scenarios.webhook",
+    "nats": "scenarios.nats",
+    "jetstream": "scenarios.jetstream",
+    "kafka": "scenarios.kafka",
+    "async-callback": "scenarios.async_callback",
+    "fanout": "scenarios.fanout",
+    "backpressure": "scenarios.backpressure",
+    "scaling": "scenarios.scaling",
+    "bridge": "scenarios.bridge",
+}
+"""Scenario name → module, in the order a full run goes."""

@@ -1,0 +1,214 @@
+"""The naive Python pipelines fastconn is compared with: what a competent developer writes
+with the usual asyncio libraries in an afternoon. Same in-flight bound as fastconn (a
+semaphore of ``--inflight`` calls on the wire), one aiohttp session with a keep-alive pool of
+that size, uvloop. Run from ``benches/`` as ``python -m scenarios._pipelines KIND ...``;
+prints ``ready`` once it consumes, runs until SIGTERM.
+
+* ``webhook``: an aiohttp server; ``POST /webhook/<topic>`` answers 202 once the call is
+  started (waiting for a free slot first, which is its backpressure).
+* ``nats``: a nats-py subscription whose callback waits for a slot and starts the call.
+* ``jetstream``: a nats-py pull subscription (fetch, call, ack after success).
+* ``kafka``: aiokafka ``getmany``, call every record, commit after the batch succeeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import uvloop
+
+
+class Forwarder:
+    """Calls every function for a message with at most ``inflight`` calls on the wire."""
+
+    def __init__(self, sink: str, inflight: int, fanout: int) -> None:
+        self.urls = [f"{sink}/function/f{i}" for i in range(fanout)]
+        self.slots = asyncio.Semaphore(inflight)
+        self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=inflight))
+        self.failed = 0
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def _call(self, url: str, topic: str, body: bytes) -> bool:
+        try:
+            headers = {"Content-Type": "text/plain", "X-Topic": topic}
+            async with self.http.post(url, data=body, headers=headers) as r:
+                await r.read()
+                return r.status == 200
+        finally:
+            self.slots.release()
+
+    async def start(
+        self, topic: str, body: bytes, done: Callable[[bool], Awaitable[None]] | None = None
+    ) -> None:
+        """Waits for slots (backpressure), then starts the calls; ``done(ok)`` after all."""
+        calls = []
+        for url in self.urls:
+            await self.slots.acquire()
+            calls.append(asyncio.ensure_future(self._call(url, topic, body)))
+
+        async def finish() -> None:
+            ok = all(await asyncio.gather(*calls))
+            if not ok:
+                self.failed += 1
+            if done is not None:
+                await done(ok)
+
+        task = asyncio.create_task(finish())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def close(self) -> None:
+        if self.tasks:
+            await asyncio.wait(self.tasks, timeout=5)
+        await self.http.close()
+
+
+async def webhook(args: argparse.Namespace, fwd: Forwarder, stop: asyncio.Event) -> None:
+    from aiohttp import web
+
+    accepted = 0
+
+    async def handle(request: web.Request) -> web.Response:
+        nonlocal accepted
+        body = await request.read()
+        await fwd.start(request.match_info["topic"], body)
+        accepted += 1
+        return web.Response(status=202, text="accepted\n")
+
+    async def count(_request: web.Request) -> web.Response:
+        return web.Response(text=str(accepted))
+
+    app = web.Application()
+    app.router.add_post("/webhook/{topic}", handle)
+    app.router.add_get("/count", count)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", args.port).start()
+    ready()
+    await stop.wait()
+    await runner.cleanup()
+
+
+async def nats_core(args: argparse.Namespace, fwd: Forwarder, stop: asyncio.Event) -> None:
+    import nats
+
+    nc = await nats.connect(args.server)
+
+    async def on_message(msg: Any) -> None:
+        await fwd.start(msg.subject, msg.data)
+
+    await nc.subscribe(args.subject, queue="baseline", cb=on_message)
+    await nc.flush()
+    ready()
+    await stop.wait()
+    await nc.close()
+
+
+async def jetstream(args: argparse.Namespace, fwd: Forwarder, stop: asyncio.Event) -> None:
+    import nats
+    from nats.errors import TimeoutError as NatsTimeout
+    from nats.js.api import ConsumerConfig, DeliverPolicy
+
+    nc = await nats.connect(args.server)
+    js = nc.jetstream()
+    sub = await js.pull_subscribe(
+        args.subject,
+        durable=args.group,
+        stream=args.stream,
+        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, max_ack_pending=1000),
+    )
+    ready()
+    while not stop.is_set():
+        try:
+            messages = await sub.fetch(args.inflight, timeout=0.5)
+        except NatsTimeout:
+            continue
+        for msg in messages:
+
+            async def settle(ok: bool, msg: Any = msg) -> None:
+                await (msg.ack() if ok else msg.nak())
+
+            await fwd.start(msg.subject, msg.data, settle)
+    await nc.close()
+
+
+async def kafka(args: argparse.Namespace, fwd: Forwarder, stop: asyncio.Event) -> None:
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(
+        *args.topic,
+        bootstrap_servers=args.server,
+        group_id=args.group,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    ready()
+    try:
+        while not stop.is_set():
+            batch = await consumer.getmany(timeout_ms=200, max_records=500)
+            records = [record for part in batch.values() for record in part]
+            if not records:
+                continue
+            tracker = BatchTracker(len(records))
+            for record in records:
+                await fwd.start(record.topic, record.value, tracker.settle)
+            await tracker.finished.wait()
+            if tracker.ok:  # commit only what succeeded: a failure is read again
+                await consumer.commit()
+    finally:
+        await consumer.stop()
+
+
+class BatchTracker:
+    """Counts a fetched batch's calls down; the batch is committed once all succeeded."""
+
+    def __init__(self, total: int) -> None:
+        self.left = total
+        self.ok = True
+        self.finished = asyncio.Event()
+
+    async def settle(self, ok: bool) -> None:
+        self.ok &= ok
+        self.left -= 1
+        if self.left == 0:
+            self.finished.set()
+
+
+def ready() -> None:
+    print("ready", flush=True)
+
+
+async def main(args: argparse.Namespace) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    fwd = Forwarder(args.sink, args.inflight, args.fanout)
+    run = {"webhook": webhook, "nats": nats_core, "jetstream": jetstream, "kafka": kafka}[args.kind]
+    try:
+        await run(args, fwd, stop)
+    finally:
+        with contextlib.suppress(Exception):
+            await fwd.close()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("kind", choices=["webhook", "nats", "jetstream", "kafka"])
+    parser.add_argument("--sink", required=True)
+    parser.add_argument("--inflight", type=int, default=64)
+    parser.add_argument("--fanout", type=int, default=1)
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--server", default="")
+    parser.add_argument("--subject", default="")
+    parser.add_argument("--stream", default="")
+    parser.add_argument("--group", default="baseline")
+    parser.add_argument("--topic", action="append", default=[])
+    uvloop.run(main(parser.parse_args()))

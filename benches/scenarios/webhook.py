@@ -1,0 +1,125 @@
+"""``webhook``: HTTP events → function. wrk POSTs N events (as fast as the server answers,
+on ``inflight`` connections) to the daemon's ``/webhook/<topic>``; the baseline is an aiohttp
+server forwarding with an aiohttp client under the same bound. The window ends when the sink
+has every event the server accepted (its own count: fastconn's ``received`` metric, the
+baseline's ``/count``), so a 503 (refused under backpressure) is not counted as delivered."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from _common import proc_cpu_seconds, stamped_payload
+from scenarios._base import (
+    Context,
+    CpuMeter,
+    ScenarioResult,
+    System,
+    Window,
+    alternate,
+    delivery_timeout,
+    http_bound_messages,
+    warm_up,
+)
+from scenarios._process import ProcessSystem, Running, daemon_config, start_daemon, start_pipeline
+from scenarios._wrk import WrkCeiling, run_wrk
+
+TOPIC = "bench"
+
+
+@dataclass
+class WebhookFeed:
+    payload: int
+    fanout: int = 1
+    url: str = ""
+    refused: list[int] = field(default_factory=list)
+
+    async def prepare_round(self, ctx: Context, round_id: int) -> None:
+        pass
+
+    async def _post(self, body: bytes) -> None:
+        async with aiohttp.ClientSession() as http, http.post(self.url, data=body) as r:
+            await r.read()
+
+    @staticmethod
+    async def _delivered(ctx: Context, n: int) -> bool:
+        return await ctx.sink.count() >= n
+
+    async def throughput(self, ctx: Context, process: Running) -> tuple[Window, int]:
+        self.url = f"{process.url}/webhook/{TOPIC}"
+        await warm_up(ctx, lambda: self._post(b"warm-up"))
+        before = await process.accepted()
+        n = http_bound_messages(ctx.options.messages)
+        meter = CpuMeter(ctx, process.pid)
+        meter.start()
+        cpu0, t0 = proc_cpu_seconds(process.pid), time.perf_counter()
+        result = await run_wrk(
+            self.url,
+            ctx.options.workdir,
+            payload=self.payload,
+            connections=ctx.options.inflight,
+            seconds=delivery_timeout(n),
+            stop_after=n,
+            until=lambda: self._delivered(ctx, n),
+        )
+        accepted = await process.accepted() - before
+        deadline = time.monotonic() + 30
+        while (count := await ctx.sink.count()) < accepted:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the sink received {count:,} of {accepted:,} accepted events")
+            await asyncio.sleep(0.005)
+        t1, cpu1, busy = time.perf_counter(), proc_cpu_seconds(process.pid), meter.stop()
+        if accepted < n:
+            raise RuntimeError(f"wrk got {result.requests:,} answers but the server accepted {accepted:,}")
+        self.refused.append(result.errors.get("status", 0))
+        await asyncio.sleep(0.3)
+        excess = await ctx.sink.count() - accepted
+        return Window(t1 - t0, accepted, cpu1 - cpu0, busy), excess
+
+    async def probe(self, n: int, rate: float) -> None:
+        async with aiohttp.ClientSession() as http:
+
+            async def post() -> None:
+                async with http.post(self.url, data=stamped_payload(self.payload)) as r:
+                    await r.read()
+
+            started = time.perf_counter()
+            tasks: list[asyncio.Task[None]] = []
+            while len(tasks) < n:
+                due = min(n, int((time.perf_counter() - started) * rate) + 1)
+                tasks.extend(asyncio.create_task(post()) for _ in range(due - len(tasks)))
+                await asyncio.sleep(0.002)
+            await asyncio.gather(*tasks)
+
+
+async def run(ctx: Context) -> list[ScenarioResult]:
+    o = ctx.options
+    result = ScenarioResult(
+        "webhook",
+        "webhook (HTTP POST) → function",
+        {"messages": http_bound_messages(o.messages), "payload": o.payload, "inflight": o.inflight},
+    )
+    feed = WebhookFeed(o.payload)
+
+    async def fastconn(ctx: Context, _round: int) -> Running:
+        return await start_daemon(ctx, daemon_config(ctx, [TOPIC], [{"type": "webhook"}]))
+
+    async def baseline(ctx: Context, _round: int) -> Running:
+        return await start_pipeline(ctx, "webhook", [])
+
+    systems: list[System] = [
+        ProcessSystem("fastconn", "fastconn daemon (webhook source)", feed, fastconn),
+        ProcessSystem(
+            "baseline", f"aiohttp server + aiohttp client ({o.inflight} in flight)", feed, baseline
+        ),
+        WrkCeiling(o.payload, o.inflight),
+    ]
+    await alternate(ctx, result, systems)
+    if any(feed.refused):
+        result.notes.append(
+            f"503 answers (refused under backpressure, retried by nobody) per round: {feed.refused}"
+        )
+    return [result]
