@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup build test test-rust test-python lint lint-python lint-rust bench bench-quick demo clean
+.PHONY: setup build test test-rust test-python lint lint-python lint-rust bench bench-quick bench-readme demo clean
 
 setup:
 	./scripts/setup.sh
@@ -36,6 +36,10 @@ bench:
 
 bench-quick:
 	$(PY) -m fastconn bench --quick
+
+# Writes the last run's table into the README (between its BENCH-TABLE markers).
+bench-readme:
+	$(PY) benches/report.py bench-results/results.json --readme README.md
 
 demo:
 	$(PY) -m fastconn demo

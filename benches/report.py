@@ -274,14 +274,34 @@ def _chart_label(r: ScenarioResult) -> str:
     return r.name
 
 
-if __name__ == "__main__":
-    import sys
+README_START = "<!-- BENCH-TABLE -->"
+README_END = "<!-- /BENCH-TABLE -->"
 
-    source = (
-        Path(sys.argv[1])
-        if len(sys.argv) > 1
-        else Path(__file__).resolve().parent.parent / "bench-results" / "results.json"
+
+def update_readme(readme: Path, table: str) -> None:
+    """Replaces what stands between the README's BENCH-TABLE markers with ``table``."""
+    text = readme.read_text()
+    start, end = text.index(README_START) + len(README_START), text.index(README_END)
+    readme.write_text(f"{text[:start]}\n{table.strip()}\n{text[end:]}")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Render a saved run's markdown and chart again.")
+    parser.add_argument(
+        "results",
+        nargs="?",
+        type=Path,
+        default=Path(__file__).resolve().parent.parent / "bench-results" / "results.json",
     )
-    environment_, options_, results_ = load(source)
-    for written in render(source.parent, environment_, options_, results_):
+    parser.add_argument(
+        "--readme", type=Path, help="also write the table into this README's BENCH-TABLE block"
+    )
+    args = parser.parse_args()
+    environment_, options_, results_ = load(args.results)
+    for written in render(args.results.parent, environment_, options_, results_):
         print(f"wrote {written}")
+    if args.readme is not None:
+        update_readme(args.readme, markdown(results_, environment_, options_))
+        print(f"updated {args.readme}")
