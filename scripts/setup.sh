@@ -7,9 +7,7 @@ cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v nats-server >/dev/null || need_apt+=(nats-server)
-command -v mosquitto >/dev/null || need_apt+=(mosquitto)
 command -v wrk >/dev/null || need_apt+=(wrk)
-command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need_apt+=(nginx-light)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}"
   if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
