@@ -114,7 +114,7 @@ class Daemon:
             dispatcher=self.dispatcher,
             metrics=self.metrics,
             app=self.admin.app,
-            wait_ready=self._wait_ready,
+            wait_ready=self.sync.wait_ready,
             default_topics=tuple(config.topics),
             print_request_body=config.dispatch.print_request_body,
             startup_wait=gateway.startup_wait if gateway else 0.0,
@@ -140,15 +140,6 @@ class Daemon:
         self.metrics.topic_map_functions.set(len(targets))
         self.ctx.publish_topics(tuple(sorted({topic for t in targets for topic in t.topics})))
         log.info("topic map: %d function(s), %d topic(s)", len(targets), len(self.ctx.subscribed_topics))
-
-    async def _wait_ready(self, timeout: float) -> bool:
-        if self.sync.ready.is_set():
-            return True
-        try:
-            await asyncio.wait_for(self.sync.ready.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
 
     def _readiness(self) -> tuple[bool, str]:
         if not self.sync.ready.is_set():

@@ -442,6 +442,8 @@ class TopicMapSync:
 
     async def wait_ready(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for the first successful build; True if it happened."""
+        if self.ready.is_set():  # the common case, asked per message batch: no timer
+            return True
         try:
             async with asyncio.timeout(timeout):
                 await self.ready.wait()
