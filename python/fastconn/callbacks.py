@@ -36,7 +36,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -92,6 +92,17 @@ class CallbackMetrics:
             "fastconn_pending_callbacks", "Async calls waiting for their callback", registry=r
         )
         self.rejected = Counter("fastconn_callback_rejected", "Callbacks refused", ["reason"], registry=r)
+        self._received: dict[tuple[str, int], Any] = {}
+
+    def received(self, function: str, status: int) -> Any:
+        """The labelled callback counter, looked up once per (function, status): ``labels()``
+        costs microseconds and this runs per callback."""
+        child = self._received.get((function, status))
+        if child is None:
+            child = self._received[(function, status)] = self.callbacks.labels(
+                function=function, status=str(status)
+            )
+        return child
 
 
 @dataclass(slots=True, eq=False)
@@ -289,7 +300,7 @@ class Callbacks:
             return web.json_response({"error": f"missing or invalid {_STATUS}"}, status=400)
         body = await request.read()
         latency = time.monotonic() - call.invoked_at
-        self.metrics.callbacks.labels(function=call.function, status=str(status)).inc()
+        self.metrics.received(call.function, status).inc()
         self.metrics.latency.observe(latency)
         headers = tuple((k, v) for k, v in request.headers.items())
         result = TargetResult(
