@@ -437,6 +437,15 @@ def watch_task(task: asyncio.Task[Any], log: logging.Logger, what: str) -> async
     return task
 
 
+def check_subjects(value: tuple[str, ...]) -> tuple[str, ...]:
+    """Validates a list of subscription subjects (wildcards allowed)."""
+    for subject in value:
+        problem = check_subject(subject)
+        if problem:
+            raise ValueError(f"subject {subject!r} {problem}")
+    return value
+
+
 class NatsSourceOptions(NatsConnectionConfig):
     """What both NATS sources offer besides the connection: response routing and async calls."""
 
@@ -446,3 +455,11 @@ class NatsSourceOptions(NatsConnectionConfig):
     asynchronous_invocation: bool = False
     """Invoke functions through ``/async-function/`` for this source's messages; the message
     settles when the callback reports the result (``[dispatch] async_ack``)."""
+
+    @field_validator("response_subject")
+    @classmethod
+    def _check_response_subject(cls, value: str | None) -> str | None:
+        problem = check_subject(value, wildcards=False) if value is not None else None
+        if problem:
+            raise ValueError(f"subject {value!r} {problem}")
+        return value

@@ -61,6 +61,7 @@ from fastconn.sources._nats_common import (
     NatsSourceOptions,
     RateLimitedLog,
     check_subject,
+    check_subjects,
     connect,
     http_headers,
     nak,
@@ -143,11 +144,7 @@ class JetStreamConfig(NatsSourceOptions):
     @field_validator("subjects")
     @classmethod
     def _check_subjects(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for subject in value:
-            problem = check_subject(subject)
-            if problem:
-                raise ValueError(f"subject {subject!r} {problem}")
-        return value
+        return check_subjects(value)
 
     @field_validator("dead_letter_subject")
     @classmethod

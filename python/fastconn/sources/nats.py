@@ -37,6 +37,7 @@ from fastconn.sources._nats_common import (
     NatsSourceOptions,
     RateLimitedLog,
     check_subject,
+    check_subjects,
     connect,
     http_headers,
     minimal_subjects,
@@ -68,11 +69,7 @@ class NatsConfig(NatsSourceOptions):
     @field_validator("subjects")
     @classmethod
     def _check_subjects(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for subject in value:
-            problem = check_subject(subject)
-            if problem:
-                raise ValueError(f"subject {subject!r} {problem}")
-        return value
+        return check_subjects(value)
 
     @field_validator("queue_group")
     @classmethod
