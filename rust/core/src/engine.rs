@@ -300,11 +300,6 @@ impl Engine {
         self.shared.config.max_queued
     }
 
-    /// Number of functions in the current table.
-    pub fn target_count(&self) -> usize {
-        self.shared.router.snapshot().len()
-    }
-
     pub fn stats(&self) -> Vec<StatsSnapshot> {
         let stats = self
             .shared

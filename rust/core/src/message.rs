@@ -114,17 +114,6 @@ pub struct Completion {
     pub results: Vec<TargetResult>,
 }
 
-impl Completion {
-    /// The largest `Retry-After` among the targets that still need a retry.
-    pub fn retry_after(&self) -> Option<Duration> {
-        self.results
-            .iter()
-            .filter(|r| r.verdict == Verdict::Retry)
-            .filter_map(|r| r.retry_after)
-            .max()
-    }
-}
-
 /// Where completions go. Called from tokio worker threads; implementations must not block
 /// (the binding pushes onto a queue and writes an eventfd at most once per drain).
 pub trait CompletionSink: Send + Sync + 'static {

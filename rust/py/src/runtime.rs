@@ -145,11 +145,6 @@ impl Runtime {
     }
 
     #[getter]
-    fn target_count(&self) -> usize {
-        self.engine.target_count()
-    }
-
-    #[getter]
     fn busy_keys(&self) -> usize {
         self.engine.busy_keys()
     }
