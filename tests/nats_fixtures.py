@@ -1,10 +1,12 @@
 """Fixtures for the NATS and JetStream tests: a real ``nats-server`` (JetStream on, store in a
-temp folder) on a free port, shared by the session; one with token auth; a function double;
+temp folder) on a free port, shared by the session; one with token auth;
 helpers to build daemon configs and JetStream state.
 
 Import the fixtures explicitly in a test module::
 
-    from nats_fixtures import function_double, nats_server  # noqa: F401
+    from nats_fixtures import nats_server  # noqa: F401
+
+(the ``function_double`` fixture comes from ``conftest.py``).
 
 A missing ``nats-server`` binary is a failure, not a skip (set-up installs it).
 """
@@ -59,12 +61,6 @@ def nats_token_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nats
     server = start_nats_server(tmp_path_factory.mktemp("nats-auth"), "--auth", TOKEN)
     yield server
     server.stop()
-
-
-@pytest.fixture
-async def function_double() -> AsyncIterator[FunctionDouble]:
-    async with FunctionDouble() as double:
-        yield double
 
 
 @contextlib.asynccontextmanager

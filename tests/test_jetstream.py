@@ -18,13 +18,12 @@ from nats_fixtures import (
     NatsServer,
     connected,
     daemon_config,
-    function_double,
     nats_server,
     start_nats_server,
     unique,
 )
 
-__all__ = ["function_double", "nats_server"]  # fixtures, used by name
+__all__ = ["nats_server"]  # fixtures, used by name
 
 
 def js_source(server: NatsServer, stream: str, subjects: list[str], **options: Any) -> dict[str, Any]:

@@ -22,13 +22,12 @@ from nats_fixtures import (
     NatsServer,
     connected,
     daemon_config,
-    function_double,
     nats_server,
     nats_token_server,
     unique,
 )
 
-__all__ = ["function_double", "nats_server", "nats_token_server"]  # fixtures, used by name
+__all__ = ["nats_server", "nats_token_server"]  # fixtures, used by name
 
 SLOW_CONSUMER = 'fastconn_source_errors_total{kind="slow_consumer",source="nats"}'
 
