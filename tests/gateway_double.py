@@ -150,6 +150,9 @@ class _Script:
     callback_delays: list[float] = field(default_factory=lambda: [0.0])
     callback_copies: list[int] = field(default_factory=lambda: [1])
     """0 loses the callback, 2+ duplicates it (at-least-once delivery)."""
+    accept_statuses: list[int] = field(default_factory=lambda: [202])
+    """The answer of ``/async-function/`` itself per request: 202 queues the call; anything else
+    (a gateway whose queue is unavailable answers 5xx) queues nothing."""
 
 
 @dataclass
@@ -158,7 +161,9 @@ class _FunctionState:
     calls: int = 0
     """Function invocations so far (sync and async share it: async runs the same function)."""
     async_calls: int = 0
-    """``/async-function/`` requests so far; indexes the queue/callback knobs."""
+    """Async calls queued (202) so far; indexes the queue/callback knobs."""
+    async_requests: int = 0
+    """``/async-function/`` requests so far, queued or not; indexes ``accept_statuses``."""
 
 
 @dataclass(frozen=True)
@@ -289,6 +294,7 @@ class GatewayDouble:
         queue_delay: float | Sequence[float] = 0.0,
         callback_delay: float | Sequence[float] = 0.0,
         callback_copies: int | Sequence[int] = 1,
+        accept_statuses: int | Sequence[int] = 202,
     ) -> None:
         """Set how function ``name`` (``fn`` or ``fn.ns``) behaves from its next call on.
 
@@ -296,6 +302,7 @@ class GatewayDouble:
         :meth:`release_hangs` or :meth:`stop`. ``queue_delay`` is the async queueing delay before
         the function runs, ``callback_delay`` the delay before the callback POST, and
         ``callback_copies`` how many times the callback is POSTed (0 = lost, 2 = duplicated).
+        ``accept_statuses`` is what ``/async-function/`` answers per request (202 = queued).
         The call counter restarts, so the new sequences start from their first element.
         """
         script = _Script(
@@ -307,6 +314,7 @@ class GatewayDouble:
             queue_delays=_as_list(queue_delay),
             callback_delays=_as_list(callback_delay),
             callback_copies=_as_list(callback_copies),
+            accept_statuses=_as_list(accept_statuses),
         )
         self._states[self._resolve(name)] = _FunctionState(script=script)
 
@@ -429,6 +437,10 @@ class GatewayDouble:
         # Like the gateway's CallID middleware: honour the caller's id, else mint one.
         call_id = request.headers.get("X-Call-Id") or str(uuid.uuid4())
         state = self._state(called_as)
+        accept = _pick(state.script.accept_statuses, state.async_requests)
+        state.async_requests += 1
+        if accept != 202:
+            return web.Response(status=accept, text="the async queue is unavailable")
         attempt = state.async_calls
         state.async_calls += 1
         task = asyncio.create_task(self._complete_async(called_as, call_id, recorded, callback_url, attempt))

@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from fastconn.dispatcher import Dispatcher
 from fastconn.errors import ConfigError, RegistryError
 from fastconn.functions import FunctionTarget
 from fastconn.registry import GatewayRegistry, TopicMapSync, parse_topics, static_targets
@@ -266,6 +267,35 @@ async def test_bad_fastconn_annotations_fall_back_and_warn_once(
     assert len(warnings) == 2, warnings
     assert "fastconn.max_inflight" in warnings[0]
     assert "fastconn.timeout" in warnings[1]
+
+
+@pytest.mark.parametrize("value", [str(2**61), str(2**64), "-3"])
+async def test_an_out_of_range_max_inflight_annotation_costs_only_itself(
+    gw: GatewayDouble, session: aiohttp.ClientSession, value: str
+) -> None:
+    """2**61 once panicked inside the core's semaphore and froze the topic map: now it is
+    reported and ignored, and the table (with the healthy function) reaches the core."""
+    gw.set_functions(
+        [
+            FunctionSpec("huge", topic="t", annotations={"fastconn.max_inflight": value}),
+            FunctionSpec("fine", topic="t"),
+        ]
+    )
+    targets = await registry(gw, session).fetch()
+    assert {t.name: t.max_inflight for t in targets} == {
+        f"huge.{DEFAULT_NAMESPACE}": None,
+        f"fine.{DEFAULT_NAMESPACE}": None,
+    }
+    async with Dispatcher() as dispatcher:
+        dispatcher.set_functions(targets)
+        assert sorted(f.name for f in dispatcher.functions) == sorted(t.name for t in targets)
+
+
+async def test_the_core_refuses_an_out_of_range_bound_with_an_exception_not_a_panic() -> None:
+    async with Dispatcher() as dispatcher:
+        target = FunctionTarget("f", ("t",), "http://127.0.0.1:9/f", max_inflight=2**61)
+        with pytest.raises(ValueError, match="max_inflight must be between 1 and"):
+            dispatcher.set_functions([target])
 
 
 async def test_basic_auth_accepted(session: aiohttp.ClientSession) -> None:

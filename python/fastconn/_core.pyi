@@ -3,14 +3,27 @@
 from collections.abc import Sequence
 from typing import final
 
-__all__ = ["LATENCY_BUCKETS", "Runtime", "__version__", "build_profile"]
+__all__ = [
+    "HOP_BY_HOP_HEADERS",
+    "LATENCY_BUCKETS",
+    "MAX_INFLIGHT",
+    "RESERVED_HEADERS",
+    "Runtime",
+    "__version__",
+    "build_profile",
+]
 
 __version__: str
 build_profile: str
 LATENCY_BUCKETS: list[float]
+RESERVED_HEADERS: list[str]
+HOP_BY_HOP_HEADERS: list[str]
+MAX_INFLIGHT: int
 
 _TargetTuple = tuple[str, str, list[str], int | None, float | None, list[tuple[str, str]], str | None]
-_WireMessage = tuple[str, bytes, Sequence[tuple[str, str]], str, bytes | None, int, int, str | None]
+_WireMessage = tuple[
+    str, bytes, Sequence[tuple[str, str]], str, bytes | None, int, int, str | None, Sequence[tuple[str, str]]
+]
 _ResultTuple = tuple[str, int, int, int, float, float | None, bytes | None, list[tuple[str, str]] | None]
 _StatsTuple = tuple[str, list[tuple[str, int]], list[int], float, int, int]
 
@@ -47,10 +60,10 @@ class Runtime:
     def closed(self) -> bool: ...
     @property
     def busy_keys(self) -> int: ...
-    def release_key(self, key: bytes) -> None: ...
+    def release_key(self, key: bytes) -> bool: ...
     def set_targets(self, targets: list[_TargetTuple]) -> None: ...
     def submit(self, base_token: int, batch: list[_WireMessage]) -> None: ...
-    def drain(self) -> list[tuple[int, int, tuple[_ResultTuple, ...]]]: ...
+    def drain(self) -> list[tuple[int, int, tuple[_ResultTuple, ...], bool]]: ...
     def route(self, topics: list[str]) -> list[list[str]]: ...
     def stats(self) -> list[_StatsTuple]: ...
     def close(self, timeout: float) -> int: ...

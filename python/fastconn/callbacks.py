@@ -19,6 +19,17 @@ fails later is lost. Here:
   202 counts: any other answer from ``/async-function/`` is a failed call).
 * Pending calls are bounded by ``max_pending_callbacks``: when full, new async invocations wait,
   which is backpressure to the source like any other.
+* Every (message, function) settles exactly once: a callback *claims* its call (removes it from
+  the pending map) before anything awaits, so concurrent duplicates, a late callback racing the
+  timeout sweep, or a retried callback after a re-invocation cannot settle it twice.
+* Key ordering: a message with an ordering key first takes a *lease* on the key in the core (it
+  waits behind the key's earlier messages like any message), then all its calls run holding the
+  key, and the key is released only when the message settles, i.e. after the last callback. An
+  async function's 202 does not let the key's next message start. The composite outcome's
+  ``key_held`` says whether the key stays held for the source (its own ``hold_key_on_*`` flags).
+
+This layer sits *on top of* the dispatcher and uses only its public interface
+(:class:`CallTransport`); it does not import the dispatcher.
 """
 
 from __future__ import annotations
@@ -36,17 +47,14 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from fastconn.message import ErrorKind, Message, Outcome, TargetResult, Verdict
+from fastconn.message import ErrorKind, Message, Outcome, OutcomeCallback, TargetResult, Verdict
 
-if TYPE_CHECKING:
-    from fastconn.dispatcher import Dispatcher, OutcomeCallback
-
-__all__ = ["AckMode", "CallbackMetrics", "CallbackSettings", "Callbacks"]
+__all__ = ["AckMode", "CallTransport", "CallbackMetrics", "CallbackSettings", "Callbacks"]
 
 log = logging.getLogger("fastconn.callbacks")
 
@@ -54,11 +62,26 @@ AckMode = Literal["on_callback", "on_accept"]
 
 # Callback headers set by the OpenFaaS gateway (queue worker).
 _CALL_ID = "X-Call-Id"
+_CALLBACK_URL = "X-Callback-Url"
 _STATUS = "X-Function-Status"
-_DURATION = "X-Duration-Seconds"
-_FUNCTION = "X-Function-Name"
 _SETTLED_MEMORY = 65536
 """Recently settled call ids remembered to answer duplicates with 409 rather than 404."""
+
+
+class CallTransport(Protocol):
+    """What the async layer needs from the dispatcher below it."""
+
+    async def reserve(self, n: int) -> None: ...
+
+    def submit_reserved(
+        self, messages: Sequence[Message], on_outcomes: OutcomeCallback, *, capture: bool, observe: bool
+    ) -> None: ...
+
+    def release_capacity(self, n: int) -> None: ...
+
+    def release_key(self, key: bytes) -> bool: ...
+
+    def deliver_final(self, callback: OutcomeCallback, outcomes: list[Outcome]) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,13 +130,37 @@ class CallbackMetrics:
 
 @dataclass(slots=True, eq=False)
 class _Composite:
-    """One source message split into targeted calls; settles when all have final results."""
+    """One source message split into targeted calls; settles when every function has its final
+    result, exactly once per function."""
 
     message: Message
     message_id: str
     callback: OutcomeCallback
-    waiting: int
-    results: list[TargetResult] = field(default_factory=list)
+    functions: tuple[str, ...]
+    async_functions: frozenset[str]
+    capture: bool
+    owns_key: bool = False
+    """The layer holds the message's ordering key in the core (a lease, or the source resumed a
+    key held for this message) and must release it, or report it held, when settling."""
+    results: dict[str, TargetResult | None] = field(default_factory=dict)
+    in_core: int = 0
+    """Calls handed to the core whose completion has not been drained yet. A callback can arrive
+    before the core has finished with the call's 202; the key it holds is released (and the
+    message settled) only once the core is done with every call."""
+    settled: bool = False
+
+
+@dataclass(slots=True, eq=False)
+class _Lease:
+    """The key lease of a composite: its calls start when the core grants the key."""
+
+    composite: _Composite
+
+
+@dataclass(slots=True, eq=False)
+class _SyncCall:
+    composite: _Composite
+    function: str
 
 
 @dataclass(slots=True, eq=False)
@@ -145,13 +192,15 @@ class Callbacks:
     """Splits async messages into calls, tracks pending calls, receives callbacks."""
 
     def __init__(
-        self, dispatcher: Dispatcher, settings: CallbackSettings, metrics: CallbackMetrics | None = None
+        self, transport: CallTransport, settings: CallbackSettings, metrics: CallbackMetrics | None = None
     ) -> None:
-        self.dispatcher = dispatcher
+        self.transport = transport
         self.settings = settings
         self.metrics = metrics or CallbackMetrics()
         self._calls: dict[str, _Call] = {}
         self._settled: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._reading: set[str] = set()
+        """Calls claimed by a callback whose body is still arriving."""
         self._pending_free = settings.max_pending
         self._pending_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._sweeper: asyncio.Task[None] | None = None
@@ -171,6 +220,11 @@ class Callbacks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._sweeper = None
+
+    @property
+    def sweeper(self) -> asyncio.Task[None] | None:
+        """The timeout sweep task (for supervision)."""
+        return self._sweeper
 
     @property
     def pending(self) -> int:
@@ -197,65 +251,130 @@ class Callbacks:
         on_outcomes: OutcomeCallback,
         capture: bool,
     ) -> None:
-        """Submits messages whose routes include async functions, one targeted call each.
+        """Submits messages whose routes include async functions, one targeted call each (after
+        a key lease for messages with an ordering key).
 
         Calls go out as pending capacity frees up, not when the whole batch fits: a batch
         larger than the free room starts with what fits and continues as callbacks arrive.
         """
         holds = self.settings.ack == "on_callback"
-        calls: list[Message] = []
+        out: list[Message] = []
         for message, functions, async_functions in zip(messages, routes, async_sets, strict=True):
             need = len(async_functions) if holds else 0
-            if need > self._pending_free and calls:
-                await self._send(calls, capture)
-                calls = []
+            if need > self._pending_free and out:
+                self._send(out, capture)
+                out = []
             await self._acquire_pending(need)
-            message_id = message.message_id or uuid.uuid4().hex
-            composite = _Composite(message, message_id, on_outcomes, len(functions))
-            for function in functions:
-                calls.append(self._targeted(composite, function, function in async_functions, 1))
-        if calls:
-            await self._send(calls, capture)
+            leased = message.key is not None and not message.resume
+            try:
+                # Room for the lease now and for the calls when it is granted: the calls never
+                # wait for room while the key they hold blocks the key's later messages.
+                await self.transport.reserve(len(functions) + (1 if leased else 0))
+            except BaseException:
+                self._release_pending(need)
+                if out:
+                    with contextlib.suppress(Exception):
+                        self._send(out, capture)
+                raise
+            composite = _Composite(
+                message,
+                message.message_id or uuid.uuid4().hex,
+                on_outcomes,
+                tuple(functions),
+                async_functions,
+                capture,
+            )
+            if leased:
+                out.append(self._lease_message(composite))
+            else:
+                composite.owns_key = message.key is not None  # resumed: the key is held for it
+                out.extend(self._calls_for(composite))
+        if out:
+            self._send(out, capture)
 
-    async def _send(self, calls: list[Message], capture: bool) -> None:
-        await self.dispatcher._submit_plain(calls, self._on_call_outcomes, capture=capture, observed=False)
+    def _send(self, messages: list[Message], capture: bool) -> None:
+        """Submits prepared leases and calls, whose room (and that of the calls each lease will
+        start) is reserved."""
+        self.transport.submit_reserved(messages, self._on_call_outcomes, capture=capture, observe=False)
+
+    def _lease_message(self, composite: _Composite) -> Message:
+        m = composite.message
+        return Message(
+            m.topic, b"", message_id=composite.message_id, key=m.key, lease=True, handle=_Lease(composite)
+        )
+
+    def _calls_for(self, composite: _Composite) -> list[Message]:
+        return [
+            self._targeted(composite, function, function in composite.async_functions, 1)
+            for function in composite.functions
+        ]
 
     def _targeted(self, composite: _Composite, function: str, asynchronous: bool, invocation: int) -> Message:
         m = composite.message
-        headers = list(m.headers)
-        handle: _Composite | _Call = composite
+        own: list[tuple[str, str]] = []
+        handle: _SyncCall | _Call = _SyncCall(composite, function)
         if asynchronous and self.settings.ack == "on_callback":
             call_id = uuid.uuid4().hex
             now = time.monotonic()
             call = _Call(composite, function, call_id, invocation, now, now + self.settings.timeout)
             self._calls[call_id] = call
             self.metrics.pending.set(len(self._calls))
-            headers += [(_CALL_ID, call_id), ("X-Callback-Url", self.callback_url(call_id))]
+            own = [(_CALL_ID, call_id), (_CALLBACK_URL, self.callback_url(call_id))]
             handle = call
+        held = composite.owns_key
+        composite.in_core += 1
         return dataclasses.replace(
             m,
-            headers=headers,
+            own_headers=own,
             message_id=composite.message_id,
             function=function,
             asynchronous=asynchronous,
             delivery_attempt=m.delivery_attempt + invocation - 1,
+            # The composite holds the key: every call runs inside it and leaves it held.
+            key=m.key if held else None,
+            resume=held,
+            keep_key=held,
+            hold_key_on_retry=False,
+            hold_key_on_failure=False,
+            lease=False,
             handle=handle,
         )
 
-    # -- outcomes of the targeted calls -------------------------------------------------------
+    # -- outcomes of the leases and targeted calls -------------------------------------------
 
     def _on_call_outcomes(self, outcomes: list[Outcome]) -> None:
         for outcome in outcomes:
             handle = outcome.message.handle
             result = outcome.results[0] if outcome.results else None
             if isinstance(handle, _Call):
+                handle.composite.in_core -= 1
                 self._on_async_answer(handle, result)
-            elif isinstance(handle, _Composite):
+                self._settle_if_done(handle.composite)
+            elif isinstance(handle, _SyncCall):
+                handle.composite.in_core -= 1
                 if result is not None and outcome.message.asynchronous:
                     # ack = on_accept: the 202 settles the call, and only a 202 counts.
                     result = self._accepted_result(result)
                 # result None: the function left the table between routing and the call.
-                self._finish(handle, result)
+                self._finish(handle.composite, handle.function, result)
+            elif isinstance(handle, _Lease):
+                self._on_lease(handle.composite, outcome)
+
+    def _on_lease(self, composite: _Composite, outcome: Outcome) -> None:
+        composite.owns_key = outcome.key_held
+        calls = self._calls_for(composite)
+        try:
+            self.transport.submit_reserved(
+                calls, self._on_call_outcomes, capture=composite.capture, observe=False
+            )
+        except Exception as exc:  # closing: nothing was called, the source keeps the message
+            log.warning("could not start the calls of message %s: %s", composite.message_id, exc)
+            composite.in_core -= len(calls)
+            for call in calls:
+                if isinstance(call.handle, _Call):
+                    self._forget(call.handle.call_id)
+                failed = TargetResult(call.function or "", 0, ErrorKind.CONNECT, 0, 0.0)
+                self._finish(composite, call.function or "", failed)
 
     @staticmethod
     def _accepted_result(result: TargetResult) -> TargetResult:
@@ -266,15 +385,15 @@ class Callbacks:
         return dataclasses.replace(result, status=status)
 
     def _on_async_answer(self, call: _Call, result: TargetResult | None) -> None:
-        if call.call_id not in self._calls:
-            return  # the callback arrived before the 202 was drained: already settled
+        if self._calls.get(call.call_id) is not call:
+            return  # the callback (or the sweep) got there before the 202 was drained
         if result is not None and result.status == 202:
             call.accepted = True
             return
         # No acceptance: the invocation itself failed (or the function left the table).
         self._forget(call.call_id)
         if result is None:
-            self._finish(call.composite, None)
+            self._finish(call.composite, call.function, None)
             return
         failed = result if not result.ok else dataclasses.replace(result, status=502)
         self._retry_or_finish(call, failed)
@@ -287,18 +406,31 @@ class Callbacks:
         if not call_id or not hmac.compare_digest(token.encode(), self.token(call_id).encode()):
             self.metrics.rejected.labels(reason="bad_token").inc()
             return web.json_response({"error": "bad callback token"}, status=401)
-        call = self._calls.get(call_id)
-        if call is None:
-            reason = "duplicate" if call_id in self._settled else "unknown"
-            self.metrics.rejected.labels(reason=reason).inc()
-            status = 409 if reason == "duplicate" else 404
-            return web.json_response({"error": f"{reason} call id {call_id}"}, status=status)
         try:
             status = int(request.headers.get(_STATUS, ""))
         except ValueError:
             self.metrics.rejected.labels(reason="bad_request").inc()
             return web.json_response({"error": f"missing or invalid {_STATUS}"}, status=400)
-        body = await request.read()
+        # Claim the call before anything awaits: a concurrent duplicate (a retrying gateway, a
+        # proxy) or the timeout sweep finds it gone and cannot settle it a second time.
+        call = self._calls.pop(call_id, None)
+        if call is None:
+            duplicate = call_id in self._settled or call_id in self._reading
+            reason = "duplicate" if duplicate else "unknown"
+            self.metrics.rejected.labels(reason=reason).inc()
+            status = 409 if duplicate else 404
+            return web.json_response({"error": f"{reason} call id {call_id}"}, status=status)
+        self._reading.add(call_id)
+        try:
+            body = await request.read()
+        except BaseException:
+            # The body never arrived whole: the call is still pending; a retried callback (or the
+            # timeout) settles it.
+            self._calls[call_id] = call
+            raise
+        finally:
+            self._reading.discard(call_id)
+        self._settle_call(call)
         latency = time.monotonic() - call.invoked_at
         self.metrics.received(call.function, status).inc()
         self.metrics.latency.observe(latency)
@@ -306,9 +438,8 @@ class Callbacks:
         result = TargetResult(
             call.function, status, ErrorKind.NONE, call.invocation, latency, None, body, headers
         )
-        self._forget(call_id)
         if result.ok:
-            self._finish(call.composite, result)
+            self._finish(call.composite, call.function, result)
         else:
             self._retry_or_finish(call, result)
         return web.json_response({"status": "settled"}, status=200)
@@ -324,41 +455,66 @@ class Callbacks:
             self._retry_tasks.add(task)
             task.add_done_callback(self._retry_tasks.discard)
             return
-        self._finish(call.composite, result)
+        self._finish(call.composite, call.function, result)
 
     async def _reinvoke(self, call: _Call, delay: float) -> None:
         await asyncio.sleep(delay)
         await self._acquire_pending(1)
+        # A re-invocation of a keyed message runs inside the key the composite holds (resume):
+        # it never queues behind the key it is itself blocking.
         message = self._targeted(call.composite, call.function, True, call.invocation + 1)
         try:
-            await self.dispatcher._submit_plain(
-                [message], self._on_call_outcomes, capture=False, observed=False
-            )
+            await self.transport.reserve(1)
+            self.transport.submit_reserved([message], self._on_call_outcomes, capture=False, observe=False)
         except Exception as exc:  # closing: report the call as still retryable
             log.warning("could not re-invoke %s: %s", call.function, exc)
+            call.composite.in_core -= 1
             if isinstance(message.handle, _Call):
                 self._forget(message.handle.call_id)
             failed = TargetResult(call.function, 0, ErrorKind.CONNECT, call.invocation, 0.0)
-            self._finish(call.composite, failed)
+            self._finish(call.composite, call.function, failed)
 
     def _forget(self, call_id: str) -> None:
-        if self._calls.pop(call_id, None) is not None:
-            self._settled[call_id] = None
-            if len(self._settled) > _SETTLED_MEMORY:
-                self._settled.popitem(last=False)
-            self.metrics.pending.set(len(self._calls))
-            self._release_pending(1)
+        call = self._calls.pop(call_id, None)
+        if call is not None:
+            self._settle_call(call)
 
-    def _finish(self, composite: _Composite, result: TargetResult | None) -> None:
-        if result is not None:
-            composite.results.append(result)
-        composite.waiting -= 1
-        if composite.waiting > 0:
+    def _settle_call(self, call: _Call) -> None:
+        """A claimed call is done waiting: remember its id (409 for late duplicates) and free
+        its pending slot."""
+        self._settled[call.call_id] = None
+        if len(self._settled) > _SETTLED_MEMORY:
+            self._settled.popitem(last=False)
+        self.metrics.pending.set(len(self._calls))
+        self._release_pending(1)
+
+    def _finish(self, composite: _Composite, function: str, result: TargetResult | None) -> None:
+        """Records ``function``'s final result; idempotent per (message, function)."""
+        if composite.settled or function in composite.results:
+            log.debug("ignored a second final result of %s for %s", function, composite.message_id)
             return
-        verdicts = [_verdict(r, self.settings.retry_on) for r in composite.results]
+        composite.results[function] = result
+        self._settle_if_done(composite)
+
+    def _settle_if_done(self, composite: _Composite) -> None:
+        """Settles the message once every function has its final result and the core is done
+        with every call (so the key it holds is really held)."""
+        if composite.settled or composite.in_core or len(composite.results) < len(composite.functions):
+            return
+        composite.settled = True
+        results = [r for r in composite.results.values() if r is not None]
+        verdicts = [_verdict(r, self.settings.retry_on) for r in results]
         verdict = max(verdicts, key=_SEVERITY.__getitem__, default=Verdict.UNROUTED)
-        outcome = Outcome(composite.message, verdict, composite.message_id, tuple(composite.results))
-        self.dispatcher._deliver_final(composite.callback, [outcome])
+        m = composite.message
+        key_held = False
+        if composite.owns_key and m.key is not None:
+            key_held = (m.hold_key_on_retry and verdict is Verdict.RETRY) or (
+                m.hold_key_on_failure and verdict is Verdict.FAILED
+            )
+            if not key_held and not self.transport.release_key(m.key):
+                log.error("the key of message %s was not held when it settled (a bug)", composite.message_id)
+        outcome = Outcome(m, verdict, composite.message_id, tuple(results), key_held=key_held)
+        self.transport.deliver_final(composite.callback, [outcome])
 
     # -- timeouts ----------------------------------------------------------------------------
 
@@ -368,6 +524,8 @@ class Callbacks:
             await asyncio.sleep(interval)
             now = time.monotonic()
             for call in [c for c in self._calls.values() if c.deadline <= now]:
+                if self._calls.get(call.call_id) is not call:
+                    continue  # claimed meanwhile
                 log.warning(
                     "no callback for %s (call %s) within %.1fs",
                     call.function,

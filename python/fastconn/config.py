@@ -42,6 +42,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails, InitErrorDetails, PydanticCustomError
 
+from fastconn import _core
 from fastconn.durations import Duration, parse_duration
 from fastconn.errors import MISSING, ConfigError, ConfigProblem
 
@@ -133,6 +134,8 @@ _NonEmptyStr = Annotated[str, Field(min_length=1)]
 _HttpUrl = Annotated[str, AfterValidator(_check_http_url)]
 _BaseUrl = Annotated[str, AfterValidator(_check_base_url)]
 _PositiveInt = Annotated[int, Field(ge=1)]
+# In-flight bounds become semaphores in the core, which refuses more permits than this.
+_InflightBound = Annotated[int, Field(ge=1, le=_core.MAX_INFLIGHT)]
 # Timeouts and intervals of zero make no sense (an instant timeout, a busy loop); waits may be zero.
 _PositiveDuration = Annotated[Duration, Field(gt=0)]
 _StatusCode = Annotated[int, Field(ge=100, le=599)]
@@ -206,11 +209,11 @@ class DispatchConfig(_Model):
 
     content_type: _NonEmptyStr = "text/plain"
     """``Content-Type`` of invocation requests (env ``content_type``)."""
-    max_inflight: _PositiveInt = 1024
+    max_inflight: _InflightBound = 1024
     """Bound on concurrent invocations across all functions."""
-    max_inflight_per_function: _PositiveInt = 256
+    max_inflight_per_function: _InflightBound = 256
     """Default bound on concurrent invocations of one function."""
-    max_attempts: _PositiveInt = 5
+    max_attempts: Annotated[int, Field(ge=1, le=1000)] = 5
     """Attempts per invocation including the first; 1 disables retries."""
     retry_on: tuple[_StatusCode, ...] = (408, 429, 500, 502, 503, 504)
     """HTTP statuses that are retried (connection errors always are)."""
@@ -277,7 +280,7 @@ class FunctionConfig(_Model):
     """Invoke URL; when absent the gateway's ``/function/<name>`` is used."""
     topics: Annotated[tuple[_NonEmptyStr, ...], Field(min_length=1)]
     namespace: _NonEmptyStr | None = None
-    max_inflight: _PositiveInt | None = None
+    max_inflight: _InflightBound | None = None
     """Overrides ``dispatch.max_inflight_per_function`` for this function."""
     timeout: _PositiveDuration | None = None
     """Overrides ``gateway.upstream_timeout`` for this function, seconds."""

@@ -20,22 +20,18 @@ import itertools
 import logging
 import os
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from fastconn import _core
 from fastconn.callbacks import CallbackMetrics, Callbacks, CallbackSettings
 from fastconn.errors import DispatcherClosed
 from fastconn.functions import FunctionTarget
-from fastconn.message import Message, Outcome, Verdict
+from fastconn.message import Message, Outcome, OutcomeCallback, Verdict
 
 __all__ = ["DispatchOptions", "Dispatcher", "OutcomeCallback"]
 
 log = logging.getLogger("fastconn.dispatcher")
-
-OutcomeCallback = Callable[[list[Outcome]], None]
-"""Called on the event loop with the outcomes of one batch that completed since the last
-drain (possibly a part of the batch). Must not block."""
 
 _INDEX_BITS = 20
 """Tokens are ``batch_id << 20 | index``: batches are capped at 2**20 messages."""
@@ -251,22 +247,36 @@ class Dispatcher:
             chunk = messages[start : start + step]
             # One crossing per batch to learn which messages reach an async function.
             routes = runtime.route([m.topic for m in chunk])
-            plain: list[Message] = []
-            split: list[Message] = []
-            split_routes: list[list[str]] = []
-            split_async: list[frozenset[str]] = []
+            # Runs of plain and split messages go out in the order they came, so that a key's
+            # messages are admitted to the core in order whichever path each takes.
+            run: list[Message] = []
+            run_routes: list[list[str]] = []
+            run_async: list[frozenset[str]] = []
             for message, functions in zip(chunk, routes, strict=True):
-                chosen = async_pool.intersection(functions)
-                if chosen and message.function is None:
-                    split.append(message)
-                    split_routes.append(functions)
-                    split_async.append(chosen)
-                else:
-                    plain.append(message)
-            if plain:
-                await self._submit_plain(plain, on_outcomes, capture=capture)
-            if split:
-                await layer.submit(split, split_routes, split_async, on_outcomes, capture)
+                chosen = async_pool.intersection(functions) if message.function is None else frozenset()
+                if run and bool(chosen) != bool(run_async):
+                    await self._submit_run(layer, run, run_routes, run_async, on_outcomes, capture)
+                    run, run_routes, run_async = [], [], []
+                run.append(message)
+                if chosen:
+                    run_routes.append(functions)
+                    run_async.append(chosen)
+            if run:
+                await self._submit_run(layer, run, run_routes, run_async, on_outcomes, capture)
+
+    async def _submit_run(
+        self,
+        layer: Callbacks,
+        run: list[Message],
+        routes: list[list[str]],
+        async_sets: list[frozenset[str]],
+        on_outcomes: OutcomeCallback,
+        capture: bool,
+    ) -> None:
+        if async_sets:
+            await layer.submit(run, routes, async_sets, on_outcomes, capture)
+        else:
+            await self._submit_plain(run, on_outcomes, capture=capture)
 
     def enable_callbacks(
         self, settings: CallbackSettings, metrics: CallbackMetrics | None = None
@@ -294,18 +304,59 @@ class Dispatcher:
         on_outcomes: OutcomeCallback,
         *,
         capture: bool,
-        observed: bool = True,
     ) -> None:
-        runtime = self._require_runtime()
-        capture = capture or self.options.capture_responses
         step = max(1, min(self.options.batch_size, self.options.queue_bound, _INDEX_MASK))
         for start in range(0, len(messages), step):
             chunk = messages[start : start + step]
-            await self._capacity.acquire(len(chunk))
-            if self._closing:
-                self._capacity.release(len(chunk))
-                raise DispatcherClosed("the dispatcher is closing")
-            self._submit_chunk(runtime, chunk, on_outcomes, capture, observed)
+            await self.reserve(len(chunk))
+            self.submit_reserved(chunk, on_outcomes, capture=capture)
+
+    # -- the interface of the async layer (fastconn.callbacks.CallTransport) -----------------
+
+    async def reserve(self, n: int) -> None:
+        """Waits for room for ``n`` messages in the core; ``submit_reserved`` then uses it."""
+        self._require_runtime()
+        await self._capacity.acquire(n)
+        if self._closing:
+            self._capacity.release(n)
+            raise DispatcherClosed("the dispatcher is closing")
+
+    def submit_reserved(
+        self,
+        messages: Sequence[Message],
+        on_outcomes: OutcomeCallback,
+        *,
+        capture: bool,
+        observe: bool = True,
+    ) -> None:
+        """Hands messages whose room was reserved to the core, without waiting. ``observe``:
+        whether observers see these outcomes (not for the async layer's per-function calls,
+        whose combined outcome it delivers itself with ``deliver_final``)."""
+        try:
+            runtime = self._require_runtime()
+        except DispatcherClosed:
+            self._capacity.release(len(messages))
+            raise
+        capture = capture or self.options.capture_responses
+        step = max(1, min(self.options.batch_size, _INDEX_MASK))
+        for start in range(0, len(messages), step):
+            chunk = messages[start : start + step]
+            try:
+                self._submit_chunk(runtime, chunk, on_outcomes, capture, observe)
+            except BaseException:
+                # The failed chunk gave its room back; so do the chunks after it.
+                self._capacity.release(max(0, len(messages) - start - len(chunk)))
+                raise
+
+    def release_capacity(self, n: int) -> None:
+        """Gives back room reserved with ``reserve`` and not used."""
+        self._capacity.release(n)
+
+    def deliver_final(self, callback: OutcomeCallback, outcomes: list[Outcome]) -> None:
+        """Delivers outcomes that are final for their source message, then to observers."""
+        self._deliver(callback, outcomes)
+        for observer in self._observers:
+            self._deliver(observer, outcomes)
 
     def _submit_chunk(
         self,
@@ -330,8 +381,11 @@ class Dispatcher:
                 | (m.hold_key_on_retry << 1)
                 | (m.resume << 2)
                 | (m.asynchronous << 3)
-                | (m.hold_key_on_failure << 4),
+                | (m.hold_key_on_failure << 4)
+                | (m.keep_key << 5)
+                | (m.lease << 6),
                 m.function,
+                m.own_headers,
             )
             for m, mid in zip(chunk, ids, strict=True)
         ]
@@ -361,9 +415,19 @@ class Dispatcher:
         await done
         return [outcomes[i] for i in range(len(messages))]
 
-    def release_key(self, key: bytes) -> None:
-        """Lets the next message of ``key`` start after a held RETRY that will not be resubmitted."""
-        self._require_runtime().release_key(key)
+    def release_key(self, key: bytes) -> bool:
+        """Lets the next message of ``key`` start when the key is held (``Outcome.key_held``)
+        for a message that will not be resubmitted. Returns false, changing nothing, when the
+        key is not held: a key whose message is in flight is never released early."""
+        # Allowed while closing: a released key lets its waiting messages drain.
+        runtime = self._runtime
+        if runtime is None or runtime.closed:
+            return False
+        return runtime.release_key(key)
+
+    def route(self, topics: list[str]) -> list[list[str]]:
+        """The functions each topic routes to now, by name."""
+        return self._require_runtime().route(topics)
 
     @property
     def busy_keys(self) -> int:
@@ -409,11 +473,13 @@ class Dispatcher:
         by_batch: dict[int, list[Outcome]] = {}
         batches = self._batches
         from_wire = Outcome._from_wire
-        for token, verdict_code, raw_results in records:
+        for token, verdict_code, raw_results, key_held in records:
             batch_id = token >> _INDEX_BITS
             index = token & _INDEX_MASK
             batch = batches[batch_id]
-            outcome = from_wire(batch.messages[index], _VERDICTS[verdict_code], batch.ids[index], raw_results)
+            outcome = from_wire(
+                batch.messages[index], _VERDICTS[verdict_code], batch.ids[index], raw_results, key_held
+            )
             group = by_batch.get(batch_id)
             if group is None:
                 by_batch[batch_id] = [outcome]
@@ -425,15 +491,9 @@ class Dispatcher:
             if batch.remaining == 0:
                 del batches[batch_id]
             if batch.observed:
-                self._deliver_final(batch.callback, outcomes)
+                self.deliver_final(batch.callback, outcomes)
             else:
                 self._deliver(batch.callback, outcomes)
-
-    def _deliver_final(self, callback: OutcomeCallback, outcomes: list[Outcome]) -> None:
-        """Delivers outcomes that are final for their source message, then to observers."""
-        self._deliver(callback, outcomes)
-        for observer in self._observers:
-            self._deliver(observer, outcomes)
 
     @staticmethod
     def _deliver(callback: OutcomeCallback, outcomes: list[Outcome]) -> None:

@@ -8,6 +8,7 @@ catch "anything fastconn-specific" in one place while still telling the kinds ap
     ├── DispatcherClosed    submit after close
     ├── DispatcherFull      the core refused a batch over its bound (a bug: capacity is reserved first)
     ├── ForkError           runtime used in a forked child (pid differs)
+    ├── InternalError       a bug in fastconn's native core (a caught panic); the process lives on
     ├── RegistryError       gateway listing failed (carries url, status)
     └── SourceError         a source failed to connect / is misconfigured at runtime
 
@@ -29,6 +30,7 @@ __all__ = [
     "DispatcherFull",
     "FastconnError",
     "ForkError",
+    "InternalError",
     "RegistryError",
     "SourceError",
 ]
@@ -125,6 +127,11 @@ class ForkError(FastconnError):
     from the one that created it) would deadlock, so it fails loudly instead. Create a new runtime in
     the child.
     """
+
+
+class InternalError(FastconnError):
+    """A bug in fastconn's native core, caught at the boundary (a Rust panic). The call that hit
+    it failed; the runtime and every other message are unaffected. Please report it."""
 
 
 class RegistryError(FastconnError):

@@ -26,15 +26,17 @@ async def invoke(
     base = gateway.rstrip("/")
     path = "async-function" if asynchronous else "function"
     target = FunctionTarget(name, (topic,), f"{base}/{path}/{name}")
-    extra = list(headers)
+    # The call id and callback URL are fastconn's own headers (the core drops them from a
+    # message's headers, so that no message can redirect a function's result).
+    own: list[tuple[str, str]] = []
     if asynchronous:
-        extra.append(("X-Call-Id", uuid.uuid4().hex))
+        own.append(("X-Call-Id", uuid.uuid4().hex))
         if callback_url:
-            extra.append(("X-Callback-Url", callback_url))
+            own.append(("X-Callback-Url", callback_url))
     options = DispatchOptions(workers=1, max_inflight=1, basic_auth=credentials, content_type=None)
     async with Dispatcher(options) as dispatcher:
         dispatcher.set_functions([target])
-        [outcome] = await dispatcher.call([Message(topic, body, extra)], capture=True)
+        [outcome] = await dispatcher.call([Message(topic, body, headers, own_headers=own)], capture=True)
     result = outcome.results[0] if outcome.results else None
     if result is None or outcome.verdict is not Verdict.OK:
         detail = result.status_label if result else "no route"

@@ -8,7 +8,7 @@ final result. Per-message failure is data (``verdict``), never an exception.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +39,9 @@ class ErrorKind(enum.IntEnum):
     """The request could not be built (bad URL, bad header)."""
     INTERNAL = 5
     """A bug in fastconn (a panicked task); reported rather than lost."""
+    PROTOCOL = 6
+    """The function's response broke HTTP/1.1 (framing, too many headers): not retried, the
+    connection is closed."""
 
     @property
     def label(self) -> str:
@@ -76,6 +79,15 @@ class Message:
     asynchronous: bool = False
     """Invoke through the functions' ``/async-function/`` form (set by the dispatcher's async
     layer; sources ask for async with ``submit(..., asynchronous=True)``)."""
+    keep_key: bool = False
+    """With a ``key``: the key stays held after the outcome whatever the verdict (the async layer
+    holds a key across all calls of a message until the last callback). Sources leave it."""
+    lease: bool = False
+    """Call nothing: wait for the key like any message of the key, then complete OK with the
+    key held. Used by the async layer; sources leave it."""
+    own_headers: Sequence[tuple[str, str]] = ()
+    """Headers fastconn itself sets (the callback URL and call id): sent as given and exempt
+    from the reserved-name filter that ``headers`` go through. Sources leave it empty."""
     handle: Any = None
 
 
@@ -130,29 +142,47 @@ class Outcome:
     verdict, and the per-function figures are already counted in the core's metrics.
     """
 
-    __slots__ = ("_raw", "_results", "message", "message_id", "verdict")
+    __slots__ = ("_raw", "_results", "key_held", "message", "message_id", "verdict")
 
     message: Message
     verdict: Verdict
     message_id: str
+    key_held: bool
+    """Whether the core still holds this message's ordering key for it (``hold_key_on_retry``
+    after RETRY, ``hold_key_on_failure`` after FAILED): the source must resubmit the message
+    with ``resume=True`` or call ``Dispatcher.release_key``. Always false without a key. Sources
+    read this; they never infer it from their own flags."""
 
     def __init__(
-        self, message: Message, verdict: Verdict, message_id: str, results: tuple[TargetResult, ...] = ()
+        self,
+        message: Message,
+        verdict: Verdict,
+        message_id: str,
+        results: tuple[TargetResult, ...] = (),
+        *,
+        key_held: bool = False,
     ) -> None:
         self.message = message
         self.verdict = verdict
         self.message_id = message_id
+        self.key_held = key_held
         self._results: tuple[TargetResult, ...] | None = tuple(results)
         self._raw: Sequence[_WireResult] = ()
 
     @classmethod
     def _from_wire(
-        cls, message: Message, verdict: Verdict, message_id: str, raw: Sequence[_WireResult]
+        cls,
+        message: Message,
+        verdict: Verdict,
+        message_id: str,
+        raw: Sequence[_WireResult],
+        key_held: bool,
     ) -> Outcome:
         outcome = cls.__new__(cls)
         outcome.message = message
         outcome.verdict = verdict
         outcome.message_id = message_id
+        outcome.key_held = key_held
         outcome._results = None
         outcome._raw = raw
         return outcome
@@ -180,5 +210,10 @@ class Outcome:
     def __repr__(self) -> str:
         return (
             f"Outcome({self.message.topic!r}, {self.verdict.name}, id={self.message_id!r}, "
-            f"results={self.results!r})"
+            f"key_held={self.key_held}, results={self.results!r})"
         )
+
+
+OutcomeCallback = Callable[[list[Outcome]], None]
+"""Called on the event loop with the outcomes of one batch that completed since the last
+drain (possibly a part of the batch). Must not block."""

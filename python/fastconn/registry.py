@@ -27,6 +27,7 @@ from typing import Any, Final, Protocol
 import aiohttp
 from yarl import URL
 
+from fastconn import _core
 from fastconn.durations import parse_duration
 from fastconn.errors import ConfigError, RegistryError
 from fastconn.functions import FunctionTarget
@@ -314,8 +315,12 @@ class GatewayRegistry:
             limit = int(str(value).strip())
         except ValueError:
             limit = 0
-        if limit < 1:
-            self._report(label, MAX_INFLIGHT_ANNOTATION, value, "expected a positive integer")
+        if not 1 <= limit <= _core.MAX_INFLIGHT:
+            # Checked here, not only in the core: one bad annotation must cost only that
+            # annotation, never the whole table.
+            self._report(
+                label, MAX_INFLIGHT_ANNOTATION, value, f"expected an integer from 1 to {_core.MAX_INFLIGHT}"
+            )
             return None
         return limit
 

@@ -10,9 +10,11 @@
 //!
 //! Permits are released during retry backoff so a sleeping retry blocks nobody.
 
+use crate::headers;
 use crate::http::{Attempt, Endpoint, Pool};
 use crate::message::{Completion, CompletionSink, ErrorKind, Message, TargetResult, Verdict};
 use crate::ordering::KeyedQueue;
+use crate::panics::CatchPanic;
 use crate::retry::{Decision, RetryPolicy};
 use crate::router::{RouteTable, Router};
 use crate::stats::{StatsSnapshot, TargetStats};
@@ -57,6 +59,35 @@ impl Default for EngineConfig {
             user_agent: concat!("fastconn/", env!("CARGO_PKG_VERSION")).to_owned(),
             authorization: None,
         }
+    }
+}
+
+/// The largest in-flight bound: tokio's semaphores refuse (panic on) more permits than this.
+pub const MAX_INFLIGHT: usize = 1 << 30;
+/// The most worker threads a runtime is given.
+pub const MAX_WORKERS: usize = 256;
+
+impl EngineConfig {
+    /// Every number that comes from outside, checked before anything is built from it.
+    pub fn validate(&self) -> Result<(), String> {
+        let within = |value: usize, low: usize, high: usize, what: &str| {
+            if (low..=high).contains(&value) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{what} must be between {low} and {high}, got {value}"
+                ))
+            }
+        };
+        within(self.workers, 1, MAX_WORKERS, "workers")?;
+        within(self.max_inflight, 1, MAX_INFLIGHT, "max_inflight")?;
+        within(
+            self.max_inflight_per_function,
+            1,
+            MAX_INFLIGHT,
+            "max_inflight_per_function",
+        )?;
+        within(self.max_queued, 1, usize::MAX >> 4, "max_queued")
     }
 }
 
@@ -123,20 +154,6 @@ impl Target {
     }
 }
 
-/// Header names fastconn sets itself: a message's headers of these names are not passed on.
-const RESERVED: [&str; 10] = [
-    "host",
-    "content-length",
-    "transfer-encoding",
-    "connection",
-    "x-topic",
-    "x-connector",
-    "x-message-id",
-    "x-delivery-attempt",
-    "user-agent",
-    "expect",
-];
-
 /// A message with its targets, while its calls run.
 struct InFlight {
     message: Message,
@@ -176,6 +193,9 @@ pub struct Engine {
 
 impl Engine {
     pub fn new(config: EngineConfig, sink: Arc<dyn CompletionSink>) -> std::io::Result<Engine> {
+        config
+            .validate()
+            .map_err(|why| std::io::Error::new(std::io::ErrorKind::InvalidInput, why))?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(config.workers.max(1))
             .thread_name("fastconn-io")
@@ -183,7 +203,7 @@ impl Engine {
             .build()?;
         let pool = Pool::new(config.max_inflight, config.connect_timeout);
         let shared = Arc::new(Shared {
-            global: Arc::new(Semaphore::new(config.max_inflight.max(1))),
+            global: Arc::new(Semaphore::new(config.max_inflight)),
             router: Router::default(),
             pool,
             limits: Mutex::new(HashMap::new()),
@@ -236,8 +256,11 @@ impl Engine {
         let table = self.shared.router.snapshot();
         let mut start = Vec::with_capacity(n);
         for message in messages {
-            let mut targets: Vec<Arc<Target>> =
-                table.lookup(&message.topic).into_iter().cloned().collect();
+            let mut targets: Vec<Arc<Target>> = if message.lease {
+                Vec::new()
+            } else {
+                table.lookup(&message.topic).into_iter().cloned().collect()
+            };
             if let Some(only) = &message.only_function {
                 targets.retain(|t| *t.name == **only);
             }
@@ -261,9 +284,20 @@ impl Engine {
 
     /// Releases a key held by a `Retry` of a `hold_key_on_retry` message that will not be
     /// resubmitted (e.g. its partition was revoked): the key's next message starts.
-    pub fn release_key(&self, key: Bytes) {
-        let shared = Arc::clone(&self.shared);
-        self.handle.spawn(async move { shared.release_key(&key) });
+    ///
+    /// Returns false (and changes nothing) when the key is not held: releasing a key whose
+    /// message is still in flight would let the next message of the key overtake it.
+    pub fn release_key(&self, key: Bytes) -> bool {
+        match self.shared.keys.release_held(&key) {
+            Ok(Some((next, targets))) => {
+                let shared = Arc::clone(&self.shared);
+                self.handle
+                    .spawn(async move { shared.start(next, targets) });
+                true
+            }
+            Ok(None) => true,
+            Err(()) => false,
+        }
     }
 
     /// Keys with a message in flight or held.
@@ -372,8 +406,12 @@ impl Shared {
         }
         let bound = spec
             .max_inflight
-            .unwrap_or(self.config.max_inflight_per_function)
-            .max(1);
+            .unwrap_or(self.config.max_inflight_per_function);
+        if !(1..=MAX_INFLIGHT).contains(&bound) {
+            return Err(invalid(format!(
+                "max_inflight must be between 1 and {MAX_INFLIGHT}, got {bound}"
+            )));
+        }
         let limit = {
             let mut limits = self.limits.lock().unwrap_or_else(PoisonError::into_inner);
             match limits.get(&spec.name) {
@@ -414,25 +452,31 @@ impl Shared {
         targets: Vec<Arc<Target>>,
     ) -> Option<(Message, Vec<Arc<Target>>)> {
         match message.key.clone() {
-            Some(key) if !message.resume && !targets.is_empty() => {
+            Some(key) if message.resume => {
+                self.keys.resume(&key);
+                Some((message, targets))
+            }
+            Some(key) if message.lease || !targets.is_empty() => {
                 self.keys.admit(&key, (message, targets))
             }
             _ => Some((message, targets)),
         }
     }
 
-    /// Starts an admitted message: its calls, or its completion when nothing subscribes.
+    /// Starts an admitted message: its calls, or its completion when there is nothing to call
+    /// (a lease, or a topic nothing subscribes to).
     fn start(self: Arc<Self>, message: Message, targets: Vec<Arc<Target>>) {
         if targets.is_empty() {
-            let token = message.token;
-            // A resumed message holds its key: give it back even though nothing was called.
-            let key = message.key.clone().filter(|_| message.resume);
-            let completion = Completion {
-                token,
-                verdict: Verdict::Unrouted,
-                results: vec![],
+            let verdict = if message.lease {
+                Verdict::Ok
+            } else {
+                Verdict::Unrouted
             };
-            self.finish_message(key, completion);
+            // The key is ours here only when admission took it (a lease) or the caller gave it
+            // (resume); otherwise the message bypassed the key's line and holds nothing.
+            let owns_key = message.lease || message.resume;
+            let keep = message.lease || message.keep_key;
+            Arc::clone(&self).settle(&message, owns_key, keep, verdict, vec![]);
             return;
         }
         self.launch(message, targets);
@@ -450,7 +494,12 @@ impl Shared {
             let shared = Arc::clone(&self);
             let state = Arc::clone(&state);
             tokio::spawn(async move {
-                let result = shared.deliver(&state, &target).await;
+                // A panic in a call (a bug) still completes the message, releasing its
+                // capacity and key: the permits and counters are guards, dropped on unwind.
+                let result = match CatchPanic::new(shared.deliver(&state, &target)).await {
+                    Ok(result) => result,
+                    Err(panic) => internal_error(&target, &panic),
+                };
                 shared.target_done(&state, result);
             });
         }
@@ -464,7 +513,9 @@ impl Shared {
                 .map_err(|_| format!("invalid header name {k:?}"))?;
             let value = HeaderValue::try_from(v.as_str())
                 .map_err(|_| format!("invalid value for header {k}"))?;
-            if RESERVED.contains(&name.as_str()) {
+            if !headers::forwardable(name.as_str())
+                || (self.config.authorization.is_some() && name == http::header::AUTHORIZATION)
+            {
                 continue;
             }
             has_content_type |= name == http::header::CONTENT_TYPE;
@@ -478,6 +529,13 @@ impl Shared {
         check(&message.topic, "topic")?;
         check(&message.message_id, "message id")?;
         let mut own = Vec::with_capacity(256);
+        for (k, v) in &message.own_headers {
+            let name = HeaderName::try_from(k.as_str())
+                .map_err(|_| format!("invalid header name {k:?}"))?;
+            let value = HeaderValue::try_from(v.as_str())
+                .map_err(|_| format!("invalid value for header {k}"))?;
+            push_header(&mut own, name.as_str(), value.as_bytes());
+        }
         if let (Some(ct), false) = (&self.config.content_type, has_content_type) {
             push_header(&mut own, "content-type", ct.as_bytes());
         }
@@ -498,6 +556,10 @@ impl Shared {
 
     /// Calls one function for one message until success, a final failure or spent attempts.
     async fn deliver(&self, state: &InFlight, target: &Target) -> TargetResult {
+        #[cfg(test)]
+        if state.message.topic == tests::PANIC_TOPIC {
+            panic!("injected by a test");
+        }
         let started = Instant::now();
         let policy = &self.config.retry;
         let mut attempt: u32 = 0;
@@ -522,15 +584,12 @@ impl Shared {
                     // global permit. The semaphores are never closed, so acquire cannot fail.
                     let _local = target.limit.acquire().await;
                     let _global = self.global.acquire().await;
-                    self.inflight.fetch_add(1, Ordering::Relaxed);
+                    let _counted = InflightGuard::new(&self.inflight);
                     let capture = state.message.capture;
                     let payload = &state.message.payload;
-                    let result = self
-                        .pool
+                    self.pool
                         .attempt(endpoint, &head, payload, target.timeout, capture)
-                        .await;
-                    self.inflight.fetch_sub(1, Ordering::Relaxed);
-                    result
+                        .await
                 }
             };
             let decision =
@@ -562,43 +621,96 @@ impl Shared {
     }
 
     fn target_done(self: &Arc<Self>, state: &Arc<InFlight>, result: TargetResult) {
-        let mut results = state.results.lock().unwrap_or_else(PoisonError::into_inner);
-        results.push(result);
-        if state.remaining.fetch_sub(1, Ordering::AcqRel) != 1 {
-            return;
-        }
-        let results = std::mem::take(&mut *results);
+        let results = {
+            let mut results = state.results.lock().unwrap_or_else(PoisonError::into_inner);
+            results.push(result);
+            if state.remaining.fetch_sub(1, Ordering::AcqRel) != 1 {
+                return;
+            }
+            std::mem::take(&mut *results)
+        };
         let verdict = results
             .iter()
             .map(|r| r.verdict)
             .max()
             .unwrap_or(Verdict::Unrouted);
-        let completion = Completion {
-            token: state.message.token,
-            verdict,
-            results,
-        };
-        let hold = (state.message.hold_key_on_retry && verdict == Verdict::Retry)
-            || (state.message.hold_key_on_failure && verdict == Verdict::Failed);
-        let key = state.message.key.clone().filter(|_| !hold);
-        Arc::clone(self).finish_message(key, completion);
+        let m = &state.message;
+        let keep = m.keep_key
+            || (m.hold_key_on_retry && verdict == Verdict::Retry)
+            || (m.hold_key_on_failure && verdict == Verdict::Failed);
+        // A launched keyed message owns its key: admission took it, or the caller resumed it.
+        Arc::clone(self).settle(m, true, keep, verdict, results);
     }
 
-    /// Reports the completion, then lets the next message of `key` (if given) start.
-    fn finish_message(self: Arc<Self>, key: Option<Bytes>, completion: Completion) {
-        // Count it out before the caller can see the completion: the caller frees its own
-        // capacity on seeing it and may submit again at once.
+    /// Reports the message's completion, then lets the next message of its key start unless
+    /// the key stays held (`keep`). `owns_key`: whether the key is held for this message at all.
+    fn settle(
+        self: Arc<Self>,
+        message: &Message,
+        owns_key: bool,
+        keep: bool,
+        verdict: Verdict,
+        results: Vec<TargetResult>,
+    ) {
+        let key = message.key.as_ref().filter(|_| owns_key);
+        let completion = Completion {
+            token: message.token,
+            verdict,
+            results,
+            key_held: key.is_some() && keep,
+        };
+        // A kept key is marked held before the caller can see the completion (and release
+        // or resume it); the count goes out before too: the caller frees its own capacity on
+        // seeing the completion and may submit again at once.
+        if let (Some(key), true) = (key, keep) {
+            self.keys.hold(key);
+        }
         self.queued.fetch_sub(1, Ordering::AcqRel);
         self.sink.complete(completion);
-        if let Some(key) = key {
-            self.release_key(&key);
+        if let (Some(key), false) = (key, keep) {
+            self.release_key(key);
         }
     }
 
     fn release_key(self: Arc<Self>, key: &Bytes) {
         if let Some((next, targets)) = self.keys.release(key) {
-            self.launch(next, targets);
+            // `start`, not `launch`: the next one may be a lease or have lost its targets.
+            self.start(next, targets);
         }
+    }
+}
+
+/// Counts a request on the wire for as long as it lives (also when its task unwinds).
+struct InflightGuard<'a>(&'a AtomicUsize);
+
+impl<'a> InflightGuard<'a> {
+    fn new(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        InflightGuard(counter)
+    }
+}
+
+impl Drop for InflightGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The result of a call whose task panicked: reported, final, never retried.
+fn internal_error(target: &Target, panic: &str) -> TargetResult {
+    target.stats.record(0, ErrorKind::Internal, Duration::ZERO);
+    TargetResult {
+        function: Arc::clone(&target.name),
+        status: 0,
+        error: ErrorKind::Internal,
+        attempts: 1,
+        latency: Duration::ZERO,
+        retry_after: None,
+        body: Some(Bytes::from(format!(
+            "internal error (a bug in fastconn): {panic}"
+        ))),
+        headers: None,
+        verdict: Verdict::Failed,
     }
 }
 
@@ -643,6 +755,9 @@ mod tests {
     use super::*;
     use std::io::{BufRead, BufReader, Read, Write};
     use std::net::TcpListener;
+
+    /// Calls for messages of this topic panic (test builds only; see `deliver`).
+    pub(super) const PANIC_TOPIC: &str = "test-panic-in-call";
 
     /// Records completions for the test.
     #[derive(Default)]
@@ -707,21 +822,143 @@ mod tests {
     }
 
     fn message(token: u64, key: Option<&'static [u8]>) -> Message {
-        Message {
-            token,
-            topic: "t".to_owned(),
-            payload: Bytes::from_static(b"x"),
+        let mut m = Message::new(token, "t", Bytes::from_static(b"x"));
+        m.key = key.map(Bytes::from_static);
+        m
+    }
+
+    fn engine_with(url: String, sink: Arc<Collect>) -> Engine {
+        let engine = Engine::new(EngineConfig::default(), sink).expect("engine");
+        let spec = TargetSpec {
+            name: "f".to_owned(),
+            url,
+            topics: vec!["t".to_owned(), PANIC_TOPIC.to_owned()],
+            max_inflight: None,
+            timeout: None,
             headers: vec![],
-            message_id: token.to_string(),
-            key: key.map(Bytes::from_static),
-            delivery_attempt: 1,
-            capture: false,
-            hold_key_on_retry: false,
-            hold_key_on_failure: false,
-            resume: false,
-            only_function: None,
-            asynchronous: false,
+            async_url: None,
+        };
+        engine.set_targets(vec![spec]).expect("targets");
+        engine
+    }
+
+    fn wait_for(sink: &Collect, count: usize) -> Vec<Completion> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let done = sink
+                .0
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            if done.len() >= count || Instant::now() > deadline {
+                return done;
+            }
+            std::thread::sleep(Duration::from_millis(2));
         }
+    }
+
+    #[test]
+    fn a_lease_holds_the_key_until_released_and_says_so() {
+        let (url, seen) = recording_server();
+        let sink = Arc::new(Collect::default());
+        let engine = engine_with(url, Arc::clone(&sink));
+        let mut lease = message(1, Some(b"k"));
+        lease.lease = true;
+        engine
+            .submit(vec![lease, message(2, Some(b"k"))])
+            .expect("submit");
+        let done = wait_for(&sink, 1);
+        assert_eq!(done.len(), 1);
+        assert_eq!(
+            (done[0].token, done[0].verdict, done[0].key_held),
+            (1, Verdict::Ok, true)
+        );
+        // The lease's owner calls while holding the key; the key's next message still waits.
+        let mut owned = message(3, Some(b"k"));
+        owned.resume = true;
+        owned.keep_key = true;
+        engine.submit(vec![owned]).expect("submit");
+        let done = wait_for(&sink, 2);
+        assert_eq!((done[1].token, done[1].key_held), (3, true));
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(
+            wait_for(&sink, 3).len(),
+            2,
+            "message 2 waits behind the held key"
+        );
+        engine.release_key(Bytes::from_static(b"k"));
+        let done = wait_for(&sink, 3);
+        assert_eq!((done[2].token, done[2].key_held), (2, false));
+        let seen = seen.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        assert_eq!(seen, vec!["3".to_owned(), "2".to_owned()]);
+        assert_eq!(engine.busy_keys(), 0);
+        engine.close(Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_panicking_call_completes_as_internal_and_frees_its_key() {
+        let (url, seen) = recording_server();
+        let sink = Arc::new(Collect::default());
+        let engine = engine_with(url, Arc::clone(&sink));
+        let mut boom = message(1, Some(b"k"));
+        boom.topic = PANIC_TOPIC.to_owned();
+        engine
+            .submit(vec![boom, message(2, Some(b"k"))])
+            .expect("submit");
+        let done = wait_for(&sink, 2);
+        assert_eq!(done.len(), 2, "both messages complete");
+        assert_eq!(done[0].verdict, Verdict::Failed);
+        assert_eq!(done[0].results[0].error, ErrorKind::Internal);
+        assert!(!done[0].key_held);
+        assert_eq!(done[1].verdict, Verdict::Ok);
+        assert_eq!(engine.queued(), 0, "capacity released");
+        assert_eq!(engine.inflight(), 0);
+        assert_eq!(seen.lock().map(|s| s.len()).unwrap_or(0), 1);
+        engine.close(Duration::from_secs(1));
+    }
+
+    #[test]
+    fn out_of_range_bounds_are_errors_not_panics() {
+        let sink = Arc::new(Collect::default());
+        let config = EngineConfig {
+            max_inflight: 1 << 61,
+            ..EngineConfig::default()
+        };
+        assert!(Engine::new(config, Arc::clone(&sink) as Arc<dyn CompletionSink>).is_err());
+        let engine = Engine::new(EngineConfig::default(), sink).expect("engine");
+        let spec = TargetSpec {
+            name: "f".to_owned(),
+            url: "http://127.0.0.1:9/f".to_owned(),
+            topics: vec!["t".to_owned()],
+            max_inflight: Some(1 << 61),
+            timeout: None,
+            headers: vec![],
+            async_url: None,
+        };
+        let err = engine.set_targets(vec![spec]).expect_err("refused");
+        assert!(err.to_string().contains("max_inflight"), "{err}");
+    }
+
+    #[test]
+    fn reserved_headers_of_a_message_are_dropped_own_headers_kept() {
+        let sink = Arc::new(Collect::default());
+        let engine = Engine::new(EngineConfig::default(), sink).expect("engine");
+        let mut m = message(1, None);
+        m.headers = vec![
+            ("X-Callback-Url".to_owned(), "http://evil/".to_owned()),
+            ("x-call-id".to_owned(), "stolen".to_owned()),
+            ("X-Custom".to_owned(), "kept".to_owned()),
+        ];
+        m.own_headers = vec![("X-Callback-Url".to_owned(), "http://fastconn/cb".to_owned())];
+        let head = engine.shared.base_headers(&m).expect("valid");
+        let passed: Vec<&str> = head.passed.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(passed, vec!["x-custom"]);
+        let own = String::from_utf8_lossy(&head.own).to_string();
+        assert!(
+            own.contains("x-callback-url: http://fastconn/cb\r\n"),
+            "{own}"
+        );
+        assert!(!own.contains("evil") && !own.contains("stolen"), "{own}");
     }
 
     #[test]

@@ -9,14 +9,16 @@
 //! wakes; it makes no decisions.
 
 pub mod engine;
+pub mod headers;
 mod http;
 pub mod message;
 pub mod ordering;
+pub mod panics;
 pub mod retry;
 pub mod router;
 pub mod stats;
 
-pub use engine::{Engine, EngineConfig, SubmitError, TargetSpec};
+pub use engine::{Engine, EngineConfig, SubmitError, TargetSpec, MAX_INFLIGHT};
 pub use message::{Completion, CompletionSink, ErrorKind, Message, TargetResult, Verdict};
 pub use retry::RetryPolicy;
 pub use router::{Pattern, RouteTable, Router};

@@ -36,6 +36,40 @@ pub struct Message {
     pub only_function: Option<String>,
     /// Invoke through each function's asynchronous endpoint where it has one.
     pub asynchronous: bool,
+    /// With a key: the key stays held after this message completes, whatever the verdict; the
+    /// caller owns it and resumes or releases it. For a message split into several calls (async
+    /// invocation), whose key must stay held until the last call's result.
+    pub keep_key: bool,
+    /// No call at all: wait for the key like any message of the key, then complete `Ok` with the
+    /// key held (`key_held`). The caller owns the key from then on.
+    pub lease: bool,
+    /// Headers fastconn itself sets for this message (callback URL, call id): sent as given,
+    /// after the message's headers, and exempt from the reserved-name filter.
+    pub own_headers: Vec<(String, String)>,
+}
+
+impl Message {
+    /// A message with the given token, topic and payload and every option at its default.
+    pub fn new(token: u64, topic: impl Into<String>, payload: Bytes) -> Message {
+        Message {
+            token,
+            topic: topic.into(),
+            payload,
+            headers: Vec::new(),
+            message_id: token.to_string(),
+            key: None,
+            delivery_attempt: 1,
+            capture: false,
+            hold_key_on_retry: false,
+            hold_key_on_failure: false,
+            resume: false,
+            only_function: None,
+            asynchronous: false,
+            keep_key: false,
+            lease: false,
+            own_headers: Vec::new(),
+        }
+    }
 }
 
 /// Why a call has no HTTP status. The integer values are part of the binding's interface.
@@ -49,6 +83,8 @@ pub enum ErrorKind {
     Io = 3,
     InvalidRequest = 4,
     Internal = 5,
+    /// The function's response broke HTTP/1.1 framing: not retried, the connection is closed.
+    Protocol = 6,
 }
 
 impl ErrorKind {
@@ -60,6 +96,7 @@ impl ErrorKind {
             ErrorKind::Io => "io",
             ErrorKind::InvalidRequest => "invalid_request",
             ErrorKind::Internal => "internal",
+            ErrorKind::Protocol => "protocol",
         }
     }
 }
@@ -112,6 +149,10 @@ pub struct Completion {
     pub token: u64,
     pub verdict: Verdict,
     pub results: Vec<TargetResult>,
+    /// Whether the core still holds the message's ordering key for it after this completion
+    /// (`hold_key_on_*`, `keep_key`, `lease`): the caller must resubmit it with `resume` or call
+    /// `release_key`. Always false for a message without a key. Callers never infer this.
+    pub key_held: bool,
 }
 
 /// Where completions go. Called from tokio worker threads; implementations must not block

@@ -6,9 +6,18 @@ use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 
-/// The waiting lines of busy keys. A key is present while one of its messages is in flight.
+/// The waiting lines of busy keys. A key is present while one of its messages is in flight or
+/// holds it (a completed message whose caller will resume or release it).
 pub struct KeyedQueue<T> {
-    lines: Mutex<HashMap<Bytes, VecDeque<T>>>,
+    lines: Mutex<HashMap<Bytes, Line<T>>>,
+}
+
+struct Line<T> {
+    waiting: VecDeque<T>,
+    /// The key's message completed and the key stays held for its caller: only then may the
+    /// caller release it. Releasing a key whose message is still in flight would let the next
+    /// message overtake it.
+    held: bool,
 }
 
 impl<T> Default for KeyedQueue<T> {
@@ -29,14 +38,59 @@ impl<T> KeyedQueue<T> {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         match lines.get_mut(key) {
             Some(line) => {
-                line.push_back(item);
+                line.waiting.push_back(item);
                 None
             }
             None => {
-                lines.insert(key.clone(), VecDeque::new());
+                let line = Line {
+                    waiting: VecDeque::new(),
+                    held: false,
+                };
+                lines.insert(key.clone(), line);
                 Some(item)
             }
         }
+    }
+
+    /// The key's message completed and its caller keeps the key (it will resume or release).
+    pub fn hold(&self, key: &Bytes) {
+        let mut lines = self
+            .lines
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let line = lines.entry(key.clone()).or_insert_with(|| Line {
+            waiting: VecDeque::new(),
+            held: false,
+        });
+        line.held = true;
+    }
+
+    /// A message resumes the key held for it: the key is in flight again.
+    pub fn resume(&self, key: &Bytes) {
+        let mut lines = self
+            .lines
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(line) = lines.get_mut(key) {
+            line.held = false;
+        }
+    }
+
+    /// Releases a held key: `Err(())` when the key is not held (idle, or its message is still
+    /// in flight), which changes nothing; otherwise like [`KeyedQueue::release`].
+    #[allow(clippy::result_unit_err)]
+    pub fn release_held(&self, key: &Bytes) -> Result<Option<T>, ()> {
+        {
+            let mut lines = self
+                .lines
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match lines.get_mut(key) {
+                Some(line) if line.held => line.held = false,
+                _ => return Err(()),
+            }
+        }
+        Ok(self.release(key))
     }
 
     /// The key's in-flight message finished: returns the next one to start, if any; the key
@@ -46,7 +100,7 @@ impl<T> KeyedQueue<T> {
             .lines
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let next = lines.get_mut(key).and_then(VecDeque::pop_front);
+        let next = lines.get_mut(key).and_then(|line| line.waiting.pop_front());
         if next.is_none() {
             lines.remove(key);
         }
@@ -79,5 +133,21 @@ mod tests {
         assert_eq!(q.release(&b), None);
         assert_eq!(q.busy_keys(), 0);
         assert_eq!(q.admit(&a, 4), Some(4), "an idle key starts at once");
+    }
+
+    #[test]
+    fn only_a_held_key_can_be_released_by_its_caller() {
+        let q = KeyedQueue::default();
+        let a = Bytes::from_static(b"a");
+        assert_eq!(q.admit(&a, 1), Some(1));
+        assert_eq!(q.admit(&a, 2), None);
+        assert_eq!(q.release_held(&a), Err(()), "1 is still in flight");
+        q.hold(&a);
+        q.resume(&a);
+        assert_eq!(q.release_held(&a), Err(()), "resumed: in flight again");
+        q.hold(&a);
+        assert_eq!(q.release_held(&a), Ok(Some(2)));
+        assert_eq!(q.release_held(&a), Err(()), "2 is in flight");
+        assert_eq!(q.release_held(&Bytes::from_static(b"idle")), Err(()));
     }
 }

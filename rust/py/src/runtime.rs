@@ -35,7 +35,17 @@ type WireMessage<'py> = (
     u32,
     u8,
     Option<String>,
+    Vec<(String, String)>,
 );
+
+/// Bits of a wire message's `flags`.
+const CAPTURE: u8 = 1;
+const HOLD_KEY_ON_RETRY: u8 = 1 << 1;
+const RESUME: u8 = 1 << 2;
+const ASYNCHRONOUS: u8 = 1 << 3;
+const HOLD_KEY_ON_FAILURE: u8 = 1 << 4;
+const KEEP_KEY: u8 = 1 << 5;
+const LEASE: u8 = 1 << 6;
 
 /// One function's counters: (function, [(status, count)], cumulative buckets, sum_s, count, retries).
 type StatsTuple = (String, Vec<(String, u64)>, Vec<u64>, f64, u64, u64);
@@ -58,6 +68,20 @@ fn raise(py: Python<'_>, class: &str, message: String) -> PyErr {
         Ok(instance) => PyErr::from_value(instance),
         Err(_) => PyRuntimeError::new_err(message),
     }
+}
+
+/// Runs `f`, turning a panic (a bug in the core) into `fastconn.errors.InternalError`: PyO3's
+/// own `PanicException` derives from `BaseException` and would escape every `except Exception`,
+/// killing whatever task made the call.
+fn guard<T>(py: Python<'_>, f: impl FnOnce() -> T) -> PyResult<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|payload| {
+        let why = fastconn_core::panics::panic_message(payload.as_ref());
+        raise(
+            py,
+            "InternalError",
+            format!("internal error in fastconn's core (a bug, please report it): {why}"),
+        )
+    })
 }
 
 fn seconds(value: f64, what: &str) -> PyResult<Duration> {
@@ -107,7 +131,10 @@ impl Runtime {
         };
         let completions = Arc::new(CompletionQueue::new()?);
         let sink: Arc<dyn fastconn_core::CompletionSink> = completions.clone();
-        let engine = Engine::new(config, sink)?;
+        let engine = Engine::new(config, sink).map_err(|e| match e.kind() {
+            std::io::ErrorKind::InvalidInput => PyValueError::new_err(e.to_string()),
+            _ => PyErr::from(e),
+        })?;
         Ok(Runtime {
             engine,
             names: Mutex::new(HashMap::new()),
@@ -149,11 +176,11 @@ impl Runtime {
         self.engine.busy_keys()
     }
 
-    fn release_key(&self, py: Python<'_>, key: &Bound<'_, PyBytes>) -> PyResult<()> {
+    /// Releases a key held for its caller; false (nothing changes) when it is not held.
+    fn release_key(&self, py: Python<'_>, key: &Bound<'_, PyBytes>) -> PyResult<bool> {
         self.check_process(py, "release a key of")?;
-        self.engine
-            .release_key(Bytes::copy_from_slice(key.as_bytes()));
-        Ok(())
+        let key = Bytes::copy_from_slice(key.as_bytes());
+        guard(py, || self.engine.release_key(key))
     }
 
     #[getter]
@@ -181,15 +208,14 @@ impl Runtime {
                 },
             )
             .collect::<PyResult<Vec<_>>>()?;
-        self.engine
-            .set_targets(specs)
+        guard(py, || self.engine.set_targets(specs))?
             .map_err(|e| PyValueError::new_err(e.to_string()))
     }
 
     /// Accepts a batch: each item is (topic, payload, headers, message_id, key, delivery_attempt,
-    /// flags, only_function) with flags = capture | hold_key_on_retry << 1 | resume << 2 |
-    /// asynchronous << 3 | hold_key_on_failure << 4; message `i` gets token
-    /// `base_token + i`. Never blocks.
+    /// flags, only_function, own_headers) with flags = capture | hold_key_on_retry << 1 |
+    /// resume << 2 | asynchronous << 3 | hold_key_on_failure << 4 | keep_key << 5 | lease << 6;
+    /// message `i` gets token `base_token + i`. Never blocks.
     fn submit(&self, py: Python<'_>, base_token: u64, batch: &Bound<'_, PyList>) -> PyResult<()> {
         self.check_process(py, "submit")?;
         let mut messages = Vec::with_capacity(batch.len());
@@ -197,9 +223,17 @@ impl Runtime {
             let item = item
                 .cast_into::<PyTuple>()
                 .map_err(|_| PyValueError::new_err(format!("batch item {i} is not a tuple")))?;
-            let (topic, payload, headers, message_id, key, delivery_attempt, flags, only_function): WireMessage<
-                '_,
-            > = item
+            let (
+                topic,
+                payload,
+                headers,
+                message_id,
+                key,
+                delivery_attempt,
+                flags,
+                only_function,
+                own_headers,
+            ): WireMessage<'_> = item
                 .extract()
                 .map_err(|e| PyValueError::new_err(format!("batch item {i}: {e}")))?;
             messages.push(Message {
@@ -210,15 +244,18 @@ impl Runtime {
                 message_id,
                 key: key.map(|k| Bytes::copy_from_slice(k.as_bytes())),
                 delivery_attempt,
-                capture: flags & 1 != 0,
-                hold_key_on_retry: flags & 2 != 0,
-                hold_key_on_failure: flags & 16 != 0,
-                resume: flags & 4 != 0,
+                capture: flags & CAPTURE != 0,
+                hold_key_on_retry: flags & HOLD_KEY_ON_RETRY != 0,
+                hold_key_on_failure: flags & HOLD_KEY_ON_FAILURE != 0,
+                resume: flags & RESUME != 0,
                 only_function,
-                asynchronous: flags & 8 != 0,
+                asynchronous: flags & ASYNCHRONOUS != 0,
+                keep_key: flags & KEEP_KEY != 0,
+                lease: flags & LEASE != 0,
+                own_headers,
             });
         }
-        self.engine.submit(messages).map_err(|e| match e {
+        guard(py, || self.engine.submit(messages))?.map_err(|e| match e {
             SubmitError::Closed => raise(py, "DispatcherClosed", e.to_string()),
             SubmitError::Full { .. } => raise(py, "DispatcherFull", e.to_string()),
             SubmitError::InvalidTarget(_) => PyValueError::new_err(e.to_string()),
@@ -227,7 +264,7 @@ impl Runtime {
 
     /// Everything completed since the last drain, re-arming the wake-up. Each item:
     /// (token, verdict, [(function, status, error_kind, attempts, latency_s, retry_after_s,
-    /// body, headers)]).
+    /// body, headers)], key_held).
     fn drain<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let completions = self.completions.take();
         let mut names = self.names.lock().unwrap_or_else(PoisonError::into_inner);
@@ -253,7 +290,15 @@ impl Runtime {
                 );
                 results.push(item.into_pyobject(py)?);
             }
-            items.push((c.token, c.verdict.code(), PyTuple::new(py, results)?).into_pyobject(py)?);
+            items.push(
+                (
+                    c.token,
+                    c.verdict.code(),
+                    PyTuple::new(py, results)?,
+                    c.key_held,
+                )
+                    .into_pyobject(py)?,
+            );
         }
         PyList::new(py, items)
     }
