@@ -349,7 +349,7 @@ class GatewayDouble:
     # ----------------------------------------------------------------- routing
 
     def _build_app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(client_max_size=64 * 1024 * 1024)  # the gateway takes large bodies
         p = self._prefix
         app.router.add_get(f"{p}/system/namespaces", self._system(self._list_namespaces))
         app.router.add_get(f"{p}/system/functions", self._system(self._list_functions))

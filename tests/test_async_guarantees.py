@@ -4,6 +4,7 @@ keys stay ordered and never deadlock, and a message's headers cannot take over i
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -43,9 +44,7 @@ async def test_concurrent_duplicate_callbacks_settle_once_and_wait_for_the_sync_
     h: Harness = await harness_factory()  # type: ignore[misc]
     h.gateway.script("later", statuses=[200], callback_copies=0)  # the test is the gateway here
     h.gateway.script("slowsync", statuses=[200], delay=1.0)
-    h.dispatcher.set_functions(
-        [h.target("later", "jobs"), h.target("slowsync", "jobs", asynchronous=False)]
-    )
+    h.dispatcher.set_functions([h.target("later", "jobs"), h.target("slowsync", "jobs", asynchronous=False)])
     submitted = time.monotonic()
     await h.dispatcher.submit([Message("jobs", b"x")], h.collect)
     await wait_for(lambda: h.gateway.calls("later") == 1, what="the async call")
@@ -102,7 +101,7 @@ async def test_async_calls_hold_their_key_until_the_callback(harness_factory: Ca
     await wait_for(lambda: len(h.outcomes) == 3, what="three outcomes")
     requests = h.gateway.requests_for("ordered")
     assert [r.headers["X-Message-Id"] for r in requests] == ["m0", "m1", "m2"]
-    for earlier, later in zip(requests, requests[1:], strict=False):
+    for earlier, later in itertools.pairwise(requests):
         assert later.received >= settled_at[earlier.headers["X-Message-Id"]], (
             "the next message of the key was invoked before the previous one's callback"
         )

@@ -278,7 +278,10 @@ def test_gateway_url_env_creates_gateway_section() -> None:
 
 
 def test_env_overrides_every_key(tmp_path: Path) -> None:
-    path = write(tmp_path, FULL_EXAMPLE)
+    # asynchronous_invocation comes on through the environment: callbacks then need a public URL.
+    path = write(
+        tmp_path, FULL_EXAMPLE.replace('public_url = ""', 'public_url = "http://fc.example.com:8081"')
+    )
     env = {
         "gateway_url": "https://gw.example.com",
         "topics": " x, y ,,z ",
@@ -862,3 +865,21 @@ def test_registry_error_carries_url_and_status() -> None:
     assert (str(error), error.url, error.status) == ("listing failed", "http://gw/system/functions", 503)
     clone = pickle.loads(pickle.dumps(error))
     assert (str(clone), clone.url, clone.status) == ("listing failed", "http://gw/system/functions", 503)
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:8081", "[::]:8081"])
+def test_async_callbacks_with_a_wildcard_listen_need_a_public_url(listen: str) -> None:
+    data = {
+        "gateway": {"url": "http://gateway:8080"},
+        "server": {"listen": listen},
+        "dispatch": {"asynchronous_invocation": True},
+    }
+    with pytest.raises(ConfigError) as info:
+        validate_config(data)
+    problems = problems_of(info)
+    assert list(problems) == ["server.public_url"]
+    assert "set server.public_url" in problems["server.public_url"].message
+    # Either fix makes the configuration valid.
+    validate_config({**data, "server": {"listen": listen, "public_url": "http://fastconn:8081"}})
+    validate_config({**data, "dispatch": {"asynchronous_invocation": True, "async_ack": "on_accept"}})
+    validate_config({**data, "dispatch": {}})

@@ -592,6 +592,20 @@ async def test_webhook_bearer_token(
     )
 
 
+async def test_webhook_bodies_up_to_max_body_bytes_beyond_aiohttps_default(
+    gateway: GatewayDouble, daemon_factory: DaemonFactory, http: aiohttp.ClientSession, fast_dispatch: dict
+) -> None:
+    gateway.set_functions([FunctionSpec("big", topic="blobs")])
+    limit = 3 * 1024 * 1024
+    daemon = await daemon_factory(gw_config(gateway, fast_dispatch, source={"max_body_bytes": limit}))
+    body = b"b" * (2 * 1024 * 1024)  # over aiohttp's 1 MiB client_max_size
+    assert (await post(http, daemon, "blobs", body)).status == 202
+    await settled(daemon, 1)
+    assert gateway.requests_for("big")[0].body == body
+    too_big = await post(http, daemon, "blobs", b"b" * (limit + 1))
+    assert too_big.status == 413 and b"max_body_bytes" in too_big.body
+
+
 async def test_webhook_hmac_signature(
     gateway: GatewayDouble, daemon_factory: DaemonFactory, http: aiohttp.ClientSession, fast_dispatch: dict
 ) -> None:

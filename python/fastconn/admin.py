@@ -27,13 +27,12 @@ class AdminServer:
     async def start(self) -> None:
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+        # Bound here rather than by TCPSite so the port picked for port 0 is known through a
+        # public API (the socket), not the site's private server object.
+        sock = bind_listener(self.host, self.port)
+        site = web.SockSite(self._runner, sock)
         await site.start()
-        server = site._server
-        if self.port == 0 and server is not None:
-            sockets: list[socket.socket] = list(getattr(server, "sockets", []))
-            if sockets:
-                self.port = sockets[0].getsockname()[1]
+        self.port = sock.getsockname()[1]
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -56,6 +55,26 @@ class AdminServer:
 
     async def _metrics(self, _: web.Request) -> web.Response:
         return web.Response(body=self.metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
+def bind_listener(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (IPv4 or IPv6, resolved), with SO_REUSEADDR so a
+    restart does not wait for TIME_WAIT connections to expire."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+        sock.listen(1024)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def split_listen(listen: str) -> tuple[str, int]:

@@ -382,6 +382,12 @@ class Config(_Model):
     log_level: str = "info"
 
     @property
+    def public_url_derived(self) -> bool:
+        """Whether ``public_url`` is a guess from ``listen`` (reachable from this host only when
+        ``listen`` is a loopback address)."""
+        return not self.server.public_url
+
+    @property
     def public_url(self) -> str:
         """``server.public_url``, else ``http://<listen>`` with wildcard hosts made connectable."""
         if self.server.public_url:
@@ -481,7 +487,40 @@ def _cross_field_errors(data: Mapping[str, Any]) -> list[InitErrorDetails]:
                 errors.append(_error(message, ("functions", index, "name"), name))
             else:
                 first_seen[label] = index
+    errors.extend(_callback_address_errors(data, functions))
     return errors
+
+
+_UNSPECIFIED_HOSTS: Final = frozenset({"0.0.0.0", "::", "[::]", ""})
+
+
+def _callback_address_errors(data: Mapping[str, Any], functions: Sequence[Any]) -> list[InitErrorDetails]:
+    """Async invocation settled by callbacks needs the address the gateway reaches fastconn at.
+    Guessing it from a wildcard ``listen`` would send every callback to the gateway's own
+    loopback: each async call would then wait out ``callback_timeout`` and be re-invoked."""
+    dispatch, server = data.get("dispatch") or {}, data.get("server") or {}
+    sources = data.get("sources") or ()
+    if not isinstance(dispatch, Mapping) or not isinstance(server, Mapping):
+        return []
+    if dispatch.get("async_ack", "on_callback") != "on_callback" or server.get("public_url"):
+        return []
+    uses_async = (
+        dispatch.get("asynchronous_invocation") is True
+        or any(isinstance(s, Mapping) and s.get("asynchronous_invocation") is True for s in sources)
+        or any(isinstance(f, Mapping) and f.get("asynchronous") is True for f in functions)
+    )
+    listen = server.get("listen", "127.0.0.1:8081")
+    if not uses_async or not isinstance(listen, str):
+        return []
+    host = listen.rpartition(":")[0]
+    if host not in _UNSPECIFIED_HOSTS:
+        return []
+    message = (
+        f"asynchronous invocation sends the gateway a callback URL, and listen = {listen!r} does not "
+        "say where the gateway can reach fastconn: set server.public_url (e.g. "
+        '"http://fastconn.openfaas:8081"), or dispatch.async_ack = "on_accept"'
+    )
+    return [_error(message, ("server", "public_url"), MISSING)]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -110,6 +110,16 @@ class Daemon:
             CallbackMetrics(self.metrics.registry),
         )
         self.callbacks.register_routes(self.admin.app)
+        uses_async = d.asynchronous_invocation or any(
+            getattr(source, "asynchronous_invocation", False) for source in config.sources
+        )
+        if uses_async and d.async_ack == "on_callback" and config.public_url_derived:
+            log.warning(
+                "callbacks of async invocations will go to %s, derived from [server] listen: only a "
+                "gateway on this host can reach it; set [server] public_url to the address the "
+                "gateway reaches fastconn at",
+                config.public_url,
+            )
         self.ctx = SourceContext(
             dispatcher=self.dispatcher,
             metrics=self.metrics,

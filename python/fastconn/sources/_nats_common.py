@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from fastconn.durations import Duration
 from fastconn.errors import SourceError
+from fastconn.headers import passthrough
 
 __all__ = [
     "NatsConnectionConfig",
@@ -35,22 +36,6 @@ DEFAULT_SERVER: Final = "nats://127.0.0.1:4222"
 _DEFAULT_PORT: Final = 4222
 _SCHEMES: Final = ("nats", "tls", "ws", "wss")
 
-# Headers that describe the HTTP hop: a NATS message carrying one must not break the request.
-_NOT_FORWARDED: Final = frozenset(
-    {
-        "host",
-        "content-length",
-        "transfer-encoding",
-        "connection",
-        "keep-alive",
-        "expect",
-        "upgrade",
-        "te",
-        "trailer",
-        "proxy-authorization",
-    }
-)
-_TOKEN: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _BAD_VALUE: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _WHITESPACE: Final = re.compile(r"\s")
 
@@ -118,19 +103,11 @@ def minimal_subjects(subjects: Iterable[str]) -> list[str]:
 def http_headers(
     headers: Mapping[str, str] | None, reserved: frozenset[str] = frozenset()
 ) -> list[tuple[str, str]]:
-    """NATS headers as HTTP headers: hop-by-hop ones, names in ``reserved`` (lower case: the
-    ones the source sets itself) and names or values HTTP cannot carry are left out."""
+    """NATS headers as HTTP headers, through fastconn's one header policy
+    (:mod:`fastconn.headers`); ``reserved``: the source's own names (lower case)."""
     if not headers:
         return []
-    out: list[tuple[str, str]] = []
-    for name, value in headers.items():
-        lower = name.lower()
-        if lower in _NOT_FORWARDED or lower in reserved or not _TOKEN.fullmatch(name):
-            continue
-        if not isinstance(value, str) or _BAD_VALUE.search(value):
-            continue
-        out.append((name, value))
-    return out
+    return passthrough(headers.items(), source_reserved=reserved)
 
 
 def sanitize_header_value(text: str, limit: int = 256) -> str:

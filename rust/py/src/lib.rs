@@ -26,8 +26,14 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         },
     )?;
     m.add("LATENCY_BUCKETS", fastconn_core::LATENCY_BUCKETS.to_vec())?;
-    m.add("RESERVED_HEADERS", fastconn_core::headers::RESERVED.to_vec())?;
-    m.add("HOP_BY_HOP_HEADERS", fastconn_core::headers::HOP_BY_HOP.to_vec())?;
+    m.add(
+        "RESERVED_HEADERS",
+        fastconn_core::headers::RESERVED.to_vec(),
+    )?;
+    m.add(
+        "HOP_BY_HOP_HEADERS",
+        fastconn_core::headers::HOP_BY_HOP.to_vec(),
+    )?;
     m.add("MAX_INFLIGHT", fastconn_core::MAX_INFLIGHT)?;
     Ok(())
 }
