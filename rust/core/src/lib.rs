@@ -9,6 +9,7 @@
 //! wakes; it makes no decisions.
 
 pub mod engine;
+mod framing;
 pub mod headers;
 mod http;
 pub mod message;

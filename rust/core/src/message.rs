@@ -83,7 +83,9 @@ pub enum ErrorKind {
     Io = 3,
     InvalidRequest = 4,
     Internal = 5,
-    /// The function's response broke HTTP/1.1 framing: not retried, the connection is closed.
+    /// The function's response broke HTTP/1.1 (malformed head, too many headers, conflicting
+    /// or invalid framing). Not retried: the same function would answer the same way. The
+    /// connection is closed, and the result's body says what was wrong.
     Protocol = 6,
 }
 

@@ -43,6 +43,7 @@ impl RetryPolicy {
     pub fn is_retryable(&self, status: u16, error: ErrorKind) -> bool {
         match error {
             ErrorKind::Connect | ErrorKind::Timeout | ErrorKind::Io => true,
+            // A function that breaks HTTP/1.1 framing does so again on the next attempt.
             ErrorKind::InvalidRequest | ErrorKind::Internal | ErrorKind::Protocol => false,
             ErrorKind::None => self.retry_on.contains(&status),
         }
@@ -129,6 +130,12 @@ mod tests {
             p.decide(1, 0, ErrorKind::InvalidRequest, None),
             Decision::Final
         );
+        assert_eq!(
+            p.decide(1, 0, ErrorKind::Protocol, None),
+            Decision::Final,
+            "a response that breaks HTTP/1.1 is not retried"
+        );
+        assert!(!p.is_retryable(0, ErrorKind::Protocol));
     }
 
     #[test]
