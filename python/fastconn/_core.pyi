@@ -3,7 +3,7 @@
 from collections.abc import Sequence
 from typing import final
 
-__all__ = ["LATENCY_BUCKETS", "Runtime", "__version__", "build_profile"]
+__all__ = ["LATENCY_BUCKETS", "Runtime", "__version__", "build_profile", "check_tls", "validate_url"]
 
 __version__: str
 build_profile: str
@@ -32,6 +32,10 @@ class Runtime:
         content_type: str | None,
         user_agent: str,
         authorization: str | None,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        tls_insecure_skip_verify: bool = False,
     ) -> Runtime: ...
     @property
     def pid(self) -> int: ...
@@ -54,3 +58,6 @@ class Runtime:
     def route(self, topics: list[str]) -> list[list[str]]: ...
     def stats(self) -> list[_StatsTuple]: ...
     def close(self, timeout: float) -> int: ...
+
+def validate_url(url: str) -> str | None: ...
+def check_tls(*, ca: str | None = None, cert: str | None = None, key: str | None = None) -> tuple[str, str] | None: ...

@@ -39,6 +39,9 @@ class ErrorKind(enum.IntEnum):
     """The request could not be built (bad URL, bad header)."""
     INTERNAL = 5
     """A bug in fastconn (a panicked task); reported rather than lost."""
+    TLS = 6
+    """TLS failed: the server's certificate is not trusted, the server refused ours, or it does
+    not speak TLS. Not retried (a configuration problem); the result's body says what failed."""
 
     @property
     def label(self) -> str:

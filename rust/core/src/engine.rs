@@ -16,6 +16,7 @@ use crate::ordering::KeyedQueue;
 use crate::retry::{Decision, RetryPolicy};
 use crate::router::{RouteTable, Router};
 use crate::stats::{StatsSnapshot, TargetStats};
+use crate::tls::{TlsConfigError, TlsSettings};
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
 use std::collections::HashMap;
@@ -41,6 +42,8 @@ pub struct EngineConfig {
     pub user_agent: String,
     /// A ready `Authorization` header value (e.g. `Basic ...`) for every call.
     pub authorization: Option<String>,
+    /// Trust and identity for `https://` targets.
+    pub tls: TlsSettings,
 }
 
 impl Default for EngineConfig {
@@ -56,9 +59,35 @@ impl Default for EngineConfig {
             content_type: Some("text/plain".to_owned()),
             user_agent: concat!("fastconn/", env!("CARGO_PKG_VERSION")).to_owned(),
             authorization: None,
+            tls: TlsSettings::default(),
         }
     }
 }
+
+/// Whether the engine can call `url` (the check a target's URLs go through), so that a
+/// configuration check and the running engine agree on what is valid.
+pub fn check_url(url: &str) -> Result<(), String> {
+    Endpoint::parse(url).map(|_| ())
+}
+
+/// Why an engine could not be built.
+#[derive(Debug)]
+pub enum EngineError {
+    /// The tokio runtime could not start (threads, file descriptors).
+    Runtime(std::io::Error),
+    Tls(TlsConfigError),
+}
+
+impl std::fmt::Display for EngineError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EngineError::Runtime(e) => write!(f, "cannot start the dispatcher's runtime: {e}"),
+            EngineError::Tls(e) => e.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for EngineError {}
 
 /// A function as the caller describes it.
 #[derive(Debug, Clone)]
@@ -175,13 +204,16 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn new(config: EngineConfig, sink: Arc<dyn CompletionSink>) -> std::io::Result<Engine> {
+    pub fn new(config: EngineConfig, sink: Arc<dyn CompletionSink>) -> Result<Engine, EngineError> {
+        // TLS first: a configuration error should not cost a runtime's threads.
+        let tls = config.tls.client_config().map_err(EngineError::Tls)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(config.workers.max(1))
             .thread_name("fastconn-io")
             .enable_all()
-            .build()?;
-        let pool = Pool::new(config.max_inflight, config.connect_timeout);
+            .build()
+            .map_err(EngineError::Runtime)?;
+        let pool = Pool::new(config.max_inflight, config.connect_timeout).with_tls(tls);
         let shared = Arc::new(Shared {
             global: Arc::new(Semaphore::new(config.max_inflight.max(1))),
             router: Router::default(),

@@ -7,15 +7,19 @@
 //! checked out of a per-host LIFO stack, so one call is one task, one write and (usually) one
 //! read. Everything HTTP/1.1 framing needs is handled: Content-Length, chunked bodies,
 //! read-to-close bodies, informational 1xx answers, `Connection: close`, HTTP/1.0 servers.
+//! `https://` URLs go over TLS ([`crate::stream`], configured by [`crate::tls`]); the pool keeps
+//! those connections alive the same way.
 
 use crate::message::ErrorKind;
 use crate::retry::parse_retry_after;
+use crate::stream::{self, Stream};
 use bytes::{Buf, Bytes, BytesMut};
+use rustls::pki_types::ServerName;
 use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::AsyncReadExt;
+use tokio_rustls::TlsConnector;
 
 /// How much of a failed call's body is kept for logs and dead-letter context.
 pub(crate) const FAILURE_EXCERPT: usize = 1024;
@@ -46,23 +50,42 @@ impl Attempt {
             ..Attempt::default()
         }
     }
+
+    /// A failure with an explanation in place of a response body excerpt.
+    fn failure(kind: ErrorKind, detail: String) -> Self {
+        Attempt {
+            error: kind,
+            body: Some(Bytes::from(detail)),
+            ..Attempt::default()
+        }
+    }
 }
 
 /// Where a target's requests go: resolved once per routing table.
 #[derive(Debug, Clone)]
 pub(crate) struct Endpoint {
-    /// `host:port` to connect to, also the pool key.
+    /// `host:port` to connect to.
     pub authority: String,
+    /// The pool key: scheme and authority, so a plain and a TLS connection to the same
+    /// `host:port` are never mixed up.
+    pub pool_key: String,
+    /// For `https://`: the name the server's certificate must carry (sent as SNI when it is a
+    /// DNS name; an IP address is matched against the certificate's IP addresses, no SNI).
+    pub tls_name: Option<ServerName<'static>>,
     /// The request line and `Host` header, ready to write.
     pub head: Bytes,
 }
 
 impl Endpoint {
-    /// Parses an `http://host[:port][/path][?query]` URL.
+    /// Parses an `http(s)://host[:port][/path][?query]` URL.
     pub fn parse(url: &str) -> Result<Endpoint, String> {
-        let rest = url
-            .strip_prefix("http://")
-            .ok_or("only http:// URLs are supported")?;
+        let (tls, rest) = if let Some(rest) = url.strip_prefix("http://") {
+            (false, rest)
+        } else if let Some(rest) = url.strip_prefix("https://") {
+            (true, rest)
+        } else {
+            return Err("only http:// and https:// URLs are supported".to_owned());
+        };
         let (authority, path) = match rest.find(['/', '?']) {
             Some(i) => rest.split_at(i),
             None => (rest, "/"),
@@ -73,35 +96,86 @@ impl Endpoint {
             path.to_owned()
         };
         if authority.is_empty() || authority.contains('@') {
-            return Err("expected http://host[:port]/path (no credentials in the URL)".to_owned());
+            return Err(
+                "expected http(s)://host[:port]/path (no credentials in the URL)".to_owned(),
+            );
         }
         if path.bytes().any(|b| b <= b' ' || b == 0x7f) {
             return Err("the path contains spaces or control characters".to_owned());
         }
-        let has_port = match authority.rfind(':') {
-            Some(i) => {
-                !authority.ends_with(']')
-                    && authority
-                        .get(i + 1..)
-                        .is_some_and(|p| p.parse::<u16>().is_ok())
-            }
-            None => false,
-        };
-        let connect = if has_port {
-            authority.to_owned()
+        let (host, port) = split_authority(authority)?;
+        let default_port = if tls { 443 } else { 80 };
+        let connect = format!(
+            "{}:{}",
+            authority_host(authority, host),
+            port.unwrap_or(default_port)
+        );
+        let tls_name = if tls {
+            let name = ServerName::try_from(host.to_owned())
+                .map_err(|_| format!("{host:?} is not a valid host name for TLS"))?;
+            Some(name)
         } else {
-            format!("{authority}:80")
+            None
         };
+        let scheme = if tls { "https" } else { "http" };
         let head = format!("POST {path} HTTP/1.1\r\nhost: {authority}\r\n");
         Ok(Endpoint {
+            pool_key: format!("{scheme}://{connect}"),
             authority: connect,
+            tls_name,
             head: Bytes::from(head),
         })
     }
 }
 
+/// Splits `host[:port]` / `[v6]:port` into the host (without brackets) and the port, if any.
+fn split_authority(authority: &str) -> Result<(&str, Option<u16>), String> {
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(bracketed) => {
+            let (host, after) = bracketed
+                .split_once(']')
+                .ok_or("an IPv6 address needs its closing ']'")?;
+            match after {
+                "" => (host, None),
+                _ => (
+                    host,
+                    Some(
+                        after
+                            .strip_prefix(':')
+                            .ok_or("expected ':port' after ']'")?,
+                    ),
+                ),
+            }
+        }
+        None => match authority.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (authority, None),
+        },
+    };
+    if host.is_empty() {
+        return Err("the URL has no host".to_owned());
+    }
+    let port = match port {
+        Some(text) => Some(
+            text.parse::<u16>()
+                .map_err(|_| format!("invalid port {text:?}: expected 0..65535"))?,
+        ),
+        None => None,
+    };
+    Ok((host, port))
+}
+
+/// The host part of `authority` as written (IPv6 addresses keep their brackets).
+fn authority_host<'a>(authority: &'a str, host: &'a str) -> &'a str {
+    if authority.starts_with('[') {
+        authority.get(..host.len() + 2).unwrap_or(authority)
+    } else {
+        host
+    }
+}
+
 struct Conn {
-    stream: TcpStream,
+    stream: Stream,
     buf: BytesMut,
     idle_since: Instant,
 }
@@ -111,6 +185,8 @@ pub(crate) struct Pool {
     idle: Mutex<HashMap<String, Vec<Conn>>>,
     max_idle_per_host: usize,
     connect_timeout: Duration,
+    /// For `https://` endpoints; without it they fail (final) with a TLS error.
+    tls: Option<TlsConnector>,
 }
 
 impl Pool {
@@ -119,7 +195,15 @@ impl Pool {
             idle: Mutex::new(HashMap::new()),
             max_idle_per_host: max_idle_per_host.max(1),
             connect_timeout,
+            tls: None,
         }
+    }
+
+    /// Enables `https://` endpoints with this configuration (one per engine, so its session
+    /// cache lets reconnects resume their TLS sessions).
+    pub fn with_tls(mut self, config: Arc<rustls::ClientConfig>) -> Pool {
+        self.tls = Some(TlsConnector::from(config));
+        self
     }
 
     fn checkout(&self, authority: &str) -> Option<Conn> {
@@ -145,14 +229,21 @@ impl Pool {
         }
     }
 
-    async fn connect(&self, authority: &str) -> Result<Conn, ErrorKind> {
-        let stream =
-            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(authority)).await {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(_)) | Err(_) => return Err(ErrorKind::Connect),
-            };
-        // Small request/response pairs: Nagle would add a delayed-ACK round trip to each call.
-        stream.set_nodelay(true).map_err(|_| ErrorKind::Connect)?;
+    async fn connect(&self, endpoint: &Endpoint) -> Result<Conn, Attempt> {
+        let tls = match (&endpoint.tls_name, &self.tls) {
+            (None, _) => None,
+            (Some(name), Some(connector)) => Some((connector, name)),
+            (Some(_), None) => {
+                let why = "https:// is not enabled in this client (no TLS configuration)";
+                return Err(Attempt::failure(ErrorKind::Tls, why.to_owned()));
+            }
+        };
+        let stream = stream::connect(&endpoint.authority, tls, self.connect_timeout)
+            .await
+            .map_err(|failure| match failure.detail {
+                Some(detail) => Attempt::failure(failure.kind, detail),
+                None => Attempt::error(failure.kind),
+            })?;
         Ok(Conn {
             stream,
             buf: BytesMut::with_capacity(8 * 1024),
@@ -182,29 +273,38 @@ impl Pool {
         // A pooled connection the server closed while idle fails before any response byte
         // arrives; the request was not processed, so it goes again on a fresh connection
         // without counting as an attempt.
-        if let Some(conn) = self.checkout(&endpoint.authority) {
+        if let Some(conn) = self.checkout(&endpoint.pool_key) {
             match exchange(conn, &request, capture).await {
                 Exchange::Done(attempt, keep) => return self.finish(endpoint, attempt, keep),
                 Exchange::Stale => {}
                 Exchange::Failed(kind) => return Attempt::error(kind),
+                Exchange::TlsFailed(e) => return tls_attempt(&e, endpoint),
             }
         }
-        let conn = match self.connect(&endpoint.authority).await {
+        let conn = match self.connect(endpoint).await {
             Ok(conn) => conn,
-            Err(kind) => return Attempt::error(kind),
+            Err(attempt) => return attempt,
         };
         match exchange(conn, &request, capture).await {
             Exchange::Done(attempt, keep) => self.finish(endpoint, attempt, keep),
             Exchange::Stale => Attempt::error(ErrorKind::Io),
             Exchange::Failed(kind) => Attempt::error(kind),
+            Exchange::TlsFailed(e) => tls_attempt(&e, endpoint),
         }
     }
 
     fn finish(&self, endpoint: &Endpoint, attempt: Attempt, keep: Option<Conn>) -> Attempt {
         if let Some(conn) = keep {
-            self.checkin(&endpoint.authority, conn);
+            self.checkin(&endpoint.pool_key, conn);
         }
         attempt
+    }
+}
+
+fn tls_attempt(error: &std::io::Error, endpoint: &Endpoint) -> Attempt {
+    match stream::tls_failure(error, &endpoint.authority) {
+        Some(detail) => Attempt::failure(ErrorKind::Tls, detail),
+        None => Attempt::error(ErrorKind::Io),
     }
 }
 
@@ -214,10 +314,13 @@ enum Exchange {
     /// The connection was closed before any response byte (an expired keep-alive).
     Stale,
     Failed(ErrorKind),
+    /// The TLS layer failed after the handshake: in TLS 1.3 a server that refuses the client's
+    /// certificate says so only here, with an alert on the first read.
+    TlsFailed(std::io::Error),
 }
 
 async fn exchange(mut conn: Conn, request: &[u8], capture: bool) -> Exchange {
-    if conn.stream.write_all(request).await.is_err() {
+    if conn.stream.send(request).await.is_err() {
         return Exchange::Stale;
     }
     conn.buf.clear();
@@ -246,6 +349,7 @@ async fn exchange(mut conn: Conn, request: &[u8], capture: bool) -> Exchange {
             return Exchange::Failed(ErrorKind::Io);
         }
         match conn.stream.read_buf(&mut conn.buf).await {
+            Err(e) if crate::tls::failure_reason(&e).is_some() => return Exchange::TlsFailed(e),
             Ok(0) | Err(_) if first_read && conn.buf.is_empty() => return Exchange::Stale,
             Ok(0) | Err(_) => return Exchange::Failed(ErrorKind::Io),
             Ok(_) => first_read = false,
@@ -484,6 +588,7 @@ async fn read_chunked(conn: &mut Conn, keep: bool, limit: usize) -> Result<Bytes
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncWriteExt;
     use tokio::net::TcpListener;
 
     #[test]
@@ -499,7 +604,7 @@ mod tests {
         assert_eq!(&e.head[..], b"POST / HTTP/1.1\r\nhost: gw\r\n");
         let e = Endpoint::parse("http://[::1]:9000/f?x=1").expect("valid");
         assert_eq!(e.authority, "[::1]:9000");
-        assert!(Endpoint::parse("https://gw/f").is_err());
+        assert!(Endpoint::parse("ftp://gw/f").is_err());
         assert!(Endpoint::parse("http://user:pw@gw/f").is_err());
         assert!(Endpoint::parse("http://gw/a b").is_err());
     }

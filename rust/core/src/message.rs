@@ -49,6 +49,10 @@ pub enum ErrorKind {
     Io = 3,
     InvalidRequest = 4,
     Internal = 5,
+    /// TLS failed: the server's certificate is not trusted, the server refused ours, or the
+    /// peer does not speak TLS. Final: these are configuration problems that retrying within
+    /// seconds will not fix, and retrying them only delays the dead-letter that shows them.
+    Tls = 6,
 }
 
 impl ErrorKind {
@@ -60,6 +64,7 @@ impl ErrorKind {
             ErrorKind::Io => "io",
             ErrorKind::InvalidRequest => "invalid_request",
             ErrorKind::Internal => "internal",
+            ErrorKind::Tls => "tls",
         }
     }
 }

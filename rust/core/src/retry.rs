@@ -43,7 +43,7 @@ impl RetryPolicy {
     pub fn is_retryable(&self, status: u16, error: ErrorKind) -> bool {
         match error {
             ErrorKind::Connect | ErrorKind::Timeout | ErrorKind::Io => true,
-            ErrorKind::InvalidRequest | ErrorKind::Internal => false,
+            ErrorKind::InvalidRequest | ErrorKind::Internal | ErrorKind::Tls => false,
             ErrorKind::None => self.retry_on.contains(&status),
         }
     }
