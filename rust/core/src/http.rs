@@ -13,6 +13,7 @@
 use crate::message::ErrorKind;
 use crate::retry::parse_retry_after;
 use crate::stream::{self, Stream};
+use crate::tls::ClientAuth;
 use bytes::{Buf, Bytes, BytesMut};
 use rustls::pki_types::ServerName;
 use std::collections::HashMap;
@@ -178,6 +179,9 @@ struct Conn {
     stream: Stream,
     buf: BytesMut,
     idle_since: Instant,
+    /// What the TLS handshake showed about client certificates (for diagnosing a server
+    /// that closes without answering).
+    client_auth: ClientAuth,
 }
 
 /// Idle keep-alive connections per authority, most recently used first out.
@@ -238,7 +242,7 @@ impl Pool {
                 return Err(Attempt::failure(ErrorKind::Tls, why.to_owned()));
             }
         };
-        let stream = stream::connect(&endpoint.authority, tls, self.connect_timeout)
+        let (stream, client_auth) = stream::connect(&endpoint.authority, tls, self.connect_timeout)
             .await
             .map_err(|failure| match failure.detail {
                 Some(detail) => Attempt::failure(failure.kind, detail),
@@ -248,6 +252,7 @@ impl Pool {
             stream,
             buf: BytesMut::with_capacity(8 * 1024),
             idle_since: Instant::now(),
+            client_auth,
         })
     }
 
@@ -285,9 +290,16 @@ impl Pool {
             Ok(conn) => conn,
             Err(attempt) => return attempt,
         };
+        let client_auth = conn.client_auth;
         match exchange(conn, &request, capture).await {
             Exchange::Done(attempt, keep) => self.finish(endpoint, attempt, keep),
-            Exchange::Stale => Attempt::error(ErrorKind::Io),
+            // A fresh connection closed before any answer.
+            Exchange::Stale => {
+                match stream::closed_after_handshake(client_auth, &endpoint.authority) {
+                    Some((kind, why)) => Attempt::failure(kind, why),
+                    None => Attempt::error(ErrorKind::Io),
+                }
+            }
             Exchange::Failed(kind) => Attempt::error(kind),
             Exchange::TlsFailed(e) => tls_attempt(&e, endpoint),
         }

@@ -2,7 +2,7 @@
 //! [`Stream`] without knowing which; only [`connect`] and error classification differ.
 
 use crate::message::ErrorKind;
-use crate::tls::failure_reason;
+use crate::tls::{failure_reason, observe_client_auth, ClientAuth};
 use rustls::pki_types::ServerName;
 use std::io;
 use std::pin::Pin;
@@ -48,11 +48,12 @@ impl ConnectFailure {
 }
 
 /// Connects to `authority`, then (for `tls`) completes the handshake, all within `timeout`.
+/// Also says whether the server asked for a client certificate.
 pub(crate) async fn connect(
     authority: &str,
     tls: Option<(&TlsConnector, &ServerName<'static>)>,
     timeout: Duration,
-) -> Result<Stream, ConnectFailure> {
+) -> Result<(Stream, ClientAuth), ConnectFailure> {
     match tokio::time::timeout(timeout, open(authority, tls)).await {
         Ok(result) => result,
         Err(_) => Err(ConnectFailure::transport()),
@@ -62,7 +63,7 @@ pub(crate) async fn connect(
 async fn open(
     authority: &str,
     tls: Option<(&TlsConnector, &ServerName<'static>)>,
-) -> Result<Stream, ConnectFailure> {
+) -> Result<(Stream, ClientAuth), ConnectFailure> {
     let tcp = TcpStream::connect(authority)
         .await
         .map_err(|_| ConnectFailure::transport())?;
@@ -70,10 +71,11 @@ async fn open(
     tcp.set_nodelay(true)
         .map_err(|_| ConnectFailure::transport())?;
     let Some((connector, name)) = tls else {
-        return Ok(Stream::Plain(tcp));
+        return Ok((Stream::Plain(tcp), ClientAuth::NotRequested));
     };
-    match connector.connect(name.clone(), tcp).await {
-        Ok(stream) => Ok(Stream::Tls(Box::new(stream))),
+    let (result, client_auth) = observe_client_auth(connector.connect(name.clone(), tcp)).await;
+    match result {
+        Ok(stream) => Ok((Stream::Tls(Box::new(stream)), client_auth)),
         Err(e) => Err(match tls_failure(&e, authority) {
             Some(detail) => ConnectFailure {
                 kind: ErrorKind::Tls,
@@ -110,6 +112,29 @@ pub(crate) fn tls_failure(error: &io::Error, authority: &str) -> Option<String> 
         _ => "",
     };
     Some(format!("TLS with {authority} failed: {reason}{hint}"))
+}
+
+/// Why a server closed a fresh TLS connection without answering, when the handshake tells:
+/// the kind (final only when it asked for a certificate we do not have) and the excerpt.
+pub(crate) fn closed_after_handshake(
+    client_auth: ClientAuth,
+    authority: &str,
+) -> Option<(ErrorKind, String)> {
+    match client_auth {
+        ClientAuth::NotRequested => None,
+        ClientAuth::RequestedNone => Some((
+            ErrorKind::Tls,
+            format!(
+                "TLS with {authority} failed: the server asked for a client certificate, none is configured, and it closed the connection without answering; set tls_cert and tls_key"
+            ),
+        )),
+        ClientAuth::Presented => Some((
+            ErrorKind::Io,
+            format!(
+                "the server {authority} closed the connection right after checking this client's certificate, without answering: does it trust the certificate in tls_cert?"
+            ),
+        )),
+    }
 }
 
 impl AsyncRead for Stream {

@@ -9,12 +9,16 @@
 //! failed call later.
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::client::WebPkiServerVerifier;
+use rustls::client::{ResolvesClientCert, WebPkiServerVerifier};
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use std::cell::Cell;
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
 
 /// TLS settings as the operator gives them: file paths (PEM) and one switch.
@@ -119,6 +123,9 @@ impl TlsSettings {
         // The client speaks HTTP/1.1 only; saying so stops an h2-preferring server from
         // switching protocols under it.
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        config.client_auth_cert_resolver = Arc::new(ObservedClientAuth(Arc::clone(
+            &config.client_auth_cert_resolver,
+        )));
         Ok(Arc::new(config))
     }
 
@@ -276,4 +283,72 @@ impl ServerCertVerifier for AcceptAnyServerCertificate {
 /// does not speak TLS), `None` for plain transport errors (reset, refused, timed out).
 pub(crate) fn failure_reason(error: &std::io::Error) -> Option<&rustls::Error> {
     error.get_ref()?.downcast_ref::<rustls::Error>()
+}
+
+/// Whether the server asked this client for a certificate during a handshake, and whether it
+/// got one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum ClientAuth {
+    #[default]
+    NotRequested,
+    /// Asked, and no certificate is configured.
+    RequestedNone,
+    Presented,
+}
+
+thread_local! {
+    /// What the resolver saw during the handshake step being polled on this thread.
+    static CLIENT_AUTH: Cell<ClientAuth> = const { Cell::new(ClientAuth::NotRequested) };
+}
+
+/// Reports, per handshake, whether the server asked for a client certificate. A server that
+/// requires one and gets none may just close the connection without an alert (asyncio's TLS
+/// servers do): knowing it asked turns that bare EOF into a diagnosis. The resolver must stay
+/// one per engine (rustls resumes a session only under the same resolver), so it reports to
+/// the handshake that is being polled on this thread: rustls calls it synchronously from
+/// inside that poll (see [`observe_client_auth`]).
+#[derive(Debug)]
+struct ObservedClientAuth(Arc<dyn ResolvesClientCert>);
+
+impl ResolvesClientCert for ObservedClientAuth {
+    fn resolve(
+        &self,
+        root_hint_subjects: &[&[u8]],
+        sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        let key = self.0.resolve(root_hint_subjects, sigschemes);
+        let seen = if key.is_some() {
+            ClientAuth::Presented
+        } else {
+            ClientAuth::RequestedNone
+        };
+        CLIENT_AUTH.with(|cell| cell.set(seen));
+        key
+    }
+
+    fn only_raw_public_keys(&self) -> bool {
+        self.0.only_raw_public_keys()
+    }
+
+    fn has_certs(&self) -> bool {
+        self.0.has_certs()
+    }
+}
+
+/// Drives a handshake future to completion, noting what its server asked of the client.
+pub(crate) async fn observe_client_auth<F: Future + Unpin>(
+    mut handshake: F,
+) -> (F::Output, ClientAuth) {
+    let mut seen = ClientAuth::NotRequested;
+    let output = std::future::poll_fn(|cx| {
+        CLIENT_AUTH.with(|cell| cell.set(ClientAuth::NotRequested));
+        let poll = Pin::new(&mut handshake).poll(cx);
+        let step = CLIENT_AUTH.with(|cell| cell.replace(ClientAuth::NotRequested));
+        if step != ClientAuth::NotRequested {
+            seen = step;
+        }
+        poll
+    })
+    .await;
+    (output, seen)
 }

@@ -91,17 +91,33 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn server_config(leaf: &Leaf, client_roots: Option<RootCertStore>) -> Arc<ServerConfig> {
+/// How a test server treats client certificates.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ClientCerts {
+    Ignored,
+    /// Required in the handshake (a refusal is a TLS alert).
+    Required,
+    /// Asked for, and a client without one is hung up on after the handshake, without an
+    /// alert (as asyncio's TLS servers do).
+    AskedThenHungUp,
+}
+
+fn server_config(leaf: &Leaf, pki: &Pki, client_certs: ClientCerts) -> Arc<ServerConfig> {
     let builder = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .expect("versions");
-    let builder = match client_roots {
-        Some(roots) => builder.with_client_cert_verifier(
-            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(pki.roots()), provider());
+    let builder = match client_certs {
+        ClientCerts::Ignored => builder.with_no_client_auth(),
+        ClientCerts::Required => {
+            builder.with_client_cert_verifier(verifier.build().expect("client verifier"))
+        }
+        ClientCerts::AskedThenHungUp => builder.with_client_cert_verifier(
+            verifier
+                .allow_unauthenticated()
                 .build()
                 .expect("client verifier"),
         ),
-        None => builder.with_no_client_auth(),
     };
     let config = builder
         .with_single_cert(leaf.chain.clone(), leaf.key.clone_key())
@@ -123,6 +139,15 @@ struct Seen {
 /// An HTTPS server answering every request with 200 "ok" (closing after each answer when
 /// `close_each`).
 async fn tls_server(config: Arc<ServerConfig>, close_each: bool) -> (u16, Arc<Seen>) {
+    let hang_up_on_anonymous = false;
+    serve_tls(config, close_each, hang_up_on_anonymous).await
+}
+
+async fn serve_tls(
+    config: Arc<ServerConfig>,
+    close_each: bool,
+    hang_up_on_anonymous: bool,
+) -> (u16, Arc<Seen>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let port = listener.local_addr().expect("addr").port();
     let seen = Arc::new(Seen::default());
@@ -147,6 +172,10 @@ async fn tls_server(config: Arc<ServerConfig>, close_each: bool) -> (u16, Arc<Se
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner)
                         .push(session.server_name().map(str::to_owned));
+                    if hang_up_on_anonymous && session.peer_certificates().is_none() {
+                        // Dropped without close_notify: the client sees a bare EOF.
+                        return;
+                    }
                 }
                 serve_http(&mut tls, close_each).await;
             });
@@ -226,7 +255,7 @@ fn trusting(pki: &Pki) -> TlsSettings {
 async fn https_calls_succeed_over_one_kept_alive_connection() {
     let pki = Pki::new();
     let leaf = pki.leaf("server", &["localhost", "127.0.0.1"]);
-    let (port, seen) = tls_server(server_config(&leaf, None), false).await;
+    let (port, seen) = tls_server(server_config(&leaf, &pki, ClientCerts::Ignored), false).await;
     let pool = pool(&trusting(&pki));
     for _ in 0..3 {
         let a = call(&pool, &format!("https://localhost:{port}/f")).await;
@@ -253,7 +282,7 @@ async fn https_calls_succeed_over_one_kept_alive_connection() {
 async fn an_ip_address_is_verified_against_the_certificate_without_sni() {
     let pki = Pki::new();
     let leaf = pki.leaf("server", &["127.0.0.1"]);
-    let (port, seen) = tls_server(server_config(&leaf, None), false).await;
+    let (port, seen) = tls_server(server_config(&leaf, &pki, ClientCerts::Ignored), false).await;
     let pool = pool(&trusting(&pki));
     let a = call(&pool, &format!("https://127.0.0.1:{port}/f")).await;
     assert_eq!(
@@ -283,7 +312,7 @@ async fn reconnects_resume_the_tls_session() {
     let pki = Pki::new();
     let leaf = pki.leaf("server", &["localhost"]);
     // The server closes after each answer, so every call needs a new connection.
-    let (port, seen) = tls_server(server_config(&leaf, None), true).await;
+    let (port, seen) = tls_server(server_config(&leaf, &pki, ClientCerts::Ignored), true).await;
     let pool = pool(&trusting(&pki));
     for _ in 0..3 {
         let a = call(&pool, &format!("https://localhost:{port}/f")).await;
@@ -306,7 +335,7 @@ async fn reconnects_resume_the_tls_session() {
 async fn an_untrusted_certificate_is_a_final_tls_error_with_the_fix_in_the_excerpt() {
     let pki = Pki::new();
     let leaf = pki.leaf("server", &["localhost"]);
-    let (port, _seen) = tls_server(server_config(&leaf, None), false).await;
+    let (port, _seen) = tls_server(server_config(&leaf, &pki, ClientCerts::Ignored), false).await;
     // System roots only: the private CA is unknown.
     let pool = pool(&TlsSettings::default());
     let a = call(&pool, &format!("https://localhost:{port}/f")).await;
@@ -324,7 +353,7 @@ async fn an_untrusted_certificate_is_a_final_tls_error_with_the_fix_in_the_excer
 async fn insecure_skip_verify_accepts_an_untrusted_certificate() {
     let pki = Pki::new();
     let leaf = pki.leaf("server", &["some.other.name"]);
-    let (port, _seen) = tls_server(server_config(&leaf, None), false).await;
+    let (port, _seen) = tls_server(server_config(&leaf, &pki, ClientCerts::Ignored), false).await;
     let settings = TlsSettings {
         insecure_skip_verify: true,
         ..TlsSettings::default()
@@ -343,12 +372,44 @@ async fn mutual_tls_needs_the_client_certificate() {
     let pki = Pki::new();
     let server = pki.leaf("server", &["localhost"]);
     let client = pki.leaf("client", &["fastconn"]);
-    let (port, _seen) = tls_server(server_config(&server, Some(pki.roots())), false).await;
+    let (port, _seen) =
+        tls_server(server_config(&server, &pki, ClientCerts::Required), false).await;
     let url = format!("https://localhost:{port}/f");
 
     let a = call(&pool(&trusting(&pki)), &url).await;
     assert_eq!((a.status, a.error), (0, ErrorKind::Tls), "{}", excerpt(&a));
     assert!(excerpt(&a).contains("tls_cert"), "{}", excerpt(&a));
+
+    let with_identity = TlsSettings {
+        cert_file: Some(client.cert_file.clone()),
+        key_file: Some(client.key_file.clone()),
+        ..trusting(&pki)
+    };
+    let a = call(&pool(&with_identity), &url).await;
+    assert_eq!(
+        (a.status, a.error),
+        (200, ErrorKind::None),
+        "{}",
+        excerpt(&a)
+    );
+}
+
+#[tokio::test]
+async fn a_server_that_hangs_up_on_a_client_without_certificate_is_diagnosed() {
+    let pki = Pki::new();
+    let server = pki.leaf("server", &["localhost"]);
+    let client = pki.leaf("client", &["fastconn"]);
+    let config = server_config(&server, &pki, ClientCerts::AskedThenHungUp);
+    let (port, _seen) = serve_tls(config, false, true).await;
+    let url = format!("https://localhost:{port}/f");
+
+    let a = call(&pool(&trusting(&pki)), &url).await;
+    assert_eq!((a.status, a.error), (0, ErrorKind::Tls), "{}", excerpt(&a));
+    assert!(
+        excerpt(&a).contains("asked for a client certificate, none is configured"),
+        "{}",
+        excerpt(&a)
+    );
 
     let with_identity = TlsSettings {
         cert_file: Some(client.cert_file.clone()),
