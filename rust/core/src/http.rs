@@ -157,6 +157,8 @@ fn split_authority(authority: &str) -> Result<(&str, Option<u16>), String> {
         return Err("the URL has no host".to_owned());
     }
     let port = match port {
+        // "host:" is the default port (RFC 3986 §3.2.3).
+        Some("") => None,
         Some(text) => Some(
             text.parse::<u16>()
                 .map_err(|_| format!("invalid port {text:?}: expected 0..65535"))?,

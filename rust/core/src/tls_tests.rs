@@ -459,6 +459,8 @@ fn https_endpoints_have_their_own_pool_key_and_default_port() {
     assert_eq!(&e.head[..], b"POST /function/f HTTP/1.1\r\nhost: gw\r\n");
     let e = Endpoint::parse("https://[::1]/f").expect("valid");
     assert_eq!(e.authority, "[::1]:443");
+    let e = Endpoint::parse("http://gw:/f").expect("an empty port is the default one");
+    assert_eq!(e.authority, "gw:80");
     assert!(Endpoint::parse("ftp://gw/f").is_err());
     assert!(Endpoint::parse("https://gw:99999/f").is_err());
     assert!(Endpoint::parse("https://:443/f").is_err());
