@@ -156,6 +156,9 @@ fn split_authority(authority: &str) -> Result<(&str, Option<u16>), String> {
     if host.is_empty() {
         return Err("the URL has no host".to_owned());
     }
+    if !authority.starts_with('[') && host.contains(':') {
+        return Err("an IPv6 address must be in brackets: http(s)://[::1]:8080/".to_owned());
+    }
     let port = match port {
         // "host:" is the default port (RFC 3986 §3.2.3).
         Some("") => None,

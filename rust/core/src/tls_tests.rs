@@ -464,6 +464,8 @@ fn https_endpoints_have_their_own_pool_key_and_default_port() {
     assert!(Endpoint::parse("ftp://gw/f").is_err());
     assert!(Endpoint::parse("https://gw:99999/f").is_err());
     assert!(Endpoint::parse("https://:443/f").is_err());
+    assert!(Endpoint::parse("http://::1/f").is_err());
+    assert!(Endpoint::parse("http://[::1/f").is_err());
 }
 
 #[test]
