@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import ssl
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,7 +15,7 @@ import aiohttp
 import pytest
 import trustme
 
-from fastconn import Dispatcher, DispatchOptions, ErrorKind, Message, Verdict
+from fastconn import Dispatcher, DispatchOptions, ErrorKind, Message, Outcome, Verdict
 from fastconn.config import Config, validate_config
 from fastconn.daemon import dispatch_options
 from fastconn.errors import ConfigError
@@ -83,7 +84,7 @@ def config_for(function: FunctionDouble, **gateway: Any) -> Config:
     )
 
 
-async def call_once(options: DispatchOptions, config: Config, payload: bytes = b"hello") -> Any:
+async def call_once(options: DispatchOptions, config: Config, payload: bytes = b"hello") -> Outcome:
     async with Dispatcher(options) as dispatcher:
         dispatcher.set_functions(static_targets(config.functions, None))
         [outcome] = await dispatcher.call([Message("t", payload)], capture=True)
@@ -91,8 +92,6 @@ async def call_once(options: DispatchOptions, config: Config, payload: bytes = b
 
 
 def with_fast_retries(options: DispatchOptions) -> DispatchOptions:
-    from dataclasses import replace
-
     return replace(options, **FAST)
 
 

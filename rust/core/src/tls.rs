@@ -89,7 +89,14 @@ impl TlsSettings {
         let identity = self.identity()?;
         let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
             .with_safe_default_protocol_versions()
-            .map_err(|e| problem(TlsSetting::Ca, format!("no usable TLS versions: {e}")))?;
+            // Only a provider without cipher suites fails here: a build problem, not a file
+            // problem, reported against the first setting rather than panicking.
+            .map_err(|e| {
+                problem(
+                    TlsSetting::Ca,
+                    format!("TLS is unusable in this build: {e}"),
+                )
+            })?;
         let builder = if self.insecure_skip_verify {
             builder
                 .dangerous()
