@@ -20,7 +20,7 @@ from fastconn.config import Config, validate_config
 from fastconn.daemon import dispatch_options
 from fastconn.errors import ConfigError
 from fastconn.registry import GatewayRegistry, static_targets
-from fastconn.testing import FunctionDouble
+from fastconn.testing import FunctionDouble, to_toml
 from gateway_double import FunctionSpec, GatewayDouble
 
 if TYPE_CHECKING:
@@ -254,3 +254,21 @@ async def test_daemon_with_an_https_gateway_becomes_ready_and_delivers(
             assert reply.status == 200, await reply.text()
             assert reply.headers["X-Function-Name"] == "echo.openfaas-fn"
         assert [r.body for r in gw.requests if r.kind == "sync"] == [b"over tls"]
+
+
+async def test_invoke_through_an_https_gateway_uses_the_configured_ca(
+    ca: trustme.CA, ca_file: str, tmp_path: Path
+) -> None:
+    from test_cli import fastconn
+
+    async with GatewayDouble([FunctionSpec("echo")], ssl_context=server_context(ca)) as gw:
+        path = tmp_path / "invoke.toml"
+        path.write_text(to_toml({"gateway": {"url": gw.url, "tls_ca": ca_file}}))
+        result = await fastconn("invoke", "echo", "--config", str(path), stdin=b"secret")
+        assert (result.code, result.stdout) == (0, "secret"), result
+        # Without the CA: one attempt, and the reason.
+        untrusting = await fastconn("invoke", "echo", "--gateway", gw.url, stdin=b"x")
+        assert untrusting.code == 1
+        assert "echo failed: tls: TLS with 127.0.0.1:" in untrusting.stderr, untrusting.stderr
+        assert "UnknownIssuer" in untrusting.stderr
+        assert [r.body for r in gw.requests_for("echo")] == [b"secret"]
