@@ -189,7 +189,8 @@ struct Conn {
     client_auth: ClientAuth,
 }
 
-/// Idle keep-alive connections per authority, most recently used first out.
+/// Idle keep-alive connections per pool key (scheme and authority), most recently used first
+/// out.
 pub(crate) struct Pool {
     idle: Mutex<HashMap<String, Vec<Conn>>>,
     max_idle_per_host: usize,
@@ -215,9 +216,9 @@ impl Pool {
         self
     }
 
-    fn checkout(&self, authority: &str) -> Option<Conn> {
+    fn checkout(&self, key: &str) -> Option<Conn> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        let stack = idle.get_mut(authority)?;
+        let stack = idle.get_mut(key)?;
         while let Some(conn) = stack.pop() {
             if conn.idle_since.elapsed() < IDLE_EXPIRY {
                 return Some(conn);
@@ -226,12 +227,12 @@ impl Pool {
         None
     }
 
-    fn checkin(&self, authority: &str, mut conn: Conn) {
+    fn checkin(&self, key: &str, mut conn: Conn) {
         conn.idle_since = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        let stack = match idle.get_mut(authority) {
+        let stack = match idle.get_mut(key) {
             Some(stack) => stack,
-            None => idle.entry(authority.to_owned()).or_default(),
+            None => idle.entry(key.to_owned()).or_default(),
         };
         if stack.len() < self.max_idle_per_host {
             stack.push(conn);

@@ -9,7 +9,7 @@
 //! failed call later.
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::client::{ResolvesClientCert, WebPkiServerVerifier};
+use rustls::client::ResolvesClientCert;
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
@@ -104,15 +104,9 @@ impl TlsSettings {
                     &provider,
                 ))))
         } else {
-            let verifier =
-                WebPkiServerVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
-                    .build();
-            match verifier {
-                Ok(verifier) => builder.with_webpki_verifier(verifier),
-                // An empty store (no system roots, no tls_ca) is refused by the builder; every
-                // https call then fails verification, which names the missing trust clearly.
-                Err(_) => builder.with_root_certificates(RootCertStore::empty()),
-            }
+            // An empty store (no system roots, no tls_ca) is allowed: every https call then
+            // fails verification with an excerpt that says which CA to add.
+            builder.with_root_certificates(roots)
         };
         let mut config = match identity {
             Some((chain, key)) => builder.with_client_auth_cert(chain, key).map_err(|e| {
