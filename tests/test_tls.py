@@ -18,7 +18,7 @@ import trustme
 from fastconn import Dispatcher, DispatchOptions, ErrorKind, Message, Outcome, Verdict
 from fastconn.config import Config, validate_config
 from fastconn.daemon import dispatch_options
-from fastconn.errors import ConfigError
+from fastconn.errors import ConfigError, RegistryError
 from fastconn.registry import GatewayRegistry, static_targets
 from fastconn.testing import FunctionDouble, to_toml
 from gateway_double import FunctionSpec, GatewayDouble
@@ -225,7 +225,7 @@ async def test_gateway_listing_uses_the_same_tls_settings(ca: trustme.CA, ca_fil
             [target] = await registry.fetch()
         assert target.url.startswith("https://")
         async with GatewayRegistry(gw.url) as untrusting:
-            with pytest.raises(Exception, match="certificate verify failed"):
+            with pytest.raises(RegistryError, match="certificate verify failed"):
                 await untrusting.fetch()
 
 

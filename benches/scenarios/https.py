@@ -1,8 +1,9 @@
 """``https``: the dispatch path over HTTPS against the same path over plain HTTP, at
-``--payload`` and at 64 KiB (message counts as in ``scaling``), rounds alternating in one run, so the ratio (https / http, in the "baseline" column) is the cost of
-TLS on this machine. Both go to one counting sink: its plain port and its HTTPS port
-(rustls, a certificate from a private CA the dispatcher trusts through ``tls_ca``) share the
-counters, so the sink and its build are the same on both sides and only TLS differs.
+``--payload`` and at 64 KiB (message counts as in ``scaling``), rounds alternating in one run,
+so the ratio (https / http, in the "baseline" column) is the cost of TLS on this machine. Both
+go to one counting sink: its plain port and its HTTPS port (rustls, a certificate from a
+private CA the dispatcher trusts through ``tls_ca``) share the counters, so the sink and its
+build are the same on both sides and only TLS differs.
 
 The sink gets its own process here (with ``tls=True``): the suite's shared sink stays a plain
 one, so the other scenarios need no certificate."""
