@@ -18,6 +18,7 @@ use crate::panics::CatchPanic;
 use crate::retry::{Decision, RetryPolicy};
 use crate::router::{RouteTable, Router};
 use crate::stats::{StatsSnapshot, TargetStats};
+use crate::tls::{TlsConfigError, TlsSettings};
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
 use std::collections::HashMap;
@@ -43,6 +44,8 @@ pub struct EngineConfig {
     pub user_agent: String,
     /// A ready `Authorization` header value (e.g. `Basic ...`) for every call.
     pub authorization: Option<String>,
+    /// Trust and identity for `https://` targets.
+    pub tls: TlsSettings,
 }
 
 impl Default for EngineConfig {
@@ -58,6 +61,7 @@ impl Default for EngineConfig {
             content_type: Some("text/plain".to_owned()),
             user_agent: concat!("fastconn/", env!("CARGO_PKG_VERSION")).to_owned(),
             authorization: None,
+            tls: TlsSettings::default(),
         }
     }
 }
@@ -90,6 +94,34 @@ impl EngineConfig {
         within(self.max_queued, 1, usize::MAX >> 4, "max_queued")
     }
 }
+
+/// Whether the engine can call `url` (the check a target's URLs go through), so that a
+/// configuration check and the running engine agree on what is valid.
+pub fn check_url(url: &str) -> Result<(), String> {
+    Endpoint::parse(url).map(|_| ())
+}
+
+/// Why an engine could not be built.
+#[derive(Debug)]
+pub enum EngineError {
+    /// The tokio runtime could not start (threads, file descriptors).
+    Runtime(std::io::Error),
+    Tls(TlsConfigError),
+    /// A bound or count out of range (see [`EngineConfig::validate`]).
+    Invalid(String),
+}
+
+impl std::fmt::Display for EngineError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EngineError::Runtime(e) => write!(f, "cannot start the dispatcher's runtime: {e}"),
+            EngineError::Tls(e) => e.fmt(f),
+            EngineError::Invalid(why) => f.write_str(why),
+        }
+    }
+}
+
+impl std::error::Error for EngineError {}
 
 /// A function as the caller describes it.
 #[derive(Debug, Clone)]
@@ -192,16 +224,17 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn new(config: EngineConfig, sink: Arc<dyn CompletionSink>) -> std::io::Result<Engine> {
-        config
-            .validate()
-            .map_err(|why| std::io::Error::new(std::io::ErrorKind::InvalidInput, why))?;
+    pub fn new(config: EngineConfig, sink: Arc<dyn CompletionSink>) -> Result<Engine, EngineError> {
+        config.validate().map_err(EngineError::Invalid)?;
+        // TLS first: a configuration error should not cost a runtime's threads.
+        let tls = config.tls.client_config().map_err(EngineError::Tls)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(config.workers.max(1))
             .thread_name("fastconn-io")
             .enable_all()
-            .build()?;
-        let pool = Pool::new(config.max_inflight, config.connect_timeout);
+            .build()
+            .map_err(EngineError::Runtime)?;
+        let pool = Pool::new(config.max_inflight, config.connect_timeout).with_tls(tls);
         let shared = Arc::new(Shared {
             global: Arc::new(Semaphore::new(config.max_inflight)),
             router: Router::default(),

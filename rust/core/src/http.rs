@@ -12,17 +12,24 @@
 //! A request is written at most once per attempt: a pooled connection is checked before it is
 //! used, and once any byte of a request was written, whatever goes wrong is that attempt's
 //! result, for the retry policy to count and decide on.
+//!
+//! `https://` URLs go over TLS ([`crate::stream`], configured by [`crate::tls`]); the pool keeps
+//! those connections alive the same way.
 
 use crate::framing::{Progress, Response, ResponseDecoder};
 use crate::message::ErrorKind;
+use crate::stream::{self, Stream};
+use crate::tls::ClientAuth;
 use bytes::{Bytes, BytesMut};
+use rustls::pki_types::ServerName;
 use std::collections::HashMap;
 use std::io;
 use std::mem::MaybeUninit;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 
 /// Idle connections older than this are closed rather than reused: servers close idle
 /// keep-alive connections after their own timeout (often 60 s or more), and reusing one just
@@ -70,18 +77,28 @@ impl Attempt {
 /// Where a target's requests go: resolved once per routing table.
 #[derive(Debug, Clone)]
 pub(crate) struct Endpoint {
-    /// `host:port` to connect to, also the pool key.
+    /// `host:port` to connect to.
     pub authority: String,
+    /// The pool key: scheme and authority, so a plain and a TLS connection to the same
+    /// `host:port` are never mixed up.
+    pub pool_key: String,
+    /// For `https://`: the name the server's certificate must carry (sent as SNI when it is a
+    /// DNS name; an IP address is matched against the certificate's IP addresses, no SNI).
+    pub tls_name: Option<ServerName<'static>>,
     /// The request line and `Host` header, ready to write.
     pub head: Bytes,
 }
 
 impl Endpoint {
-    /// Parses an `http://host[:port][/path][?query]` URL.
+    /// Parses an `http(s)://host[:port][/path][?query]` URL.
     pub fn parse(url: &str) -> Result<Endpoint, String> {
-        let rest = url
-            .strip_prefix("http://")
-            .ok_or("only http:// URLs are supported")?;
+        let (tls, rest) = if let Some(rest) = url.strip_prefix("http://") {
+            (false, rest)
+        } else if let Some(rest) = url.strip_prefix("https://") {
+            (true, rest)
+        } else {
+            return Err("only http:// and https:// URLs are supported".to_owned());
+        };
         let (authority, path) = match rest.find(['/', '?']) {
             Some(i) => rest.split_at(i),
             None => (rest, "/"),
@@ -92,38 +109,105 @@ impl Endpoint {
             path.to_owned()
         };
         if authority.is_empty() || authority.contains('@') {
-            return Err("expected http://host[:port]/path (no credentials in the URL)".to_owned());
+            return Err(
+                "expected http(s)://host[:port]/path (no credentials in the URL)".to_owned(),
+            );
         }
         if path.bytes().any(|b| b <= b' ' || b == 0x7f) {
             return Err("the path contains spaces or control characters".to_owned());
         }
-        let has_port = match authority.rfind(':') {
-            Some(i) => {
-                !authority.ends_with(']')
-                    && authority
-                        .get(i + 1..)
-                        .is_some_and(|p| p.parse::<u16>().is_ok())
-            }
-            None => false,
-        };
-        let connect = if has_port {
-            authority.to_owned()
+        let (host, port) = split_authority(authority)?;
+        let default_port = if tls { 443 } else { 80 };
+        let connect = format!(
+            "{}:{}",
+            authority_host(authority, host),
+            port.unwrap_or(default_port)
+        );
+        let tls_name = if tls {
+            let name = ServerName::try_from(host.to_owned())
+                .map_err(|_| format!("{host:?} is not a valid host name for TLS"))?;
+            Some(name)
         } else {
-            format!("{authority}:80")
+            None
         };
+        let scheme = if tls { "https" } else { "http" };
         let head = format!("POST {path} HTTP/1.1\r\nhost: {authority}\r\n");
         Ok(Endpoint {
+            pool_key: format!("{scheme}://{connect}"),
             authority: connect,
+            tls_name,
             head: Bytes::from(head),
         })
     }
 }
 
-/// A connection's byte stream: plain TCP today; a TLS stream can implement this too, and the
-/// pool's connection type can then become an enum of the two.
+/// Splits `host[:port]` / `[v6]:port` into the host (without brackets) and the port, if any.
+fn split_authority(authority: &str) -> Result<(&str, Option<u16>), String> {
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(bracketed) => {
+            let (host, after) = bracketed
+                .split_once(']')
+                .ok_or("an IPv6 address needs its closing ']'")?;
+            match after {
+                "" => (host, None),
+                _ => (
+                    host,
+                    Some(
+                        after
+                            .strip_prefix(':')
+                            .ok_or("expected ':port' after ']'")?,
+                    ),
+                ),
+            }
+        }
+        None => match authority.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (authority, None),
+        },
+    };
+    if host.is_empty() {
+        return Err("the URL has no host".to_owned());
+    }
+    if !authority.starts_with('[') && host.contains(':') {
+        return Err("an IPv6 address must be in brackets: http(s)://[::1]:8080/".to_owned());
+    }
+    let port = match port {
+        // "host:" is the default port (RFC 3986 §3.2.3).
+        Some("") => None,
+        Some(text) => Some(
+            text.parse::<u16>()
+                .map_err(|_| format!("invalid port {text:?}: expected 0..65535"))?,
+        ),
+        None => None,
+    };
+    Ok((host, port))
+}
+
+/// The host part of `authority` as written (IPv6 addresses keep their brackets).
+fn authority_host<'a>(authority: &'a str, host: &'a str) -> &'a str {
+    if authority.starts_with('[') {
+        authority.get(..host.len() + 2).unwrap_or(authority)
+    } else {
+        host
+    }
+}
+
+/// A connection's byte stream (plain TCP, or TLS over TCP: [`Stream`]).
 pub(crate) trait Transport: AsyncRead + AsyncWrite + Unpin {
     /// Whether an idle pooled connection can carry a new request. Must not block.
     fn is_idle_and_open(&self) -> bool;
+}
+
+impl Transport for Stream {
+    fn is_idle_and_open(&self) -> bool {
+        match self {
+            Stream::Plain(tcp) => tcp.is_idle_and_open(),
+            // The TCP socket under the session: a close_notify or anything else the server
+            // sent on an idle connection shows up there as unread bytes, and such a
+            // connection is not reused.
+            Stream::Tls(tls) => tls.get_ref().0.is_idle_and_open(),
+        }
+    }
 }
 
 impl Transport for TcpStream {
@@ -144,13 +228,19 @@ struct Conn<S> {
     stream: S,
     buf: BytesMut,
     idle_since: Instant,
+    /// What the TLS handshake showed about client certificates (for diagnosing a server
+    /// that closes without answering).
+    client_auth: ClientAuth,
 }
 
-/// Idle keep-alive connections per authority, most recently used first out.
+/// Idle keep-alive connections per pool key (scheme and authority), most recently used first
+/// out.
 pub(crate) struct Pool {
-    idle: Mutex<HashMap<String, Vec<Conn<TcpStream>>>>,
+    idle: Mutex<HashMap<String, Vec<Conn<Stream>>>>,
     max_idle_per_host: usize,
     connect_timeout: Duration,
+    /// For `https://` endpoints; without it they fail (final) with a TLS error.
+    tls: Option<TlsConnector>,
 }
 
 impl Pool {
@@ -159,13 +249,21 @@ impl Pool {
             idle: Mutex::new(HashMap::new()),
             max_idle_per_host: max_idle_per_host.max(1),
             connect_timeout,
+            tls: None,
         }
+    }
+
+    /// Enables `https://` endpoints with this configuration (one per engine, so its session
+    /// cache lets reconnects resume their TLS sessions).
+    pub fn with_tls(mut self, config: Arc<rustls::ClientConfig>) -> Pool {
+        self.tls = Some(TlsConnector::from(config));
+        self
     }
 
     /// The most recently used idle connection that is still fresh and open. Stale ones are
     /// dropped here, before a request is written to them: once a request is written, it is
     /// never sent again behind the retry policy's back.
-    fn checkout(&self, authority: &str) -> Option<Conn<TcpStream>> {
+    fn checkout(&self, authority: &str) -> Option<Conn<Stream>> {
         loop {
             let conn = {
                 let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
@@ -177,7 +275,7 @@ impl Pool {
         }
     }
 
-    fn checkin(&self, authority: &str, mut conn: Conn<TcpStream>) {
+    fn checkin(&self, authority: &str, mut conn: Conn<Stream>) {
         conn.idle_since = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         let stack = match idle.get_mut(authority) {
@@ -189,18 +287,29 @@ impl Pool {
         }
     }
 
-    async fn connect(&self, authority: &str) -> Result<Conn<TcpStream>, ErrorKind> {
-        let stream =
-            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(authority)).await {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(_)) | Err(_) => return Err(ErrorKind::Connect),
-            };
-        // Small request/response pairs: Nagle would add a delayed-ACK round trip to each call.
-        stream.set_nodelay(true).map_err(|_| ErrorKind::Connect)?;
+    async fn connect(&self, endpoint: &Endpoint) -> Result<Conn<Stream>, Attempt> {
+        let tls = match (&endpoint.tls_name, &self.tls) {
+            (None, _) => None,
+            (Some(name), Some(connector)) => Some((connector, name)),
+            (Some(_), None) => {
+                let why = "https:// is not enabled in this client (no TLS configuration)";
+                return Err(Attempt::failed(
+                    ErrorKind::Tls,
+                    Bytes::from_static(why.as_bytes()),
+                ));
+            }
+        };
+        let (stream, client_auth) = stream::connect(&endpoint.authority, tls, self.connect_timeout)
+            .await
+            .map_err(|failure| match failure.detail {
+                Some(detail) => Attempt::failed(failure.kind, Bytes::from(detail)),
+                None => Attempt::error(failure.kind),
+            })?;
         Ok(Conn {
             stream,
             buf: BytesMut::with_capacity(8 * 1024),
             idle_since: Instant::now(),
+            client_auth,
         })
     }
 
@@ -223,8 +332,8 @@ impl Pool {
         let mut request = Vec::with_capacity(head.len() + body.len());
         request.extend_from_slice(head);
         request.extend_from_slice(body);
-        if let Some(mut conn) = self.checkout(&endpoint.authority) {
-            match exchange(&mut conn, &request, capture).await {
+        if let Some(mut conn) = self.checkout(&endpoint.pool_key) {
+            match exchange(&mut conn, &request, capture, &endpoint.authority).await {
                 Exchange::Done(attempt, reusable) => {
                     return self.finish(endpoint, attempt, reusable.then_some(conn))
                 }
@@ -234,30 +343,35 @@ impl Pool {
                 Exchange::Failed(attempt) => return attempt,
             }
         }
-        let mut conn = match self.connect(&endpoint.authority).await {
+        let mut conn = match self.connect(endpoint).await {
             Ok(conn) => conn,
-            Err(kind) => return Attempt::error(kind),
+            Err(attempt) => return attempt,
         };
-        match exchange(&mut conn, &request, capture).await {
+        let client_auth = conn.client_auth;
+        let broke = |attempt: Attempt| {
+            // A fresh TLS connection the server closed without answering: the handshake may
+            // tell why (it asked for a client certificate).
+            match stream::closed_after_handshake(client_auth, &endpoint.authority) {
+                Some((kind, why)) => Attempt::failed(kind, Bytes::from(why)),
+                None => attempt,
+            }
+        };
+        match exchange(&mut conn, &request, capture, &endpoint.authority).await {
             Exchange::Done(attempt, reusable) => {
                 self.finish(endpoint, attempt, reusable.then_some(conn))
             }
-            Exchange::Unsent => Attempt::failed(
+            Exchange::Unsent => broke(Attempt::failed(
                 ErrorKind::Io,
                 Bytes::from_static(b"the connection broke before the request could be sent"),
-            ),
+            )),
+            Exchange::Failed(attempt) if attempt.error == ErrorKind::Io => broke(attempt),
             Exchange::Failed(attempt) => attempt,
         }
     }
 
-    fn finish(
-        &self,
-        endpoint: &Endpoint,
-        attempt: Attempt,
-        keep: Option<Conn<TcpStream>>,
-    ) -> Attempt {
+    fn finish(&self, endpoint: &Endpoint, attempt: Attempt, keep: Option<Conn<Stream>>) -> Attempt {
         if let Some(conn) = keep {
-            self.checkin(&endpoint.authority, conn);
+            self.checkin(&endpoint.pool_key, conn);
         }
         attempt
     }
@@ -277,6 +391,7 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Conn<S>,
     request: &[u8],
     capture: bool,
+    authority: &str,
 ) -> Exchange {
     match write_request(&mut conn.stream, request).await {
         Ok(()) => {}
@@ -307,7 +422,16 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
                 }
             }
             Ok(_) => {}
-            Err(_) => return cut_short(),
+            // In TLS 1.3 a server that refuses the client's certificate says so only here,
+            // with an alert on the first read.
+            Err(e) => {
+                return match stream::tls_failure(&e, authority) {
+                    Some(why) => {
+                        Exchange::Failed(Attempt::failed(ErrorKind::Tls, Bytes::from(why)))
+                    }
+                    None => cut_short(),
+                }
+            }
         }
         match decoder.feed(&mut conn.buf) {
             Ok(Progress::NeedMore) => {}
@@ -370,7 +494,7 @@ mod tests {
         assert_eq!(&e.head[..], b"POST / HTTP/1.1\r\nhost: gw\r\n");
         let e = Endpoint::parse("http://[::1]:9000/f?x=1").expect("valid");
         assert_eq!(e.authority, "[::1]:9000");
-        assert!(Endpoint::parse("https://gw/f").is_err());
+        assert!(Endpoint::parse("ftp://gw/f").is_err());
         assert!(Endpoint::parse("http://user:pw@gw/f").is_err());
         assert!(Endpoint::parse("http://gw/a b").is_err());
     }

@@ -87,6 +87,10 @@ pub enum ErrorKind {
     /// or invalid framing). Not retried: the same function would answer the same way. The
     /// connection is closed, and the result's body says what was wrong.
     Protocol = 6,
+    /// TLS failed: the server's certificate is not trusted, the server refused ours, or the
+    /// peer does not speak TLS. Final: these are configuration problems that retrying within
+    /// seconds will not fix, and retrying them only delays the dead-letter that shows them.
+    Tls = 7,
 }
 
 impl ErrorKind {
@@ -99,6 +103,7 @@ impl ErrorKind {
             ErrorKind::InvalidRequest => "invalid_request",
             ErrorKind::Internal => "internal",
             ErrorKind::Protocol => "protocol",
+            ErrorKind::Tls => "tls",
         }
     }
 }

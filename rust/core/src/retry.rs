@@ -43,8 +43,12 @@ impl RetryPolicy {
     pub fn is_retryable(&self, status: u16, error: ErrorKind) -> bool {
         match error {
             ErrorKind::Connect | ErrorKind::Timeout | ErrorKind::Io => true,
-            // A function that breaks HTTP/1.1 framing does so again on the next attempt.
-            ErrorKind::InvalidRequest | ErrorKind::Internal | ErrorKind::Protocol => false,
+            // A function that breaks HTTP/1.1 framing does so again on the next attempt; a
+            // certificate problem is configuration, not a transient fault.
+            ErrorKind::InvalidRequest
+            | ErrorKind::Internal
+            | ErrorKind::Protocol
+            | ErrorKind::Tls => false,
             ErrorKind::None => self.retry_on.contains(&status),
         }
     }
