@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -29,11 +29,11 @@ class AdminServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
         await site.start()
-        server = site._server
-        if self.port == 0 and server is not None:
-            sockets: list[socket.socket] = list(getattr(server, "sockets", []))
-            if sockets:
-                self.port = sockets[0].getsockname()[1]
+        if self.port == 0:
+            # The runner's public list of bound addresses: (host, port[, ...]) per socket.
+            addresses: list[Any] = list(self._runner.addresses)
+            if addresses:
+                self.port = int(addresses[0][1])
 
     async def stop(self) -> None:
         if self._runner is not None:

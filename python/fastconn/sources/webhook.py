@@ -25,6 +25,7 @@ from typing import Literal, TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
+from fastconn._compat import raise_client_max_size
 from fastconn.errors import DispatcherClosed
 from fastconn.message import Message, Outcome, Verdict
 from fastconn.source import SourceContext
@@ -90,7 +91,7 @@ class WebhookSource:
         self._ctx = ctx
         ctx.app.router.add_post("/webhook/{topic:.+}", self._handle)
         # Larger bodies are refused by our own check with a clear 413, not by aiohttp's default.
-        ctx.app._client_max_size = max(ctx.app._client_max_size, self.config.max_body_bytes + 1)
+        raise_client_max_size(ctx.app, self.config.max_body_bytes + 1)
 
     async def start(self) -> None:
         self._accepting = True

@@ -1,37 +1,5 @@
-"""``type = "jetstream"``: a durable JetStream pull consumer, at-least-once.
-
-Intake is a continuous pull: fastconn keeps pull requests open for exactly as many messages
-as it has room for (the dispatcher's free capacity, at most ``max_ack_pending``), so messages
-arrive as soon as they are published, in batches, and a slow function means fewer pulls:
-the broker keeps the backlog, not this process. Replicas bind the same durable consumer and
-share the work.
-
-Settling, per message, once every target function has a final result:
-
-* all succeeded (or no function subscribes): ``ack``;
-* a retryable failure after the dispatcher's own retries: ``nak`` with a delay growing with
-  the delivery count (``nak_delay`` doubling up to ``nak_delay_max``), or the function's
-  ``Retry-After`` when it sent one;
-* a final failure (a non-retryable status, or ``max_deliver`` deliveries spent): published to
-  ``dead_letter_subject`` (which a stream must store: the publish is confirmed) with failure
-  context headers, then ``term``. Without a dead-letter subject the message is kept
-  (``nak``), counted in ``fastconn_source_errors_total{kind="stuck"}`` and logged.
-
-Messages still running when half of ``ack_wait`` has passed get in-progress acks, so a long
-call keeps its message. With ``ordering = "key"`` messages of one key (the subject, or a
-header) run one at a time in stream order while other keys run in parallel; a retryable
-failure is retried in place (the key waits, the message keeps in-progress acks) instead of
-being redelivered out of order. The order holds within one replica: replicas sharing the
-durable each get some of a key's messages.
-
-Function headers: ``X-Topic`` (subject), ``X-Nats-Stream``, ``X-Nats-Sequence``,
-``X-Delivery-Attempt`` (the server's delivery count, plus the dispatcher's own retries),
-``X-Message-Id`` = ``<stream>/<sequence>``, and the message's own headers.
-
-On stop, pulling ends, what arrived is dispatched, calls in flight finish and are acked, and
-anything left (arrived late, or waiting for an in-place retry) is nak'ed at once so another
-replica takes it without waiting for ``ack_wait``.
-"""
+"""The JetStream source itself: connection, stream and consumer set-up, the continuous
+pull, settling and in-place retries (see the package docstring for the behaviour)."""
 
 from __future__ import annotations
 
@@ -44,13 +12,11 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, Final
 
-from pydantic import Field, field_validator, model_validator
-
-from fastconn.durations import Duration
+from fastconn.deadletter import DLT_PREFIX, DLT_RESPONSE, RESPONSE_EXCERPT, failure_context, response_excerpt
 from fastconn.errors import DispatcherClosed, SourceError
-from fastconn.message import Message, Outcome, Verdict
+from fastconn.message import Message, Outcome
 from fastconn.responses import response_messages
 from fastconn.source import SourceContext
 from fastconn.sources._nats_common import (
@@ -58,10 +24,7 @@ from fastconn.sources._nats_common import (
     PROGRESS,
     TERM,
     AckWriter,
-    NatsSourceOptions,
     RateLimitedLog,
-    check_subject,
-    check_subjects,
     connect,
     http_headers,
     nak,
@@ -70,6 +33,9 @@ from fastconn.sources._nats_common import (
     subject_covers,
     watch_task,
 )
+from fastconn.sources.jetstream.config import JetStreamConfig
+from fastconn.sources.jetstream.pull import PullWindow, pull_room
+from fastconn.sources.jetstream.settle import Ack, DeadLetter, Keep, Redeliver, decide, key_still_held
 
 log = logging.getLogger("fastconn.source.jetstream")
 
@@ -83,108 +49,11 @@ _DEAD_LETTER_CONCURRENCY: Final = 32
 _RESERVED: Final = frozenset(
     {"x-nats-stream", "x-nats-sequence", "x-message-id", "x-topic", "x-delivery-attempt", "x-connector"}
 )
-_NAME_FORBIDDEN: Final = frozenset(" \t\r\n.*>/\\")
-_RESPONSE_EXCERPT: Final = 1024
 
-# Failure context on dead letters (the same names as the Kafka source's, with NATS coordinates).
-DLT_FUNCTION: Final = "fastconn-dlt-function"
-DLT_STATUS: Final = "fastconn-dlt-status"
-DLT_ATTEMPTS: Final = "fastconn-dlt-attempts"
-DLT_ERROR: Final = "fastconn-dlt-error"
-DLT_RESPONSE: Final = "fastconn-dlt-response"
-DLT_FAILED: Final = "fastconn-dlt-failed-functions"
+# The source's own coordinates on dead letters (the rest of the context is fastconn.deadletter's).
 DLT_SUBJECT: Final = "fastconn-dlt-original-subject"
 DLT_STREAM: Final = "fastconn-dlt-original-stream"
 DLT_SEQUENCE: Final = "fastconn-dlt-original-sequence"
-DLT_MESSAGE_ID: Final = "fastconn-dlt-message-id"
-DLT_DELIVERIES: Final = "fastconn-dlt-deliveries"
-DLT_REASON: Final = "fastconn-dlt-reason"
-DLT_TIME: Final = "fastconn-dlt-time"
-
-
-def _check_name(value: str) -> str:
-    if not value or any(c in _NAME_FORBIDDEN for c in value):
-        raise ValueError("expected a name without whitespace, '.', '*', '>', '/' or '\\'")
-    return value
-
-
-class JetStreamConfig(NatsSourceOptions):
-    """``[[sources]] type = "jetstream"``: a durable pull consumer (at-least-once)."""
-
-    type: Literal["jetstream"] = "jetstream"
-    name: str = Field(default="jetstream", min_length=1)
-    stream: str
-    create_stream: bool = False
-    """Create ``stream`` (capturing ``subjects``) when it does not exist."""
-    subjects: tuple[str, ...] = ()
-    """The consumer's filter (empty: the whole stream); the stream's subjects when created."""
-    durable: str = "fastconn"
-    deliver_policy: Literal["all", "new", "last"] = "all"
-    """Where a new durable starts; an existing durable keeps its position."""
-    ack_wait: Duration = Field(default=30.0, gt=0)
-    max_deliver: int = Field(default=5, ge=-1)
-    """Deliveries before a message fails for good; -1: unlimited."""
-    max_ack_pending: int = Field(default=1000, ge=1)
-    """Unacknowledged messages of the durable (all replicas together)."""
-    dead_letter_subject: str | None = None
-    nak_delay: Duration = 1.0
-    """Redelivery delay after the first failed delivery; doubles per delivery."""
-    nak_delay_max: Duration = 60.0
-    fetch_batch: int | None = Field(default=None, ge=1)
-    """Most messages per pull request; default ``dispatch.batch_size``."""
-    ordering: Literal["none", "key"] = "none"
-    ordering_key: str = "subject"
-    """With ``ordering = "key"``: ``subject``, or the name of a header holding the key."""
-
-    @field_validator("stream", "durable")
-    @classmethod
-    def _check_names(cls, value: str) -> str:
-        return _check_name(value)
-
-    @field_validator("subjects")
-    @classmethod
-    def _check_subjects(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        return check_subjects(value)
-
-    @field_validator("dead_letter_subject")
-    @classmethod
-    def _check_dead_letter(cls, value: str | None) -> str | None:
-        if value is not None:
-            problem = check_subject(value, wildcards=False)
-            if problem:
-                raise ValueError(f"subject {value!r} {problem}")
-        return value
-
-    @field_validator("max_deliver")
-    @classmethod
-    def _check_max_deliver(cls, value: int) -> int:
-        if value == 0:
-            raise ValueError("must be at least 1, or -1 for unlimited")
-        return value
-
-    @model_validator(mode="after")
-    def _check_combination(self) -> JetStreamConfig:
-        if self.nak_delay_max < self.nak_delay:
-            raise ValueError(f"nak_delay_max must be >= nak_delay ({self.nak_delay:g}s)")
-        dead = self.dead_letter_subject
-        if dead is not None and any(subject_covers(s, dead) for s in self.subjects):
-            raise ValueError(
-                f"dead_letter_subject {dead!r} is consumed by this source's own subjects: "
-                "dead letters would come back"
-            )
-        if (
-            self.ordering_key != "subject"
-            and not self.ordering_key.replace("-", "").replace("_", "").isalnum()
-        ):
-            raise ValueError("ordering_key must be 'subject' or a header name")
-        return self
-
-
-CONFIG_MODEL = JetStreamConfig
-
-
-def create(config: JetStreamConfig) -> JetStreamSource:
-    return JetStreamSource(config)
 
 
 @dataclass(eq=False, slots=True)
@@ -217,10 +86,7 @@ class JetStreamSource:
         self._inflight: set[_Delivery] = set()
         self._buffer: list[_Delivery] = []
         self._buffer_ready = asyncio.Event()
-        self._pulls: deque[list[float]] = deque()
-        """Open pull requests, oldest first: [expires_at, messages still to come]."""
-        self._requested = 0
-        self._last_activity = time.monotonic()
+        self._pulls = PullWindow(time.monotonic(), silence=3 * _HEARTBEAT)
         self._wake = asyncio.Event()
         self._consumer_lost = False
         self._stopping = False
@@ -283,7 +149,7 @@ class JetStreamSource:
         for _, _, message in self._retries:
             delivery: _Delivery = message.handle
             self._nak(delivery, self.config.nak_delay)
-            self._release_key(message)
+            self._release_held_key(message)
         self._retries.clear()
         await self._acks.flush()
 
@@ -424,10 +290,14 @@ class JetStreamSource:
         """Messages we may ask for now: bounded by max_ack_pending and by the dispatcher's free
         capacity, minus what is already asked for, buffered or in flight."""
         d = self._require_ctx().dispatcher
-        window = min(self.config.max_ack_pending, d.capacity)
-        mine = window - len(self._inflight) - self._requested
-        free = d.capacity - d.queued - len(self._buffer) - self._requested
-        return max(0, min(mine, free))
+        return pull_room(
+            window=min(self.config.max_ack_pending, d.capacity),
+            capacity=d.capacity,
+            queued=d.queued,
+            inflight=len(self._inflight),
+            buffered=len(self._buffer),
+            requested=self._pulls.requested,
+        )
 
     async def _pull_loop(self) -> None:
         ctx = self._require_ctx()
@@ -441,7 +311,9 @@ class JetStreamSource:
         threshold = max(1, min(self._fetch_batch, window) // 2)
         while not self._stopping:
             now = time.monotonic()
-            self._expire_pulls(now)
+            if self._pulls.expire(now):
+                log.info("source %s: pull requests went silent; asking again", self.name)
+                self._reset_pulls()
             # A consumer deleted under us is not re-created (that would replay the stream from
             # deliver_policy): wait for whoever deleted it to put it back.
             if self._consumer_lost and not await self._consumer_back():
@@ -449,7 +321,7 @@ class JetStreamSource:
                 continue
             room = self._room()
             # Small top-ups are not worth a request unless nothing at all is asked for.
-            if room >= threshold or (room > 0 and self._requested == 0):
+            if room >= threshold or (room > 0 and self._pulls.requested == 0):
                 n = min(room, self._fetch_batch)
                 request = {
                     "batch": n,
@@ -465,55 +337,34 @@ class JetStreamSource:
                     log.warning("source %s: pull request failed: %r", self.name, exc)
                     await asyncio.sleep(1.0)
                     continue
-                if not self._pulls:
-                    self._last_activity = now
-                self._pulls.append([now + _PULL_EXPIRES, float(n)])
-                self._requested += n
+                self._pulls.opened(n, now, _PULL_EXPIRES)
                 continue
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), _IDLE_POLL)
 
-    def _expire_pulls(self, now: float) -> None:
-        pulls = self._pulls
-        while pulls and pulls[0][0] + 2.0 < now:
-            self._requested -= int(pulls.popleft()[1])  # its 408 never came
-        if self._requested > 0 and now - self._last_activity > 3 * _HEARTBEAT:
-            log.info("source %s: pull requests went silent; asking again", self.name)
-            self._reset_pulls()
-        if not pulls:
-            self._requested = 0
-
     def _reset_pulls(self) -> None:
-        self._pulls.clear()
-        self._requested = 0
-        self._last_activity = time.monotonic()
+        self._pulls.reset(time.monotonic())
         self._wake.set()
 
     def _pull_done(self) -> None:
         """The oldest open pull request ended (408/409) with its remaining count unsent."""
-        if self._pulls:
-            self._requested -= int(self._pulls.popleft()[1])
-        self._requested = max(self._requested, 0)
+        self._pulls.ended()
         self._wake.set()
 
     async def _on_inbox(self, msg: Any) -> None:
-        self._last_activity = time.monotonic()
+        now = time.monotonic()
+        self._pulls.heard(now)
         reply = msg.reply
         if not reply or not reply.startswith("$JS."):
             self._on_status(msg.headers or {})
             return
-        pulls = self._pulls
-        if pulls:
-            pulls[0][1] -= 1
-            if pulls[0][1] <= 0:
-                pulls.popleft()
-            self._requested -= 1
+        self._pulls.delivered()
         if self._intake_closed:
             self._acks.add(reply, nak())
             await self._acks.flush()
             return
-        delivery = _Delivery(msg, self._last_activity)
+        delivery = _Delivery(msg, now)
         self._inflight.add(delivery)
         self._buffer.append(delivery)
         if len(self._buffer) == 1:
@@ -645,54 +496,55 @@ class JetStreamSource:
     def _settle(self, outcome: Outcome) -> int:
         """Acts on one outcome; returns 1 when the message was acknowledged."""
         delivery: _Delivery = outcome.message.handle
-        verdict = outcome.verdict
-        if verdict is Verdict.OK or verdict is Verdict.UNROUTED:
+        c = self.config
+        decision = decide(
+            outcome,
+            deliveries=delivery.deliveries,
+            max_deliver=c.max_deliver,
+            dead_letters=c.dead_letter_subject is not None,
+            stopping=self._stopping,
+            nak_delay=c.nak_delay,
+            nak_delay_max=c.nak_delay_max,
+        )
+        if isinstance(decision, Ack):
             self._inflight.discard(delivery)
             self._acks.add(delivery.msg.reply, ACK)
             return 1
-        max_deliver = self.config.max_deliver
-        if verdict is Verdict.RETRY and not (0 < max_deliver <= delivery.deliveries):
-            delay = self._redelivery_delay(delivery.deliveries, outcome.retry_after)
-            held = outcome.message.hold_key_on_retry and outcome.message.key is not None
+        if isinstance(decision, Redeliver):
             self._require_ctx().metrics.source_errors.labels(source=self.name, kind="nak").inc()
-            if held and not self._stopping:
-                self._schedule_retry(outcome.message, delay)
+            if decision.in_place:
+                self._schedule_retry(outcome.message, decision.delay)
             else:
-                self._nak(delivery, delay)
-                if held:
-                    self._release_key(outcome.message)
+                self._nak(delivery, decision.delay)
+                self._release_key(outcome)
             return 0
-        if verdict is Verdict.RETRY:
-            reason = f"max_deliver ({max_deliver}) reached"
-        else:
-            reason = "non-retryable failure"
-        self._failed(outcome, reason)
+        if isinstance(decision, DeadLetter):
+            task = asyncio.create_task(self._dead_letter(outcome, decision.reason))
+            self._dead_letters.add(task)
+            task.add_done_callback(self._dead_letters.discard)
+            return 0
+        self._keep(outcome, decision)
         return 0
-
-    def _redelivery_delay(self, deliveries: int, retry_after: float | None) -> float:
-        c = self.config
-        if retry_after is not None:
-            return min(max(retry_after, 0.0), c.nak_delay_max)
-        return float(min(c.nak_delay * 2 ** min(max(deliveries - 1, 0), 30), c.nak_delay_max))
 
     def _nak(self, delivery: _Delivery, delay: float) -> None:
         """Queues a nak (sent with the next flush of the ack writer)."""
         self._inflight.discard(delivery)
         self._acks.add(delivery.msg.reply, nak(delay))
 
-    def _release_key(self, message: Message) -> None:
-        if message.hold_key_on_retry and message.key is not None:
+    def _release_key(self, outcome: Outcome) -> None:
+        """Gives back the message's ordering key when the core still holds it for this message
+        (which will not be resubmitted in place)."""
+        if key_still_held(outcome):
+            self._release_held_key(outcome.message)
+
+    def _release_held_key(self, message: Message) -> None:
+        """Gives back the key held for ``message``, a scheduled in-place retry that will not run."""
+        if message.key is not None:
             with contextlib.suppress(DispatcherClosed):
                 self._require_ctx().dispatcher.release_key(message.key)
 
-    def _failed(self, outcome: Outcome, reason: str) -> None:
-        """A final failure: dead-letter then term, or keep (nak) and say so."""
-        delivery: _Delivery = outcome.message.handle
-        if self.config.dead_letter_subject is not None:
-            task = asyncio.create_task(self._dead_letter(outcome, reason))
-            self._dead_letters.add(task)
-            task.add_done_callback(self._dead_letters.discard)
-            return
+    def _keep(self, outcome: Outcome, decision: Keep) -> None:
+        """A final failure without a dead-letter subject: the message stays (nak), said so."""
         ctx = self._require_ctx()
         ctx.metrics.source_errors.labels(source=self.name, kind="stuck").inc()
         failure = outcome.first_failure()
@@ -702,11 +554,11 @@ class JetStreamSource:
             self.name,
             outcome.message_id,
             outcome.message.topic,
-            reason,
+            decision.reason,
             failure and f"{failure.function} -> {failure.status_label}",
         )
-        self._nak(delivery, self.config.nak_delay_max)
-        self._release_key(outcome.message)
+        self._nak(outcome.message.handle, decision.delay)
+        self._release_key(outcome)
 
     async def _dead_letter(self, outcome: Outcome, reason: str) -> None:
         ctx = self._require_ctx()
@@ -732,7 +584,7 @@ class JetStreamSource:
                 )
                 self._nak(delivery, self.config.nak_delay_max)
                 await self._acks.flush()
-                self._release_key(outcome.message)
+                self._release_key(outcome)
                 return
             self._inflight.discard(delivery)
             self._acks.add(delivery.msg.reply, TERM)
@@ -748,40 +600,27 @@ class JetStreamSource:
                 reason,
                 failure and f"{failure.function} -> {failure.status_label}",
             )
-            self._release_key(outcome.message)
+            self._release_key(outcome)
 
     def _dead_letter_headers(self, outcome: Outcome, reason: str) -> dict[str, str]:
-        """The original headers plus the failure context (``fastconn-dlt-*``, as the other
-        sources write it)."""
+        """The original headers plus the failure context (:mod:`fastconn.deadletter`)."""
         delivery: _Delivery = outcome.message.handle
         original = delivery.msg.headers or {}
         # The publisher's Nats-* headers (message id, expected stream...) would steer the
         # dead-letter publish, and earlier context would be stale: both are dropped. Our own
         # Nats-Msg-Id makes a repeated dead-lettering of one message a duplicate the stream drops.
-        headers = {k: v for k, v in original.items() if not k.lower().startswith(("nats-", "fastconn-dlt-"))}
-        failed = [r for r in outcome.results if not r.ok]
-        headers.update(
-            {
-                "Nats-Msg-Id": f"dlq:{delivery.stream}/{delivery.seq}",
-                DLT_SUBJECT: outcome.message.topic,
-                DLT_STREAM: delivery.stream,
-                DLT_SEQUENCE: str(delivery.seq),
-                DLT_MESSAGE_ID: outcome.message_id,
-                DLT_DELIVERIES: str(delivery.deliveries),
-                DLT_REASON: reason,
-                DLT_TIME: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                DLT_FAILED: ",".join(r.function for r in failed),
-            }
-        )
-        if failed:
-            first = failed[0]
-            headers[DLT_FUNCTION] = first.function
-            headers[DLT_STATUS] = str(first.status)
-            headers[DLT_ATTEMPTS] = str(first.attempts)
-            headers[DLT_ERROR] = f"HTTP {first.status}" if first.status else first.error.label
-            if first.body:
-                excerpt = first.body[:_RESPONSE_EXCERPT].decode("utf-8", "replace")
-                headers[DLT_RESPONSE] = sanitize_header_value(excerpt, _RESPONSE_EXCERPT)
+        headers = {k: v for k, v in original.items() if not k.lower().startswith(("nats-", DLT_PREFIX))}
+        headers["Nats-Msg-Id"] = f"dlq:{delivery.stream}/{delivery.seq}"
+        origin = [
+            (DLT_SUBJECT, outcome.message.topic),
+            (DLT_STREAM, delivery.stream),
+            (DLT_SEQUENCE, str(delivery.seq)),
+        ]
+        headers.update(failure_context(outcome, origin, deliveries=delivery.deliveries, reason=reason))
+        excerpt = response_excerpt(outcome)
+        if excerpt is not None:
+            text = excerpt.decode("utf-8", "replace")
+            headers[DLT_RESPONSE] = sanitize_header_value(text, RESPONSE_EXCERPT)
         return headers
 
     # -- in-place retries (key ordering) ---------------------------------------------------
@@ -820,7 +659,7 @@ class JetStreamSource:
             except (DispatcherClosed, asyncio.CancelledError) as exc:
                 for message in due:
                     self._nak(message.handle, 0)
-                    self._release_key(message)
+                    self._release_held_key(message)
                 await self._acks.flush()
                 if isinstance(exc, asyncio.CancelledError):
                     raise
