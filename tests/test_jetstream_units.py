@@ -6,6 +6,7 @@ import pytest
 
 from fastconn.message import ErrorKind, Message, Outcome, TargetResult, Verdict
 from fastconn.sources.jetstream.pull import PullWindow, pull_room
+from fastconn.sources.jetstream.restart import RestartGate
 from fastconn.sources.jetstream.settle import (
     Ack,
     DeadLetter,
@@ -123,3 +124,30 @@ def test_key_is_held_only_after_a_retry_of_a_keyed_message() -> None:
     # it again would start the key's next-but-one message beside the next one.
     assert not key_still_held(_outcome(Verdict.FAILED, status=400))
     assert not key_still_held(_outcome(Verdict.OK, status=200))
+
+
+# -- restart gate -----------------------------------------------------------------------------
+
+
+def test_restart_gate_holds_until_every_unacked_message_is_back_then_releases_in_stream_order() -> None:
+    gate: RestartGate[str] = RestartGate(pending=2, last_delivered=10, now=0.0, ack_wait=2.0)
+    gate.hold(12, "new-12")  # never delivered before: served at once by the server
+    gate.hold(9, "old-9")
+    assert (gate.remaining, gate.held) == (1, 2)
+    assert not gate.ready(1.0)
+    gate.hold(9, "old-9-again")  # a duplicate does not count twice
+    assert not gate.ready(1.0)
+    gate.hold(4, "old-4")
+    assert gate.ready(1.0)
+    assert gate.release() == ["old-4", "old-9", "old-9-again", "new-12"]
+    assert gate.held == 0
+
+
+def test_restart_gate_gives_up_after_ack_wait_and_a_grace() -> None:
+    gate: RestartGate[str] = RestartGate(pending=3, last_delivered=10, now=100.0, ack_wait=2.0)
+    gate.hold(11, "new")
+    assert not gate.ready(102.9)
+    assert gate.ready(103.0)  # 2 s ack_wait + 1 s grace
+    assert gate.release() == ["new"]
+    long_wait: RestartGate[str] = RestartGate(pending=1, last_delivered=1, now=0.0, ack_wait=30.0)
+    assert long_wait.deadline == 45.0

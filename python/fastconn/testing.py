@@ -9,6 +9,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -111,6 +112,8 @@ class RecordedCall:
     """Case-insensitive, as HTTP header names are (fastconn's client sends them lowercased)."""
     body: bytes
     at: float
+    status: int | None = None
+    """The status answered (None until the answer is decided)."""
 
 
 @dataclass
@@ -122,6 +125,7 @@ class FunctionDouble:
     port: int = 0
     calls: list[RecordedCall] = field(default_factory=list)
     _scripts: dict[str, tuple[list[int], float, dict[str, str]]] = field(default_factory=dict)
+    _flaky: dict[str, tuple[float, int, random.Random]] = field(default_factory=dict)
     _runner: web.AppRunner | None = None
 
     def script(
@@ -132,6 +136,11 @@ class FunctionDouble:
         headers: Mapping[str, str] | None = None,
     ) -> None:
         self._scripts[path] = (list(statuses), delay, dict(headers or {}))
+
+    def flaky(self, path: str, failure_ratio: float, *, status: int = 500, seed: int = 0) -> None:
+        """Answers ``status`` to a random ``failure_ratio`` of the calls to ``path`` (seeded, so a
+        run can be repeated), the scripted answer otherwise."""
+        self._flaky[path] = (failure_ratio, status, random.Random(seed))
 
     def url(self, path: str) -> str:
         return f"http://{self.host}:{self.port}{path}"
@@ -164,9 +173,14 @@ class FunctionDouble:
         body = await request.read()
         received = CIMultiDictProxy(CIMultiDict(request.headers))
         self.calls.append(RecordedCall(request.path, received, body, time.monotonic()))
+        call = self.calls[-1]
         statuses, delay, headers = self._scripts.get(request.path, ([200], 0.0, {}))
         seen = len(self.calls_to(request.path))
         status = statuses[min(seen, len(statuses)) - 1]
+        flaky = self._flaky.get(request.path)
+        if flaky is not None and flaky[2].random() < flaky[0]:
+            status = flaky[1]
+        call.status = status
         if delay:
             await asyncio.sleep(delay)
         return web.Response(status=status, body=body, headers=headers)

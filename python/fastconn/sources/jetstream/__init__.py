@@ -22,7 +22,10 @@ call keeps its message. With ``ordering = "key"`` messages of one key (the subje
 header) run one at a time in stream order while other keys run in parallel; a retryable
 failure is retried in place (the key waits, the message keeps in-progress acks) instead of
 being redelivered out of order. The order holds within one replica: replicas sharing the
-durable each get some of a key's messages.
+durable each get some of a key's messages. It also holds across a crash
+(``strict_order_on_restart``, on by default with ``ordering = "key"``): a start that finds
+unacknowledged messages on the durable holds everything until they came back, at most
+``ack_wait`` and a grace (:mod:`.restart`).
 
 Function headers: ``X-Topic`` (subject), ``X-Nats-Stream``, ``X-Nats-Sequence``,
 ``X-Delivery-Attempt`` (the server's delivery count, plus the dispatcher's own retries),
@@ -33,7 +36,8 @@ anything left (arrived late, or waiting for an in-place retry) is nak'ed at once
 replica takes it without waiting for ``ack_wait``.
 
 Modules: :mod:`.config` (the ``[[sources]]`` model), :mod:`.pull` (pull-request bookkeeping),
-:mod:`.settle` (what each outcome leads to), :mod:`.source` (the source).
+:mod:`.settle` (what each outcome leads to), :mod:`.restart` (key order after a crash),
+:mod:`.source` (the source).
 """
 
 from fastconn.sources.jetstream.config import JetStreamConfig

@@ -35,6 +35,7 @@ from fastconn.sources._nats_common import (
 )
 from fastconn.sources.jetstream.config import JetStreamConfig
 from fastconn.sources.jetstream.pull import PullWindow, pull_room
+from fastconn.sources.jetstream.restart import RestartGate
 from fastconn.sources.jetstream.settle import Ack, DeadLetter, Keep, Redeliver, decide, key_still_held
 
 log = logging.getLogger("fastconn.source.jetstream")
@@ -89,6 +90,10 @@ class JetStreamSource:
         self._pulls = PullWindow(time.monotonic(), silence=3 * _HEARTBEAT)
         self._wake = asyncio.Event()
         self._consumer_lost = False
+        self._gate: RestartGate[_Delivery] | None = None
+        """Set at start when a crash left messages unacknowledged (strict key order)."""
+        self._backlog: deque[_Delivery] = deque()
+        """What the gate released, submitted as the dispatcher has room (before new arrivals)."""
         self._stopping = False
         self._intake_closed = False
         # Settling
@@ -135,6 +140,10 @@ class JetStreamSource:
             ("retry", self._retry_loop),
         ):
             self._tasks[name] = watch_task(asyncio.create_task(job()), log, f"source {self.name} {name} loop")
+        if self._gate is not None:
+            # Wakes the submit loop at the gate's deadline even if nothing arrives then.
+            wait = max(0.0, self._gate.deadline - time.monotonic())
+            asyncio.get_running_loop().call_later(wait, self._buffer_ready.set)
 
     async def stop(self) -> None:
         """Stops pulling; what already arrived goes to the dispatcher, later arrivals are
@@ -268,6 +277,28 @@ class JetStreamSource:
                     )
         self._ack_wait = float(info.config.ack_wait or c.ack_wait)
         self._consumer_lost = False
+        self._gate_restart(info)
+
+    def _gate_restart(self, info: Any) -> None:
+        """Holds new messages while the ones a crash left unacknowledged come back (see
+        :mod:`.restart`)."""
+        pending = int(info.num_ack_pending or 0)
+        if not self.config.strict_restart or pending <= 0 or info.delivered is None:
+            return
+        self._gate = RestartGate(
+            pending=pending,
+            last_delivered=int(info.delivered.stream_seq),
+            now=time.monotonic(),
+            ack_wait=self._ack_wait,
+        )
+        log.info(
+            "source %s: consumer %s has %d unacknowledged message(s) (left by a crash?): messages "
+            "are held until those come back (at most %.1fs), so every key keeps its order",
+            self.name,
+            self.config.durable,
+            pending,
+            self._gate.deadline - self._gate.started,
+        )
 
     async def _consumer_back(self) -> bool:
         import nats.js.errors
@@ -290,8 +321,11 @@ class JetStreamSource:
         """Messages we may ask for now: bounded by max_ack_pending and by the dispatcher's free
         capacity, minus what is already asked for, buffered or in flight."""
         d = self._require_ctx().dispatcher
+        # While the restart gate holds messages (outside the dispatcher), the server's
+        # max_ack_pending is the only bound: the messages it waits for must still fit.
+        window = self.config.max_ack_pending if self._gate else min(self.config.max_ack_pending, d.capacity)
         return pull_room(
-            window=min(self.config.max_ack_pending, d.capacity),
+            window=window,
             capacity=d.capacity,
             queued=d.queued,
             inflight=len(self._inflight),
@@ -403,6 +437,12 @@ class JetStreamSource:
             await self._buffer_ready.wait()
             self._buffer_ready.clear()
             batch, self._buffer = self._buffer, []
+            if self._gate is not None:
+                self._through_gate(batch)
+                batch = []
+            if self._backlog:
+                self._backlog.extend(batch)
+                batch = self._from_backlog()
             if not batch:
                 if self._intake_closed:
                     return
@@ -420,6 +460,50 @@ class JetStreamSource:
                 for delivery in batch:
                     self._nak(delivery, 0)
                 await self._acks.flush()
+
+    def _from_backlog(self) -> list[_Delivery]:
+        """What of the backlog fits the dispatcher now. Our messages in the dispatcher (or
+        waiting for an in-place retry) stay within its capacity, as the pull window keeps them
+        normally: a retry of a held key must always find room, or the messages queued behind
+        that key would wait for it forever."""
+        capacity = self._require_ctx().dispatcher.capacity
+        room = capacity - (len(self._inflight) - len(self._backlog))
+        n = max(0, min(room, len(self._backlog)))
+        return [self._backlog.popleft() for _ in range(n)]
+
+    def _through_gate(self, batch: list[_Delivery]) -> None:
+        """Holds ``batch`` at the restart gate; once it opens, everything held goes to the
+        backlog in stream order."""
+        gate = self._gate
+        assert gate is not None
+        for delivery in batch:
+            delivery.stream, delivery.seq, delivery.deliveries = parse_ack_subject(delivery.msg.reply)
+            gate.hold(delivery.seq, delivery)
+        now = time.monotonic()
+        if not gate.ready(now):
+            return
+        self._gate = None
+        self._wake.set()  # the pull window shrinks back to the dispatcher's capacity
+        if gate.remaining > 0:
+            log.warning(
+                "source %s: %d of %d unacknowledged message(s) did not come back within %.1fs "
+                "(another replica took them, or they wait for a nak delay); going on: those may "
+                "run after newer messages of their key",
+                self.name,
+                gate.remaining,
+                gate.pending,
+                now - gate.started,
+            )
+        else:
+            log.info(
+                "source %s: the %d unacknowledged message(s) came back after %.1fs; dispatching "
+                "them and %d newer one(s) in stream order",
+                self.name,
+                gate.pending,
+                now - gate.started,
+                gate.held - gate.pending,
+            )
+        self._backlog.extend(gate.release())
 
     def _to_message(self, d: _Delivery) -> Message:
         msg = d.msg
@@ -490,6 +574,8 @@ class JetStreamSource:
             if acked:
                 acked_counter.inc(acked)
             self._wake.set()
+            if self._backlog:
+                self._buffer_ready.set()
             if self._settle_closed and not self._settle_queue:
                 return
 
