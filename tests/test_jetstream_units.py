@@ -15,6 +15,7 @@ from fastconn.sources.jetstream.settle import (
     decide,
     key_still_held,
     redelivery_delay,
+    server_drops,
 )
 
 # -- pull window ------------------------------------------------------------------------------
@@ -151,3 +152,9 @@ def test_restart_gate_gives_up_after_ack_wait_and_a_grace() -> None:
     assert gate.release() == ["new"]
     long_wait: RestartGate[str] = RestartGate(pending=1, last_delivered=1, now=0.0, ack_wait=30.0)
     assert long_wait.deadline == 45.0
+
+
+def test_server_drops_only_at_its_own_finite_limit() -> None:
+    assert not server_drops(-1, 1000)  # the consumer fastconn creates: unlimited
+    assert not server_drops(3, 2)
+    assert server_drops(3, 3)  # an existing consumer that refused the update: this nak is its last

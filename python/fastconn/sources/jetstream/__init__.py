@@ -15,7 +15,10 @@ Settling, per message, once every target function has a final result:
 * a final failure (a non-retryable status, or ``max_deliver`` deliveries spent): published to
   ``dead_letter_subject`` (which a stream must store: the publish is confirmed) with failure
   context headers, then ``term``. Without a dead-letter subject the message is kept
-  (``nak``), counted in ``fastconn_source_errors_total{kind="stuck"}`` and logged.
+  (``nak`` with ``nak_delay_max``, so it comes back), counted in
+  ``fastconn_source_errors_total{kind="stuck"}`` and logged. fastconn counts deliveries
+  itself: the durable has no server-side ``max_deliver``, so the server never drops a message
+  (one that refuses the update is reported at start-up, its drops counted as ``dropped``).
 
 Messages still running when half of ``ack_wait`` has passed get in-progress acks, so a long
 call keeps its message. With ``ordering = "key"`` messages of one key (the subject, or a

@@ -35,7 +35,9 @@ class JetStreamConfig(NatsSourceOptions):
     """Where a new durable starts; an existing durable keeps its position."""
     ack_wait: Duration = Field(default=30.0, gt=0)
     max_deliver: int = Field(default=5, ge=-1)
-    """Deliveries before a message fails for good; -1: unlimited."""
+    """Deliveries before a message fails for good (dead-lettered, or kept and reported without
+    a dead-letter subject); -1: unlimited. Counted by fastconn: the consumer itself has no
+    limit, so the server never drops a message."""
     max_ack_pending: int = Field(default=1000, ge=1)
     """Unacknowledged messages of the durable (all replicas together)."""
     dead_letter_subject: str | None = None

@@ -17,6 +17,7 @@ __all__ = [
     "decide",
     "key_still_held",
     "redelivery_delay",
+    "server_drops",
 ]
 
 
@@ -67,6 +68,13 @@ def redelivery_delay(deliveries: int, retry_after: float | None, initial: float,
     if retry_after is not None:
         return min(max(retry_after, 0.0), maximum)
     return doubling(deliveries, initial, maximum)
+
+
+def server_drops(server_max_deliver: int, server_deliveries: int) -> bool:
+    """Whether a message handed back (nak) after its ``server_deliveries``-th delivery will
+    never come again: the consumer has a server-side limit (an existing consumer that refused
+    the update to unlimited) and it is reached."""
+    return 0 < server_max_deliver <= server_deliveries
 
 
 def decide(

@@ -36,7 +36,15 @@ from fastconn.sources._nats_common import (
 from fastconn.sources.jetstream.config import JetStreamConfig
 from fastconn.sources.jetstream.pull import PullWindow, pull_room
 from fastconn.sources.jetstream.restart import RestartGate
-from fastconn.sources.jetstream.settle import Ack, DeadLetter, Keep, Redeliver, decide, key_still_held
+from fastconn.sources.jetstream.settle import (
+    Ack,
+    DeadLetter,
+    Keep,
+    Redeliver,
+    decide,
+    key_still_held,
+    server_drops,
+)
 
 log = logging.getLogger("fastconn.source.jetstream")
 
@@ -66,6 +74,14 @@ class _Delivery:
     stream: str = ""
     seq: int = 0
     deliveries: int = 1
+    """This delivery's number: the server's count plus our in-place retries."""
+    server_deliveries: int = 1
+    """The server's own delivery count (what its ``max_deliver`` is compared with)."""
+
+    def parse_reply(self) -> None:
+        """Reads stream, sequence and delivery count from the ack subject."""
+        self.stream, self.seq, self.server_deliveries = parse_ack_subject(self.msg.reply)
+        self.deliveries = self.server_deliveries
 
 
 class JetStreamSource:
@@ -108,6 +124,8 @@ class JetStreamSource:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._stuck_log = RateLimitedLog(log)
         self._status_log = RateLimitedLog(log)
+        self._drop_log = RateLimitedLog(log)
+        self._server_max_deliver = -1
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -229,7 +247,9 @@ class JetStreamSource:
             deliver_policy=DeliverPolicy(c.deliver_policy),
             ack_policy=AckPolicy.EXPLICIT,
             ack_wait=c.ack_wait,
-            max_deliver=c.max_deliver,
+            # Unlimited on the server: fastconn counts deliveries against max_deliver itself and
+            # dead-letters or keeps the message; a server limit would drop it silently.
+            max_deliver=-1,
             max_ack_pending=c.max_ack_pending,
             filter_subject=c.subjects[0] if len(c.subjects) == 1 else None,
             filter_subjects=list(c.subjects) if len(c.subjects) > 1 else None,
@@ -259,7 +279,7 @@ class JetStreamSource:
             filters = tuple(have.filter_subjects or ([have.filter_subject] if have.filter_subject else []))
             if (have.ack_wait, have.max_deliver, have.max_ack_pending, filters) != (
                 c.ack_wait,
-                c.max_deliver,
+                -1,
                 c.max_ack_pending,
                 tuple(c.subjects),
             ):
@@ -276,6 +296,16 @@ class JetStreamSource:
                         exc,
                     )
         self._ack_wait = float(info.config.ack_wait or c.ack_wait)
+        self._server_max_deliver = int(info.config.max_deliver or -1)
+        if self._server_max_deliver > 0:
+            log.error(
+                "source %s: consumer %s drops messages after %d deliveries (max_deliver on the "
+                'server); each is counted in fastconn_source_errors_total{kind="dropped"}: '
+                "delete the consumer (or set its max_deliver to -1) so fastconn keeps them",
+                self.name,
+                c.durable,
+                self._server_max_deliver,
+            )
         self._consumer_lost = False
         self._gate_restart(info)
 
@@ -477,7 +507,7 @@ class JetStreamSource:
         gate = self._gate
         assert gate is not None
         for delivery in batch:
-            delivery.stream, delivery.seq, delivery.deliveries = parse_ack_subject(delivery.msg.reply)
+            delivery.parse_reply()
             gate.hold(delivery.seq, delivery)
         now = time.monotonic()
         if not gate.ready(now):
@@ -507,7 +537,7 @@ class JetStreamSource:
 
     def _to_message(self, d: _Delivery) -> Message:
         msg = d.msg
-        d.stream, d.seq, d.deliveries = parse_ack_subject(msg.reply)
+        d.parse_reply()
         headers = http_headers(msg.headers, _RESERVED) if msg.headers else []
         headers.append(("X-Nats-Stream", d.stream))
         headers.append(("X-Nats-Sequence", str(d.seq)))
@@ -616,6 +646,16 @@ class JetStreamSource:
         """Queues a nak (sent with the next flush of the ack writer)."""
         self._inflight.discard(delivery)
         self._acks.add(delivery.msg.reply, nak(delay))
+        if server_drops(self._server_max_deliver, delivery.server_deliveries):
+            self._require_ctx().metrics.source_errors.labels(source=self.name, kind="dropped").inc()
+            self._drop_log.warning(
+                "source %s: message %s/%d was handed back for the last time the server allows "
+                "(its max_deliver is %d): the server drops it",
+                self.name,
+                delivery.stream,
+                delivery.seq,
+                self._server_max_deliver,
+            )
 
     def _release_key(self, outcome: Outcome) -> None:
         """Gives back the message's ordering key when the core still holds it for this message
