@@ -19,12 +19,14 @@ __all__ = [
     "DLT_ERROR",
     "DLT_FAILED",
     "DLT_FUNCTION",
+    "DLT_HEADERS_DROPPED",
     "DLT_MESSAGE_ID",
     "DLT_PREFIX",
     "DLT_REASON",
     "DLT_RESPONSE",
     "DLT_STATUS",
     "DLT_TIME",
+    "DLT_TRUNCATED",
     "RESPONSE_EXCERPT",
     "failure_context",
     "response_excerpt",
@@ -44,6 +46,8 @@ DLT_REASON: Final = "fastconn-dlt-reason"
 DLT_TIME: Final = "fastconn-dlt-time"
 DLT_TRUNCATED: Final = "fastconn-dlt-truncated"
 """Set when the payload was cut to fit the destination: the original size in bytes."""
+DLT_HEADERS_DROPPED: Final = "fastconn-dlt-headers-dropped"
+"""Set when the message's own headers were left out to fit the destination: how many."""
 RESPONSE_EXCERPT: Final = 1024
 """Bytes of the failing function's response body kept in ``fastconn-dlt-response``."""
 

@@ -18,10 +18,12 @@ Delivery guarantees
   ``key``/``partition`` mode its key stays held in the core meanwhile, so only that key (or
   partition) waits. A FAILED verdict (a non-retryable status such as 400) goes to
   ``dead_letter_topic`` with the failure context in headers and is then done; without a
-  dead-letter topic it is retried like RETRY, forever. Nothing is dropped: stuck messages show in
-  ``fastconn_kafka_stuck_messages`` and hold their partition's commit. (The core holds a key
-  after RETRY verdicts only: a FAILED message retried for want of a dead-letter topic does not
-  hold back the later messages of its key.)
+  dead-letter topic it is retried like RETRY, forever. A dead letter the broker refuses as too
+  large is sent smaller (payload cut, then the record's headers left out: see
+  :func:`.settle.smaller_dead_letter`); one that still does not fit keeps its message stuck.
+  Nothing is dropped: stuck messages show in ``fastconn_kafka_stuck_messages`` and hold their
+  partition's commit. (A FAILED message retried for want of a dead-letter topic holds its key
+  like a RETRY: ``hold_key_on_failure``.)
 * **Backpressure.** A partition is paused (not the consumer) when ``max_pending_per_partition``
   of its messages are past its watermark, and resumed when half of them are done; the whole
   fetch waits while the dispatcher is full. Memory is bounded by that budget plus aiokafka's one

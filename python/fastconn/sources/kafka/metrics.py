@@ -59,6 +59,12 @@ class _KafkaCollector(Collector):
         dead = CounterMetricFamily(
             "fastconn_kafka_dead_lettered", "Messages written to the dead-letter topic", labels=["source"]
         )
+        shrunk = CounterMetricFamily(
+            "fastconn_kafka_dead_letters_shrunk",
+            "Dead letters the broker refused as too large, sent with the payload cut "
+            "(fastconn-dlt-truncated) or the message's headers left out",
+            labels=["source"],
+        )
         redeliveries = CounterMetricFamily(
             "fastconn_kafka_redeliveries",
             "Messages resubmitted after a RETRY or FAILED verdict",
@@ -87,6 +93,7 @@ class _KafkaCollector(Collector):
             duplicates.add_metric([name], s["duplicates"])
             rebalances.add_metric([name], s["rebalances"])
             dead.add_metric([name], s["dead_lettered"])
+            shrunk.add_metric([name], s["dead_letters_shrunk"])
             redeliveries.add_metric([name], s["redeliveries"])
             responses.add_metric([name], s["responses"])
             commits.add_metric([name], s["commits"])
@@ -99,6 +106,7 @@ class _KafkaCollector(Collector):
             duplicates,
             rebalances,
             dead,
+            shrunk,
             redeliveries,
             responses,
             commits,

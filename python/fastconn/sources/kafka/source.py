@@ -10,7 +10,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.errors import (
@@ -20,7 +20,14 @@ from aiokafka.errors import (
     MessageSizeTooLargeError,
 )
 
-from fastconn.deadletter import DLT_PREFIX, DLT_RESPONSE, failure_context, response_excerpt
+from fastconn.backoff import doubling
+from fastconn.deadletter import (
+    DLT_HEADERS_DROPPED,
+    DLT_PREFIX,
+    DLT_RESPONSE,
+    failure_context,
+    response_excerpt,
+)
 from fastconn.errors import DispatcherClosed, SourceError
 from fastconn.message import Message, Outcome, Verdict
 from fastconn.responses import response_messages
@@ -28,12 +35,22 @@ from fastconn.source import SourceContext, wait_or_stop
 from fastconn.sources.kafka.config import KafkaConfig, consumer_options, is_topic_name, producer_options
 from fastconn.sources.kafka.function_headers import add_key_headers, headers_of_record
 from fastconn.sources.kafka.metrics import kafka_collector
-from fastconn.sources.kafka.settle import DeadLetter, Done, RetryLater, decide, key_still_held
+from fastconn.sources.kafka.settle import (
+    DeadLetter,
+    Done,
+    RetryLater,
+    decide,
+    key_still_held,
+    smaller_dead_letter,
+)
 from fastconn.sources.kafka.state import Partition, Record, fetch_budget
 
 __all__ = ["DLT_OFFSET", "DLT_PARTITION", "DLT_TOPIC", "KafkaSource"]
 
 log = logging.getLogger("fastconn.source.kafka")
+
+_CONNECT_RETRY_INITIAL: Final = 0.5
+_CONNECT_RETRY_MAX: Final = 5.0
 
 # The source's own coordinates on dead letters (the rest of the context is fastconn.deadletter's).
 DLT_TOPIC: Final = "fastconn-dlt-original-topic"
@@ -68,7 +85,16 @@ class KafkaSource:
         self._resume_below = max(1, config.max_pending_per_partition // 2)
         self.stuck_messages = 0
         self.counters = dict.fromkeys(
-            ("duplicates", "rebalances", "dead_lettered", "redeliveries", "responses", "commits"), 0
+            (
+                "duplicates",
+                "rebalances",
+                "dead_lettered",
+                "dead_letters_shrunk",
+                "redeliveries",
+                "responses",
+                "commits",
+            ),
+            0,
         )
 
     # -- introspection (metrics, tests) -----------------------------------------------------
@@ -120,8 +146,9 @@ class KafkaSource:
     async def _connect(self, build: Any, what: str) -> Any:
         """Starts an aiokafka client, retrying until ``startup_timeout``."""
         deadline = time.monotonic() + self.config.startup_timeout
-        delay = 0.5
+        attempt = 0
         while True:
+            attempt += 1
             client = build()
             try:
                 await client.start()
@@ -129,6 +156,7 @@ class KafkaSource:
                 with contextlib.suppress(Exception):
                     await client.stop()
                 self._error("connect")
+                delay = doubling(attempt, _CONNECT_RETRY_INITIAL, _CONNECT_RETRY_MAX)
                 if time.monotonic() + delay > deadline:
                     raise SourceError(
                         f"kafka source {self.name!r}: cannot connect the {what} to "
@@ -136,7 +164,6 @@ class KafkaSource:
                     ) from None
                 log.warning("kafka %s cannot connect yet (%s); retrying in %.1fs", what, exc, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
                 continue
             return client
 
@@ -513,12 +540,8 @@ class KafkaSource:
         part = rec.partition
         try:
             if dead_letter:
-                assert self.config.dead_letter_topic is not None
-                value = outcome.message.payload
-                headers = self._dlt_headers(rec, outcome)
-                if not await self._send(
-                    rec, self.config.dead_letter_topic, value, headers, what="dead letter"
-                ):
+                if not await self._send_dead_letter(rec, outcome):
+                    self._unstick(rec)
                     return
                 self.counters["dead_lettered"] += 1
                 failure = outcome.first_failure()
@@ -537,7 +560,7 @@ class KafkaSource:
                 for body, fields in response_messages(outcome):
                     headers = [(k, v.encode()) for k, v in fields.items()] + where
                     if not await self._send(
-                        rec, self.config.response_topic, body, headers, what="response", optional=True
+                        rec, self.config.response_topic, body, headers, what="response", too_large="skip"
                     ):
                         return
             self._done(rec)
@@ -545,6 +568,55 @@ class KafkaSource:
         finally:
             part.publishing -= 1
             self._progress.set()
+
+    async def _send_dead_letter(self, rec: Record, outcome: Outcome) -> bool:
+        """Publishes the dead letter of ``rec``; when the broker refuses it as too large, a
+        smaller form (:func:`.settle.smaller_dead_letter`: payload cut, then headers left out), so
+        the message can be done and its partition's commit move on. When nothing smaller is
+        left, retries that (the limit may be raised) with the message counted as stuck."""
+        topic = self.config.dead_letter_topic
+        assert topic is not None
+        value, headers = outcome.message.payload, self._dlt_headers(rec, outcome)
+        form = (value, headers)
+        refusals = 0
+        while True:
+            sent = await self._send(rec, topic, *form, what="dead letter", too_large="report")
+            if sent is not None:
+                return sent
+            refusals += 1
+            smaller = smaller_dead_letter(value, headers, refusals)
+            if smaller is None:
+                break
+            size = len(form[0]) + sum(len(k) + len(v) for k, v in form[1])
+            form = smaller
+            if refusals == 1:
+                self.counters["dead_letters_shrunk"] += 1
+            cut = f"payload cut to {len(form[0])} of {len(value)} bytes" if len(form[0]) < len(value) else ""
+            bare = (
+                "the message's own headers left out"
+                if any(k == DLT_HEADERS_DROPPED for k, _ in form[1])
+                else ""
+            )
+            log.warning(
+                "kafka: the dead letter of %s (%d bytes with headers) is too large for %s; "
+                "sending it smaller: %s",
+                rec.message.message_id,
+                size,
+                topic,
+                ", ".join(filter(None, (cut, bare))),
+            )
+        if not rec.stuck:
+            rec.stuck = True
+            self.stuck_messages += 1
+        log.error(
+            "kafka: the dead letter of %s is too large for %s even cut to %d payload bytes and "
+            "fastconn's context headers: the message stays undone (fastconn_kafka_stuck_messages), "
+            "holding its partition's commit; retrying in case the topic's limit is raised",
+            rec.message.message_id,
+            topic,
+            len(form[0]),
+        )
+        return bool(await self._send(rec, topic, *form, what="dead letter", too_large="retry"))
 
     async def _send(
         self,
@@ -554,12 +626,17 @@ class KafkaSource:
         headers: list[tuple[str, bytes]],
         *,
         what: str,
-        optional: bool = False,
-    ) -> bool:
+        too_large: Literal["skip", "report", "retry"],
+    ) -> bool | None:
         """Publishes until it succeeds (True), or the partition is revoked / the source closes
-        (False: the message stays undone and is read again)."""
-        delay = self.config.retry_backoff_initial
+        (False: the message stays undone and is read again). A record the broker (or the
+        producer's ``max_request_size``) refuses as too large is left out with an error log
+        (``skip``, returns True), reported to the caller (``report``, returns None), or retried
+        like any failure (``retry``)."""
+        attempt = 0
         while True:
+            attempt += 1
+            delay = doubling(attempt, self.config.retry_backoff_initial, self.config.retry_backoff_max)
             try:
                 await self._producer.send_and_wait(topic, value, key=rec.key, headers=headers)
                 if what == "response":
@@ -567,7 +644,9 @@ class KafkaSource:
                 return True
             except MessageSizeTooLargeError as exc:
                 self._error("publish")
-                if optional:
+                if too_large == "report":
+                    return None
+                if too_large == "skip":
                     log.error(
                         "kafka: %s for %s too large for %s, not published: %s",
                         what,
@@ -576,7 +655,8 @@ class KafkaSource:
                         exc,
                     )
                     return True
-                log.error(
+                log.log(
+                    logging.ERROR if attempt == 1 else logging.DEBUG,
                     "kafka: %s for %s too large for %s (%s); retrying in %.1fs",
                     what,
                     rec.message.message_id,
@@ -597,7 +677,6 @@ class KafkaSource:
             if rec.partition.revoked or self._closing:
                 return False
             await asyncio.sleep(delay)
-            delay = min(delay * 2, self.config.retry_backoff_max)
             if rec.partition.revoked or self._closing:
                 return False
 
