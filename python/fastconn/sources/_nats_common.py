@@ -422,17 +422,6 @@ class AckWriter:
                 await client.publish(subject, payload)
 
 
-def watch_task(task: asyncio.Task[Any], log: logging.Logger, what: str) -> asyncio.Task[Any]:
-    """Logs a background task's unexpected end (a bug must not stop a source silently)."""
-
-    def done(t: asyncio.Task[Any]) -> None:
-        if not t.cancelled() and t.exception() is not None:
-            log.error("%s failed", what, exc_info=t.exception())
-
-    task.add_done_callback(done)
-    return task
-
-
 def check_subjects(value: tuple[str, ...]) -> tuple[str, ...]:
     """Validates a list of subscription subjects (wildcards allowed)."""
     for subject in value:

@@ -31,7 +31,6 @@ from fastconn.sources._nats_common import (
     parse_ack_subject,
     sanitize_header_value,
     subject_covers,
-    watch_task,
 )
 from fastconn.sources.jetstream.config import JetStreamConfig
 from fastconn.sources.jetstream.pull import PullWindow, pull_room
@@ -150,6 +149,7 @@ class JetStreamSource:
         self._inbox_sub = await self._nc.subscribe(
             self._inbox, cb=self._on_inbox, pending_msgs_limit=1 << 20, pending_bytes_limit=1 << 30
         )
+        ctx = self._require_ctx()
         for name, job in (
             ("pull", self._pull_loop),
             ("submit", self._submit_loop),
@@ -157,7 +157,7 @@ class JetStreamSource:
             ("keepalive", self._keepalive_loop),
             ("retry", self._retry_loop),
         ):
-            self._tasks[name] = watch_task(asyncio.create_task(job()), log, f"source {self.name} {name} loop")
+            self._tasks[name] = ctx.supervise(f"{self.name}.{name}", job)
         if self._gate is not None:
             # Wakes the submit loop at the gate's deadline even if nothing arrives then.
             wait = max(0.0, self._gate.deadline - time.monotonic())

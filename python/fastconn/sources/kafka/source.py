@@ -131,9 +131,9 @@ class KafkaSource:
         if self._dynamic_topics():
             self._topics = ctx.subscribed_topics
         self._tasks = [
-            asyncio.create_task(self._intake(), name=f"kafka-intake-{self.name}"),
-            asyncio.create_task(self._redeliver(), name=f"kafka-redeliver-{self.name}"),
-            asyncio.create_task(self._commit_periodically(), name=f"kafka-commit-{self.name}"),
+            ctx.supervise(f"{self.name}.intake", self._intake),
+            ctx.supervise(f"{self.name}.redeliver", self._redeliver),
+            ctx.supervise(f"{self.name}.commit", self._commit_periodically),
         ]
         log.info(
             "kafka source %r connected to %s (group %s, ordering %s)",
@@ -248,7 +248,9 @@ class KafkaSource:
         if not self._subscribing or self._stop.is_set():
             return  # the intake subscribes to the latest topics once the topic map is ready
         previous = self._topic_change
-        self._topic_change = asyncio.create_task(self._change_topics(previous))
+        self._topic_change = self._require_ctx().supervise(
+            f"{self.name}.topics", lambda: self._change_topics(previous)
+        )
 
     async def _change_topics(self, previous: asyncio.Task[None] | None) -> None:
         if previous is not None:

@@ -1,0 +1,158 @@
+"""Supervised background tasks: a task that dies is logged, counted and restarted; one that
+keeps dying turns the daemon not ready, naming it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import aiohttp
+import pytest
+from aiokafka import AIOKafkaConsumer
+
+from fastconn.config import validate_config
+from fastconn.daemon import Daemon
+from fastconn.functions import FunctionTarget
+from fastconn.metrics import Metrics
+from fastconn.supervise import Supervisor
+from fastconn.testing import free_port, wait_for
+from kafka_fixtures import Broker, KafkaFunction, kafka_broker, running_source
+from nats_fixtures import unique
+
+__all__ = ["kafka_broker"]  # the fixture is used by name
+
+FAST = {"backoff_initial": 0.01, "backoff_max": 0.05}
+
+
+def restarts(metrics: Metrics, task: str) -> float:
+    return metrics.registry.get_sample_value("fastconn_task_restarts_total", {"task": task}) or 0.0
+
+
+async def test_a_task_that_dies_is_logged_once_counted_and_restarted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    metrics = Metrics()
+    supervisor = Supervisor(metrics.task_restarts, **FAST)
+    runs: list[int] = []
+    forever = asyncio.Event()
+
+    async def job() -> None:
+        runs.append(len(runs) + 1)
+        if len(runs) == 1:
+            raise RuntimeError("boom")
+        await forever.wait()
+
+    with caplog.at_level(logging.ERROR, "fastconn.supervise"):
+        task = supervisor.spawn("demo.loop", job)
+        await wait_for(lambda: len(runs) == 2, 5, what="the restart")
+    deaths = [r for r in caplog.records if r.exc_info and "demo.loop" in r.getMessage()]
+    assert len(deaths) == 1 and str(deaths[0].exc_info[1]) == "boom"  # type: ignore[index]
+    assert restarts(metrics, "demo.loop") == 1
+    assert supervisor.failing == {}
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert task.cancelled(), "cancelling stops it for good"
+
+
+async def test_a_task_that_returns_is_done_not_restarted() -> None:
+    supervisor = Supervisor(None, **FAST)
+    runs: list[None] = []
+
+    async def job() -> None:
+        runs.append(None)
+
+    await supervisor.spawn("demo.once", job)
+    assert runs == [None]
+
+
+async def test_a_task_that_keeps_dying_is_failing_until_a_run_lasts() -> None:
+    supervisor = Supervisor(None, **FAST, failing_after=3, healthy_after=0.3)
+    broken = True
+    forever = asyncio.Event()
+
+    async def job() -> None:
+        if broken:
+            raise OSError("broker gone")
+        await forever.wait()
+
+    task = supervisor.spawn("demo.flaky", job)
+    await wait_for(lambda: "demo.flaky" in supervisor.failing, 5, what="the task to be failing")
+    assert supervisor.failing["demo.flaky"] == "OSError: broker gone"
+    broken = False
+    await wait_for(lambda: not supervisor.failing, 5, what="a lasting run to clear it")
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_kafka_intake_killed_by_an_error_is_restarted_and_counted(
+    kafka_broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    topic = await kafka_broker.create_topic(unique("intake"), 1)
+    config = {
+        "type": "kafka",
+        "brokers": [kafka_broker.bootstrap],
+        "topics": [topic],
+        "group_id": unique("g"),
+    }
+    getmany = AIOKafkaConsumer.getmany
+    raised: list[bool] = []
+
+    async def getmany_failing_once(self: AIOKafkaConsumer, *args: Any, **kwargs: Any) -> Any:
+        if not raised:
+            raised.append(True)
+            raise RuntimeError("client bug")  # not a KafkaError: nothing in the loop expects it
+        return await getmany(self, *args, **kwargs)
+
+    monkeypatch.setattr(AIOKafkaConsumer, "getmany", getmany_failing_once)
+    async with (
+        KafkaFunction() as fn,
+        running_source(config, [FunctionTarget("fn", (topic,), fn.url("/fn"))]) as h,
+    ):
+        await kafka_broker.produce(topic, [{"value": f"m{i}".encode()} for i in range(20)])
+        await wait_for(lambda: len(fn.bodies()) >= 20, 20, what="every message after the restart")
+        assert raised
+        assert restarts(h.metrics, "kafka.intake") == 1
+
+
+async def test_a_permanently_failing_intake_turns_the_daemon_not_ready(
+    kafka_broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    topic = await kafka_broker.create_topic(unique("dead"), 1)
+
+    async def getmany_broken(self: AIOKafkaConsumer, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("client bug")
+
+    monkeypatch.setattr(AIOKafkaConsumer, "getmany", getmany_broken)
+    config = validate_config(
+        {
+            "server": {"listen": f"127.0.0.1:{free_port()}"},
+            "functions": [{"name": "fn", "url": "http://127.0.0.1:9/fn", "topics": [topic]}],
+            "sources": [
+                {
+                    "type": "kafka",
+                    "brokers": [kafka_broker.bootstrap],
+                    "topics": [topic],
+                    "group_id": unique("g"),
+                }
+            ],
+        }
+    )
+    metrics = Metrics()
+    daemon = Daemon(
+        config, metrics=metrics, supervisor=Supervisor(metrics.task_restarts, **FAST, failing_after=3)
+    )
+    await daemon.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+
+            async def not_ready() -> bool:
+                async with http.get(f"{daemon.admin.url}/readyz") as response:
+                    return response.status == 503 and "kafka.intake" in await response.text()
+
+            await wait_for(not_ready, 10, 0.05, "/readyz 503 naming the intake")
+            async with http.get(f"{daemon.admin.url}/readyz") as response:
+                assert "RuntimeError: client bug" in await response.text()
+        assert restarts(metrics, "kafka.intake") >= 3
+    finally:
+        await daemon.shutdown()
