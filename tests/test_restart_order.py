@@ -9,9 +9,10 @@ its ``ack_wait`` runs out, so the restarted source holds new messages until then
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import pytest
 
@@ -22,17 +23,17 @@ from nats_fixtures import NatsServer, connected, daemon_config, nats_server, uni
 
 __all__ = ["kafka_broker", "nats_server"]  # fixtures, used by name
 
+P = TypeVar("P", bound=Hashable)
+
 KEYS = 20
 MESSAGES = 2000
 FAILURE_RATIO = 0.3
 
 
-def first_successes(
-    calls: Sequence[RecordedCall], position: Callable[[RecordedCall], Hashable]
-) -> list[Hashable]:
+def first_successes(calls: Sequence[RecordedCall], position: Callable[[RecordedCall], P]) -> list[P]:
     """Each message's position, in the order of its first 2xx answer."""
-    seen: set[Hashable] = set()
-    order = []
+    seen: set[P] = set()
+    order: list[P] = []
     for call in calls:
         where = position(call)
         if call.status is not None and 200 <= call.status < 300 and where not in seen:
@@ -56,6 +57,32 @@ def late_messages(order: Sequence[tuple[Hashable, int]]) -> int:
 def test_late_messages_counts_each_message_that_came_after_a_later_one() -> None:
     assert late_messages([("a", 1), ("b", 1), ("a", 2), ("b", 2)]) == 0
     assert late_messages([("a", 2), ("a", 1), ("b", 1), ("a", 3), ("a", 0)]) == 2
+
+
+@dataclass
+class Crash:
+    delivered_at_kill: int
+    seconds_to_deliver_the_rest: float
+
+
+async def kill_mid_stream_and_restart(
+    daemon_factory: DaemonFactory,
+    config: Mapping[str, Any],
+    delivered: Callable[[], int],
+    after_kill: Callable[[], Awaitable[None]] | None = None,
+) -> Crash:
+    """Runs a daemon until a quarter of the messages are delivered, kills it (SIGKILL), starts
+    another and waits until every message is delivered."""
+    first = await daemon_factory(config)
+    await wait_for(lambda: delivered() >= MESSAGES // 4, 20, 0.01, "a quarter of the messages delivered")
+    first.kill()
+    at_kill = delivered()
+    if after_kill is not None:
+        await after_kill()
+    started = time.monotonic()
+    await daemon_factory(config)
+    await wait_for(lambda: delivered() == MESSAGES, 30, 0.05, "every message delivered after the restart")
+    return Crash(at_kill, time.monotonic() - started)
 
 
 @pytest.mark.parametrize(
@@ -103,25 +130,15 @@ async def test_jetstream_key_order_survives_kill_9(
         def seq(call: RecordedCall) -> int:
             return int(call.headers["X-Nats-Sequence"])
 
-        first = await daemon_factory(config)
-        await wait_for(
-            lambda: len(first_successes(function_double.calls, seq)) >= MESSAGES // 4,
-            20,
-            0.01,
-            "a quarter of the messages delivered",
+        pending = 0
+
+        async def count_unacked() -> None:
+            nonlocal pending
+            pending = (await js.consumer_info(stream, "fastconn")).num_ack_pending
+
+        crash = await kill_mid_stream_and_restart(
+            daemon_factory, config, lambda: len(first_successes(function_double.calls, seq)), count_unacked
         )
-        first.kill()
-        at_kill = len(first_successes(function_double.calls, seq))
-        pending = (await js.consumer_info(stream, "fastconn")).num_ack_pending
-        started = time.monotonic()
-        await daemon_factory(config)
-        await wait_for(
-            lambda: len(first_successes(function_double.calls, seq)) == MESSAGES,
-            30,
-            0.05,
-            "every message delivered after the restart",
-        )
-        elapsed = time.monotonic() - started
 
         async def all_acked() -> bool:
             info = await js.consumer_info(stream, "fastconn")
@@ -130,13 +147,12 @@ async def test_jetstream_key_order_survives_kill_9(
         await wait_for(all_acked, 10, 0.05, "every message acknowledged")
     successes = first_successes(function_double.calls, seq)
     # Stream sequence i + 1 holds message i, published on key i % KEYS.
-    order = [((int(s) - 1) % KEYS, int(s)) for s in successes]  # type: ignore[call-overload]
-    late = late_messages(order)
+    late = late_messages([((s - 1) % KEYS, s) for s in successes])
     print(
-        f"\njetstream kill -9 after {at_kill}/{MESSAGES} delivered ({pending} unacked): "
-        f"the rest delivered {elapsed:.1f}s after the restart; {late} late"
+        f"\njetstream kill -9 after {crash.delivered_at_kill}/{MESSAGES} delivered ({pending} unacked): "
+        f"the rest delivered {crash.seconds_to_deliver_the_rest:.1f}s after the restart; {late} late"
     )
-    assert sorted(successes) == list(range(1, MESSAGES + 1)), "none lost"  # type: ignore[type-var]
+    assert sorted(successes) == list(range(1, MESSAGES + 1)), "none lost"
     assert late == 0, f"{late} message(s) first succeeded after a later message of their key"
 
 
@@ -180,32 +196,15 @@ async def test_kafka_key_order_survives_kill_9(kafka_broker: Broker, daemon_fact
         def where(call: RecordedCall) -> tuple[int, int]:
             return int(call.headers["X-Kafka-Partition"]), int(call.headers["X-Kafka-Offset"])
 
-        first = await daemon_factory(config)
-        await wait_for(
-            lambda: len(first_successes(function.calls, where)) >= MESSAGES // 4,
-            20,
-            0.01,
-            "a quarter of the messages delivered",
+        crash = await kill_mid_stream_and_restart(
+            daemon_factory, config, lambda: len(first_successes(function.calls, where))
         )
-        first.kill()
-        await asyncio.sleep(0)
-        at_kill = len(first_successes(function.calls, where))
-        started = time.monotonic()
-        await daemon_factory(config)
-        await wait_for(
-            lambda: len(first_successes(function.calls, where)) == MESSAGES,
-            30,
-            0.05,
-            "every message delivered after the restart",
-        )
-        elapsed = time.monotonic() - started
         successes = first_successes(function.calls, where)
     # Within a key (which lives in one partition) the log order is the offset order.
-    order = [(key_of[w], w[1]) for w in successes]  # type: ignore[index]
-    late = late_messages(order)
+    late = late_messages([(key_of[w], w[1]) for w in successes])
     print(
-        f"\nkafka kill -9 after {at_kill}/{MESSAGES} delivered: the rest delivered "
-        f"{elapsed:.1f}s after the restart; {late} late"
+        f"\nkafka kill -9 after {crash.delivered_at_kill}/{MESSAGES} delivered: the rest delivered "
+        f"{crash.seconds_to_deliver_the_rest:.1f}s after the restart; {late} late"
     )
     assert set(successes) == set(key_of), "none lost"
     assert late == 0, f"{late} message(s) first succeeded after a later message of their key"

@@ -9,18 +9,22 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from aiokafka import AIOKafkaConsumer
 
 from fastconn.config import validate_config
 from fastconn.daemon import Daemon
+from fastconn.dispatcher import Dispatcher, DispatchOptions
 from fastconn.functions import FunctionTarget
 from fastconn.metrics import Metrics
+from fastconn.source import SourceContext
+from fastconn.sources import jetstream
 from fastconn.supervise import Supervisor
-from fastconn.testing import free_port, wait_for
+from fastconn.testing import FunctionDouble, free_port, wait_for
 from kafka_fixtures import Broker, KafkaFunction, kafka_broker, running_source
-from nats_fixtures import unique
+from nats_fixtures import NatsServer, connected, nats_server, unique
 
-__all__ = ["kafka_broker"]  # the fixture is used by name
+__all__ = ["kafka_broker", "nats_server"]  # fixtures, used by name
 
 FAST = {"backoff_initial": 0.01, "backoff_max": 0.05}
 
@@ -156,3 +160,91 @@ async def test_a_permanently_failing_intake_turns_the_daemon_not_ready(
         assert restarts(metrics, "kafka.intake") >= 3
     finally:
         await daemon.shutdown()
+
+
+def submit_failing_once(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Makes the first ``SourceContext.submit`` raise (a bug in the hand-off to the core)."""
+    submit = SourceContext.submit
+    raised: list[bool] = []
+
+    async def failing_once(self: SourceContext, *args: Any, **kwargs: Any) -> None:
+        if not raised:
+            raised.append(True)
+            raise RuntimeError("hand-off bug")
+        await submit(self, *args, **kwargs)
+
+    monkeypatch.setattr(SourceContext, "submit", failing_once)
+    return raised
+
+
+async def test_kafka_messages_of_a_failed_hand_off_are_still_delivered_and_committed(
+    kafka_broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    topic = await kafka_broker.create_topic(unique("handoff"), 1)
+    group = unique("g")
+    config = {
+        "type": "kafka",
+        "brokers": [kafka_broker.bootstrap],
+        "topics": [topic],
+        "group_id": group,
+        "commit_interval": 0.2,
+    }
+    raised = submit_failing_once(monkeypatch)
+    async with (
+        KafkaFunction() as fn,
+        running_source(config, [FunctionTarget("fn", (topic,), fn.url("/fn"))]) as h,
+    ):
+        await kafka_broker.produce(topic, [{"value": f"m{i}".encode()} for i in range(20)])
+
+        async def all_committed() -> bool:
+            return await kafka_broker.committed(group, topic, 1) == {0: 20}
+
+        await wait_for(all_committed, 20, 0.2, "every offset committed")
+        assert raised
+        assert restarts(h.metrics, "kafka.intake") == 1
+    assert sorted(fn.bodies()) == sorted(f"m{i}".encode() for i in range(20))
+
+
+async def test_jetstream_batch_of_a_failed_hand_off_is_handed_back_at_once(
+    nats_server: NatsServer, function_double: FunctionDouble, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stream, subject = unique("HANDOFF"), unique("handoff")
+    raised = submit_failing_once(monkeypatch)
+    config = jetstream.JetStreamConfig(
+        servers=(nats_server.url,), stream=stream, subjects=(subject,), create_stream=True, ack_wait=30.0
+    )
+    async with Dispatcher(DispatchOptions(max_attempts=1)) as dispatcher, connected(nats_server.url) as nc:
+
+        async def ready(_timeout: float) -> bool:
+            return True
+
+        metrics = Metrics()
+        ctx = SourceContext(
+            dispatcher=dispatcher,
+            metrics=metrics,
+            app=web.Application(),
+            wait_ready=ready,
+            supervisor=Supervisor(metrics.task_restarts, **FAST),
+        )
+        dispatcher.set_functions([FunctionTarget("fn", (subject,), function_double.url("/fn"))])
+        ctx.publish_topics((subject,))
+        source = jetstream.create(config)
+        source.register(ctx)
+        await source.start()
+        try:
+            for i in range(20):
+                await nc.publish(subject, str(i).encode())
+            js = nc.jetstream()
+
+            async def all_acked() -> bool:
+                info = await js.consumer_info(stream, "fastconn")
+                return bool(info.ack_floor.stream_seq == 20 and info.num_ack_pending == 0)
+
+            # Well within ack_wait (30 s): the failed batch was nak'ed, not left to expire.
+            await wait_for(all_acked, 10, 0.05, "every message acknowledged")
+            assert raised
+            assert restarts(metrics, "jetstream.submit") == 1
+        finally:
+            await source.stop()
+            await dispatcher.close(5.0)
+            await source.close()

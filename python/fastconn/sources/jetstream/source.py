@@ -490,6 +490,13 @@ class JetStreamSource:
                 for delivery in batch:
                     self._nak(delivery, 0)
                 await self._acks.flush()
+            except Exception:
+                # A bug: hand the batch back at once rather than keep it (in-progress acks)
+                # with nobody to run it; the supervisor logs and restarts this loop.
+                for delivery in batch:
+                    self._nak(delivery, 0)
+                await self._acks.flush()
+                raise
 
     def _from_backlog(self) -> list[_Delivery]:
         """What of the backlog fits the dispatcher now. Our messages in the dispatcher (or

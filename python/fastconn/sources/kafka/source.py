@@ -302,6 +302,13 @@ class KafkaSource:
                     await self._submit(messages)
                 except DispatcherClosed:
                     return
+                except Exception:
+                    # A bug: the offsets are tracked, so they must still be delivered (or the
+                    # commit would stop at them): the redelivery loop takes them, in order,
+                    # while the supervisor logs and restarts this loop.
+                    self._due.extend(m.handle for m in messages)
+                    self._due_event.set()
+                    raise
 
     def _fetch_budget(self) -> int:
         """How many records the next fetch may take: within one dispatcher chunk, and leaving
