@@ -19,6 +19,7 @@ from fastconn.functions import FunctionTarget
 from fastconn.metrics import Metrics
 from fastconn.source import SourceContext
 from fastconn.sources import jetstream
+from fastconn.sources.kafka.publish import Publisher
 from fastconn.supervise import Supervisor
 from fastconn.testing import FunctionDouble, free_port, wait_for
 from kafka_fixtures import Broker, KafkaFunction, kafka_broker, running_source
@@ -248,3 +249,43 @@ async def test_jetstream_batch_of_a_failed_hand_off_is_handed_back_at_once(
             await source.stop()
             await dispatcher.close(5.0)
             await source.close()
+
+
+async def test_kafka_dead_letter_publish_that_fails_unexpectedly_runs_again(
+    kafka_broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    topic = await kafka_broker.create_topic(unique("publish"), 1)
+    dlt, group = unique("publish-dlt"), unique("g")
+    dead_letter = Publisher.dead_letter
+    raised: list[bool] = []
+
+    async def failing_once(self: Publisher, *args: Any, **kwargs: Any) -> bool:
+        if not raised:
+            raised.append(True)
+            raise RuntimeError("publish bug")
+        return await dead_letter(self, *args, **kwargs)
+
+    monkeypatch.setattr(Publisher, "dead_letter", failing_once)
+    config = {
+        "type": "kafka",
+        "brokers": [kafka_broker.bootstrap],
+        "topics": [topic],
+        "group_id": group,
+        "commit_interval": 0.2,
+        "dead_letter_topic": dlt,
+    }
+    async with (
+        KafkaFunction(statuses={b"bad": [400]}) as fn,
+        running_source(config, [FunctionTarget("fn", (topic,), fn.url("/fn"))]) as h,
+    ):
+        await kafka_broker.produce(topic, [{"value": b"ok"}, {"value": b"bad"}, {"value": b"ok"}])
+
+        async def all_committed() -> bool:
+            return await kafka_broker.committed(group, topic, 1) == {0: 3}
+
+        await wait_for(all_committed, 20, 0.2, "the commit past the dead letter")
+        assert raised
+        assert restarts(h.metrics, "kafka.publish") == 1
+        assert h.sample("fastconn_kafka_dead_lettered_total", source="kafka") == 1
+    (dead,) = await kafka_broker.read(dlt, 1)
+    assert dead.value == b"bad"

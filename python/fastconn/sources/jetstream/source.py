@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from fastconn.deadletter import DLT_PREFIX, DLT_RESPONSE, RESPONSE_EXCERPT, failure_context, response_excerpt
-from fastconn.errors import DispatcherClosed, SourceError
+from fastconn.errors import DispatcherClosed
 from fastconn.message import Message, Outcome
 from fastconn.responses import response_messages
 from fastconn.source import SourceContext
@@ -30,9 +30,9 @@ from fastconn.sources._nats_common import (
     nak,
     parse_ack_subject,
     sanitize_header_value,
-    subject_covers,
 )
 from fastconn.sources.jetstream.config import JetStreamConfig
+from fastconn.sources.jetstream.consumer import ensure_consumer, ensure_stream
 from fastconn.sources.jetstream.pull import PullWindow, pull_room
 from fastconn.sources.jetstream.restart import RestartGate
 from fastconn.sources.jetstream.settle import (
@@ -139,7 +139,6 @@ class JetStreamSource:
         self._js = self._nc.jetstream()
         self._acks = AckWriter(self._nc)
         try:
-            await self._ensure_stream()
             await self._ensure_consumer()
         except BaseException:
             with contextlib.suppress(Exception):
@@ -203,98 +202,10 @@ class JetStreamSource:
 
     # -- stream and consumer ---------------------------------------------------------------
 
-    async def _ensure_stream(self) -> None:
-        import nats.errors
-        import nats.js.errors
-
-        c = self.config
-        try:
-            info = await self._js.stream_info(c.stream)
-        except nats.js.errors.NotFoundError:
-            info = None
-        except nats.errors.NoRespondersError:
-            raise SourceError(f"source {self.name!r}: JetStream is not enabled on the NATS server") from None
-        if info is not None:
-            dead = c.dead_letter_subject
-            if (
-                dead is not None
-                and not c.subjects
-                and any(subject_covers(s, dead) for s in info.config.subjects or ())
-            ):
-                raise SourceError(
-                    f"source {self.name!r}: dead_letter_subject {dead!r} is stored in stream "
-                    f"{c.stream!r}, which this source consumes whole: set subjects to filter "
-                    "it out, or use a subject of another stream"
-                )
-            return
-        if not c.create_stream:
-            raise SourceError(
-                f"source {self.name!r}: stream {c.stream!r} does not exist "
-                "(create it, or set create_stream = true with subjects)"
-            )
-        if not c.subjects:
-            raise SourceError(f"source {self.name!r}: create_stream needs subjects for stream {c.stream!r}")
-        await self._js.add_stream(name=c.stream, subjects=list(c.subjects))
-        log.info("source %s: created stream %s for %s", self.name, c.stream, ", ".join(c.subjects))
-
-    def _consumer_config(self) -> Any:
-        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-
-        c = self.config
-        return ConsumerConfig(
-            name=c.durable,
-            durable_name=c.durable,
-            deliver_policy=DeliverPolicy(c.deliver_policy),
-            ack_policy=AckPolicy.EXPLICIT,
-            ack_wait=c.ack_wait,
-            # Unlimited on the server: fastconn counts deliveries against max_deliver itself and
-            # dead-letters or keeps the message; a server limit would drop it silently.
-            max_deliver=-1,
-            max_ack_pending=c.max_ack_pending,
-            filter_subject=c.subjects[0] if len(c.subjects) == 1 else None,
-            filter_subjects=list(c.subjects) if len(c.subjects) > 1 else None,
-        )
-
     async def _ensure_consumer(self) -> None:
-        import nats.js.errors
-
         c = self.config
-        wanted = self._consumer_config()
-        try:
-            info = await self._js.consumer_info(c.stream, c.durable)
-        except nats.js.errors.NotFoundError:
-            info = None
-        if info is not None and info.config.deliver_subject:
-            raise SourceError(
-                f"source {self.name!r}: consumer {c.durable!r} of stream {c.stream!r} is a push "
-                "consumer; fastconn needs a pull consumer (use another durable name)"
-            )
-        if info is None:
-            info = await self._js.add_consumer(c.stream, wanted)
-            log.info(
-                "source %s: created durable pull consumer %s on stream %s", self.name, c.durable, c.stream
-            )
-        else:
-            have = info.config
-            filters = tuple(have.filter_subjects or ([have.filter_subject] if have.filter_subject else []))
-            if (have.ack_wait, have.max_deliver, have.max_ack_pending, filters) != (
-                c.ack_wait,
-                -1,
-                c.max_ack_pending,
-                tuple(c.subjects),
-            ):
-                try:
-                    info = await self._js.add_consumer(c.stream, wanted)
-                    log.info(
-                        "source %s: updated consumer %s to the configured settings", self.name, c.durable
-                    )
-                except nats.js.errors.APIError as exc:
-                    log.warning(
-                        "source %s: consumer %s keeps its existing settings (update refused: %s)",
-                        self.name,
-                        c.durable,
-                        exc,
-                    )
+        await ensure_stream(self._js, c)
+        info = await ensure_consumer(self._js, c)
         self._ack_wait = float(info.config.ack_wait or c.ack_wait)
         self._server_max_deliver = int(info.config.max_deliver or -1)
         if self._server_max_deliver > 0:

@@ -46,12 +46,14 @@ when the key is not printable ASCII text), each record header as ``X-Kafka-<name
 
 Modules: :mod:`.config` (the ``[[sources]]`` model and client options), :mod:`.function_headers`
 (``X-Kafka-*``), :mod:`.state` (per-partition and per-record state), :mod:`.settle` (what each
-outcome leads to), :mod:`.metrics`, :mod:`.source` (the source).
+outcome leads to), :mod:`.publish` (dead letters and responses), :mod:`.metrics`, :mod:`.source`
+(the source).
 """
 
 from fastconn.sources.kafka.config import KafkaConfig, client_options, consumer_options, producer_options
 from fastconn.sources.kafka.function_headers import function_headers
-from fastconn.sources.kafka.source import DLT_OFFSET, DLT_PARTITION, DLT_TOPIC, KafkaSource
+from fastconn.sources.kafka.publish import DLT_OFFSET, DLT_PARTITION, DLT_TOPIC
+from fastconn.sources.kafka.source import KafkaSource
 
 __all__ = [
     "CONFIG_MODEL",

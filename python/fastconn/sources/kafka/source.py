@@ -10,52 +10,38 @@ import dataclasses
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.errors import (
     ConsumerStoppedError,
     IllegalStateError,
     KafkaError,
-    MessageSizeTooLargeError,
 )
 
 from fastconn.backoff import doubling
-from fastconn.deadletter import (
-    DLT_HEADERS_DROPPED,
-    DLT_PREFIX,
-    DLT_RESPONSE,
-    failure_context,
-    response_excerpt,
-)
 from fastconn.errors import DispatcherClosed, SourceError
 from fastconn.message import Message, Outcome, Verdict
-from fastconn.responses import response_messages
 from fastconn.source import SourceContext, wait_or_stop
 from fastconn.sources.kafka.config import KafkaConfig, consumer_options, is_topic_name, producer_options
 from fastconn.sources.kafka.function_headers import add_key_headers, headers_of_record
 from fastconn.sources.kafka.metrics import kafka_collector
+from fastconn.sources.kafka.publish import Publisher
 from fastconn.sources.kafka.settle import (
     DeadLetter,
     Done,
     RetryLater,
     decide,
     key_still_held,
-    smaller_dead_letter,
 )
 from fastconn.sources.kafka.state import Partition, Record, fetch_budget
 
-__all__ = ["DLT_OFFSET", "DLT_PARTITION", "DLT_TOPIC", "KafkaSource"]
+__all__ = ["KafkaSource"]
 
 log = logging.getLogger("fastconn.source.kafka")
 
 _CONNECT_RETRY_INITIAL: Final = 0.5
 _CONNECT_RETRY_MAX: Final = 5.0
-
-# The source's own coordinates on dead letters (the rest of the context is fastconn.deadletter's).
-DLT_TOPIC: Final = "fastconn-dlt-original-topic"
-DLT_PARTITION: Final = "fastconn-dlt-original-partition"
-DLT_OFFSET: Final = "fastconn-dlt-original-offset"
 
 
 class KafkaSource:
@@ -67,6 +53,7 @@ class KafkaSource:
         self._failed: Any = None
         self._consumer: Any = None
         self._producer: Any = None
+        self._publisher: Publisher | None = None
         self._partitions: dict[Any, Partition] = {}
         self._stop = asyncio.Event()
         self._progress = asyncio.Event()
@@ -128,6 +115,14 @@ class KafkaSource:
         if self.config.dead_letter_topic or self.config.response_topic:
             popts = producer_options(self.config)
             self._producer = await self._connect(lambda: AIOKafkaProducer(**popts), "producer")
+            self._publisher = Publisher(
+                self._producer,
+                self.config,
+                self.counters,
+                on_error=self._error,
+                on_stuck=self._stick,
+                gone=lambda rec: rec.partition.revoked or self._closing,
+            )
         if self._dynamic_topics():
             self._topics = ctx.subscribed_topics
         self._tasks = [
@@ -462,11 +457,15 @@ class KafkaSource:
             rec.stuck = False
             self.stuck_messages -= 1
 
-    def _retry_later(self, rec: Record, outcome: Outcome, decision: RetryLater) -> None:
-        rec.held = decision.key_held
+    def _stick(self, rec: Record) -> None:
+        """Counts the message in ``fastconn_kafka_stuck_messages`` until it is done or gone."""
         if not rec.stuck:
             rec.stuck = True
             self.stuck_messages += 1
+
+    def _retry_later(self, rec: Record, outcome: Outcome, decision: RetryLater) -> None:
+        rec.held = decision.key_held
+        self._stick(rec)
         delay = decision.delay
         failure = outcome.first_failure()
         level = logging.WARNING if rec.deliveries == 1 or rec.deliveries % 10 == 0 else logging.DEBUG
@@ -541,170 +540,38 @@ class KafkaSource:
 
     def _publish(self, rec: Record, outcome: Outcome, *, dead_letter: bool) -> None:
         rec.partition.publishing += 1
-        task = asyncio.create_task(self._publish_then_done(rec, outcome, dead_letter))
+        # Supervised: should publishing fail unexpectedly, it runs again (the message must be
+        # done for its partition's commit to move on).
+        task = self._require_ctx().supervise(
+            f"{self.name}.publish", lambda: self._publish_then_done(rec, outcome, dead_letter)
+        )
         self._publishes.add(task)
-        task.add_done_callback(self._publishes.discard)
+        task.add_done_callback(lambda t: self._published(t, rec))
+
+    def _published(self, task: asyncio.Task[None], rec: Record) -> None:
+        self._publishes.discard(task)
+        rec.partition.publishing -= 1
+        self._progress.set()
 
     async def _publish_then_done(self, rec: Record, outcome: Outcome, dead_letter: bool) -> None:
-        part = rec.partition
-        try:
-            if dead_letter:
-                if not await self._send_dead_letter(rec, outcome):
-                    self._unstick(rec)
-                    return
-                self.counters["dead_lettered"] += 1
-                failure = outcome.first_failure()
-                log.warning(
-                    "kafka %s dead-lettered to %s (%s)",
-                    outcome.message_id,
-                    self.config.dead_letter_topic,
-                    failure and f"{failure.function} -> {failure.status_label}",
-                )
-            if self.config.response_topic:
-                where = [
-                    ("X-Kafka-Topic", part.tp.topic.encode()),
-                    ("X-Kafka-Partition", str(part.tp.partition).encode()),
-                    ("X-Kafka-Offset", str(rec.offset).encode()),
-                ]
-                for body, fields in response_messages(outcome):
-                    headers = [(k, v.encode()) for k, v in fields.items()] + where
-                    if not await self._send(
-                        rec, self.config.response_topic, body, headers, what="response", too_large="skip"
-                    ):
-                        return
-            self._done(rec)
-            (self._failed if dead_letter else self._acked).inc()
-        finally:
-            part.publishing -= 1
-            self._progress.set()
-
-    async def _send_dead_letter(self, rec: Record, outcome: Outcome) -> bool:
-        """Publishes the dead letter of ``rec``; when the broker refuses it as too large, a
-        smaller form (:func:`.settle.smaller_dead_letter`: payload cut, then headers left out), so
-        the message can be done and its partition's commit move on. When nothing smaller is
-        left, retries that (the limit may be raised) with the message counted as stuck."""
-        topic = self.config.dead_letter_topic
-        assert topic is not None
-        value, headers = outcome.message.payload, self._dlt_headers(rec, outcome)
-        form = (value, headers)
-        refusals = 0
-        while True:
-            sent = await self._send(rec, topic, *form, what="dead letter", too_large="report")
-            if sent is not None:
-                return sent
-            refusals += 1
-            smaller = smaller_dead_letter(value, headers, refusals)
-            if smaller is None:
-                break
-            size = len(form[0]) + sum(len(k) + len(v) for k, v in form[1])
-            form = smaller
-            if refusals == 1:
-                self.counters["dead_letters_shrunk"] += 1
-            cut = f"payload cut to {len(form[0])} of {len(value)} bytes" if len(form[0]) < len(value) else ""
-            bare = (
-                "the message's own headers left out"
-                if any(k == DLT_HEADERS_DROPPED for k, _ in form[1])
-                else ""
-            )
+        publisher = self._publisher
+        assert publisher is not None
+        if dead_letter:
+            if not await publisher.dead_letter(rec, outcome):
+                self._unstick(rec)
+                return
+            self.counters["dead_lettered"] += 1
+            failure = outcome.first_failure()
             log.warning(
-                "kafka: the dead letter of %s (%d bytes with headers) is too large for %s; "
-                "sending it smaller: %s",
-                rec.message.message_id,
-                size,
-                topic,
-                ", ".join(filter(None, (cut, bare))),
+                "kafka %s dead-lettered to %s (%s)",
+                outcome.message_id,
+                self.config.dead_letter_topic,
+                failure and f"{failure.function} -> {failure.status_label}",
             )
-        if not rec.stuck:
-            rec.stuck = True
-            self.stuck_messages += 1
-        log.error(
-            "kafka: the dead letter of %s is too large for %s even cut to %d payload bytes and "
-            "fastconn's context headers: the message stays undone (fastconn_kafka_stuck_messages), "
-            "holding its partition's commit; retrying in case the topic's limit is raised",
-            rec.message.message_id,
-            topic,
-            len(form[0]),
-        )
-        return bool(await self._send(rec, topic, *form, what="dead letter", too_large="retry"))
-
-    async def _send(
-        self,
-        rec: Record,
-        topic: str,
-        value: bytes,
-        headers: list[tuple[str, bytes]],
-        *,
-        what: str,
-        too_large: Literal["skip", "report", "retry"],
-    ) -> bool | None:
-        """Publishes until it succeeds (True), or the partition is revoked / the source closes
-        (False: the message stays undone and is read again). A record the broker (or the
-        producer's ``max_request_size``) refuses as too large is left out with an error log
-        (``skip``, returns True), reported to the caller (``report``, returns None), or retried
-        like any failure (``retry``)."""
-        attempt = 0
-        while True:
-            attempt += 1
-            delay = doubling(attempt, self.config.retry_backoff_initial, self.config.retry_backoff_max)
-            try:
-                await self._producer.send_and_wait(topic, value, key=rec.key, headers=headers)
-                if what == "response":
-                    self.counters["responses"] += 1
-                return True
-            except MessageSizeTooLargeError as exc:
-                self._error("publish")
-                if too_large == "report":
-                    return None
-                if too_large == "skip":
-                    log.error(
-                        "kafka: %s for %s too large for %s, not published: %s",
-                        what,
-                        rec.message.message_id,
-                        topic,
-                        exc,
-                    )
-                    return True
-                log.log(
-                    logging.ERROR if attempt == 1 else logging.DEBUG,
-                    "kafka: %s for %s too large for %s (%s); retrying in %.1fs",
-                    what,
-                    rec.message.message_id,
-                    topic,
-                    exc,
-                    delay,
-                )
-            except KafkaError as exc:
-                self._error("publish")
-                log.warning(
-                    "kafka: publishing the %s of %s to %s failed (%s); retrying in %.1fs",
-                    what,
-                    rec.message.message_id,
-                    topic,
-                    exc,
-                    delay,
-                )
-            if rec.partition.revoked or self._closing:
-                return False
-            await asyncio.sleep(delay)
-            if rec.partition.revoked or self._closing:
-                return False
-
-    def _dlt_headers(self, rec: Record, outcome: Outcome) -> list[tuple[str, bytes]]:
-        """The record's headers plus the failure context (:mod:`fastconn.deadletter`)."""
-        part = rec.partition
-        origin = [
-            (DLT_TOPIC, part.tp.topic),
-            (DLT_PARTITION, str(part.tp.partition)),
-            (DLT_OFFSET, str(rec.offset)),
-        ]
-        reason = "non-retryable failure"
-        context = failure_context(outcome, origin, deliveries=rec.deliveries, reason=reason)
-        headers = [(k, v) for k, v in rec.headers if not k.startswith(DLT_PREFIX)]
-        headers += [(k, v.encode()) for k, v in context]
-        excerpt = response_excerpt(outcome)
-        if excerpt is not None:
-            headers.append((DLT_RESPONSE, excerpt))
-        return headers
+        if self.config.response_topic and not await publisher.responses(rec, outcome):
+            return
+        self._done(rec)
+        (self._failed if dead_letter else self._acked).inc()
 
     # -- commits ---------------------------------------------------------------------------
 
