@@ -4,7 +4,9 @@ keeps dying turns the daemon not ready, naming it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -19,6 +21,7 @@ from fastconn.functions import FunctionTarget
 from fastconn.metrics import Metrics
 from fastconn.source import SourceContext
 from fastconn.sources import jetstream
+from fastconn.sources._nats_common import TERM, AckWriter
 from fastconn.sources.kafka.publish import Publisher
 from fastconn.supervise import Supervisor
 from fastconn.testing import FunctionDouble, free_port, wait_for
@@ -206,15 +209,13 @@ async def test_kafka_messages_of_a_failed_hand_off_are_still_delivered_and_commi
     assert sorted(fn.bodies()) == sorted(f"m{i}".encode() for i in range(20))
 
 
-async def test_jetstream_batch_of_a_failed_hand_off_is_handed_back_at_once(
-    nats_server: NatsServer, function_double: FunctionDouble, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    stream, subject = unique("HANDOFF"), unique("handoff")
-    raised = submit_failing_once(monkeypatch)
-    config = jetstream.JetStreamConfig(
-        servers=(nats_server.url,), stream=stream, subjects=(subject,), create_stream=True, ack_wait=30.0
-    )
-    async with Dispatcher(DispatchOptions(max_attempts=1)) as dispatcher, connected(nats_server.url) as nc:
+@contextlib.asynccontextmanager
+async def running_jetstream(
+    config: jetstream.JetStreamConfig, function: FunctionDouble
+) -> AsyncIterator[Metrics]:
+    """A JetStream source in process, wired as the daemon does it (every subject of the
+    config routed to ``function``'s ``/fn``), with fast supervisor restarts."""
+    async with Dispatcher(DispatchOptions(max_attempts=1)) as dispatcher:
 
         async def ready(_timeout: float) -> bool:
             return True
@@ -227,28 +228,78 @@ async def test_jetstream_batch_of_a_failed_hand_off_is_handed_back_at_once(
             wait_ready=ready,
             supervisor=Supervisor(metrics.task_restarts, **FAST),
         )
-        dispatcher.set_functions([FunctionTarget("fn", (subject,), function_double.url("/fn"))])
-        ctx.publish_topics((subject,))
+        dispatcher.set_functions([FunctionTarget("fn", config.subjects, function.url("/fn"))])
+        ctx.publish_topics(config.subjects)
         source = jetstream.create(config)
         source.register(ctx)
         await source.start()
         try:
-            for i in range(20):
-                await nc.publish(subject, str(i).encode())
-            js = nc.jetstream()
-
-            async def all_acked() -> bool:
-                info = await js.consumer_info(stream, "fastconn")
-                return bool(info.ack_floor.stream_seq == 20 and info.num_ack_pending == 0)
-
-            # Well within ack_wait (30 s): the failed batch was nak'ed, not left to expire.
-            await wait_for(all_acked, 10, 0.05, "every message acknowledged")
-            assert raised
-            assert restarts(metrics, "jetstream.submit") == 1
+            yield metrics
         finally:
             await source.stop()
             await dispatcher.close(5.0)
             await source.close()
+
+
+async def acked(nc: Any, stream: str, n: int) -> bool:
+    info = await nc.jetstream().consumer_info(stream, "fastconn")
+    return bool(info.ack_floor.stream_seq == n and info.num_ack_pending == 0)
+
+
+async def test_jetstream_batch_of_a_failed_hand_off_is_handed_back_at_once(
+    nats_server: NatsServer, function_double: FunctionDouble, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stream, subject = unique("HANDOFF"), unique("handoff")
+    raised = submit_failing_once(monkeypatch)
+    config = jetstream.JetStreamConfig(
+        servers=(nats_server.url,), stream=stream, subjects=(subject,), create_stream=True, ack_wait=30.0
+    )
+    async with running_jetstream(config, function_double) as metrics, connected(nats_server.url) as nc:
+        for i in range(20):
+            await nc.publish(subject, str(i).encode())
+        # Well within ack_wait (30 s): the failed batch was nak'ed, not left to expire.
+        await wait_for(lambda: acked(nc, stream, 20), 10, 0.05, "every message acknowledged")
+        assert raised
+        assert restarts(metrics, "jetstream.submit") == 1
+
+
+async def test_jetstream_dead_letter_task_that_dies_runs_again(
+    nats_server: NatsServer, function_double: FunctionDouble, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stream, dlq_stream = unique("DLBUG"), unique("DLBUGQ")
+    subject, dlq = unique("dlbug"), unique("dlbugq")
+    function_double.script("/fn", [400])
+    flush = AckWriter.flush
+    raised: list[bool] = []
+
+    async def failing_once_with_term(self: AckWriter) -> None:
+        # The write of the dead-lettered message's TERM fails: before supervision the
+        # dead-letter task died there and the message stayed in flight, kept alive for ever.
+        if not raised and any(payload == TERM for _, payload in self._queued):
+            raised.append(True)
+            self._queued.clear()
+            raise ConnectionResetError("socket gone")
+        await flush(self)
+
+    monkeypatch.setattr(AckWriter, "flush", failing_once_with_term)
+    config = jetstream.JetStreamConfig(
+        servers=(nats_server.url,),
+        stream=stream,
+        subjects=(subject,),
+        create_stream=True,
+        dead_letter_subject=dlq,
+    )
+    async with connected(nats_server.url) as nc:
+        js = nc.jetstream()
+        await js.add_stream(name=dlq_stream, subjects=[dlq])
+        async with running_jetstream(config, function_double) as metrics:
+            await nc.publish(subject, b"poison")
+            await wait_for(lambda: acked(nc, stream, 1), 10, 0.05, "the message termed")
+            assert raised
+            assert restarts(metrics, "jetstream.dead-letter") == 1
+        dead = await js.get_msg(dlq_stream, 1)
+        assert dead.data == b"poison"
+        assert (dead.headers or {})["fastconn-dlt-status"] == "400"
 
 
 async def test_kafka_dead_letter_publish_that_fails_unexpectedly_runs_again(

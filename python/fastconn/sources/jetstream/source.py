@@ -553,7 +553,12 @@ class JetStreamSource:
                 self._release_key(outcome)
             return 0
         if isinstance(decision, DeadLetter):
-            task = asyncio.create_task(self._dead_letter(outcome, decision.reason))
+            # Supervised: should it fail unexpectedly it runs again (Nats-Msg-Id makes a
+            # repeated publish a duplicate the stream drops) rather than strand the message.
+            reason = decision.reason
+            task = self._require_ctx().supervise(
+                f"{self.name}.dead-letter", lambda: self._dead_letter(outcome, reason)
+            )
             self._dead_letters.add(task)
             task.add_done_callback(self._dead_letters.discard)
             return 0
