@@ -37,6 +37,33 @@ def restarts(metrics: Metrics, task: str) -> float:
     return metrics.registry.get_sample_value("fastconn_task_restarts_total", {"task": task}) or 0.0
 
 
+def fail_once(monkeypatch: pytest.MonkeyPatch, owner: type, method: str, error: Exception) -> list[bool]:
+    """Makes the async ``owner.method`` raise ``error`` on its first call, then work again;
+    the returned list is non-empty once it raised."""
+    original = getattr(owner, method)
+    raised: list[bool] = []
+
+    async def patched(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if not raised:
+            raised.append(True)
+            raise error
+        return await original(self, *args, **kwargs)
+
+    monkeypatch.setattr(owner, method, patched)
+    return raised
+
+
+def kafka_config(broker: Broker, topic: str, group: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "type": "kafka",
+        "brokers": [broker.bootstrap],
+        "topics": [topic],
+        "group_id": group,
+        "commit_interval": 0.2,
+        **extra,
+    }
+
+
 async def test_a_task_that_dies_is_logged_once_counted_and_restarted(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -97,22 +124,9 @@ async def test_kafka_intake_killed_by_an_error_is_restarted_and_counted(
     kafka_broker: Broker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     topic = await kafka_broker.create_topic(unique("intake"), 1)
-    config = {
-        "type": "kafka",
-        "brokers": [kafka_broker.bootstrap],
-        "topics": [topic],
-        "group_id": unique("g"),
-    }
-    getmany = AIOKafkaConsumer.getmany
-    raised: list[bool] = []
-
-    async def getmany_failing_once(self: AIOKafkaConsumer, *args: Any, **kwargs: Any) -> Any:
-        if not raised:
-            raised.append(True)
-            raise RuntimeError("client bug")  # not a KafkaError: nothing in the loop expects it
-        return await getmany(self, *args, **kwargs)
-
-    monkeypatch.setattr(AIOKafkaConsumer, "getmany", getmany_failing_once)
+    config = kafka_config(kafka_broker, topic, unique("g"))
+    # Not a KafkaError: nothing in the intake loop expects it.
+    raised = fail_once(monkeypatch, AIOKafkaConsumer, "getmany", RuntimeError("client bug"))
     async with (
         KafkaFunction() as fn,
         running_source(config, [FunctionTarget("fn", (topic,), fn.url("/fn"))]) as h,
@@ -136,14 +150,7 @@ async def test_a_permanently_failing_intake_turns_the_daemon_not_ready(
         {
             "server": {"listen": f"127.0.0.1:{free_port()}"},
             "functions": [{"name": "fn", "url": "http://127.0.0.1:9/fn", "topics": [topic]}],
-            "sources": [
-                {
-                    "type": "kafka",
-                    "brokers": [kafka_broker.bootstrap],
-                    "topics": [topic],
-                    "group_id": unique("g"),
-                }
-            ],
+            "sources": [kafka_config(kafka_broker, topic, unique("g"))],
         }
     )
     metrics = Metrics()
@@ -166,34 +173,13 @@ async def test_a_permanently_failing_intake_turns_the_daemon_not_ready(
         await daemon.shutdown()
 
 
-def submit_failing_once(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
-    """Makes the first ``SourceContext.submit`` raise (a bug in the hand-off to the core)."""
-    submit = SourceContext.submit
-    raised: list[bool] = []
-
-    async def failing_once(self: SourceContext, *args: Any, **kwargs: Any) -> None:
-        if not raised:
-            raised.append(True)
-            raise RuntimeError("hand-off bug")
-        await submit(self, *args, **kwargs)
-
-    monkeypatch.setattr(SourceContext, "submit", failing_once)
-    return raised
-
-
 async def test_kafka_messages_of_a_failed_hand_off_are_still_delivered_and_committed(
     kafka_broker: Broker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     topic = await kafka_broker.create_topic(unique("handoff"), 1)
     group = unique("g")
-    config = {
-        "type": "kafka",
-        "brokers": [kafka_broker.bootstrap],
-        "topics": [topic],
-        "group_id": group,
-        "commit_interval": 0.2,
-    }
-    raised = submit_failing_once(monkeypatch)
+    config = kafka_config(kafka_broker, topic, group)
+    raised = fail_once(monkeypatch, SourceContext, "submit", RuntimeError("hand-off bug"))
     async with (
         KafkaFunction() as fn,
         running_source(config, [FunctionTarget("fn", (topic,), fn.url("/fn"))]) as h,
@@ -250,7 +236,7 @@ async def test_jetstream_batch_of_a_failed_hand_off_is_handed_back_at_once(
     nats_server: NatsServer, function_double: FunctionDouble, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     stream, subject = unique("HANDOFF"), unique("handoff")
-    raised = submit_failing_once(monkeypatch)
+    raised = fail_once(monkeypatch, SourceContext, "submit", RuntimeError("hand-off bug"))
     config = jetstream.JetStreamConfig(
         servers=(nats_server.url,), stream=stream, subjects=(subject,), create_stream=True, ack_wait=30.0
     )
@@ -307,24 +293,8 @@ async def test_kafka_dead_letter_publish_that_fails_unexpectedly_runs_again(
 ) -> None:
     topic = await kafka_broker.create_topic(unique("publish"), 1)
     dlt, group = unique("publish-dlt"), unique("g")
-    dead_letter = Publisher.dead_letter
-    raised: list[bool] = []
-
-    async def failing_once(self: Publisher, *args: Any, **kwargs: Any) -> bool:
-        if not raised:
-            raised.append(True)
-            raise RuntimeError("publish bug")
-        return await dead_letter(self, *args, **kwargs)
-
-    monkeypatch.setattr(Publisher, "dead_letter", failing_once)
-    config = {
-        "type": "kafka",
-        "brokers": [kafka_broker.bootstrap],
-        "topics": [topic],
-        "group_id": group,
-        "commit_interval": 0.2,
-        "dead_letter_topic": dlt,
-    }
+    raised = fail_once(monkeypatch, Publisher, "dead_letter", RuntimeError("publish bug"))
+    config = kafka_config(kafka_broker, topic, group, dead_letter_topic=dlt)
     async with (
         KafkaFunction(statuses={b"bad": [400]}) as fn,
         running_source(config, [FunctionTarget("fn", (topic,), fn.url("/fn"))]) as h,
