@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from nats.aio.client import Client
+from nats.js.api import AckPolicy, ConsumerConfig
 
 from fastconn.config import validate_config
 from fastconn.testing import DaemonProcess, FunctionDouble, RecordedCall, wait_for
@@ -174,7 +175,8 @@ async def test_max_deliver_exhaustion(
     nats_server: NatsServer, function_double: FunctionDouble, tmp_path: Path
 ) -> None:
     """Always 503: ``max_deliver`` deliveries, then the dead-letter subject; without one the
-    message stays unacknowledged and a metric says it is stuck."""
+    message is kept: a metric says it is stuck, it keeps coming back (the server never drops it,
+    even on a consumer created with a limit) and is acknowledged once the function recovers."""
     s1, s2, dlq, base = unique("MD"), unique("MDK"), unique("MDDLQ"), unique("md")
     function_double.script("/down", [503])
     function_double.script("/down2", [503])
@@ -198,6 +200,11 @@ async def test_max_deliver_exhaustion(
         await add_stream(nc, s1, [f"{base}.a"])
         await add_stream(nc, s2, [f"{base}.b"])
         await add_stream(nc, dlq, [f"{base}.dlq"])
+        # An existing durable with a server-side limit: fastconn lifts it (the server would drop
+        # the message after its 3rd delivery).
+        await js.add_consumer(
+            s2, ConsumerConfig(durable_name="fastconn", ack_policy=AckPolicy.EXPLICIT, max_deliver=3)
+        )
         async with DaemonProcess(config, tmp_path) as daemon:
             await js.publish(f"{base}.a", b"a")
             await js.publish(f"{base}.b", b"b")
@@ -213,15 +220,26 @@ async def test_max_deliver_exhaustion(
 
             async def stuck() -> bool:
                 metrics = await daemon.metrics()
-                return metric(metrics, "fastconn_source_errors_total", source="keep", kind="stuck") == 1
+                return metric(metrics, "fastconn_source_errors_total", source="keep", kind="stuck") >= 1
 
             await wait_for(stuck, 5, 0.05, "the stuck metric")
-            await asyncio.sleep(0.5)
-            assert len(function_double.calls_to("/down2")) == 6
-            info = await consumer(nc, s2)
-            assert info.ack_floor.stream_seq == 0, "never acknowledged: nothing silently dropped"
-            assert info.delivered.stream_seq == 1
             assert "stays in the stream" in daemon.output()
+            await wait_for(
+                lambda: len(function_double.calls_to("/down2")) >= 8,
+                10,
+                0.05,
+                "a delivery past max_deliver (the message is kept, every nak_delay_max)",
+            )
+            info = await consumer(nc, s2)
+            assert info.config.max_deliver == -1
+            assert info.ack_floor.stream_seq == 0, "never acknowledged: nothing silently dropped"
+            assert int(function_double.calls_to("/down2")[-1].headers["X-Delivery-Attempt"]) > 3
+            assert (
+                metric(await daemon.metrics(), "fastconn_source_errors_total", source="keep", kind="dropped")
+                == 0
+            )
+            function_double.script("/down2", [200])
+            await acked_up_to(nc, s2, 1)
 
 
 async def test_in_progress_acks_keep_a_slow_call(

@@ -30,6 +30,7 @@ from fastconn.message import Outcome
 from fastconn.metrics import Metrics
 from fastconn.registry import GatewayRegistry, TopicMapSync, static_targets
 from fastconn.source import Source, SourceContext
+from fastconn.supervise import Supervisor
 
 log = logging.getLogger("fastconn.daemon")
 
@@ -65,9 +66,12 @@ def create_source(entry: BaseModel) -> Source:
 
 
 class Daemon:
-    def __init__(self, config: Config, *, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, config: Config, *, metrics: Metrics | None = None, supervisor: Supervisor | None = None
+    ) -> None:
         self.config = config
         self.metrics = metrics or Metrics()
+        self.supervisor = supervisor or Supervisor(self.metrics.task_restarts)
         self.dispatcher = Dispatcher(dispatch_options(config))
         self.admin = AdminServer(config.server.listen, self.metrics, self._readiness)
         self.sources: list[Source] = [create_source(entry) for entry in config.sources]
@@ -134,6 +138,7 @@ class Daemon:
             default_topics=tuple(config.topics),
             print_request_body=config.dispatch.print_request_body,
             startup_wait=gateway.startup_wait if gateway else 0.0,
+            supervisor=self.supervisor,
         )
 
     def _static_targets(self) -> list[FunctionTarget]:
@@ -164,6 +169,10 @@ class Daemon:
             return False, "sources starting"
         if self.stopping.is_set():
             return False, "shutting down"
+        failing = self.supervisor.failing
+        if failing:
+            tasks = "; ".join(f"{name} ({error})" for name, error in sorted(failing.items()))
+            return False, f"background task(s) keep failing: {tasks}"
         return True, "ready"
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -177,7 +186,7 @@ class Daemon:
         for source in self.sources:
             source.register(self.ctx)
         await self.admin.start()
-        await self.sync.start()
+        await self.sync.start(self.supervisor)
         for source in self.sources:
             await source.start()
         self._sources_started = True

@@ -69,6 +69,12 @@ class Metrics:
         self.source_errors = Counter(
             "fastconn_source_errors", "Errors reported by sources", ["source", "kind"], registry=r
         )
+        self.task_restarts = Counter(
+            "fastconn_task_restarts",
+            "Background tasks restarted after dying with an exception",
+            ["task"],
+            registry=r,
+        )
         self._stats_reader: StatsReader | None = None
         r.register(_CoreCollector(lambda: self._stats_reader))
 

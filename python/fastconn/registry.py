@@ -29,9 +29,11 @@ import aiohttp
 from yarl import URL
 
 from fastconn import _core
+from fastconn.backoff import doubling
 from fastconn.durations import parse_duration
 from fastconn.errors import ConfigError, RegistryError
 from fastconn.functions import FunctionTarget
+from fastconn.supervise import Supervisor
 
 __all__ = [
     "ASYNC_ANNOTATION",
@@ -55,8 +57,6 @@ TIMEOUT_ANNOTATION: Final = "fastconn.timeout"
 """Per-request timeout as a Go duration (``"5s"``) or a number of seconds."""
 
 _INITIAL_BACKOFF: Final = 0.5
-# Caps the backoff exponent so a days-long outage cannot overflow the float arithmetic.
-_MAX_BACKOFF_DOUBLINGS: Final = 30
 # Enough of an error body to see what a proxy or gateway said, without flooding the log.
 _ERROR_BODY_CHARS: Final = 200
 
@@ -433,14 +433,18 @@ class TopicMapSync:
                 subscribers.setdefault(topic, []).append(target.name)
         return {topic: sorted(names) for topic, names in sorted(subscribers.items())}
 
-    async def start(self) -> None:
-        """Build the table: at once without a gateway, else in a background loop."""
+    async def start(self, supervisor: Supervisor | None = None) -> None:
+        """Build the table: at once without a gateway, else in a background loop (run by
+        ``supervisor`` when given: restarted, counted and reported should it ever die)."""
         if self._task is not None:
             raise RuntimeError("TopicMapSync already started")
         if self._gateway is None:
             await self.refresh()
             return
-        self._task = asyncio.create_task(self._run(), name="fastconn-topic-map-sync")
+        if supervisor is not None:
+            self._task = supervisor.spawn("topic-map", self._run)
+        else:
+            self._task = asyncio.create_task(self._run(), name="fastconn-topic-map-sync")
 
     async def stop(self) -> None:
         """Stop the rebuild loop (the table in force stays readable)."""
@@ -481,8 +485,7 @@ class TopicMapSync:
             await asyncio.sleep(self._interval if ok else self._retry_delay())
 
     def _retry_delay(self) -> float:
-        doublings = min(max(self.consecutive_failures - 1, 0), _MAX_BACKOFF_DOUBLINGS)
-        return min(self._interval, math.ldexp(_INITIAL_BACKOFF, doublings))
+        return doubling(self.consecutive_failures, _INITIAL_BACKOFF, self._interval)
 
     def _merge(self, listed: list[FunctionTarget]) -> list[FunctionTarget]:
         """Static targets first; a gateway function with a static target's name is shadowed."""

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from fastconn.dispatcher import Dispatcher, OutcomeCallback
 from fastconn.message import Message, Outcome, Verdict
+from fastconn.supervise import Job, Supervisor
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -62,6 +63,8 @@ class SourceContext:
     """The connector-wide ``topics`` (OpenFaaS env ``topics``) for sources that subscribe."""
     print_request_body: bool = False
     startup_wait: float = 30.0
+    supervisor: Supervisor | None = None
+    """Runs the sources' background tasks (the daemon's, which its readiness reports on)."""
     _topic_listeners: list[TopicsListener] = field(default_factory=list)
     # Labelled children, looked up once: ``labels()`` costs microseconds, paid per batch.
     _children: dict[tuple[str, str, str], Any] = field(default_factory=dict)
@@ -84,6 +87,15 @@ class SourceContext:
         self._topics = topics
         for listener in self._topic_listeners:
             listener(topics)
+
+    # -- background tasks ------------------------------------------------------------------
+
+    def supervise(self, name: str, job: Job) -> asyncio.Task[None]:
+        """Runs ``job()`` as background task ``name`` (``<source>.<loop>``): restarted when it
+        dies with an exception, counted, and reported by ``/readyz`` when it keeps dying."""
+        if self.supervisor is None:
+            self.supervisor = Supervisor(self.metrics.task_restarts)
+        return self.supervisor.spawn(name, job)
 
     # -- dispatch --------------------------------------------------------------------------
 

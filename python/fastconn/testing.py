@@ -9,6 +9,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -112,6 +113,8 @@ class RecordedCall:
     """Case-insensitive, as HTTP header names are (fastconn's client sends them lowercased)."""
     body: bytes
     at: float
+    status: int | None = None
+    """The status answered (None until the answer is decided)."""
 
 
 @dataclass
@@ -125,6 +128,7 @@ class FunctionDouble:
     ssl_context: ssl.SSLContext | None = None
     """Serve https with this context (``url`` then says ``https://``)."""
     _scripts: dict[str, tuple[list[int], float, dict[str, str]]] = field(default_factory=dict)
+    _flaky: dict[str, tuple[float, int, random.Random]] = field(default_factory=dict)
     _runner: web.AppRunner | None = None
 
     def script(
@@ -135,6 +139,11 @@ class FunctionDouble:
         headers: Mapping[str, str] | None = None,
     ) -> None:
         self._scripts[path] = (list(statuses), delay, dict(headers or {}))
+
+    def flaky(self, path: str, failure_ratio: float, *, status: int = 500, seed: int = 0) -> None:
+        """Answers ``status`` to a random ``failure_ratio`` of the calls to ``path`` (seeded, so a
+        run can be repeated), the scripted answer otherwise."""
+        self._flaky[path] = (failure_ratio, status, random.Random(seed))
 
     def url(self, path: str) -> str:
         scheme = "https" if self.ssl_context is not None else "http"
@@ -168,9 +177,14 @@ class FunctionDouble:
         body = await request.read()
         received = CIMultiDictProxy(CIMultiDict(request.headers))
         self.calls.append(RecordedCall(request.path, received, body, time.monotonic()))
+        call = self.calls[-1]
         statuses, delay, headers = self._scripts.get(request.path, ([200], 0.0, {}))
         seen = len(self.calls_to(request.path))
         status = statuses[min(seen, len(statuses)) - 1]
+        flaky = self._flaky.get(request.path)
+        if flaky is not None and flaky[2].random() < flaky[0]:
+            status = flaky[1]
+        call.status = status
         if delay:
             await asyncio.sleep(delay)
         return web.Response(status=status, body=body, headers=headers)

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from fastconn._compat import nats_can_write_raw, nats_write_raw
 from fastconn.durations import Duration
 from fastconn.errors import SourceError
 from fastconn.headers import passthrough
@@ -368,16 +369,12 @@ def parse_ack_subject(reply: str) -> tuple[str, int, int]:
 
 class AckWriter:
     """Acknowledgements (payload-only publishes to ack subjects) written in bulk: one socket
-    write per settled batch instead of a publish call per message.
-
-    Uses the client's internal command buffer when it has one (nats-py's ``_send_command``,
-    which also buffers across reconnects as ``publish`` does); falls back to ``publish``."""
+    write per settled batch instead of a publish call per message (see
+    :func:`fastconn._compat.nats_write_raw`); falls back to ``publish``."""
 
     def __init__(self, client: Any) -> None:
         self._client = client
-        self._fast = callable(getattr(client, "_send_command", None)) and callable(
-            getattr(client, "_flush_pending", None)
-        )
+        self._fast = nats_can_write_raw(client)
         self._queued: list[tuple[str, bytes]] = []
 
     def add(self, subject: str, payload: bytes) -> None:
@@ -395,23 +392,11 @@ class AckWriter:
             return
         if self._fast and client.is_connected:
             blob = b"".join(b"PUB %s %d\r\n%s\r\n" % (s.encode(), len(p), p) for s, p in queued)
-            await client._send_command(blob)
-            await client._flush_pending()
+            await nats_write_raw(client, blob)
             return
         for subject, payload in queued:
             with contextlib.suppress(Exception):
                 await client.publish(subject, payload)
-
-
-def watch_task(task: asyncio.Task[Any], log: logging.Logger, what: str) -> asyncio.Task[Any]:
-    """Logs a background task's unexpected end (a bug must not stop a source silently)."""
-
-    def done(t: asyncio.Task[Any]) -> None:
-        if not t.cancelled() and t.exception() is not None:
-            log.error("%s failed", what, exc_info=t.exception())
-
-    task.add_done_callback(done)
-    return task
 
 
 def check_subjects(value: tuple[str, ...]) -> tuple[str, ...]:

@@ -42,7 +42,6 @@ from fastconn.sources._nats_common import (
     http_headers,
     minimal_subjects,
     subjects_intersect,
-    watch_task,
 )
 
 log = logging.getLogger("fastconn.source.nats")
@@ -126,10 +125,8 @@ class NatsSource:
     async def start(self) -> None:
         ctx = self._require_ctx()
         self._nc = await connect(self.config, name=self.name, log=log, error_cb=self._on_error)
-        self._intake_task = watch_task(asyncio.create_task(self._intake()), log, f"source {self.name} intake")
-        self._reply_task = watch_task(
-            asyncio.create_task(self._publish_replies()), log, f"source {self.name} replies"
-        )
+        self._intake_task = ctx.supervise(f"{self.name}.intake", self._intake)
+        self._reply_task = ctx.supervise(f"{self.name}.replies", self._publish_replies)
         await self._reconcile()
         if self._static is None and not ctx.subscribed_topics:
             log.info(
@@ -175,9 +172,7 @@ class NatsSource:
     def _topics_changed(self, topics: tuple[str, ...]) -> None:
         if self._nc is None or self._stopping:
             return
-        self._reconcile_task = watch_task(
-            asyncio.create_task(self._reconcile()), log, f"source {self.name} subscribing"
-        )
+        self._reconcile_task = self._require_ctx().supervise(f"{self.name}.subscribing", self._reconcile)
 
     def _wanted(self) -> list[str]:
         if self._static is not None:

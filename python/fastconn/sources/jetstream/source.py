@@ -1,37 +1,5 @@
-"""``type = "jetstream"``: a durable JetStream pull consumer, at-least-once.
-
-Intake is a continuous pull: fastconn keeps pull requests open for exactly as many messages
-as it has room for (the dispatcher's free capacity, at most ``max_ack_pending``), so messages
-arrive as soon as they are published, in batches, and a slow function means fewer pulls:
-the broker keeps the backlog, not this process. Replicas bind the same durable consumer and
-share the work.
-
-Settling, per message, once every target function has a final result:
-
-* all succeeded (or no function subscribes): ``ack``;
-* a retryable failure after the dispatcher's own retries: ``nak`` with a delay growing with
-  the delivery count (``nak_delay`` doubling up to ``nak_delay_max``), or the function's
-  ``Retry-After`` when it sent one;
-* a final failure (a non-retryable status, or ``max_deliver`` deliveries spent): published to
-  ``dead_letter_subject`` (which a stream must store: the publish is confirmed) with failure
-  context headers, then ``term``. Without a dead-letter subject the message is kept
-  (``nak``), counted in ``fastconn_source_errors_total{kind="stuck"}`` and logged.
-
-Messages still running when half of ``ack_wait`` has passed get in-progress acks, so a long
-call keeps its message. With ``ordering = "key"`` messages of one key (the subject, or a
-header) run one at a time in stream order while other keys run in parallel; a retryable
-failure is retried in place (the key waits, the message keeps in-progress acks) instead of
-being redelivered out of order. The order holds within one replica: replicas sharing the
-durable each get some of a key's messages.
-
-Function headers: ``X-Topic`` (subject), ``X-Nats-Stream``, ``X-Nats-Sequence``,
-``X-Delivery-Attempt`` (the server's delivery count, plus the dispatcher's own retries),
-``X-Message-Id`` = ``<stream>/<sequence>``, and the message's own headers.
-
-On stop, pulling ends, what arrived is dispatched, calls in flight finish and are acked, and
-anything left (arrived late, or waiting for an in-place retry) is nak'ed at once so another
-replica takes it without waiting for ``ack_wait``.
-"""
+"""The JetStream source itself: connection, stream and consumer set-up, the continuous
+pull, settling and in-place retries (see the package docstring for the behaviour)."""
 
 from __future__ import annotations
 
@@ -44,13 +12,11 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, Final
 
-from pydantic import Field, field_validator, model_validator
-
-from fastconn.durations import Duration
-from fastconn.errors import DispatcherClosed, SourceError
-from fastconn.message import Message, Outcome, Verdict
+from fastconn.deadletter import DLT_PREFIX, DLT_RESPONSE, RESPONSE_EXCERPT, failure_context, response_excerpt
+from fastconn.errors import DispatcherClosed
+from fastconn.message import Message, Outcome
 from fastconn.responses import response_messages
 from fastconn.source import SourceContext
 from fastconn.sources._nats_common import (
@@ -58,17 +24,25 @@ from fastconn.sources._nats_common import (
     PROGRESS,
     TERM,
     AckWriter,
-    NatsSourceOptions,
     RateLimitedLog,
-    check_subject,
-    check_subjects,
     connect,
     http_headers,
     nak,
     parse_ack_subject,
     sanitize_header_value,
-    subject_covers,
-    watch_task,
+)
+from fastconn.sources.jetstream.config import JetStreamConfig
+from fastconn.sources.jetstream.consumer import ensure_consumer, ensure_stream
+from fastconn.sources.jetstream.pull import PullWindow, pull_room
+from fastconn.sources.jetstream.restart import RestartGate
+from fastconn.sources.jetstream.settle import (
+    Ack,
+    DeadLetter,
+    Keep,
+    Redeliver,
+    decide,
+    key_still_held,
+    server_drops,
 )
 
 log = logging.getLogger("fastconn.source.jetstream")
@@ -83,108 +57,11 @@ _DEAD_LETTER_CONCURRENCY: Final = 32
 _RESERVED: Final = frozenset(
     {"x-nats-stream", "x-nats-sequence", "x-message-id", "x-topic", "x-delivery-attempt", "x-connector"}
 )
-_NAME_FORBIDDEN: Final = frozenset(" \t\r\n.*>/\\")
-_RESPONSE_EXCERPT: Final = 1024
 
-# Failure context on dead letters (the same names as the Kafka source's, with NATS coordinates).
-DLT_FUNCTION: Final = "fastconn-dlt-function"
-DLT_STATUS: Final = "fastconn-dlt-status"
-DLT_ATTEMPTS: Final = "fastconn-dlt-attempts"
-DLT_ERROR: Final = "fastconn-dlt-error"
-DLT_RESPONSE: Final = "fastconn-dlt-response"
-DLT_FAILED: Final = "fastconn-dlt-failed-functions"
+# The source's own coordinates on dead letters (the rest of the context is fastconn.deadletter's).
 DLT_SUBJECT: Final = "fastconn-dlt-original-subject"
 DLT_STREAM: Final = "fastconn-dlt-original-stream"
 DLT_SEQUENCE: Final = "fastconn-dlt-original-sequence"
-DLT_MESSAGE_ID: Final = "fastconn-dlt-message-id"
-DLT_DELIVERIES: Final = "fastconn-dlt-deliveries"
-DLT_REASON: Final = "fastconn-dlt-reason"
-DLT_TIME: Final = "fastconn-dlt-time"
-
-
-def _check_name(value: str) -> str:
-    if not value or any(c in _NAME_FORBIDDEN for c in value):
-        raise ValueError("expected a name without whitespace, '.', '*', '>', '/' or '\\'")
-    return value
-
-
-class JetStreamConfig(NatsSourceOptions):
-    """``[[sources]] type = "jetstream"``: a durable pull consumer (at-least-once)."""
-
-    type: Literal["jetstream"] = "jetstream"
-    name: str = Field(default="jetstream", min_length=1)
-    stream: str
-    create_stream: bool = False
-    """Create ``stream`` (capturing ``subjects``) when it does not exist."""
-    subjects: tuple[str, ...] = ()
-    """The consumer's filter (empty: the whole stream); the stream's subjects when created."""
-    durable: str = "fastconn"
-    deliver_policy: Literal["all", "new", "last"] = "all"
-    """Where a new durable starts; an existing durable keeps its position."""
-    ack_wait: Duration = Field(default=30.0, gt=0)
-    max_deliver: int = Field(default=5, ge=-1)
-    """Deliveries before a message fails for good; -1: unlimited."""
-    max_ack_pending: int = Field(default=1000, ge=1)
-    """Unacknowledged messages of the durable (all replicas together)."""
-    dead_letter_subject: str | None = None
-    nak_delay: Duration = 1.0
-    """Redelivery delay after the first failed delivery; doubles per delivery."""
-    nak_delay_max: Duration = 60.0
-    fetch_batch: int | None = Field(default=None, ge=1)
-    """Most messages per pull request; default ``dispatch.batch_size``."""
-    ordering: Literal["none", "key"] = "none"
-    ordering_key: str = "subject"
-    """With ``ordering = "key"``: ``subject``, or the name of a header holding the key."""
-
-    @field_validator("stream", "durable")
-    @classmethod
-    def _check_names(cls, value: str) -> str:
-        return _check_name(value)
-
-    @field_validator("subjects")
-    @classmethod
-    def _check_subjects(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        return check_subjects(value)
-
-    @field_validator("dead_letter_subject")
-    @classmethod
-    def _check_dead_letter(cls, value: str | None) -> str | None:
-        if value is not None:
-            problem = check_subject(value, wildcards=False)
-            if problem:
-                raise ValueError(f"subject {value!r} {problem}")
-        return value
-
-    @field_validator("max_deliver")
-    @classmethod
-    def _check_max_deliver(cls, value: int) -> int:
-        if value == 0:
-            raise ValueError("must be at least 1, or -1 for unlimited")
-        return value
-
-    @model_validator(mode="after")
-    def _check_combination(self) -> JetStreamConfig:
-        if self.nak_delay_max < self.nak_delay:
-            raise ValueError(f"nak_delay_max must be >= nak_delay ({self.nak_delay:g}s)")
-        dead = self.dead_letter_subject
-        if dead is not None and any(subject_covers(s, dead) for s in self.subjects):
-            raise ValueError(
-                f"dead_letter_subject {dead!r} is consumed by this source's own subjects: "
-                "dead letters would come back"
-            )
-        if (
-            self.ordering_key != "subject"
-            and not self.ordering_key.replace("-", "").replace("_", "").isalnum()
-        ):
-            raise ValueError("ordering_key must be 'subject' or a header name")
-        return self
-
-
-CONFIG_MODEL = JetStreamConfig
-
-
-def create(config: JetStreamConfig) -> JetStreamSource:
-    return JetStreamSource(config)
 
 
 @dataclass(eq=False, slots=True)
@@ -196,6 +73,14 @@ class _Delivery:
     stream: str = ""
     seq: int = 0
     deliveries: int = 1
+    """This delivery's number: the server's count plus our in-place retries."""
+    server_deliveries: int = 1
+    """The server's own delivery count (what its ``max_deliver`` is compared with)."""
+
+    def parse_reply(self) -> None:
+        """Reads stream, sequence and delivery count from the ack subject."""
+        self.stream, self.seq, self.server_deliveries = parse_ack_subject(self.msg.reply)
+        self.deliveries = self.server_deliveries
 
 
 class JetStreamSource:
@@ -217,12 +102,13 @@ class JetStreamSource:
         self._inflight: set[_Delivery] = set()
         self._buffer: list[_Delivery] = []
         self._buffer_ready = asyncio.Event()
-        self._pulls: deque[list[float]] = deque()
-        """Open pull requests, oldest first: [expires_at, messages still to come]."""
-        self._requested = 0
-        self._last_activity = time.monotonic()
+        self._pulls = PullWindow(time.monotonic(), silence=3 * _HEARTBEAT)
         self._wake = asyncio.Event()
         self._consumer_lost = False
+        self._gate: RestartGate[_Delivery] | None = None
+        """Set at start when a crash left messages unacknowledged (strict key order)."""
+        self._backlog: deque[_Delivery] = deque()
+        """What the gate released, submitted as the dispatcher has room (before new arrivals)."""
         self._stopping = False
         self._intake_closed = False
         # Settling
@@ -237,6 +123,8 @@ class JetStreamSource:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._stuck_log = RateLimitedLog(log)
         self._status_log = RateLimitedLog(log)
+        self._drop_log = RateLimitedLog(log)
+        self._server_max_deliver = -1
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -251,7 +139,6 @@ class JetStreamSource:
         self._js = self._nc.jetstream()
         self._acks = AckWriter(self._nc)
         try:
-            await self._ensure_stream()
             await self._ensure_consumer()
         except BaseException:
             with contextlib.suppress(Exception):
@@ -261,6 +148,7 @@ class JetStreamSource:
         self._inbox_sub = await self._nc.subscribe(
             self._inbox, cb=self._on_inbox, pending_msgs_limit=1 << 20, pending_bytes_limit=1 << 30
         )
+        ctx = self._require_ctx()
         for name, job in (
             ("pull", self._pull_loop),
             ("submit", self._submit_loop),
@@ -268,7 +156,11 @@ class JetStreamSource:
             ("keepalive", self._keepalive_loop),
             ("retry", self._retry_loop),
         ):
-            self._tasks[name] = watch_task(asyncio.create_task(job()), log, f"source {self.name} {name} loop")
+            self._tasks[name] = ctx.supervise(f"{self.name}.{name}", job)
+        if self._gate is not None:
+            # Wakes the submit loop at the gate's deadline even if nothing arrives then.
+            wait = max(0.0, self._gate.deadline - time.monotonic())
+            asyncio.get_running_loop().call_later(wait, self._buffer_ready.set)
 
     async def stop(self) -> None:
         """Stops pulling; what already arrived goes to the dispatcher, later arrivals are
@@ -283,7 +175,7 @@ class JetStreamSource:
         for _, _, message in self._retries:
             delivery: _Delivery = message.handle
             self._nak(delivery, self.config.nak_delay)
-            self._release_key(message)
+            self._release_held_key(message)
         self._retries.clear()
         await self._acks.flush()
 
@@ -310,98 +202,44 @@ class JetStreamSource:
 
     # -- stream and consumer ---------------------------------------------------------------
 
-    async def _ensure_stream(self) -> None:
-        import nats.errors
-        import nats.js.errors
-
-        c = self.config
-        try:
-            info = await self._js.stream_info(c.stream)
-        except nats.js.errors.NotFoundError:
-            info = None
-        except nats.errors.NoRespondersError:
-            raise SourceError(f"source {self.name!r}: JetStream is not enabled on the NATS server") from None
-        if info is not None:
-            dead = c.dead_letter_subject
-            if (
-                dead is not None
-                and not c.subjects
-                and any(subject_covers(s, dead) for s in info.config.subjects or ())
-            ):
-                raise SourceError(
-                    f"source {self.name!r}: dead_letter_subject {dead!r} is stored in stream "
-                    f"{c.stream!r}, which this source consumes whole: set subjects to filter "
-                    "it out, or use a subject of another stream"
-                )
-            return
-        if not c.create_stream:
-            raise SourceError(
-                f"source {self.name!r}: stream {c.stream!r} does not exist "
-                "(create it, or set create_stream = true with subjects)"
-            )
-        if not c.subjects:
-            raise SourceError(f"source {self.name!r}: create_stream needs subjects for stream {c.stream!r}")
-        await self._js.add_stream(name=c.stream, subjects=list(c.subjects))
-        log.info("source %s: created stream %s for %s", self.name, c.stream, ", ".join(c.subjects))
-
-    def _consumer_config(self) -> Any:
-        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-
-        c = self.config
-        return ConsumerConfig(
-            name=c.durable,
-            durable_name=c.durable,
-            deliver_policy=DeliverPolicy(c.deliver_policy),
-            ack_policy=AckPolicy.EXPLICIT,
-            ack_wait=c.ack_wait,
-            max_deliver=c.max_deliver,
-            max_ack_pending=c.max_ack_pending,
-            filter_subject=c.subjects[0] if len(c.subjects) == 1 else None,
-            filter_subjects=list(c.subjects) if len(c.subjects) > 1 else None,
-        )
-
     async def _ensure_consumer(self) -> None:
-        import nats.js.errors
-
         c = self.config
-        wanted = self._consumer_config()
-        try:
-            info = await self._js.consumer_info(c.stream, c.durable)
-        except nats.js.errors.NotFoundError:
-            info = None
-        if info is not None and info.config.deliver_subject:
-            raise SourceError(
-                f"source {self.name!r}: consumer {c.durable!r} of stream {c.stream!r} is a push "
-                "consumer; fastconn needs a pull consumer (use another durable name)"
-            )
-        if info is None:
-            info = await self._js.add_consumer(c.stream, wanted)
-            log.info(
-                "source %s: created durable pull consumer %s on stream %s", self.name, c.durable, c.stream
-            )
-        else:
-            have = info.config
-            filters = tuple(have.filter_subjects or ([have.filter_subject] if have.filter_subject else []))
-            if (have.ack_wait, have.max_deliver, have.max_ack_pending, filters) != (
-                c.ack_wait,
-                c.max_deliver,
-                c.max_ack_pending,
-                tuple(c.subjects),
-            ):
-                try:
-                    info = await self._js.add_consumer(c.stream, wanted)
-                    log.info(
-                        "source %s: updated consumer %s to the configured settings", self.name, c.durable
-                    )
-                except nats.js.errors.APIError as exc:
-                    log.warning(
-                        "source %s: consumer %s keeps its existing settings (update refused: %s)",
-                        self.name,
-                        c.durable,
-                        exc,
-                    )
+        await ensure_stream(self._js, c)
+        info = await ensure_consumer(self._js, c)
         self._ack_wait = float(info.config.ack_wait or c.ack_wait)
+        self._server_max_deliver = int(info.config.max_deliver or -1)
+        if self._server_max_deliver > 0:
+            log.error(
+                "source %s: consumer %s drops messages after %d deliveries (max_deliver on the "
+                'server); each is counted in fastconn_source_errors_total{kind="dropped"}: '
+                "delete the consumer (or set its max_deliver to -1) so fastconn keeps them",
+                self.name,
+                c.durable,
+                self._server_max_deliver,
+            )
         self._consumer_lost = False
+        self._gate_restart(info)
+
+    def _gate_restart(self, info: Any) -> None:
+        """Holds new messages while the ones a crash left unacknowledged come back (see
+        :mod:`.restart`)."""
+        pending = int(info.num_ack_pending or 0)
+        if not self.config.strict_restart or pending <= 0 or info.delivered is None:
+            return
+        self._gate = RestartGate(
+            pending=pending,
+            last_delivered=int(info.delivered.stream_seq),
+            now=time.monotonic(),
+            ack_wait=self._ack_wait,
+        )
+        log.info(
+            "source %s: consumer %s has %d unacknowledged message(s) (left by a crash?): messages "
+            "are held until those come back (at most %.1fs), so every key keeps its order",
+            self.name,
+            self.config.durable,
+            pending,
+            self._gate.deadline - self._gate.started,
+        )
 
     async def _consumer_back(self) -> bool:
         import nats.js.errors
@@ -424,10 +262,17 @@ class JetStreamSource:
         """Messages we may ask for now: bounded by max_ack_pending and by the dispatcher's free
         capacity, minus what is already asked for, buffered or in flight."""
         d = self._require_ctx().dispatcher
-        window = min(self.config.max_ack_pending, d.capacity)
-        mine = window - len(self._inflight) - self._requested
-        free = d.capacity - d.queued - len(self._buffer) - self._requested
-        return max(0, min(mine, free))
+        # While the restart gate holds messages (outside the dispatcher), the server's
+        # max_ack_pending is the only bound: the messages it waits for must still fit.
+        window = self.config.max_ack_pending if self._gate else min(self.config.max_ack_pending, d.capacity)
+        return pull_room(
+            window=window,
+            capacity=d.capacity,
+            queued=d.queued,
+            inflight=len(self._inflight),
+            buffered=len(self._buffer),
+            requested=self._pulls.requested,
+        )
 
     async def _pull_loop(self) -> None:
         ctx = self._require_ctx()
@@ -441,7 +286,9 @@ class JetStreamSource:
         threshold = max(1, min(self._fetch_batch, window) // 2)
         while not self._stopping:
             now = time.monotonic()
-            self._expire_pulls(now)
+            if self._pulls.expire(now):
+                log.info("source %s: pull requests went silent; asking again", self.name)
+                self._reset_pulls()
             # A consumer deleted under us is not re-created (that would replay the stream from
             # deliver_policy): wait for whoever deleted it to put it back.
             if self._consumer_lost and not await self._consumer_back():
@@ -449,7 +296,7 @@ class JetStreamSource:
                 continue
             room = self._room()
             # Small top-ups are not worth a request unless nothing at all is asked for.
-            if room >= threshold or (room > 0 and self._requested == 0):
+            if room >= threshold or (room > 0 and self._pulls.requested == 0):
                 n = min(room, self._fetch_batch)
                 request = {
                     "batch": n,
@@ -465,55 +312,34 @@ class JetStreamSource:
                     log.warning("source %s: pull request failed: %r", self.name, exc)
                     await asyncio.sleep(1.0)
                     continue
-                if not self._pulls:
-                    self._last_activity = now
-                self._pulls.append([now + _PULL_EXPIRES, float(n)])
-                self._requested += n
+                self._pulls.opened(n, now, _PULL_EXPIRES)
                 continue
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), _IDLE_POLL)
 
-    def _expire_pulls(self, now: float) -> None:
-        pulls = self._pulls
-        while pulls and pulls[0][0] + 2.0 < now:
-            self._requested -= int(pulls.popleft()[1])  # its 408 never came
-        if self._requested > 0 and now - self._last_activity > 3 * _HEARTBEAT:
-            log.info("source %s: pull requests went silent; asking again", self.name)
-            self._reset_pulls()
-        if not pulls:
-            self._requested = 0
-
     def _reset_pulls(self) -> None:
-        self._pulls.clear()
-        self._requested = 0
-        self._last_activity = time.monotonic()
+        self._pulls.reset(time.monotonic())
         self._wake.set()
 
     def _pull_done(self) -> None:
         """The oldest open pull request ended (408/409) with its remaining count unsent."""
-        if self._pulls:
-            self._requested -= int(self._pulls.popleft()[1])
-        self._requested = max(self._requested, 0)
+        self._pulls.ended()
         self._wake.set()
 
     async def _on_inbox(self, msg: Any) -> None:
-        self._last_activity = time.monotonic()
+        now = time.monotonic()
+        self._pulls.heard(now)
         reply = msg.reply
         if not reply or not reply.startswith("$JS."):
             self._on_status(msg.headers or {})
             return
-        pulls = self._pulls
-        if pulls:
-            pulls[0][1] -= 1
-            if pulls[0][1] <= 0:
-                pulls.popleft()
-            self._requested -= 1
+        self._pulls.delivered()
         if self._intake_closed:
             self._acks.add(reply, nak())
             await self._acks.flush()
             return
-        delivery = _Delivery(msg, self._last_activity)
+        delivery = _Delivery(msg, now)
         self._inflight.add(delivery)
         self._buffer.append(delivery)
         if len(self._buffer) == 1:
@@ -552,6 +378,12 @@ class JetStreamSource:
             await self._buffer_ready.wait()
             self._buffer_ready.clear()
             batch, self._buffer = self._buffer, []
+            if self._gate is not None:
+                self._through_gate(batch)
+                batch = []
+            if self._backlog:
+                self._backlog.extend(batch)
+                batch = self._from_backlog()
             if not batch:
                 if self._intake_closed:
                     return
@@ -569,10 +401,61 @@ class JetStreamSource:
                 for delivery in batch:
                     self._nak(delivery, 0)
                 await self._acks.flush()
+            except Exception:
+                # A bug: hand the batch back at once rather than keep it (in-progress acks)
+                # with nobody to run it; the supervisor logs and restarts this loop.
+                for delivery in batch:
+                    self._nak(delivery, 0)
+                await self._acks.flush()
+                raise
+
+    def _from_backlog(self) -> list[_Delivery]:
+        """What of the backlog fits the dispatcher now. Our messages in the dispatcher (or
+        waiting for an in-place retry) stay within its capacity, as the pull window keeps them
+        normally: a retry of a held key must always find room, or the messages queued behind
+        that key would wait for it forever."""
+        capacity = self._require_ctx().dispatcher.capacity
+        room = capacity - (len(self._inflight) - len(self._backlog))
+        n = max(0, min(room, len(self._backlog)))
+        return [self._backlog.popleft() for _ in range(n)]
+
+    def _through_gate(self, batch: list[_Delivery]) -> None:
+        """Holds ``batch`` at the restart gate; once it opens, everything held goes to the
+        backlog in stream order."""
+        gate = self._gate
+        assert gate is not None
+        for delivery in batch:
+            delivery.parse_reply()
+            gate.hold(delivery.seq, delivery)
+        now = time.monotonic()
+        if not gate.ready(now):
+            return
+        self._gate = None
+        self._wake.set()  # the pull window shrinks back to the dispatcher's capacity
+        if gate.remaining > 0:
+            log.warning(
+                "source %s: %d of %d unacknowledged message(s) did not come back within %.1fs "
+                "(another replica took them, or they wait for a nak delay); going on: those may "
+                "run after newer messages of their key",
+                self.name,
+                gate.remaining,
+                gate.pending,
+                now - gate.started,
+            )
+        else:
+            log.info(
+                "source %s: the %d unacknowledged message(s) came back after %.1fs; dispatching "
+                "them and %d newer one(s) in stream order",
+                self.name,
+                gate.pending,
+                now - gate.started,
+                gate.held - gate.pending,
+            )
+        self._backlog.extend(gate.release())
 
     def _to_message(self, d: _Delivery) -> Message:
         msg = d.msg
-        d.stream, d.seq, d.deliveries = parse_ack_subject(msg.reply)
+        d.parse_reply()
         headers = http_headers(msg.headers, _RESERVED) if msg.headers else []
         headers.append(("X-Nats-Stream", d.stream))
         headers.append(("X-Nats-Sequence", str(d.seq)))
@@ -639,60 +522,78 @@ class JetStreamSource:
             if acked:
                 acked_counter.inc(acked)
             self._wake.set()
+            if self._backlog:
+                self._buffer_ready.set()
             if self._settle_closed and not self._settle_queue:
                 return
 
     def _settle(self, outcome: Outcome) -> int:
         """Acts on one outcome; returns 1 when the message was acknowledged."""
         delivery: _Delivery = outcome.message.handle
-        verdict = outcome.verdict
-        if verdict is Verdict.OK or verdict is Verdict.UNROUTED:
+        c = self.config
+        decision = decide(
+            outcome,
+            deliveries=delivery.deliveries,
+            max_deliver=c.max_deliver,
+            dead_letters=c.dead_letter_subject is not None,
+            stopping=self._stopping,
+            nak_delay=c.nak_delay,
+            nak_delay_max=c.nak_delay_max,
+        )
+        if isinstance(decision, Ack):
             self._inflight.discard(delivery)
             self._acks.add(delivery.msg.reply, ACK)
             return 1
-        max_deliver = self.config.max_deliver
-        if verdict is Verdict.RETRY and not (0 < max_deliver <= delivery.deliveries):
-            delay = self._redelivery_delay(delivery.deliveries, outcome.retry_after)
-            held = outcome.message.hold_key_on_retry and outcome.message.key is not None
+        if isinstance(decision, Redeliver):
             self._require_ctx().metrics.source_errors.labels(source=self.name, kind="nak").inc()
-            if held and not self._stopping:
-                self._schedule_retry(outcome.message, delay)
+            if decision.in_place:
+                self._schedule_retry(outcome.message, decision.delay)
             else:
-                self._nak(delivery, delay)
-                if held:
-                    self._release_key(outcome.message)
+                self._nak(delivery, decision.delay)
+                self._release_key(outcome)
             return 0
-        if verdict is Verdict.RETRY:
-            reason = f"max_deliver ({max_deliver}) reached"
-        else:
-            reason = "non-retryable failure"
-        self._failed(outcome, reason)
+        if isinstance(decision, DeadLetter):
+            # Supervised: should it fail unexpectedly it runs again (Nats-Msg-Id makes a
+            # repeated publish a duplicate the stream drops) rather than strand the message.
+            reason = decision.reason
+            task = self._require_ctx().supervise(
+                f"{self.name}.dead-letter", lambda: self._dead_letter(outcome, reason)
+            )
+            self._dead_letters.add(task)
+            task.add_done_callback(self._dead_letters.discard)
+            return 0
+        self._keep(outcome, decision)
         return 0
-
-    def _redelivery_delay(self, deliveries: int, retry_after: float | None) -> float:
-        c = self.config
-        if retry_after is not None:
-            return min(max(retry_after, 0.0), c.nak_delay_max)
-        return float(min(c.nak_delay * 2 ** min(max(deliveries - 1, 0), 30), c.nak_delay_max))
 
     def _nak(self, delivery: _Delivery, delay: float) -> None:
         """Queues a nak (sent with the next flush of the ack writer)."""
         self._inflight.discard(delivery)
         self._acks.add(delivery.msg.reply, nak(delay))
+        if server_drops(self._server_max_deliver, delivery.server_deliveries):
+            self._require_ctx().metrics.source_errors.labels(source=self.name, kind="dropped").inc()
+            self._drop_log.warning(
+                "source %s: message %s/%d was handed back for the last time the server allows "
+                "(its max_deliver is %d): the server drops it",
+                self.name,
+                delivery.stream,
+                delivery.seq,
+                self._server_max_deliver,
+            )
 
-    def _release_key(self, message: Message) -> None:
-        if message.hold_key_on_retry and message.key is not None:
+    def _release_key(self, outcome: Outcome) -> None:
+        """Gives back the message's ordering key when the core still holds it for this message
+        (which will not be resubmitted in place)."""
+        if key_still_held(outcome):
+            self._release_held_key(outcome.message)
+
+    def _release_held_key(self, message: Message) -> None:
+        """Gives back the key held for ``message``, a scheduled in-place retry that will not run."""
+        if message.key is not None:
             with contextlib.suppress(DispatcherClosed):
                 self._require_ctx().dispatcher.release_key(message.key)
 
-    def _failed(self, outcome: Outcome, reason: str) -> None:
-        """A final failure: dead-letter then term, or keep (nak) and say so."""
-        delivery: _Delivery = outcome.message.handle
-        if self.config.dead_letter_subject is not None:
-            task = asyncio.create_task(self._dead_letter(outcome, reason))
-            self._dead_letters.add(task)
-            task.add_done_callback(self._dead_letters.discard)
-            return
+    def _keep(self, outcome: Outcome, decision: Keep) -> None:
+        """A final failure without a dead-letter subject: the message stays (nak), said so."""
         ctx = self._require_ctx()
         ctx.metrics.source_errors.labels(source=self.name, kind="stuck").inc()
         failure = outcome.first_failure()
@@ -702,11 +603,11 @@ class JetStreamSource:
             self.name,
             outcome.message_id,
             outcome.message.topic,
-            reason,
+            decision.reason,
             failure and f"{failure.function} -> {failure.status_label}",
         )
-        self._nak(delivery, self.config.nak_delay_max)
-        self._release_key(outcome.message)
+        self._nak(outcome.message.handle, decision.delay)
+        self._release_key(outcome)
 
     async def _dead_letter(self, outcome: Outcome, reason: str) -> None:
         ctx = self._require_ctx()
@@ -732,7 +633,7 @@ class JetStreamSource:
                 )
                 self._nak(delivery, self.config.nak_delay_max)
                 await self._acks.flush()
-                self._release_key(outcome.message)
+                self._release_key(outcome)
                 return
             self._inflight.discard(delivery)
             self._acks.add(delivery.msg.reply, TERM)
@@ -748,40 +649,27 @@ class JetStreamSource:
                 reason,
                 failure and f"{failure.function} -> {failure.status_label}",
             )
-            self._release_key(outcome.message)
+            self._release_key(outcome)
 
     def _dead_letter_headers(self, outcome: Outcome, reason: str) -> dict[str, str]:
-        """The original headers plus the failure context (``fastconn-dlt-*``, as the other
-        sources write it)."""
+        """The original headers plus the failure context (:mod:`fastconn.deadletter`)."""
         delivery: _Delivery = outcome.message.handle
         original = delivery.msg.headers or {}
         # The publisher's Nats-* headers (message id, expected stream...) would steer the
         # dead-letter publish, and earlier context would be stale: both are dropped. Our own
         # Nats-Msg-Id makes a repeated dead-lettering of one message a duplicate the stream drops.
-        headers = {k: v for k, v in original.items() if not k.lower().startswith(("nats-", "fastconn-dlt-"))}
-        failed = [r for r in outcome.results if not r.ok]
-        headers.update(
-            {
-                "Nats-Msg-Id": f"dlq:{delivery.stream}/{delivery.seq}",
-                DLT_SUBJECT: outcome.message.topic,
-                DLT_STREAM: delivery.stream,
-                DLT_SEQUENCE: str(delivery.seq),
-                DLT_MESSAGE_ID: outcome.message_id,
-                DLT_DELIVERIES: str(delivery.deliveries),
-                DLT_REASON: reason,
-                DLT_TIME: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                DLT_FAILED: ",".join(r.function for r in failed),
-            }
-        )
-        if failed:
-            first = failed[0]
-            headers[DLT_FUNCTION] = first.function
-            headers[DLT_STATUS] = str(first.status)
-            headers[DLT_ATTEMPTS] = str(first.attempts)
-            headers[DLT_ERROR] = f"HTTP {first.status}" if first.status else first.error.label
-            if first.body:
-                excerpt = first.body[:_RESPONSE_EXCERPT].decode("utf-8", "replace")
-                headers[DLT_RESPONSE] = sanitize_header_value(excerpt, _RESPONSE_EXCERPT)
+        headers = {k: v for k, v in original.items() if not k.lower().startswith(("nats-", DLT_PREFIX))}
+        headers["Nats-Msg-Id"] = f"dlq:{delivery.stream}/{delivery.seq}"
+        origin = [
+            (DLT_SUBJECT, outcome.message.topic),
+            (DLT_STREAM, delivery.stream),
+            (DLT_SEQUENCE, str(delivery.seq)),
+        ]
+        headers.update(failure_context(outcome, origin, deliveries=delivery.deliveries, reason=reason))
+        excerpt = response_excerpt(outcome)
+        if excerpt is not None:
+            text = excerpt.decode("utf-8", "replace")
+            headers[DLT_RESPONSE] = sanitize_header_value(text, RESPONSE_EXCERPT)
         return headers
 
     # -- in-place retries (key ordering) ---------------------------------------------------
@@ -820,7 +708,7 @@ class JetStreamSource:
             except (DispatcherClosed, asyncio.CancelledError) as exc:
                 for message in due:
                     self._nak(message.handle, 0)
-                    self._release_key(message)
+                    self._release_held_key(message)
                 await self._acks.flush()
                 if isinstance(exc, asyncio.CancelledError):
                     raise
