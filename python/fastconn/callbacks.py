@@ -45,13 +45,14 @@ import random
 import secrets
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from fastconn.backoff import doubling
 from fastconn.message import ErrorKind, Message, Outcome, OutcomeCallback, TargetResult, Verdict
 
 __all__ = ["AckMode", "CallTransport", "CallbackMetrics", "CallbackSettings", "Callbacks"]
@@ -66,6 +67,10 @@ _CALLBACK_URL = "X-Callback-Url"
 _STATUS = "X-Function-Status"
 _SETTLED_MEMORY = 65536
 """Recently settled call ids remembered to answer duplicates with 409 rather than 404."""
+
+
+Spawn = Callable[[str, Callable[[], Coroutine[Any, Any, None]]], "asyncio.Task[None]"]
+"""Starts a named background job (``fastconn.supervise.Supervisor.spawn``)."""
 
 
 class CallTransport(Protocol):
@@ -205,12 +210,23 @@ class Callbacks:
         self._pending_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._sweeper: asyncio.Task[None] | None = None
         self._retry_tasks: set[asyncio.Task[None]] = set()
+        self._spawn: Spawn | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
+    def supervise_with(self, spawn: Spawn) -> None:
+        """Runs the timeout sweep through ``spawn`` (e.g. ``Supervisor.spawn``), which restarts
+        it should it die, instead of as a plain task. Call before ``start``."""
+        self._spawn = spawn
+
     def start(self) -> None:
         if self._sweeper is None:
-            self._sweeper = asyncio.get_running_loop().create_task(self._sweep(), name="fastconn-callbacks")
+            if self._spawn is not None:
+                self._sweeper = self._spawn("callbacks.sweep", self._sweep)
+            else:
+                self._sweeper = asyncio.get_running_loop().create_task(
+                    self._sweep(), name="fastconn-callbacks"
+                )
 
     async def stop(self) -> None:
         tasks = [t for t in (self._sweeper, *self._retry_tasks) if t is not None]
@@ -449,8 +465,7 @@ class Callbacks:
     def _retry_or_finish(self, call: _Call, result: TargetResult) -> None:
         s = self.settings
         if _verdict(result, s.retry_on) is Verdict.RETRY and call.invocation < s.max_attempts:
-            ceiling = min(s.backoff_max, s.backoff_initial * 2 ** (call.invocation - 1))
-            delay = random.uniform(0, ceiling)
+            delay = random.uniform(0, doubling(call.invocation, s.backoff_initial, s.backoff_max))
             task = asyncio.get_running_loop().create_task(self._reinvoke(call, delay))
             self._retry_tasks.add(task)
             task.add_done_callback(self._retry_tasks.discard)

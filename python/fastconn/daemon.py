@@ -120,6 +120,7 @@ class Daemon:
             CallbackMetrics(self.metrics.registry),
         )
         self.callbacks.register_routes(self.admin.app)
+        self.callbacks.supervise_with(self.supervisor.spawn)
         uses_async = d.asynchronous_invocation or any(
             getattr(source, "asynchronous_invocation", False) for source in config.sources
         )
