@@ -3,38 +3,69 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import Callable
 
 from aiohttp import web
 
+from fastconn.conn_guard import ConnectionGuard, ServerLimits
 from fastconn.metrics import Metrics
 
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
+# A request line or header field longer than this is refused with 431/400 (aiohttp's 8 KiB
+# default is kept explicit: it bounds what a slow client can make the server buffer).
+_MAX_LINE_BYTES = 8190
+
+
 class AdminServer:
-    def __init__(self, listen: str, metrics: Metrics, is_ready: Callable[[], tuple[bool, str]]) -> None:
+    def __init__(
+        self,
+        listen: str,
+        metrics: Metrics,
+        is_ready: Callable[[], tuple[bool, str]],
+        *,
+        limits: ServerLimits | None = None,
+    ) -> None:
         self.host, self.port = split_listen(listen)
         self.metrics = metrics
         self._is_ready = is_ready
-        self.app = web.Application()
+        self.limits = limits or ServerLimits()
+        self.guard = ConnectionGuard(self.limits)
+        self.app = web.Application(middlewares=[self.guard.middleware])
         self.app.router.add_get("/healthz", self._healthz)
         self.app.router.add_get("/readyz", self._readyz)
         self.app.router.add_get("/metrics", self._metrics)
         self._runner: web.AppRunner | None = None
+        self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(
+            self.app,
+            access_log=None,
+            handle_signals=False,
+            keepalive_timeout=self.limits.idle_timeout,
+            max_line_size=_MAX_LINE_BYTES,
+            max_field_size=_MAX_LINE_BYTES,
+        )
         await self._runner.setup()
-        # Bound here rather than by TCPSite so the port picked for port 0 is known through a
-        # public API (the socket), not the site's private server object.
+        handler_factory = self._runner.server
+        if handler_factory is None:  # setup() creates it; checked for the type checker
+            raise RuntimeError("aiohttp runner has no server after setup()")
+        # Served by our own asyncio server rather than a site so every connection passes the
+        # guard (header deadline, connection cap) before aiohttp sees it. Bound here so the
+        # port picked for port 0 is known through the socket.
         sock = bind_listener(self.host, self.port)
-        site = web.SockSite(self._runner, sock)
-        await site.start()
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self.guard.wrap(handler_factory), sock=sock)
         self.port = sock.getsockname()[1]
 
     async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()  # stop accepting; open connections are shut down by the runner
+            self._server = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

@@ -260,6 +260,12 @@ class ServerConfig(_Model):
     """``host:port`` or ``[ipv6]:port``; port 0 picks a free port."""
     public_url: Annotated[str, AfterValidator(_check_optional_base_url)] = ""
     """URL under which the server is reachable from outside; empty derives it from ``listen``."""
+    header_timeout: _PositiveDuration = 10.0
+    """Seconds a new connection has to send its first request head before it is closed."""
+    idle_timeout: _PositiveDuration = 75.0
+    """Seconds an idle keep-alive connection stays open."""
+    max_connections: Annotated[int, Field(ge=1, le=1_000_000)] = 1024
+    """Open connections; at the cap the oldest one still sending its first head is closed."""
 
     @property
     def host(self) -> str:

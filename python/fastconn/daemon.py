@@ -24,7 +24,9 @@ from pydantic import BaseModel
 from fastconn.admin import AdminServer
 from fastconn.callbacks import CallbackMetrics, CallbackSettings
 from fastconn.config import Config
+from fastconn.conn_guard import ServerLimits
 from fastconn.dispatcher import Dispatcher, DispatchOptions
+from fastconn.fdlimit import raise_open_files_limit
 from fastconn.functions import FunctionTarget
 from fastconn.message import Outcome
 from fastconn.metrics import Metrics
@@ -64,7 +66,9 @@ class Daemon:
         self.config = config
         self.metrics = metrics or Metrics()
         self.dispatcher = Dispatcher(dispatch_options(config))
-        self.admin = AdminServer(config.server.listen, self.metrics, self._readiness)
+        srv = config.server
+        limits = ServerLimits(srv.header_timeout, srv.idle_timeout, srv.max_connections)
+        self.admin = AdminServer(srv.listen, self.metrics, self._readiness, limits=limits)
         self.sources: list[Source] = [create_source(entry) for entry in config.sources]
         self.stopping = asyncio.Event()
         self._sources_started = False
@@ -197,6 +201,7 @@ class Daemon:
 
     async def run(self) -> None:
         """Runs until SIGTERM/SIGINT (or ``stopping`` is set), then shuts down gracefully."""
+        raise_open_files_limit()
         loop = asyncio.get_running_loop()
         signals = (signal.SIGTERM, signal.SIGINT)
         for sig in signals:
