@@ -12,7 +12,6 @@ import logging
 import os
 import re
 import ssl
-import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Final
 from urllib.parse import urlsplit
@@ -22,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from fastconn.durations import Duration
 from fastconn.errors import SourceError
 from fastconn.headers import passthrough
+from fastconn.ratelimit import RateLimitedLog  # re-exported: the NATS sources import it from here
 
 __all__ = [
     "NatsConnectionConfig",
@@ -314,29 +314,6 @@ async def connect(
     else:
         why = f"no connection within connect_wait ({config.connect_wait:g}s)"
     raise SourceError(f"source {name!r}: cannot connect to NATS at {servers}: {why}{last}")
-
-
-class RateLimitedLog:
-    """Counts occurrences and logs at most once per ``interval`` with the count since the
-    last line (slow-consumer storms must not flood the log)."""
-
-    def __init__(self, log: logging.Logger, interval: float = 5.0) -> None:
-        self._log = log
-        self._interval = interval
-        self._last = -interval
-        self._suppressed = 0
-
-    def warning(self, message: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self._last < self._interval:
-            self._suppressed += 1
-            return
-        suppressed, self._suppressed = self._suppressed, 0
-        self._last = now
-        if suppressed:
-            self._log.warning(message + " (and %d more since the last report)", *args, suppressed)
-        else:
-            self._log.warning(message, *args)
 
 
 # -- JetStream acknowledgements --------------------------------------------------------------
