@@ -96,6 +96,9 @@ class CallbackSettings:
     retry_on: tuple[int, ...] = (408, 429, 500, 502, 503, 504)
     backoff_initial: float = 0.1
     backoff_max: float = 30.0
+    max_body_bytes: int = 16 * 1024 * 1024
+    """Largest callback body (a function's async result) accepted; a larger one settles its
+    call as a failure (status 413) at once."""
 
 
 class CallbackMetrics:
@@ -182,6 +185,21 @@ def _verdict(result: TargetResult, retry_on: tuple[int, ...]) -> Verdict:
     if result.error in (ErrorKind.CONNECT, ErrorKind.TIMEOUT, ErrorKind.IO) or result.status in retry_on:
         return Verdict.RETRY
     return Verdict.FAILED
+
+
+async def _read_at_most(request: web.Request, limit: int) -> bytes | None:
+    """The request body, or None as soon as it is known to exceed ``limit`` bytes. Streamed, so
+    aiohttp's ``client_max_size`` (which bounds only ``request.read()``) does not apply."""
+    if request.content_length is not None and request.content_length > limit:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_chunked(65536):
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 # Severity as in the core: RETRY outranks FAILED (redelivery keeps every function's chance).
@@ -422,7 +440,7 @@ class Callbacks:
             return web.json_response({"error": f"{reason} call id {call_id}"}, status=status)
         self._reading.add(call_id)
         try:
-            body = await request.read()
+            body = await _read_at_most(request, self.settings.max_body_bytes)
         except BaseException:
             # The body never arrived whole: the call is still pending; a retried callback (or the
             # timeout) settles it.
@@ -432,9 +450,11 @@ class Callbacks:
             self._reading.discard(call_id)
         self._settle_call(call)
         latency = time.monotonic() - call.invoked_at
+        headers = tuple((k, v) for k, v in request.headers.items())
+        if body is None:
+            return self._too_large(call, latency, headers)
         self.metrics.received(call.function, status).inc()
         self.metrics.latency.observe(latency)
-        headers = tuple((k, v) for k, v in request.headers.items())
         result = TargetResult(
             call.function, status, ErrorKind.NONE, call.invocation, latency, None, body, headers
         )
@@ -443,6 +463,22 @@ class Callbacks:
         else:
             self._retry_or_finish(call, result)
         return web.json_response({"status": "settled"}, status=200)
+
+    def _too_large(self, call: _Call, latency: float, headers: tuple[tuple[str, str], ...]) -> web.Response:
+        """The result cannot be read: the call fails for good now (re-invoking would produce the
+        same result), rather than waiting for its timeout."""
+        limit = self.settings.max_body_bytes
+        reason = (
+            f"the callback body of {call.function} exceeds [dispatch] max_callback_bytes ({limit} bytes); "
+            "the result was not read: raise max_callback_bytes or make the function return less"
+        )
+        log.warning("call %s: %s", call.call_id, reason)
+        self.metrics.rejected.labels(reason="too_large").inc()
+        result = TargetResult(
+            call.function, 413, ErrorKind.NONE, call.invocation, latency, None, reason.encode(), headers
+        )
+        self._finish(call.composite, call.function, result)
+        return web.json_response({"error": reason}, status=413)
 
     # -- settling ----------------------------------------------------------------------------
 

@@ -238,6 +238,8 @@ class DispatchConfig(_Model):
     """No callback within this long counts as a retryable failure."""
     max_pending_callbacks: _PositiveInt = 10000
     """Async calls waiting for their callback; when full, new async invocations wait."""
+    max_callback_bytes: Annotated[int, Field(ge=1, le=1 << 31)] = 16 * 1024 * 1024
+    """Largest callback body (an async call's result); a larger one fails its call at once."""
     callback_secret: str | None = None
     """Key of the callback URL tokens (HMAC); generated at start-up when unset. Set it when
     callbacks must survive a restart (calls in flight across the restart)."""

@@ -110,6 +110,7 @@ class Daemon:
                 retry_on=tuple(d.retry_on),
                 backoff_initial=d.backoff_initial,
                 backoff_max=d.backoff_max,
+                max_body_bytes=d.max_callback_bytes,
             ),
             CallbackMetrics(self.metrics.registry),
         )
