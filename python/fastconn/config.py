@@ -173,6 +173,8 @@ class GatewayConfig(_Model):
     """Timeout for one gateway listing request, seconds."""
     startup_wait: Duration = 30.0
     """How long messages wait for the first successful topic map before being dropped, seconds."""
+    max_listing_bytes: Annotated[int, Field(ge=1024, le=1 << 31)] = 32 * 1024 * 1024
+    """Largest ``/system/functions`` answer read; a larger one fails the listing (last table kept)."""
 
     def credentials(self) -> tuple[str, str] | None:
         """Return ``(user, password)`` when ``basic_auth`` is on, else ``None``.

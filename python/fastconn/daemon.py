@@ -85,6 +85,7 @@ class Daemon:
                 topic_delimiter=gateway.topic_delimiter,
                 listing_timeout=gateway.listing_timeout,
                 namespaces=list(gateway.namespaces) or None,
+                max_listing_bytes=gateway.max_listing_bytes,
             )
             if gateway
             else None
