@@ -22,6 +22,7 @@ from fastconn.durations import Duration
 from fastconn.errors import SourceError
 from fastconn.headers import passthrough
 from fastconn.ratelimit import RateLimitedLog  # re-exported: the NATS sources import it from here
+from fastconn.redact import redact_text
 
 __all__ = [
     "NatsConnectionConfig",
@@ -298,7 +299,7 @@ async def connect(
         )
     finally:
         refused.cancel()
-    servers = ", ".join(config.servers)
+    servers = ", ".join(redact_text(server) for server in config.servers)  # user:password@
     if attempt.done() and not attempt.cancelled() and attempt.exception() is None:
         connecting = False
         return client
