@@ -26,6 +26,7 @@ from fastconn.callbacks import CallbackMetrics, CallbackSettings
 from fastconn.config import Config
 from fastconn.conn_guard import ServerLimits
 from fastconn.dispatcher import Dispatcher, DispatchOptions
+from fastconn.failure_log import FunctionFailureLog
 from fastconn.fdlimit import raise_open_files_limit
 from fastconn.functions import FunctionTarget
 from fastconn.message import Outcome
@@ -66,6 +67,7 @@ class Daemon:
         self.config = config
         self.metrics = metrics or Metrics()
         self.dispatcher = Dispatcher(dispatch_options(config))
+        self.failure_log = FunctionFailureLog()
         srv = config.server
         limits = ServerLimits(srv.header_timeout, srv.idle_timeout, srv.max_connections)
         self.admin = AdminServer(srv.listen, self.metrics, self._readiness, limits=limits)
@@ -174,6 +176,7 @@ class Daemon:
             self.dispatcher.stats, lambda: self.dispatcher.inflight, lambda: self.dispatcher.queued
         )
         self.dispatcher.add_observer(self._print_responses)
+        self.dispatcher.add_observer(self.failure_log)
         for source in self.sources:
             source.register(self.ctx)
         await self.admin.start()
@@ -193,6 +196,7 @@ class Daemon:
         while self.callbacks.pending and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         left = await self.dispatcher.close(max(0.0, deadline - time.monotonic()))
+        self.failure_log.flush()
         for source in self.sources:
             await _guard(source.close(), f"closing source {source.name}")
         await self.sync.stop()

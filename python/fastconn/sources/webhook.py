@@ -103,6 +103,8 @@ class WebhookSource:
         # request cannot hold up the shutdown.
         self._closed = asyncio.Event()
         self._malformed_log = RateLimitedLog(log, interval=10.0)
+        # Per-function detail is in fastconn.functions' aggregated lines; this says which messages.
+        self._undelivered_log = RateLimitedLog(log, interval=10.0)
 
     def register(self, ctx: SourceContext) -> None:
         self._ctx = ctx
@@ -169,7 +171,7 @@ class WebhookSource:
             for outcome in outcomes:
                 if not outcome.ok:
                     failure = outcome.first_failure()
-                    log.warning(
+                    self._undelivered_log.warning(
                         "webhook message %s on %s not delivered: %s",
                         outcome.message_id,
                         topic,
