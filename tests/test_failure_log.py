@@ -100,3 +100,24 @@ async def test_the_daemon_logs_function_failures_at_the_default_level(
     assert len(lines) == 2, lines
     assert "WARNING" in lines[0] and "function echo failed: message" in lines[0]
     assert "function echo: 19 failure(s) in the last 10s (500: 19); last: message" in lines[1]
+
+
+async def test_every_attempt_is_counted_by_status(
+    daemon_factory: DaemonFactory, http: aiohttp.ClientSession, function_double: FunctionDouble
+) -> None:
+    """fastconn_invocations_total counts final results only: a 503 retried into a 200 shows in
+    fastconn_attempts_total."""
+    function_double.script("/echo", [503, 503, 200])
+    config = {
+        "functions": [{"name": "echo", "url": function_double.url("/echo"), "topics": ["t"]}],
+        "dispatch": {"max_attempts": 5, "backoff_initial": "10ms", "backoff_max": "20ms"},
+        "sources": [{"type": "webhook"}],
+    }
+    daemon = await daemon_factory(config)
+    async with http.post(f"{daemon.url}/webhook/t?wait=true", data=b"x") as r:
+        assert r.status == 200
+    samples = await daemon.metrics()
+    assert samples['fastconn_invocations_total{function="echo",status="200"}'] == 1
+    assert 'fastconn_invocations_total{function="echo",status="503"}' not in samples
+    assert samples['fastconn_attempts_total{function="echo",status="503"}'] == 2
+    assert samples['fastconn_attempts_total{function="echo",status="200"}'] == 1
