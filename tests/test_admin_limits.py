@@ -104,6 +104,31 @@ async def test_at_the_connection_cap_slow_connections_make_room(
         _close_all(conns)
 
 
+async def test_at_the_connection_cap_idle_keepalive_connections_make_room(
+    daemon_factory: DaemonFactory, http: aiohttp.ClientSession, function_double: FunctionDouble
+) -> None:
+    """Connections that sent one request and then sit idle (or trickle the next head) cannot
+    hold the server's connections until idle_timeout."""
+    config = _config(function_double.url("/echo"), idle_timeout="60s", max_connections=50)
+    daemon = await daemon_factory(config)
+    host, _, port = daemon.listen.rpartition(":")
+    conns = []
+    for _ in range(60):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: fastconn\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200")
+        assert await reader.readexactly(3) == b"ok\n"
+        writer.write(_PARTIAL_HEAD)  # the next request trickles
+        conns.append((reader, writer))
+    try:
+        closed = await asyncio.gather(*(_closed_by_server(r, 5.0) for r, _ in conns[:10]))
+        assert all(closed), "the ten oldest idle connections made room for the newer ones"
+        assert await _healthz_latency(http, daemon) < 2.0
+    finally:
+        _close_all(conns)
+
+
 async def test_a_complete_request_is_not_cut_by_the_header_timeout(
     daemon_factory: DaemonFactory, function_double: FunctionDouble
 ) -> None:

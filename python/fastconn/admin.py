@@ -66,6 +66,7 @@ class AdminServer:
         if self._server is not None:
             self._server.close()  # stop accepting; open connections are shut down by the runner
             self._server = None
+            self.guard.close()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

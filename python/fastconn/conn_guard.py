@@ -10,8 +10,9 @@ listening socket and aiohttp's per-connection protocol:
 * every connection gets ``header_timeout`` to deliver its first request head (the app's
   middleware reports the head, see :meth:`ConnectionGuard.middleware`); late ones are closed;
 * at ``max_connections`` a new connection evicts the oldest one still waiting for its first head
-  (the kind an attacker opens by the thousand), so health probes and real senders keep getting
-  in; when every connection is busy with a real request, the new one is closed at once instead.
+  (the kind an attacker opens by the thousand), else the oldest idle keep-alive connection, so
+  health probes and real senders keep getting in; when every connection is busy with a request,
+  the new one is closed at once instead.
   Closing (rather than not accepting) keeps the kernel's accept queue from filling with sockets
   nobody will serve, and frees the file descriptor immediately.
 
@@ -52,7 +53,8 @@ class ServerLimits:
     idle_timeout: float = 75.0
     """Seconds an idle keep-alive connection stays open (aiohttp's ``keepalive_timeout``)."""
     max_connections: int = 1024
-    """Open connections; beyond it the oldest connection still waiting for a head is closed."""
+    """Open connections; beyond it the oldest connection still waiting for its first head (else
+    the oldest idle keep-alive one) is closed."""
 
 
 class ConnectionGuard:
@@ -60,9 +62,11 @@ class ConnectionGuard:
 
     def __init__(self, limits: ServerLimits) -> None:
         self.limits = limits
-        self._open: dict[asyncio.BaseTransport, _GuardedProtocol] = {}
-        # Connections that have not delivered a request head yet, oldest first (eviction order).
+        self._open: set[asyncio.BaseTransport] = set()
+        # Eviction candidates, oldest first: connections that have not delivered their first
+        # request head yet (with their deadline), then idle keep-alive connections.
         self._waiting: OrderedDict[asyncio.BaseTransport, asyncio.TimerHandle] = OrderedDict()
+        self._idle: OrderedDict[asyncio.BaseTransport, None] = OrderedDict()
         self.evicted = 0
         self.refused = 0
         self.timed_out = 0
@@ -77,31 +81,54 @@ class ConnectionGuard:
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
-        """Runs once aiohttp has parsed a request head: the connection is no longer suspect."""
+        """Runs once aiohttp has parsed a request head: the connection is busy until the handler
+        returns, then idle (evictable at the cap) until its next request."""
         transport = request.transport
-        if transport is not None:
-            self._head_received(transport)
-        return await handler(request)
+        if transport is None:
+            return await handler(request)
+        self._busy(transport)
+        try:
+            return await handler(request)
+        finally:
+            if transport in self._open:
+                self._idle[transport] = None
+
+    def close(self) -> None:
+        """Cancels the pending header deadlines (the server is shutting down)."""
+        for timer in self._waiting.values():
+            timer.cancel()
+        self._waiting.clear()
+        self._idle.clear()
 
     # -- bookkeeping, called by _GuardedProtocol ---------------------------------------------
 
-    def _admit(self, transport: asyncio.BaseTransport, protocol: _GuardedProtocol) -> bool:
+    def _admit(self, transport: asyncio.BaseTransport) -> bool:
         if len(self._open) >= self.limits.max_connections:
-            if not self._waiting:
+            victim = self._eviction_candidate()
+            if victim is None:
                 self.refused += 1
                 return False
-            oldest, _ = next(iter(self._waiting.items()))
             self.evicted += 1
-            self._close(oldest)
-        self._open[transport] = protocol
+            self._close(victim)
+        self._open.add(transport)
         loop = asyncio.get_running_loop()
         self._waiting[transport] = loop.call_later(self.limits.header_timeout, self._expire, transport)
         return True
 
-    def _head_received(self, transport: asyncio.BaseTransport) -> None:
+    def _eviction_candidate(self) -> asyncio.BaseTransport | None:
+        if self._waiting:
+            return next(iter(self._waiting))
+        for transport in self._idle:
+            # A response still being written is not idle yet.
+            if not isinstance(transport, asyncio.WriteTransport) or not transport.get_write_buffer_size():
+                return transport
+        return None
+
+    def _busy(self, transport: asyncio.BaseTransport) -> None:
         timer = self._waiting.pop(transport, None)
         if timer is not None:
             timer.cancel()
+        self._idle.pop(transport, None)
 
     def _expire(self, transport: asyncio.BaseTransport) -> None:
         if transport in self._waiting:
@@ -117,8 +144,8 @@ class ConnectionGuard:
             transport.close()
 
     def _forget(self, transport: asyncio.BaseTransport) -> None:
-        self._head_received(transport)
-        self._open.pop(transport, None)
+        self._busy(transport)
+        self._open.discard(transport)
 
 
 class _GuardedProtocol(asyncio.Protocol):
@@ -131,7 +158,7 @@ class _GuardedProtocol(asyncio.Protocol):
         self._transport: asyncio.BaseTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if not self._guard._admit(transport, self):
+        if not self._guard._admit(transport):
             if isinstance(transport, asyncio.WriteTransport):
                 transport.abort()
             return
