@@ -52,6 +52,7 @@ from typing import Any, Literal, Protocol
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from fastconn.http_body import read_at_most
 from fastconn.message import ErrorKind, Message, Outcome, OutcomeCallback, TargetResult, Verdict
 
 __all__ = ["AckMode", "CallTransport", "CallbackMetrics", "CallbackSettings", "Callbacks"]
@@ -185,21 +186,6 @@ def _verdict(result: TargetResult, retry_on: tuple[int, ...]) -> Verdict:
     if result.error in (ErrorKind.CONNECT, ErrorKind.TIMEOUT, ErrorKind.IO) or result.status in retry_on:
         return Verdict.RETRY
     return Verdict.FAILED
-
-
-async def _read_at_most(request: web.Request, limit: int) -> bytes | None:
-    """The request body, or None as soon as it is known to exceed ``limit`` bytes. Streamed, so
-    aiohttp's ``client_max_size`` (which bounds only ``request.read()``) does not apply."""
-    if request.content_length is not None and request.content_length > limit:
-        return None
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.content.iter_chunked(65536):
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 # Severity as in the core: RETRY outranks FAILED (redelivery keeps every function's chance).
@@ -440,7 +426,7 @@ class Callbacks:
             return web.json_response({"error": f"{reason} call id {call_id}"}, status=status)
         self._reading.add(call_id)
         try:
-            body = await _read_at_most(request, self.settings.max_body_bytes)
+            body = await read_at_most(request, self.settings.max_body_bytes)
         except BaseException:
             # The body never arrived whole: the call is still pending; a retried callback (or the
             # timeout) settles it.

@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fastconn.errors import DispatcherClosed
 from fastconn.headers import passthrough
+from fastconn.http_body import read_at_most
 from fastconn.message import Message, Outcome, Verdict
 from fastconn.ratelimit import RateLimitedLog
 from fastconn.source import SourceContext
@@ -108,7 +109,7 @@ class WebhookSource:
 
     def register(self, ctx: SourceContext) -> None:
         self._ctx = ctx
-        # The body is streamed by _read_limited (own limit, clear 413), so aiohttp's
+        # The body is streamed by read_at_most (own limit, clear 413), so aiohttp's
         # client_max_size, which only bounds request.read(), does not apply here.
         # [\s\S], not ".": a topic with a (percent-encoded) newline must reach topic_problem and
         # get its 400, not a bare 404.
@@ -138,7 +139,7 @@ class WebhookSource:
                 f"body of {request.content_length} bytes exceeds max_body_bytes "
                 f"({self.config.max_body_bytes})",
             )
-        body = await self._read_limited(request)
+        body = await read_at_most(request, self.config.max_body_bytes)
         if body is None:
             return _error(413, f"body exceeds max_body_bytes ({self.config.max_body_bytes})")
         denied = self._check_signature(request, body)
@@ -231,18 +232,6 @@ class WebhookSource:
             "source %s: bad request from %s: %s", self.name, request.remote or "?", problem
         )
         return _error(400, problem)
-
-    async def _read_limited(self, request: web.Request) -> bytes | None:
-        """Reads the body, giving up as soon as it passes the limit (chunked bodies too)."""
-        limit = self.config.max_body_bytes
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.content.iter_chunked(65536):
-            size += len(chunk)
-            if size > limit:
-                return None
-            chunks.append(chunk)
-        return b"".join(chunks)
 
 
 def _waited_response(outcome: Outcome, message_id: str) -> web.Response:
