@@ -125,3 +125,42 @@ async def test_a_webhook_request_before_the_first_topic_map_gets_503_at_once(
     assert time.monotonic() - started < 1.0
     assert (status, headers.get("retry-after")) == (503, "1"), body
     assert b"topic map not loaded" in body
+
+
+async def test_unparsable_requests_get_400_and_one_line_without_traceback(
+    daemon_factory: DaemonFactory, function_double: FunctionDouble
+) -> None:
+    daemon = await daemon_factory(_config(function_double))
+    for request in (
+        b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",  # request line too long
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 9000 + b"\r\n\r\n",  # header too long
+        b"POST /webhook/t HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",  # bad chunk
+    ):
+        status, _, _ = await _raw(daemon, request)
+        assert status == 400
+    await wait_for(lambda: "malformed HTTP request" in daemon.output(), 5, what="the log line")
+    assert daemon.output().count("malformed HTTP request") == 1, "rate-limited"
+    assert "Traceback" not in daemon.output()
+
+
+async def test_a_body_cut_short_is_one_line_without_traceback(
+    daemon_factory: DaemonFactory, function_double: FunctionDouble
+) -> None:
+    daemon = await daemon_factory(_config(function_double))
+    host, _, port = daemon.listen.rpartition(":")
+    _, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST /webhook/t HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nonly this")
+    await writer.drain()
+    writer.close()  # the sender goes away mid-body
+    await wait_for(lambda: "did not arrive whole" in daemon.output(), 5, what="the log line")
+    assert "Traceback" not in daemon.output()
+    assert function_double.calls_to("/echo") == []
+
+
+async def test_a_callback_with_an_undecodable_call_id_is_refused_without_traceback(
+    daemon_factory: DaemonFactory, function_double: FunctionDouble
+) -> None:
+    daemon = await daemon_factory(_config(function_double))
+    status, _, _ = await _raw(daemon, _post("/callback/abc", extra=b"X-Call-Id: \xff\xfe\r\n"))
+    assert status == 401
+    assert "Traceback" not in daemon.output()

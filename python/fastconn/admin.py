@@ -4,13 +4,16 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from collections.abc import Callable
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from fastconn.conn_guard import ConnectionGuard, ServerLimits
 from fastconn.metrics import Metrics
+from fastconn.ratelimit import RateLimitedLog
 
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -18,6 +21,32 @@ METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # A request line or header field longer than this is refused with 431/400 (aiohttp's 8 KiB
 # default is kept explicit: it bounds what a slow client can make the server buffer).
 _MAX_LINE_BYTES = 8190
+
+
+class _MalformedRequests(logging.Filter):
+    """aiohttp logs every request it cannot parse (a line too long, a bad chunk size) at ERROR
+    with a traceback: a client's mistake, repeatable at will. Those become one rate-limited
+    line; every other error (a bug in a handler) keeps its traceback."""
+
+    def __init__(self, log: logging.Logger) -> None:
+        super().__init__()
+        self._lines = RateLimitedLog(log, interval=10.0)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        remote = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+        self._lines.warning("malformed HTTP request from %s: %s", remote, exc.message or type(exc).__name__)
+        return False
+
+
+def _server_logger() -> logging.Logger:
+    """The logger aiohttp's request handlers use, with the filter above (installed once)."""
+    logger = logging.getLogger("fastconn.admin.http")
+    if not any(isinstance(f, _MalformedRequests) for f in logger.filters):
+        logger.addFilter(_MalformedRequests(logging.getLogger("fastconn.admin")))
+    return logger
 
 
 class AdminServer:
@@ -49,6 +78,7 @@ class AdminServer:
             keepalive_timeout=self.limits.idle_timeout,
             max_line_size=_MAX_LINE_BYTES,
             max_field_size=_MAX_LINE_BYTES,
+            logger=_server_logger(),
         )
         await self._runner.setup()
         handler_factory = self._runner.server

@@ -52,8 +52,9 @@ from typing import Any, Literal, Protocol
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from fastconn.http_body import read_at_most
+from fastconn.http_body import IncompleteBody, read_at_most
 from fastconn.message import ErrorKind, Message, Outcome, OutcomeCallback, TargetResult, Verdict
+from fastconn.ratelimit import RateLimitedLog
 
 __all__ = ["AckMode", "CallTransport", "CallbackMetrics", "CallbackSettings", "Callbacks"]
 
@@ -209,6 +210,7 @@ class Callbacks:
         self._pending_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._sweeper: asyncio.Task[None] | None = None
         self._retry_tasks: set[asyncio.Task[None]] = set()
+        self._incomplete_log = RateLimitedLog(log, interval=10.0)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -407,7 +409,13 @@ class Callbacks:
     async def handle(self, request: web.Request) -> web.Response:
         call_id = request.headers.get(_CALL_ID, "")
         token = request.match_info["token"]
-        if not call_id or not hmac.compare_digest(token.encode(), self.token(call_id).encode()):
+        # Call ids are ASCII (uuid hex); anything else, even undecodable bytes, is not ours.
+        if (
+            not call_id
+            or not call_id.isascii()
+            or not token.isascii()
+            or not hmac.compare_digest(token.encode(), self.token(call_id).encode())
+        ):
             self.metrics.rejected.labels(reason="bad_token").inc()
             return web.json_response({"error": "bad callback token"}, status=401)
         try:
@@ -427,10 +435,14 @@ class Callbacks:
         self._reading.add(call_id)
         try:
             body = await read_at_most(request, self.settings.max_body_bytes)
-        except BaseException:
+        except BaseException as exc:
             # The body never arrived whole: the call is still pending; a retried callback (or the
             # timeout) settles it.
             self._calls[call_id] = call
+            if isinstance(exc, IncompleteBody):
+                self.metrics.rejected.labels(reason="incomplete").inc()
+                self._incomplete_log.warning("callback for call %s: %s", call_id, exc)
+                return web.json_response({"error": str(exc)}, status=400)
             raise
         finally:
             self._reading.discard(call_id)

@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fastconn.errors import DispatcherClosed
 from fastconn.headers import passthrough
-from fastconn.http_body import read_at_most
+from fastconn.http_body import IncompleteBody, read_at_most
 from fastconn.message import Message, Outcome, Verdict
 from fastconn.ratelimit import RateLimitedLog
 from fastconn.source import SourceContext
@@ -139,7 +139,10 @@ class WebhookSource:
                 f"body of {request.content_length} bytes exceeds max_body_bytes "
                 f"({self.config.max_body_bytes})",
             )
-        body = await read_at_most(request, self.config.max_body_bytes)
+        try:
+            body = await read_at_most(request, self.config.max_body_bytes)
+        except IncompleteBody as exc:
+            return self._malformed(request, str(exc))
         if body is None:
             return _error(413, f"body exceeds max_body_bytes ({self.config.max_body_bytes})")
         denied = self._check_signature(request, body)
