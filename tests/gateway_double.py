@@ -201,6 +201,8 @@ class GatewayDouble:
         """False makes ``/system/namespaces`` 404, like providers without namespace support."""
         self.namespaces_body: bytes | None = None
         """Raw ``/system/namespaces`` body override (e.g. ``b""`` or ``b"null"``)."""
+        self.functions_body: bytes | None = None
+        """Raw ``/system/functions`` body override (e.g. a huge pre-serialised listing)."""
         self.down = False
         """True makes every ``/system/*`` request fail with 500 (the provider is unreachable)."""
         self.system_delay = 0.0
@@ -414,8 +416,23 @@ class GatewayDouble:
         # The real provider refuses namespaces it does not manage rather than returning [].
         if self.namespaces_supported and namespace not in self._served_namespaces():
             return web.Response(status=400, text=f"namespace {namespace} is not allowed")
+        if self.functions_body is not None:
+            return await self._stream(request, self.functions_body)
         statuses = [spec.to_status() for (_, ns), spec in self._functions.items() if ns == namespace]
         return web.json_response(statuses)
+
+    @staticmethod
+    async def _stream(request: web.Request, body: bytes) -> web.StreamResponse:
+        """``body`` written in pieces: a huge listing must not stall this (the test's) event loop
+        for the write of the whole, which a real gateway in another process would not."""
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.content_length = len(body)
+        await response.prepare(request)
+        view = memoryview(body)
+        for start in range(0, len(body), 256 * 1024):
+            await response.write(view[start : start + 256 * 1024])
+        await response.write_eof()
+        return response
 
     # ----------------------------------------------------------------- /function/, /async-function/
 

@@ -336,3 +336,40 @@ async def test_results_reach_a_response_subject(
     assert headers["X-Function-Name"] == "answer.openfaas-fn"
     assert headers["X-Message-Id"] == f"{stream}/{ack.seq}"
     assert headers["Content-Type"] == "text/x-answer"
+
+
+async def test_a_callback_body_over_one_mebibyte_is_accepted(harness_factory: Callable[..., object]) -> None:
+    """aiohttp's default client_max_size (1 MiB) used to refuse it: the call then waited for its
+    timeout and was re-invoked, so a large async result could never settle."""
+    h: Harness = await harness_factory(timeout=30.0)  # type: ignore[misc]
+    big = bytes(range(256)) * (2 * 1024 * 1024 // 256)  # 2 MiB
+    h.gateway.script("big", statuses=[200], body=big)
+    h.dispatcher.set_functions([h.target("big", "jobs")])
+    await h.dispatcher.submit([Message("jobs", b"x")], h.collect)
+    await wait_for(lambda: h.outcomes, timeout=10, what="the outcome")
+    [outcome] = h.outcomes
+    assert outcome.verdict is Verdict.OK
+    assert outcome.results[0].body == big
+    assert [c.response_status for c in h.gateway.callbacks] == [200]
+
+
+async def test_a_callback_body_over_the_limit_fails_its_call_at_once(
+    harness_factory: Callable[..., object],
+) -> None:
+    limit = 1024 * 1024
+    h: Harness = await harness_factory(timeout=30.0, max_body_bytes=limit)  # type: ignore[misc]
+    h.gateway.script("huge", statuses=[200], body=b"z" * (limit + 1), callback_copies=2)
+    h.dispatcher.set_functions([h.target("huge", "jobs")])
+    started = time.monotonic()
+    await h.dispatcher.submit([Message("jobs", b"x")], h.collect)
+    await wait_for(lambda: h.outcomes, timeout=10, what="the outcome")
+    assert time.monotonic() - started < 5, "settled at once, not after the 30 s callback timeout"
+    [outcome] = h.outcomes
+    assert outcome.verdict is Verdict.FAILED
+    [result] = outcome.results
+    assert result.status == 413
+    assert result.body is not None and b"max_callback_bytes (1048576 bytes)" in result.body
+    sent = await asyncio.wait_for(h.gateway.wait_callbacks(2), 5)
+    assert [c.response_status for c in sent] == [413, 409], "settled once; the copy is a duplicate"
+    assert h.gateway.calls("huge") == 1, "not re-invoked: the same result would be too large again"
+    assert h.callbacks.pending == 0

@@ -27,7 +27,9 @@ _WireMessage = tuple[
     str, bytes, Sequence[tuple[str, str]], str, bytes | None, int, int, str | None, Sequence[tuple[str, str]]
 ]
 _ResultTuple = tuple[str, int, int, int, float, float | None, bytes | None, list[tuple[str, str]] | None]
-_StatsTuple = tuple[str, list[tuple[str, int]], list[int], float, int, int]
+# (function, final results by status, cumulative latency buckets, latency sum, count, retries,
+#  every attempt by status)
+_StatsTuple = tuple[str, list[tuple[str, int]], list[int], float, int, int, list[tuple[str, int]]]
 
 @final
 class Runtime:

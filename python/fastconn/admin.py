@@ -3,38 +3,100 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import socket
 from collections.abc import Callable
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
+from fastconn.conn_guard import ConnectionGuard, ServerLimits
 from fastconn.metrics import Metrics
+from fastconn.ratelimit import RateLimitedLog
 
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
+# A request line or header field longer than this is refused with 431/400 (aiohttp's 8 KiB
+# default is kept explicit: it bounds what a slow client can make the server buffer).
+_MAX_LINE_BYTES = 8190
+
+
+class _MalformedRequests(logging.Filter):
+    """aiohttp logs every request it cannot parse (a line too long, a bad chunk size) at ERROR
+    with a traceback: a client's mistake, repeatable at will. Those become one rate-limited
+    line; every other error (a bug in a handler) keeps its traceback."""
+
+    def __init__(self, log: logging.Logger) -> None:
+        super().__init__()
+        self._lines = RateLimitedLog(log, interval=10.0)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        remote = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+        self._lines.warning("malformed HTTP request from %s: %s", remote, exc.message or type(exc).__name__)
+        return False
+
+
+def _server_logger() -> logging.Logger:
+    """The logger aiohttp's request handlers use, with the filter above (installed once)."""
+    logger = logging.getLogger("fastconn.admin.http")
+    if not any(isinstance(f, _MalformedRequests) for f in logger.filters):
+        logger.addFilter(_MalformedRequests(logging.getLogger("fastconn.admin")))
+    return logger
+
+
 class AdminServer:
-    def __init__(self, listen: str, metrics: Metrics, is_ready: Callable[[], tuple[bool, str]]) -> None:
+    def __init__(
+        self,
+        listen: str,
+        metrics: Metrics,
+        is_ready: Callable[[], tuple[bool, str]],
+        *,
+        limits: ServerLimits | None = None,
+    ) -> None:
         self.host, self.port = split_listen(listen)
         self.metrics = metrics
         self._is_ready = is_ready
-        self.app = web.Application()
+        self.limits = limits or ServerLimits()
+        self.guard = ConnectionGuard(self.limits)
+        self.app = web.Application(middlewares=[self.guard.middleware])
         self.app.router.add_get("/healthz", self._healthz)
         self.app.router.add_get("/readyz", self._readyz)
         self.app.router.add_get("/metrics", self._metrics)
         self._runner: web.AppRunner | None = None
+        self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(
+            self.app,
+            access_log=None,
+            handle_signals=False,
+            keepalive_timeout=self.limits.idle_timeout,
+            max_line_size=_MAX_LINE_BYTES,
+            max_field_size=_MAX_LINE_BYTES,
+            logger=_server_logger(),
+        )
         await self._runner.setup()
-        # Bound here rather than by TCPSite so the port picked for port 0 is known through a
-        # public API (the socket), not the site's private server object.
+        handler_factory = self._runner.server
+        if handler_factory is None:  # setup() creates it; checked for the type checker
+            raise RuntimeError("aiohttp runner has no server after setup()")
+        # Served by our own asyncio server rather than a site so every connection passes the
+        # guard (header deadline, connection cap) before aiohttp sees it. Bound here so the
+        # port picked for port 0 is known through the socket.
         sock = bind_listener(self.host, self.port)
-        site = web.SockSite(self._runner, sock)
-        await site.start()
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self.guard.wrap(handler_factory), sock=sock)
         self.port = sock.getsockname()[1]
 
     async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()  # stop accepting; open connections are shut down by the runner
+            self._server = None
+            self.guard.close()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

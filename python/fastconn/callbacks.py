@@ -53,7 +53,9 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from fastconn.backoff import doubling
+from fastconn.http_body import IncompleteBody, read_at_most
 from fastconn.message import ErrorKind, Message, Outcome, OutcomeCallback, TargetResult, Verdict
+from fastconn.ratelimit import RateLimitedLog
 
 __all__ = ["AckMode", "CallTransport", "CallbackMetrics", "CallbackSettings", "Callbacks"]
 
@@ -101,6 +103,9 @@ class CallbackSettings:
     retry_on: tuple[int, ...] = (408, 429, 500, 502, 503, 504)
     backoff_initial: float = 0.1
     backoff_max: float = 30.0
+    max_body_bytes: int = 16 * 1024 * 1024
+    """Largest callback body (a function's async result) accepted; a larger one settles its
+    call as a failure (status 413) at once."""
 
 
 class CallbackMetrics:
@@ -211,6 +216,7 @@ class Callbacks:
         self._sweeper: asyncio.Task[None] | None = None
         self._retry_tasks: set[asyncio.Task[None]] = set()
         self._spawn: Spawn | None = None
+        self._incomplete_log = RateLimitedLog(log, interval=10.0)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -419,7 +425,13 @@ class Callbacks:
     async def handle(self, request: web.Request) -> web.Response:
         call_id = request.headers.get(_CALL_ID, "")
         token = request.match_info["token"]
-        if not call_id or not hmac.compare_digest(token.encode(), self.token(call_id).encode()):
+        # Call ids are ASCII (uuid hex); anything else, even undecodable bytes, is not ours.
+        if (
+            not call_id
+            or not call_id.isascii()
+            or not token.isascii()
+            or not hmac.compare_digest(token.encode(), self.token(call_id).encode())
+        ):
             self.metrics.rejected.labels(reason="bad_token").inc()
             return web.json_response({"error": "bad callback token"}, status=401)
         try:
@@ -438,19 +450,25 @@ class Callbacks:
             return web.json_response({"error": f"{reason} call id {call_id}"}, status=status)
         self._reading.add(call_id)
         try:
-            body = await request.read()
-        except BaseException:
+            body = await read_at_most(request, self.settings.max_body_bytes)
+        except BaseException as exc:
             # The body never arrived whole: the call is still pending; a retried callback (or the
             # timeout) settles it.
             self._calls[call_id] = call
+            if isinstance(exc, IncompleteBody):
+                self.metrics.rejected.labels(reason="incomplete").inc()
+                self._incomplete_log.warning("callback for call %s: %s", call_id, exc)
+                return web.json_response({"error": str(exc)}, status=400)
             raise
         finally:
             self._reading.discard(call_id)
         self._settle_call(call)
         latency = time.monotonic() - call.invoked_at
+        headers = tuple((k, v) for k, v in request.headers.items())
+        if body is None:
+            return self._too_large(call, latency, headers)
         self.metrics.received(call.function, status).inc()
         self.metrics.latency.observe(latency)
-        headers = tuple((k, v) for k, v in request.headers.items())
         result = TargetResult(
             call.function, status, ErrorKind.NONE, call.invocation, latency, None, body, headers
         )
@@ -459,6 +477,22 @@ class Callbacks:
         else:
             self._retry_or_finish(call, result)
         return web.json_response({"status": "settled"}, status=200)
+
+    def _too_large(self, call: _Call, latency: float, headers: tuple[tuple[str, str], ...]) -> web.Response:
+        """The result cannot be read: the call fails for good now (re-invoking would produce the
+        same result), rather than waiting for its timeout."""
+        limit = self.settings.max_body_bytes
+        reason = (
+            f"the callback body of {call.function} exceeds [dispatch] max_callback_bytes ({limit} bytes); "
+            "the result was not read: raise max_callback_bytes or make the function return less"
+        )
+        log.warning("call %s: %s", call.call_id, reason)
+        self.metrics.rejected.labels(reason="too_large").inc()
+        result = TargetResult(
+            call.function, 413, ErrorKind.NONE, call.invocation, latency, None, reason.encode(), headers
+        )
+        self._finish(call.composite, call.function, result)
+        return web.json_response({"error": reason}, status=413)
 
     # -- settling ----------------------------------------------------------------------------
 

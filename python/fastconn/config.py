@@ -178,6 +178,8 @@ class GatewayConfig(_Model):
     """Timeout for one gateway listing request, seconds."""
     startup_wait: Duration = 30.0
     """How long messages wait for the first successful topic map before being dropped, seconds."""
+    max_listing_bytes: Annotated[int, Field(ge=1024, le=1 << 31)] = 32 * 1024 * 1024
+    """Largest ``/system/functions`` answer read; a larger one fails the listing (last table kept)."""
     tls_ca: _NonEmptyStr | None = None
     """PEM file of CA certificates trusted for https:// calls, on top of the system's roots."""
     tls_cert: _NonEmptyStr | None = None
@@ -277,6 +279,8 @@ class DispatchConfig(_Model):
     """No callback within this long counts as a retryable failure."""
     max_pending_callbacks: _PositiveInt = 10000
     """Async calls waiting for their callback; when full, new async invocations wait."""
+    max_callback_bytes: Annotated[int, Field(ge=1, le=1 << 31)] = 16 * 1024 * 1024
+    """Largest callback body (an async call's result); a larger one fails its call at once."""
     callback_secret: str | None = None
     """Key of the callback URL tokens (HMAC); generated at start-up when unset. Set it when
     callbacks must survive a restart (calls in flight across the restart)."""
@@ -299,6 +303,12 @@ class ServerConfig(_Model):
     """``host:port`` or ``[ipv6]:port``; port 0 picks a free port."""
     public_url: Annotated[str, AfterValidator(_check_optional_base_url)] = ""
     """URL under which the server is reachable from outside; empty derives it from ``listen``."""
+    header_timeout: _PositiveDuration = 10.0
+    """Seconds a new connection has to send its first request head before it is closed."""
+    idle_timeout: _PositiveDuration = 75.0
+    """Seconds an idle keep-alive connection stays open."""
+    max_connections: Annotated[int, Field(ge=1, le=1_000_000)] = 1024
+    """Open connections; at the cap the oldest one still sending its first head is closed."""
 
     @property
     def host(self) -> str:

@@ -24,7 +24,10 @@ from pydantic import BaseModel
 from fastconn.admin import AdminServer
 from fastconn.callbacks import CallbackMetrics, CallbackSettings
 from fastconn.config import Config
+from fastconn.conn_guard import ServerLimits
 from fastconn.dispatcher import Dispatcher, DispatchOptions
+from fastconn.failure_log import FunctionFailureLog
+from fastconn.fdlimit import raise_open_files_limit
 from fastconn.functions import FunctionTarget
 from fastconn.message import Outcome
 from fastconn.metrics import Metrics
@@ -73,7 +76,10 @@ class Daemon:
         self.metrics = metrics or Metrics()
         self.supervisor = supervisor or Supervisor(self.metrics.task_restarts)
         self.dispatcher = Dispatcher(dispatch_options(config))
-        self.admin = AdminServer(config.server.listen, self.metrics, self._readiness)
+        self.failure_log = FunctionFailureLog()
+        srv = config.server
+        limits = ServerLimits(srv.header_timeout, srv.idle_timeout, srv.max_connections)
+        self.admin = AdminServer(srv.listen, self.metrics, self._readiness, limits=limits)
         self.sources: list[Source] = [create_source(entry) for entry in config.sources]
         self.stopping = asyncio.Event()
         self._sources_started = False
@@ -91,6 +97,7 @@ class Daemon:
                 listing_timeout=gateway.listing_timeout,
                 namespaces=list(gateway.namespaces) or None,
                 ssl_context=gateway.ssl_context(),
+                max_listing_bytes=gateway.max_listing_bytes,
             )
             if gateway
             else None
@@ -116,6 +123,7 @@ class Daemon:
                 retry_on=tuple(d.retry_on),
                 backoff_initial=d.backoff_initial,
                 backoff_max=d.backoff_max,
+                max_body_bytes=d.max_callback_bytes,
             ),
             CallbackMetrics(self.metrics.registry),
         )
@@ -184,6 +192,7 @@ class Daemon:
             self.dispatcher.stats, lambda: self.dispatcher.inflight, lambda: self.dispatcher.queued
         )
         self.dispatcher.add_observer(self._print_responses)
+        self.dispatcher.add_observer(self.failure_log)
         for source in self.sources:
             source.register(self.ctx)
         await self.admin.start()
@@ -203,6 +212,7 @@ class Daemon:
         while self.callbacks.pending and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         left = await self.dispatcher.close(max(0.0, deadline - time.monotonic()))
+        self.failure_log.flush()
         for source in self.sources:
             await _guard(source.close(), f"closing source {source.name}")
         await self.sync.stop()
@@ -213,6 +223,7 @@ class Daemon:
 
     async def run(self) -> None:
         """Runs until SIGTERM/SIGINT (or ``stopping`` is set), then shuts down gracefully."""
+        raise_open_files_limit()
         loop = asyncio.get_running_loop()
         signals = (signal.SIGTERM, signal.SIGINT)
         for sig in signals:

@@ -471,7 +471,11 @@ class Dispatcher:
         """Whether a submit of one message would proceed without waiting."""
         return not self._capacity.waiters and self._capacity.available > 0
 
-    def stats(self) -> list[tuple[str, list[tuple[str, int]], list[int], float, int, int]]:
+    def stats(
+        self,
+    ) -> list[tuple[str, list[tuple[str, int]], list[int], float, int, int, list[tuple[str, int]]]]:
+        """Per function: final results by status, latency buckets, sum, count, retries, and
+        every attempt's result by status."""
         return self._runtime.stats() if self._runtime else []
 
     # -- completions -----------------------------------------------------------------------

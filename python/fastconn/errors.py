@@ -12,8 +12,8 @@ catch "anything fastconn-specific" in one place while still telling the kinds ap
     ├── RegistryError       gateway listing failed (carries url, status)
     └── SourceError         a source failed to connect / is misconfigured at runtime
 
-This module must stay dependency-free (stdlib only): it is imported by everything else,
-including code that runs before the native extension is loaded.
+This module must stay dependency-free (stdlib and the stdlib-only :mod:`fastconn.redact`): it
+is imported by everything else, including code that runs before the native extension is loaded.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
+
+from fastconn.redact import redact_text, redact_value
 
 __all__ = [
     "MISSING",
@@ -71,11 +73,19 @@ class ConfigProblem:
     array elements (``"dispatch.max_inflight"``, ``"sources[1].auth_token"``), ``"env:<NAME>"`` for an
     environment override, or a file path for problems reading the file itself.
     ``message`` says what was expected; ``value`` is the offending value (or :data:`MISSING`).
+    Both are redacted on construction (:mod:`fastconn.redact`): the value of a secret key shows as
+    ``<redacted>``, credentials in URLs as ``***``.
     """
 
     location: str
     message: str
     value: object = MISSING
+
+    def __post_init__(self) -> None:
+        # Errors are printed and logged: a secret the user mistyped must not be quoted back.
+        object.__setattr__(self, "message", redact_text(self.message))
+        if self.value is not MISSING:
+            object.__setattr__(self, "value", redact_value(self.value, self.location))
 
     def __str__(self) -> str:
         if self.value is MISSING:

@@ -32,6 +32,7 @@ CREDENTIALS: Final = frozenset({"authorization", "proxy-authorization", "cookie"
 
 _TOKEN: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _BAD_VALUE: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_SURROGATE: Final = re.compile("[\ud800-\udfff]")
 
 
 def forwardable(lower_name: str, source_reserved: frozenset[str] = frozenset()) -> bool:
@@ -40,8 +41,10 @@ def forwardable(lower_name: str, source_reserved: frozenset[str] = frozenset()) 
 
 
 def valid_value(value: object) -> bool:
-    """Whether HTTP/1.1 can carry this value (text without control characters but tab)."""
-    return isinstance(value, str) and _BAD_VALUE.search(value) is None
+    """Whether HTTP/1.1 can carry this value (text without control characters but tab) and the
+    core can take it: aiohttp decodes bytes that are not UTF-8 to lone surrogates, which no
+    UTF-8 encoder accepts."""
+    return isinstance(value, str) and _BAD_VALUE.search(value) is None and _SURROGATE.search(value) is None
 
 
 def passthrough(

@@ -11,7 +11,9 @@ from prometheus_client.registry import Collector
 
 from fastconn import _core
 
-StatsReader = Callable[[], list[tuple[str, list[tuple[str, int]], list[int], float, int, int]]]
+StatsReader = Callable[
+    [], list[tuple[str, list[tuple[str, int]], list[int], float, int, int, list[tuple[str, int]]]]
+]
 
 
 class _CoreCollector(Collector):
@@ -30,16 +32,24 @@ class _CoreCollector(Collector):
             labels=["function"],
         )
         retries = CounterMetricFamily("fastconn_retries", "Retried call attempts", labels=["function"])
+        attempts = CounterMetricFamily(
+            "fastconn_attempts",
+            "Every HTTP attempt's result, retried ones included",
+            labels=["function", "status"],
+        )
         reader = self._read()
         bounds = [*(str(b) for b in _core.LATENCY_BUCKETS), "+Inf"]
-        for function, results, buckets, total, _count, retried in reader() if reader else []:
+        for function, results, buckets, total, _count, retried, tried in reader() if reader else []:
             for status, n in results:
                 invocations.add_metric([function, status], n)
             duration.add_metric([function], list(zip(bounds, buckets, strict=True)), total)
             retries.add_metric([function], retried)
+            for status, n in tried:
+                attempts.add_metric([function, status], n)
         yield invocations
         yield duration
         yield retries
+        yield attempts
 
 
 class Metrics:

@@ -33,6 +33,7 @@ from fastconn.backoff import doubling
 from fastconn.durations import parse_duration
 from fastconn.errors import ConfigError, RegistryError
 from fastconn.functions import FunctionTarget
+from fastconn.json_list import decode_json_list, utf8_text
 from fastconn.supervise import Supervisor
 
 __all__ = [
@@ -59,6 +60,11 @@ TIMEOUT_ANNOTATION: Final = "fastconn.timeout"
 _INITIAL_BACKOFF: Final = 0.5
 # Enough of an error body to see what a proxy or gateway said, without flooding the log.
 _ERROR_BODY_CHARS: Final = 200
+DEFAULT_MAX_LISTING_BYTES: Final = 32 * 1024 * 1024
+# Bodies above this are decoded in a worker thread (a few milliseconds of parsing on the loop
+# below it); the function table is then built with a yield to the loop every few entries.
+_OFF_LOOP_BYTES: Final = 256 * 1024
+_ENTRIES_PER_YIELD: Final = 500
 
 
 def parse_topics(annotation: str, delimiter: str) -> tuple[str, ...]:
@@ -166,6 +172,7 @@ class GatewayRegistry:
         session: aiohttp.ClientSession | None = None,
         logger: logging.Logger | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        max_listing_bytes: int = DEFAULT_MAX_LISTING_BYTES,
     ) -> None:
         parsed = URL(gateway_url)
         if parsed.scheme not in ("http", "https") or not parsed.host:
@@ -177,6 +184,7 @@ class GatewayRegistry:
         self._delimiter = topic_delimiter
         self._timeout = aiohttp.ClientTimeout(total=listing_timeout)
         self._namespaces = list(namespaces) if namespaces is not None else None
+        self._max_bytes = max_listing_bytes
         self._session = session
         self._owns_session = session is None
         # True: aiohttp's default verification against the system's roots.
@@ -210,10 +218,12 @@ class GatewayRegistry:
         """
         targets: list[FunctionTarget] = []
         for namespace in await self._list_namespaces():
-            for status in await self._list_functions(namespace):
+            for index, status in enumerate(await self._list_functions(namespace), 1):
                 target = self._target(status, namespace)
                 if target is not None:
                     targets.append(target)
+                if index % _ENTRIES_PER_YIELD == 0:
+                    await asyncio.sleep(0)  # a listing of 100k functions must not stall the loop
         # Sorted so that an unchanged deployment always yields an equal list (no spurious re-applies).
         return sorted(targets, key=lambda target: target.name)
 
@@ -226,7 +236,7 @@ class GatewayRegistry:
         # 404: a provider without namespace support. Empty, null and [] all mean "no namespaces".
         if body is None or not body.strip():
             return [""]
-        names = self._decode(url, body)
+        names = await self._decode(url, body)
         if names is None:
             return [""]
         if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
@@ -238,32 +248,31 @@ class GatewayRegistry:
         body = await self._get(url)
         # Unlike namespaces, an empty body is an error: reading it as "no functions" would
         # silently unsubscribe everything when a proxy misbehaves.
-        statuses = self._decode(url, body or b"")
+        expected = f"GET {_shown(url)}: expected a JSON list of functions with names"
+        try:
+            statuses = await self._decode(url, body or b"", _subscriber)
+        except _NotAFunction:
+            raise RegistryError(expected, _shown(url)) from None
         if statuses is None:
             return []
-        if not isinstance(statuses, list) or not all(
-            isinstance(status, dict) and isinstance(status.get("name"), str) and status["name"]
-            for status in statuses
-        ):
-            raise RegistryError(
-                f"GET {_shown(url)}: expected a JSON list of functions with names", _shown(url)
-            )
-        return statuses
+        if not isinstance(statuses, list):
+            raise RegistryError(expected, _shown(url))
+        return [status for status in statuses if status is not None]
 
     def _url(self, path: str, *, namespace: str = "") -> URL:
         url = URL(self._base + path)
         # The namespace parameter is omitted for "", as connector-sdk does.
         return url.with_query(namespace=namespace) if namespace else url
 
-    async def _get(self, url: URL, *, not_found_ok: bool = False) -> bytes | None:
+    async def _get(self, url: URL, *, not_found_ok: bool = False) -> bytes | bytearray | None:
         """GET ``url``; the body of a 2xx answer, or None for a tolerated 404."""
         session = self._ensure_session()
         try:
             async with session.get(
                 url, headers=self._headers, timeout=self._timeout, ssl=self._ssl
             ) as response:
-                body = await response.read()
                 status, reason = response.status, response.reason
+                body = await self._read_capped(url, response)
         except TimeoutError as exc:
             message = f"GET {_shown(url)}: no response within {self._timeout.total}s"
             raise RegistryError(message, _shown(url)) from exc
@@ -280,12 +289,38 @@ class GatewayRegistry:
             raise RegistryError(message, _shown(url), status)
         return body
 
+    async def _read_capped(self, url: URL, response: aiohttp.ClientResponse) -> bytes | bytearray:
+        """The body, refused once it passes ``max_listing_bytes`` (before it is all in memory)."""
+        cap = self._max_bytes
+        size = response.content_length
+        if size is None or size <= cap:
+            # Appended as it arrives: one join of a 30 MB listing would hold the loop for ~30 ms.
+            body = bytearray()
+            async for chunk in response.content.iter_chunked(1 << 20):
+                if len(body) + len(chunk) > cap:
+                    break
+                body += chunk
+            else:
+                return bytes(body) if len(body) <= _OFF_LOOP_BYTES else body
+        declared = response.content_length
+        what = f"{declared} bytes" if declared is not None and declared > cap else f"more than {cap} bytes"
+        message = (
+            f"GET {_shown(url)}: the listing ({what}) exceeds [gateway] max_listing_bytes ({cap}); "
+            "raise max_listing_bytes if the gateway really lists that much"
+        )
+        raise RegistryError(message, _shown(url), response.status)
+
     @staticmethod
-    def _decode(url: URL, body: bytes) -> Any:
+    async def _decode(url: URL, body: bytes | bytearray, each: Callable[[Any], Any] | None = None) -> Any:
+        """The JSON document; when large, decoded in a worker thread element by element (each
+        element passed through ``each``)."""
         try:
-            return json.loads(body)
+            if len(body) > _OFF_LOOP_BYTES:
+                return await asyncio.to_thread(lambda: decode_json_list(utf8_text(body), each))
+            value = json.loads(body)
         except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
             raise RegistryError(f"GET {_shown(url)}: invalid JSON: {exc}", _shown(url)) from exc
+        return [each(item) for item in value] if each is not None and isinstance(value, list) else value
 
     def _ensure_session(self) -> aiohttp.ClientSession:
         # Created lazily: a ClientSession must be made inside the running event loop.
@@ -361,6 +396,28 @@ def _basic_auth(user: str, password: str) -> str:
     replacement (``encode_basic_auth``) does not exist in the older releases we support."""
     token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
     return f"Basic {token}"
+
+
+_READ_ANNOTATIONS: Final = (TOPIC_ANNOTATION, ASYNC_ANNOTATION, MAX_INFLIGHT_ANNOTATION, TIMEOUT_ANNOTATION)
+
+
+class _NotAFunction(Exception):
+    """A listing entry that is not a ``FunctionStatus`` with a name."""
+
+
+def _subscriber(status: Any) -> dict[str, Any] | None:
+    """A ``FunctionStatus`` reduced to what :meth:`GatewayRegistry._target` reads, or None when
+    the function subscribes to nothing. Applied as each entry is decoded, so a listing of many
+    functions does not stay in memory whole (which would also lengthen the garbage collector's
+    full passes, stalling the event loop)."""
+    if not (isinstance(status, dict) and isinstance(status.get("name"), str) and status["name"]):
+        raise _NotAFunction
+    annotations = status.get("annotations")
+    # The gateway omits or nulls annotations for functions deployed without any.
+    if not isinstance(annotations, dict) or TOPIC_ANNOTATION not in annotations:
+        return None
+    read = {key: annotations[key] for key in _READ_ANNOTATIONS if key in annotations}
+    return {"name": status["name"], "annotations": read}
 
 
 def _shown(url: URL) -> str:

@@ -31,9 +31,16 @@ if TYPE_CHECKING:
 
     from fastconn.metrics import Metrics
 
-__all__ = ["Source", "SourceContext", "TopicsListener"]
+__all__ = ["MAX_TOPIC_LABELS", "OTHER_TOPICS", "UNROUTED_TOPIC", "Source", "SourceContext", "TopicsListener"]
 
 TopicsListener = Callable[[tuple[str, ...]], None]
+
+# Topics come from outside (the webhook's is the URL path): one metric series per topic ever seen
+# would grow without bound. Topics no function subscribes to share one label; routed topics get
+# their own, up to a cap (wildcard subscriptions match unboundedly many), then share another.
+UNROUTED_TOPIC = "(unrouted)"
+OTHER_TOPICS = "(other)"
+MAX_TOPIC_LABELS = 1000
 
 
 @runtime_checkable
@@ -69,6 +76,8 @@ class SourceContext:
     # Labelled children, looked up once: ``labels()`` costs microseconds, paid per batch.
     _children: dict[tuple[str, str, str], Any] = field(default_factory=dict)
     _topics: tuple[str, ...] = ()
+    _topic_label: dict[str, str] = field(default_factory=dict)
+    """Routed topics that have a label of their own (at most MAX_TOPIC_LABELS)."""
 
     # -- topics ----------------------------------------------------------------------------
 
@@ -113,13 +122,30 @@ class SourceContext:
         if not messages:
             return
         counts = Counter(m.topic for m in messages)
+        labels = self._topic_labels(list(counts))
         for topic, n in counts.items():
-            self._received(source, topic).inc(n)
+            self._received(source, labels[topic]).inc(n)
         if self.print_request_body:
             log = logging.getLogger(f"fastconn.source.{source}")
             for m in messages:
                 log.info("%s => %r", m.topic, m.payload[:4096])
         await self.dispatcher.submit(messages, on_outcomes, capture=capture, asynchronous=asynchronous)
+
+    def _topic_labels(self, topics: list[str]) -> dict[str, str]:
+        """The ``topic`` label of each topic (see :data:`UNROUTED_TOPIC`)."""
+        labels = self._topic_label
+        unknown = [topic for topic in topics if topic not in labels]
+        if not unknown:
+            return labels
+        found = {topic: labels[topic] for topic in topics if topic in labels}
+        for topic, functions in zip(unknown, self.dispatcher.route(unknown), strict=True):
+            if not functions:
+                found[topic] = UNROUTED_TOPIC  # not remembered: the next table may route it
+            elif len(labels) < MAX_TOPIC_LABELS:
+                labels[topic] = found[topic] = topic
+            else:
+                found[topic] = OTHER_TOPICS
+        return found
 
     def _received(self, source: str, topic: str) -> Any:
         key = ("received", source, topic)

@@ -12,7 +12,6 @@ import logging
 import os
 import re
 import ssl
-import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Final
 from urllib.parse import urlsplit
@@ -23,6 +22,8 @@ from fastconn._compat import nats_can_write_raw, nats_write_raw
 from fastconn.durations import Duration
 from fastconn.errors import SourceError
 from fastconn.headers import passthrough
+from fastconn.ratelimit import RateLimitedLog  # re-exported: the NATS sources import it from here
+from fastconn.redact import redact_text
 
 __all__ = [
     "NatsConnectionConfig",
@@ -299,7 +300,7 @@ async def connect(
         )
     finally:
         refused.cancel()
-    servers = ", ".join(config.servers)
+    servers = ", ".join(redact_text(server) for server in config.servers)  # user:password@
     if attempt.done() and not attempt.cancelled() and attempt.exception() is None:
         connecting = False
         return client
@@ -315,29 +316,6 @@ async def connect(
     else:
         why = f"no connection within connect_wait ({config.connect_wait:g}s)"
     raise SourceError(f"source {name!r}: cannot connect to NATS at {servers}: {why}{last}")
-
-
-class RateLimitedLog:
-    """Counts occurrences and logs at most once per ``interval`` with the count since the
-    last line (slow-consumer storms must not flood the log)."""
-
-    def __init__(self, log: logging.Logger, interval: float = 5.0) -> None:
-        self._log = log
-        self._interval = interval
-        self._last = -interval
-        self._suppressed = 0
-
-    def warning(self, message: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self._last < self._interval:
-            self._suppressed += 1
-            return
-        suppressed, self._suppressed = self._suppressed, 0
-        self._last = now
-        if suppressed:
-            self._log.warning(message + " (and %d more since the last report)", *args, suppressed)
-        else:
-            self._log.warning(message, *args)
 
 
 # -- JetStream acknowledgements --------------------------------------------------------------

@@ -48,6 +48,10 @@ log = logging.getLogger("fastconn.source.nats")
 
 _UNROUTED_STATUS = "404"
 _DRAIN_TIMEOUT = 5.0
+# Replies waiting to be published (a slow or disconnected NATS connection): past either bound,
+# intake waits until the queue is half drained, so replies slow intake instead of growing memory.
+MAX_QUEUED_REPLIES = 8192
+MAX_QUEUED_REPLY_BYTES = 64 * 1024 * 1024
 
 
 class NatsConfig(NatsSourceOptions):
@@ -104,7 +108,10 @@ class NatsSource:
         self._stopping = False
         self._intake_closing = False
         self._replies: deque[tuple[str, bytes, dict[str, str]]] = deque()
+        self._reply_bytes = 0
         self._replies_ready = asyncio.Event()
+        self._reply_room = asyncio.Event()
+        self._reply_room.set()
         self._reply_task: asyncio.Task[None] | None = None
         self._slow_log = RateLimitedLog(log)
         self._failed_log = RateLimitedLog(log)
@@ -269,6 +276,7 @@ class NatsSource:
                 # Once: messages that arrive before the first topic map wait for it (bounded).
                 await ctx.wait_ready(ctx.startup_wait)
                 ready = True
+            await self._reply_room.wait()
             plain: list[Message] = []
             requests: list[Message] = []
             for msg in batch:
@@ -309,7 +317,8 @@ class NatsSource:
         subject = self.config.response_subject
         if subject:
             for outcome in outcomes:
-                self._replies.extend((subject, body, headers) for body, headers in response_messages(outcome))
+                for body, headers in response_messages(outcome):
+                    self._queue_reply(subject, body, headers)
             self._replies_ready.set()
         failed = [o for o in outcomes if not o.ok]
         if failed:
@@ -329,8 +338,14 @@ class NatsSource:
         for outcome in outcomes:
             reply = outcome.message.handle
             if isinstance(reply, str) and reply:
-                self._replies.append((reply, *_reply(outcome)))
+                self._queue_reply(reply, *_reply(outcome))
         self._replies_ready.set()
+
+    def _queue_reply(self, subject: str, body: bytes, headers: dict[str, str]) -> None:
+        self._replies.append((subject, body, headers))
+        self._reply_bytes += len(body)
+        if len(self._replies) >= MAX_QUEUED_REPLIES or self._reply_bytes >= MAX_QUEUED_REPLY_BYTES:
+            self._reply_room.clear()
 
     async def _publish_replies(self) -> None:
         ctx = self._require_ctx()
@@ -339,6 +354,12 @@ class NatsSource:
             self._replies_ready.clear()
             while self._replies:
                 subject, body, headers = self._replies.popleft()
+                self._reply_bytes -= len(body)
+                if (
+                    len(self._replies) <= MAX_QUEUED_REPLIES // 2
+                    and self._reply_bytes <= MAX_QUEUED_REPLY_BYTES // 2
+                ):
+                    self._reply_room.set()
                 if not subject:
                     return
                 limit = max(0, int(getattr(self._nc, "max_payload", 1048576)) - 4096)

@@ -6,10 +6,17 @@
 * 202 + ``X-Message-Id`` once accepted for dispatch (the sender may forget it: fastconn retries);
 * 503 + ``Retry-After`` when the dispatcher is full (backpressure reaches the sender);
 * 413 over ``max_body_bytes``; 401 on a wrong bearer token or HMAC signature;
+* 400 for a topic that is not a concrete one (wildcards, control characters): see
+  :func:`topic_problem`;
+* 503 + ``Retry-After`` at once while there is no topic map yet (the sender retries; a request
+  held open would only tie up a connection);
 * with ``?wait=true``: the first function's status and body once every function answered.
 
 After a 202 the sender has nothing to acknowledge: a message that fails for good is counted in
 ``fastconn_messages_failed_total`` and logged, as for any at-most-once source.
+
+Malformed requests are the sender's problem, not the daemon's: they get a 4xx naming what is
+wrong and one rate-limited log line, never a traceback.
 """
 
 from __future__ import annotations
@@ -20,19 +27,47 @@ import hmac
 import logging
 import uuid
 from collections.abc import Awaitable
-from typing import Literal, TypeVar
+from typing import Final, Literal, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from fastconn.errors import DispatcherClosed
 from fastconn.headers import passthrough
+from fastconn.http_body import IncompleteBody, read_at_most
 from fastconn.message import Message, Outcome, Verdict
+from fastconn.ratelimit import RateLimitedLog
 from fastconn.source import SourceContext
 
 log = logging.getLogger("fastconn.source.webhook")
 
 T = TypeVar("T")
+
+# Wildcards of the topic patterns functions subscribe with: MQTT's on "/" levels, NATS's on "."
+# tokens (inside a longer token they are literals, as in the router).
+_MQTT_WILDCARDS: Final = frozenset({"+", "#"})
+_NATS_WILDCARDS: Final = frozenset({"*", ">"})
+
+
+def topic_problem(topic: str) -> str | None:
+    """Why ``topic`` (from the URL path) cannot be published to, or None when it can."""
+    for char in topic:
+        if char < " " or char == "\x7f":
+            return (
+                f"topic {topic!r} contains the control character U+{ord(char):04X}: "
+                "use printable characters only"
+            )
+        if "\ud800" <= char <= "\udfff":
+            return f"topic {topic!r} is not valid UTF-8 (after percent-decoding): encode it as UTF-8"
+    wildcard = next((t for t in topic.split("/") if t in _MQTT_WILDCARDS), None) or next(
+        (t for t in topic.split(".") if t in _NATS_WILDCARDS), None
+    )
+    if wildcard is not None:
+        return (
+            f"topic {topic!r} contains the wildcard {wildcard!r}: wildcards are for subscriptions; "
+            "publish to a concrete topic"
+        )
+    return None
 
 
 class WebhookConfig(BaseModel):
@@ -65,23 +100,26 @@ class WebhookSource:
         self.name = config.name
         self._ctx: SourceContext | None = None
         self._accepting = False
-        # Set by stop() / close(): requests still waiting for the topic map / for their
-        # outcome get a 503 then, so a pending request cannot hold up the shutdown.
-        self._stopping = asyncio.Event()
+        # Set by close(): requests still waiting for their outcome get a 503 then, so a pending
+        # request cannot hold up the shutdown.
         self._closed = asyncio.Event()
+        self._malformed_log = RateLimitedLog(log, interval=10.0)
+        # Per-function detail is in fastconn.functions' aggregated lines; this says which messages.
+        self._undelivered_log = RateLimitedLog(log, interval=10.0)
 
     def register(self, ctx: SourceContext) -> None:
         self._ctx = ctx
-        # The body is streamed by _read_limited (own limit, clear 413), so aiohttp's
+        # The body is streamed by read_at_most (own limit, clear 413), so aiohttp's
         # client_max_size, which only bounds request.read(), does not apply here.
-        ctx.app.router.add_post("/webhook/{topic:.+}", self._handle)
+        # [\s\S], not ".": a topic with a (percent-encoded) newline must reach topic_problem and
+        # get its 400, not a bare 404.
+        ctx.app.router.add_post(r"/webhook/{topic:[\s\S]+}", self._handle)
 
     async def start(self) -> None:
         self._accepting = True
 
     async def stop(self) -> None:
         self._accepting = False
-        self._stopping.set()
 
     async def close(self) -> None:
         self._closed.set()
@@ -101,15 +139,21 @@ class WebhookSource:
                 f"body of {request.content_length} bytes exceeds max_body_bytes "
                 f"({self.config.max_body_bytes})",
             )
-        body = await self._read_limited(request)
+        try:
+            body = await read_at_most(request, self.config.max_body_bytes)
+        except IncompleteBody as exc:
+            return self._malformed(request, str(exc))
         if body is None:
             return _error(413, f"body exceeds max_body_bytes ({self.config.max_body_bytes})")
         denied = self._check_signature(request, body)
         if denied:
             return denied
+        topic = request.match_info["topic"]
+        problem = topic_problem(topic)
+        if problem:
+            return self._malformed(request, problem)
         if not ctx.dispatcher.has_capacity:
             return _error(503, "dispatcher at capacity, retry later", retry_after=1)
-        topic = request.match_info["topic"]
         # The sender's credentials and signature authenticate it to fastconn, not to functions.
         headers = passthrough(
             request.headers.items(),
@@ -119,11 +163,9 @@ class WebhookSource:
         # The id is made here so the 202 can carry it; it stays the same across retries.
         message = Message(topic, body, headers, message_id=uuid.uuid4().hex)
         wait = request.query.get("wait", "").lower() in ("1", "true", "yes")
-        # Ready already (the usual case) without tasks; else wait, unless shutdown comes first.
-        ready = await ctx.wait_ready(0) or await _unless(ctx.wait_ready(ctx.startup_wait), self._stopping)
-        if ready is None:
-            return _error(503, "shutting down", retry_after=1)
-        if not ready:
+        # No topic map yet: answer at once. Holding the request for startup_wait would keep a
+        # connection (and a sender) waiting for a table that may be minutes away.
+        if not await ctx.wait_ready(0):
             return _error(503, "topic map not loaded yet", retry_after=1)
         loop = asyncio.get_running_loop()
         settled: asyncio.Future[Outcome] = loop.create_future()
@@ -133,7 +175,7 @@ class WebhookSource:
             for outcome in outcomes:
                 if not outcome.ok:
                     failure = outcome.first_failure()
-                    log.warning(
+                    self._undelivered_log.warning(
                         "webhook message %s on %s not delivered: %s",
                         outcome.message_id,
                         topic,
@@ -152,6 +194,10 @@ class WebhookSource:
             )
         except DispatcherClosed:
             return _error(503, "shutting down", retry_after=1)
+        except ValueError as exc:
+            # The core refused the message (something validation above did not foresee): the
+            # request is at fault, not the daemon.
+            return self._malformed(request, f"message refused: {exc}")
         if not wait:
             return web.Response(
                 status=202, text="accepted\n", headers={"X-Message-Id": message.message_id or ""}
@@ -169,7 +215,8 @@ class WebhookSource:
         if token is None:
             return None
         given = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        # surrogateescape: a header that is not UTF-8 is a wrong token, not an encoding error.
+        if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), f"Bearer {token}".encode()):
             return _error(401, "missing or wrong bearer token", www_authenticate='Bearer realm="fastconn"')
         return None
 
@@ -179,21 +226,15 @@ class WebhookSource:
             return None
         given = request.headers.get(self.config.signature_header, "")
         expected = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-        if not hmac.compare_digest(given.encode(), expected.encode()):
+        if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode()):
             return _error(401, f"missing or wrong {self.config.signature_header} signature")
         return None
 
-    async def _read_limited(self, request: web.Request) -> bytes | None:
-        """Reads the body, giving up as soon as it passes the limit (chunked bodies too)."""
-        limit = self.config.max_body_bytes
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.content.iter_chunked(65536):
-            size += len(chunk)
-            if size > limit:
-                return None
-            chunks.append(chunk)
-        return b"".join(chunks)
+    def _malformed(self, request: web.Request, problem: str) -> web.Response:
+        self._malformed_log.warning(
+            "source %s: bad request from %s: %s", self.name, request.remote or "?", problem
+        )
+        return _error(400, problem)
 
 
 def _waited_response(outcome: Outcome, message_id: str) -> web.Response:

@@ -625,6 +625,7 @@ impl Shared {
                         .await
                 }
             };
+            target.stats.record_attempt(outcome.status, outcome.error);
             let decision =
                 policy.decide(attempt, outcome.status, outcome.error, outcome.retry_after);
             let verdict = match decision {
@@ -731,6 +732,7 @@ impl Drop for InflightGuard<'_> {
 
 /// The result of a call whose task panicked: reported, final, never retried.
 fn internal_error(target: &Target, panic: &str) -> TargetResult {
+    target.stats.record_attempt(0, ErrorKind::Internal);
     target.stats.record(0, ErrorKind::Internal, Duration::ZERO);
     TargetResult {
         function: Arc::clone(&target.name),

@@ -51,7 +51,15 @@ const KEEP_KEY: u8 = 1 << 5;
 const LEASE: u8 = 1 << 6;
 
 /// One function's counters: (function, [(status, count)], cumulative buckets, sum_s, count, retries).
-type StatsTuple = (String, Vec<(String, u64)>, Vec<u64>, f64, u64, u64);
+type StatsTuple = (
+    String,
+    Vec<(String, u64)>,
+    Vec<u64>,
+    f64,
+    u64,
+    u64,
+    Vec<(String, u64)>,
+);
 
 #[pyclass(module = "fastconn._core", frozen)]
 pub struct Runtime {
@@ -339,6 +347,7 @@ impl Runtime {
                     s.sum_seconds,
                     s.count,
                     s.retries,
+                    s.attempts,
                 )
             })
             .collect()
