@@ -296,6 +296,14 @@ async def connect(
         await asyncio.wait(
             {attempt, refused}, timeout=config.connect_wait, return_when=asyncio.FIRST_COMPLETED
         )
+    except asyncio.CancelledError:
+        # Start-up cancelled (a stop signal): end the retrying attempt too, or it would keep
+        # connecting in the background and hold the process up.
+        attempt.cancel()
+        await asyncio.gather(attempt, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await client.close()
+        raise
     finally:
         refused.cancel()
     servers = ", ".join(config.servers)
