@@ -278,6 +278,9 @@ class ServerConfig(_Model):
     """``host:port`` or ``[ipv6]:port``; port 0 picks a free port."""
     public_url: Annotated[str, AfterValidator(_check_optional_base_url)] = ""
     """URL under which the server is reachable from outside; empty derives it from ``listen``."""
+    readiness_grace: Duration = 10.0
+    """How long a source's broker may be unreachable before ``/readyz`` turns 503: a broker
+    restart or a leader change should not take every replica out of the load balancer."""
 
     @property
     def host(self) -> str:

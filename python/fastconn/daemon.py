@@ -27,11 +27,12 @@ from fastconn.config import Config
 from fastconn.dispatcher import Dispatcher, DispatchOptions
 from fastconn.errors import ConfigError
 from fastconn.functions import FunctionTarget
+from fastconn.health import clock_text
 from fastconn.message import Outcome
 from fastconn.metrics import Metrics
 from fastconn.preflight import listen_problem
 from fastconn.registry import GatewayRegistry, TopicMapSync, static_targets
-from fastconn.source import Source, SourceContext
+from fastconn.source import HealthReporting, Source, SourceContext
 
 log = logging.getLogger("fastconn.daemon")
 
@@ -161,6 +162,20 @@ class Daemon:
             return False, "sources starting"
         if self.stopping.is_set():
             return False, "shutting down"
+        return self._sources_healthy()
+
+    def _sources_healthy(self) -> tuple[bool, str]:
+        """Not ready while a source's broker has been unreachable for longer than the grace."""
+        now = time.time()
+        down = []
+        for source in self.sources:
+            if not isinstance(source, HealthReporting):
+                continue  # no connection of its own (the webhook): always healthy
+            health = source.health()
+            if not health.ok and now - health.since >= self.config.server.readiness_grace:
+                down.append(f"source {source.name}: {health.reason} since {clock_text(health.since)}")
+        if down:
+            return False, "; ".join(down)
         return True, "ready"
 
     # -- lifecycle -------------------------------------------------------------------------

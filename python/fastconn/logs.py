@@ -8,6 +8,8 @@ import sys
 import time
 from typing import Any
 
+from fastconn.log_throttle import THROTTLED_LOGGERS, ThrottleFilter
+
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys()) | {"message", "asctime"}
 
 
@@ -34,6 +36,8 @@ def setup_logging(fmt: str = "text", level: str = "info") -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    for family in THROTTLED_LOGGERS:
+        handler.addFilter(ThrottleFilter(family))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import socket
 
+from fastconn.admin import bind_listener
 from fastconn.config import Config, ServerConfig
 from fastconn.errors import ConfigError, ConfigProblem
 
@@ -54,22 +55,10 @@ def listen_problem(listen: str, exc: OSError) -> ConfigProblem:
 
 
 def _check_listen(server: ServerConfig) -> ConfigProblem | None:
-    """Resolves the listen address and binds every address it resolves to, then lets go.
-    Binds as the admin server does (``SO_REUSEADDR``, IPv6 sockets v6-only), so a port held
-    only by connections in TIME_WAIT is not reported."""
+    """Binds the listen address exactly as the admin server will (the same function), then
+    lets go: resolution, "in use" and "not an address of this host" all show up here."""
     try:
-        addresses = socket.getaddrinfo(
-            server.host, server.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
+        bind_listener(server.host, server.port).close()
     except OSError as exc:
         return listen_problem(server.listen, exc)
-    for family, kind, proto, _, address in addresses:
-        try:
-            with socket.socket(family, kind, proto) as sock:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.bind(address)
-        except OSError as exc:
-            return listen_problem(server.listen, exc)
     return None

@@ -22,12 +22,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from fastconn.durations import Duration
 from fastconn.errors import SourceError
 from fastconn.headers import passthrough
+from fastconn.health import ConnectionHealth, describe_error, display_servers
 
 __all__ = [
     "NatsConnectionConfig",
     "RateLimitedLog",
     "check_subject",
     "connect",
+    "connection_health",
     "http_headers",
     "sanitize_header_value",
 ]
@@ -253,9 +255,13 @@ async def connect(
     log: logging.Logger,
     error_cb: Callable[[Exception], Awaitable[None]],
     reconnected_cb: Callable[[], Awaitable[None]] | None = None,
+    health: ConnectionHealth | None = None,
 ) -> Any:
     """Connects, reconnecting forever once connected. The first connection is retried for up to
-    ``connect_wait``; a rejected authentication fails at once. Raises :class:`SourceError`."""
+    ``connect_wait``; a rejected authentication fails at once. Raises :class:`SourceError`.
+
+    Once connected, outages go to ``health`` (logged once when down, once when back; readiness
+    reads it) instead of one ``error_cb`` call and log line per failed reconnection."""
     import nats.errors
     from nats.aio.client import Client
 
@@ -265,6 +271,12 @@ async def connect(
 
     async def on_error(exc: Exception) -> None:
         if not connecting:
+            if health is not None and isinstance(exc, connection_dropped):
+                health.lost()  # the reconnection that follows reports the outage
+                return
+            if health is not None and client.is_reconnecting:
+                health.failing(describe_error(exc))
+                return
             await error_cb(exc)
             return
         errors.append(exc)
@@ -280,13 +292,20 @@ async def connect(
 
     async def disconnected() -> None:
         if not connecting and not client.is_closed:  # not our own close()
-            log.warning("source %s: disconnected from NATS; reconnecting", name)
+            if health is not None:
+                health.lost()
+            else:
+                log.warning("source %s: disconnected from NATS; reconnecting", name)
 
     async def reconnected() -> None:
-        log.info("source %s: reconnected to NATS", name)
+        if health is not None:
+            health.restored()
+        else:
+            log.info("source %s: reconnected to NATS", name)
         if reconnected_cb is not None:
             await reconnected_cb()
 
+    connection_dropped = (nats.errors.UnexpectedEOF, nats.errors.StaleConnectionError)
     options = client_options(config, name)
     options.update(error_cb=on_error, disconnected_cb=disconnected, reconnected_cb=reconnected)
     client = Client()
@@ -322,6 +341,11 @@ async def connect(
     else:
         why = f"no connection within connect_wait ({config.connect_wait:g}s)"
     raise SourceError(f"source {name!r}: cannot connect to NATS at {servers}: {why}{last}")
+
+
+def connection_health(config: NatsConnectionConfig, name: str, log: logging.Logger) -> ConnectionHealth:
+    """The :class:`ConnectionHealth` of a NATS source (its servers, without credentials)."""
+    return ConnectionHealth(name, display_servers(config.servers), log)
 
 
 class RateLimitedLog:

@@ -50,6 +50,7 @@ from pydantic import Field, field_validator, model_validator
 
 from fastconn.durations import Duration
 from fastconn.errors import DispatcherClosed, SourceError
+from fastconn.health import SourceHealth
 from fastconn.message import Message, Outcome, Verdict
 from fastconn.responses import response_messages
 from fastconn.source import SourceContext
@@ -63,6 +64,7 @@ from fastconn.sources._nats_common import (
     check_subject,
     check_subjects,
     connect,
+    connection_health,
     http_headers,
     nak,
     parse_ack_subject,
@@ -237,8 +239,13 @@ class JetStreamSource:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._stuck_log = RateLimitedLog(log)
         self._status_log = RateLimitedLog(log)
+        self._health = connection_health(config, self.name, log)
 
     # -- lifecycle -------------------------------------------------------------------------
+
+    def health(self) -> SourceHealth:
+        """The broker connection's state (see :mod:`fastconn.health`)."""
+        return self._health.health()
 
     def register(self, ctx: SourceContext) -> None:
         self._ctx = ctx
@@ -246,7 +253,12 @@ class JetStreamSource:
 
     async def start(self) -> None:
         self._nc = await connect(
-            self.config, name=self.name, log=log, error_cb=self._on_error, reconnected_cb=self._on_reconnected
+            self.config,
+            name=self.name,
+            log=log,
+            error_cb=self._on_error,
+            reconnected_cb=self._on_reconnected,
+            health=self._health,
         )
         self._js = self._nc.jetstream()
         self._acks = AckWriter(self._nc)
