@@ -239,7 +239,12 @@ def test_check_reports_each_broken_config(case: str, check_results: dict[str, tu
 
 async def test_check_good_config_and_config_sources(tmp_path: Path) -> None:
     path = tmp_path / "good.toml"
-    path.write_text('[gateway]\nurl = "http://gw:8080/"\n[[sources]]\ntype = "webhook"\n' + GOOD_FUNCTION)
+    # Port 0: `check` binds the listen address (as `run` would), so no fixed port may be assumed free.
+    path.write_text(
+        '[server]\nlisten = "127.0.0.1:0"\n[gateway]\nurl = "http://gw:8080/"\n'
+        + '[[sources]]\ntype = "webhook"\n'
+        + GOOD_FUNCTION
+    )
     good = await fastconn("check", "--config", str(path))
     assert good == Run(0, "ok: 1 static function(s), 1 source(s), gateway http://gw:8080\n", "")
     # FASTCONN_CONFIG instead of --config; env overrides apply on top.
