@@ -12,6 +12,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -50,26 +51,51 @@ def proc_peak_rss_mb(pid: int) -> float:
 
 
 def sink_binary() -> Path:
-    """The release-built sink; built on demand (set-up builds it too)."""
+    """The release-built sink, brought up to date first (a no-op when it is: a stale sink
+    would lack newer options such as ``--tls-cert``)."""
     path = ROOT / "target" / "release" / "fastconn-sink"
-    if not path.exists():
-        subprocess.run(["cargo", "build", "--release", "-q", "-p", "fastconn-sink"], cwd=ROOT, check=True)
+    subprocess.run(["cargo", "build", "--release", "-q", "-p", "fastconn-sink"], cwd=ROOT, check=True)
     return path
 
 
 class Sink:
-    """The counting HTTP sink in its own process."""
+    """The counting HTTP sink in its own process. With ``tls`` it also serves HTTPS
+    (``tls_url``, same counters) with a certificate for 127.0.0.1 from a private CA whose
+    certificate is in ``ca_file``."""
 
-    def __init__(self, threads: int = 1) -> None:
-        self.process = subprocess.Popen(
-            [str(sink_binary()), "--threads", str(threads)], stdout=subprocess.PIPE, text=True
-        )
+    def __init__(self, threads: int = 1, *, tls: bool = False) -> None:
+        self.tls_url: str | None = None
+        self.ca_file: str | None = None
+        self._tls_dir: tempfile.TemporaryDirectory[str] | None = None
+        command = [str(sink_binary()), "--threads", str(threads)]
+        if tls:
+            command += self._make_certificate()
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
         assert self.process.stdout is not None
         line = self.process.stdout.readline()
         if not line.startswith("listening on "):
             raise RuntimeError(f"sink did not start: {line!r}")
         self.port = int(line.split()[-1])
         self.url = f"http://127.0.0.1:{self.port}"
+        if tls:
+            line = self.process.stdout.readline()
+            if not line.startswith("tls on "):
+                raise RuntimeError(f"sink did not start its https port: {line!r}")
+            self.tls_url = f"https://127.0.0.1:{int(line.split()[-1])}"
+
+    def _make_certificate(self) -> list[str]:
+        import trustme  # a dev/bench extra; only the https scenario needs it
+
+        self._tls_dir = tempfile.TemporaryDirectory(prefix="fastconn-sink-tls-")
+        directory = Path(self._tls_dir.name)
+        ca = trustme.CA()
+        leaf = ca.issue_cert("127.0.0.1")
+        cert, key, self.ca_file = directory / "sink.crt", directory / "sink.key", str(directory / "ca.pem")
+        for index, blob in enumerate(leaf.cert_chain_pems):
+            blob.write_to_path(str(cert), append=index > 0)
+        leaf.private_key_pem.write_to_path(str(key))
+        ca.cert_pem.write_to_path(self.ca_file)
+        return ["--tls-cert", str(cert), "--tls-key", str(key)]
 
     def _call(self, method: str, path: str) -> bytes:
         request = urllib.request.Request(
@@ -95,6 +121,8 @@ class Sink:
     def close(self) -> None:
         self.process.terminate()
         self.process.wait(timeout=5)
+        if self._tls_dir is not None:
+            self._tls_dir.cleanup()
 
     def __enter__(self) -> Sink:
         return self

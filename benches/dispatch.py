@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import resource
@@ -112,8 +113,10 @@ async def fastconn_worker(args: argparse.Namespace) -> dict[str, Any]:
         batch_size=512,
         max_queued=max(4 * args.inflight, 2048),
     )
+    options = dataclasses.replace(options, tls_ca=args.tls_ca)
+    target = args.target_url or args.url
     async with Dispatcher(options) as dispatcher:
-        dispatcher.set_functions([FunctionTarget("sink", ("bench",), f"{args.url}/function/sink")])
+        dispatcher.set_functions([FunctionTarget("sink", ("bench",), f"{target}/function/sink")])
 
         async def send(payloads: list[bytes]) -> None:
             done = asyncio.get_running_loop().create_future()
@@ -168,8 +171,14 @@ def worker_args(
     inflight: int,
     probe: int = 0,
     probe_rate: float = 1000,
+    target_url: str | None = None,
+    tls_ca: str | None = None,
 ) -> list[str]:
+    """``target_url``: where the messages go when not to ``url`` (the sink's https side; the
+    sink is still controlled at ``url``), with ``tls_ca`` to trust it (fastconn worker only)."""
+    tls = ["--target-url", target_url, "--tls-ca", tls_ca] if target_url and tls_ca else []
     return [
+        *tls,
         "--worker",
         worker,
         "--url",
@@ -206,6 +215,8 @@ def main() -> int:
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--probe", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--probe-rate", type=float, default=1000.0, help=argparse.SUPPRESS)
+    parser.add_argument("--target-url", help=argparse.SUPPRESS)
+    parser.add_argument("--tls-ca", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker_main(args)

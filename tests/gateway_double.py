@@ -23,6 +23,7 @@ import base64
 import binascii
 import contextlib
 import math
+import ssl
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -192,6 +193,7 @@ class GatewayDouble:
         namespaces: Sequence[str] | None = None,
         path_prefix: str = "",
         host: str = "127.0.0.1",
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.credentials = credentials
         """``(user, password)`` required on ``/system/*``; None disables auth."""
@@ -208,6 +210,8 @@ class GatewayDouble:
         self._states: dict[tuple[str, str], _FunctionState] = {}
         self._prefix = "/" + path_prefix.strip("/") if path_prefix.strip("/") else ""
         self._host = host
+        self._ssl_context = ssl_context
+        """Serve https with this context (``url`` then says ``https://``)."""
         self._port = 0
         self._runner: web.AppRunner | None = None
         self._client: aiohttp.ClientSession | None = None
@@ -228,7 +232,7 @@ class GatewayDouble:
         runner = web.AppRunner(self._build_app(), handle_signals=False, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
         try:
-            await web.TCPSite(runner, self._host, port or self._port).start()
+            await web.TCPSite(runner, self._host, port or self._port, ssl_context=self._ssl_context).start()
         except BaseException:
             await runner.cleanup()
             raise
@@ -266,7 +270,8 @@ class GatewayDouble:
     @property
     def url(self) -> str:
         """Base URL including the path prefix, without a trailing slash."""
-        return f"http://{self._host}:{self.port}{self._prefix}"
+        scheme = "https" if self._ssl_context is not None else "http"
+        return f"{scheme}://{self._host}:{self.port}{self._prefix}"
 
     # ----------------------------------------------------------------- test controls
 

@@ -81,6 +81,16 @@ BROKEN: dict[str, tuple[str, str | None, Sequence[str]]] = {
         None,
         ["gateway.url: expected an http:// or https:// URL with a host (got 'ftp://gw')"],
     ),
+    "https gateway with a missing CA file": (
+        '[gateway]\nurl = "https://gw:8443"\ntls_ca = "/nonexistent/fastconn-ca.pem"\n',
+        None,
+        ['gateway.tls_ca: cannot read "/nonexistent/fastconn-ca.pem"', "No such file"],
+    ),
+    "function url the dispatcher cannot call": (
+        '[[functions]]\nname = "a"\nurl = "https://gw..example/f"\ntopics = ["t"]\n',
+        None,
+        ['functions[0].url: "gw..example" is not a valid host name for TLS'],
+    ),
     "bad duration": (
         '[gateway]\n[dispatch]\nbackoff_initial = "10 parsecs"\n',
         None,
@@ -263,6 +273,25 @@ async def test_run_refuses_an_invalid_config_with_exit_2(tmp_path: Path) -> None
         result = await fastconn(*args, timeout=20)
         assert result.code == 2, result
         assert "dispatch.max_inflite: unknown key" in result.stderr
+
+
+async def test_check_and_run_refuse_a_ca_file_that_is_not_pem(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("this is not a certificate\n")
+    path = tmp_path / "tls.toml"
+    path.write_text(
+        to_toml(
+            {
+                "gateway": {"url": "https://127.0.0.1:1", "tls_ca": str(ca)},
+                "server": {"listen": "127.0.0.1:0"},
+            }
+        )
+    )
+    for command in ("check", "run"):
+        result = await fastconn(command, "--config", str(path), timeout=20)
+        assert result.code == 2, result
+        assert f'gateway.tls_ca: no certificate found in "{ca}"' in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
 
 
 async def test_run_with_missing_basic_auth_secrets_exits_2(tmp_path: Path) -> None:

@@ -516,6 +516,49 @@ async def test_connect_errors_and_timeouts_are_retried(
     assert len(calls_of(double, "slow")) == 2
 
 
+async def test_a_response_that_breaks_http_framing_is_a_final_protocol_error(
+    make_dispatcher: MakeDispatcher,
+) -> None:
+    requests = 0
+
+    async def broken_function(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal requests
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    int(line.split(b":", 1)[1])
+                    for line in head.lower().split(b"\r\n")
+                    if line.startswith(b"content-length:")
+                )
+                await reader.readexactly(length)
+                requests += 1
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nabc")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_server(broken_function, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        dispatcher = await make_dispatcher(
+            [FunctionTarget("broken", ("broken",), f"http://127.0.0.1:{port}/")], max_attempts=3
+        )
+        (outcome,) = await dispatcher.call([Message("broken", b"x")])
+    finally:
+        server.close()
+    result = outcome.results[0]
+    assert (outcome.verdict, result.status, result.error, result.attempts) == (
+        Verdict.FAILED,
+        0,
+        ErrorKind.PROTOCOL,
+        1,
+    )
+    assert result.status_label == "protocol"
+    assert result.body is not None and b"conflicting Content-Length values 2 and 3" in result.body
+    assert requests == 1, "not retried"
+
+
 # ---------------------------------------------------------------------------- lifecycle
 
 

@@ -11,6 +11,7 @@ SCENARIOS: dict[str, str] = {
     "fanout": "scenarios.fanout",
     "backpressure": "scenarios.backpressure",
     "scaling": "scenarios.scaling",
+    "https": "scenarios.https",
     "bridge": "scenarios.bridge",
 }
 """Scenario name → module, in the order a full run goes."""

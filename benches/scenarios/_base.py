@@ -44,6 +44,9 @@ class SinkClient:
 
     def __init__(self, sink: Sink) -> None:
         self.url = sink.url
+        self.tls_url = sink.tls_url
+        """The sink's HTTPS side (same counters), when it has one."""
+        self.ca_file = sink.ca_file
         self.pid = sink.process.pid
         self._http: aiohttp.ClientSession | None = None
 

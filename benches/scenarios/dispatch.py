@@ -24,9 +24,13 @@ class DispatchWorker:
     payload: int
     inflight: int
     probe: bool = True
+    https: bool = False
+    """Send to the sink's https side (``ctx.sink.tls_url``), trusting its private CA."""
 
     async def round(self, ctx: Context) -> Sample:
         o = ctx.options
+        if self.https and not (ctx.sink.tls_url and ctx.sink.ca_file):
+            raise RuntimeError("an https round needs a sink started with tls=True")
         args = worker.worker_args(
             self.kind,
             ctx.sink.url,
@@ -35,6 +39,8 @@ class DispatchWorker:
             self.inflight,
             o.probe_messages if self.probe else 0,
             o.probe_rate,
+            ctx.sink.tls_url if self.https else None,
+            ctx.sink.ca_file if self.https else None,
         )
         result = await asyncio.to_thread(run_worker, worker.SCRIPT, args)
         received = await ctx.sink.count()

@@ -11,6 +11,8 @@ __all__ = [
     "Runtime",
     "__version__",
     "build_profile",
+    "check_tls",
+    "validate_url",
 ]
 
 __version__: str
@@ -45,6 +47,10 @@ class Runtime:
         content_type: str | None,
         user_agent: str,
         authorization: str | None,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        tls_insecure_skip_verify: bool = False,
     ) -> Runtime: ...
     @property
     def pid(self) -> int: ...
@@ -67,3 +73,8 @@ class Runtime:
     def route(self, topics: list[str]) -> list[list[str]]: ...
     def stats(self) -> list[_StatsTuple]: ...
     def close(self, timeout: float) -> int: ...
+
+def validate_url(url: str) -> str | None: ...
+def check_tls(
+    *, ca: str | None = None, cert: str | None = None, key: str | None = None
+) -> tuple[str, str] | None: ...

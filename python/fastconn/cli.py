@@ -136,6 +136,7 @@ def _topics(ns: argparse.Namespace) -> int:
                 topic_delimiter=gw.topic_delimiter,
                 listing_timeout=gw.listing_timeout,
                 namespaces=list(gw.namespaces) or None,
+                ssl_context=gw.ssl_context(),
             ) as registry:
                 targets += await registry.fetch()
         table: dict[str, list[str]] = {}
@@ -155,6 +156,7 @@ def _topics(ns: argparse.Namespace) -> int:
 
 
 def _invoke(ns: argparse.Namespace) -> int:
+    from fastconn.daemon import dispatch_options
     from fastconn.invoke import invoke
 
     config = _load(ns) if (ns.config or os.environ.get("FASTCONN_CONFIG")) else None
@@ -183,6 +185,7 @@ def _invoke(ns: argparse.Namespace) -> int:
             callback_url=ns.callback_url,
             topic=ns.topic,
             credentials=credentials,
+            options=dispatch_options(config) if config else None,
         )
     )
 

@@ -23,6 +23,7 @@ import ipaddress
 import os
 import pkgutil
 import re
+import ssl
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -81,6 +82,10 @@ def _check_http_url(value: str) -> str:
         parts = None
     if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("expected an http:// or https:// URL with a host")
+    # The dispatcher's own parser has the last word, so `check` accepts exactly what `run` can call.
+    problem = _core.validate_url(value)
+    if problem is not None:
+        raise ValueError(problem)
     return value
 
 
@@ -191,6 +196,40 @@ class GatewayConfig(_Model):
     """Timeout for one gateway listing request, seconds."""
     startup_wait: Duration = 30.0
     """How long messages wait for the first successful topic map before being dropped, seconds."""
+    tls_ca: _NonEmptyStr | None = None
+    """PEM file of CA certificates trusted for https:// calls, on top of the system's roots."""
+    tls_cert: _NonEmptyStr | None = None
+    """Client certificate chain (PEM) for servers that require one (mutual TLS); needs tls_key."""
+    tls_key: _NonEmptyStr | None = None
+    """Private key (PEM) of ``tls_cert``."""
+    tls_insecure_skip_verify: bool = False
+    """Accept any server certificate: for tests only, anyone on the path can pose as the server."""
+
+    @model_validator(mode="after")
+    def _tls_material_loads(self) -> GatewayConfig:
+        # The Rust core reads the files exactly as the dispatcher will at start-up, so a file
+        # `check` accepts is one `run` accepts, and the error names the key at fault.
+        problem = _core.check_tls(ca=self.tls_ca, cert=self.tls_cert, key=self.tls_key)
+        if problem is not None:
+            setting, message = problem
+            details = [_error(message, (setting,), getattr(self, setting, None))]
+            raise ValidationError.from_exception_data(type(self).__name__, details)
+        return self
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The same TLS settings for Python's own HTTPS requests (the gateway listing), or None
+        when they are all defaults (the system's roots, no client certificate)."""
+        if not (self.tls_ca or self.tls_cert or self.tls_insecure_skip_verify):
+            return None
+        context = ssl.create_default_context()
+        if self.tls_ca:
+            context.load_verify_locations(cafile=self.tls_ca)  # added to the system's roots
+        if self.tls_cert and self.tls_key:
+            context.load_cert_chain(self.tls_cert, self.tls_key)
+        if self.tls_insecure_skip_verify:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        return context
 
     def credentials(self) -> tuple[str, str] | None:
         """Return ``(user, password)`` when ``basic_auth`` is on, else ``None``.

@@ -39,6 +39,7 @@ log = logging.getLogger("fastconn.daemon")
 
 def dispatch_options(config: Config) -> DispatchOptions:
     d = config.dispatch
+    gw = config.gateway
     return DispatchOptions(
         workers=d.workers,
         max_inflight=d.max_inflight,
@@ -51,6 +52,10 @@ def dispatch_options(config: Config) -> DispatchOptions:
         content_type=d.content_type,
         batch_size=d.batch_size,
         capture_responses=d.print_response_body,
+        tls_ca=gw.tls_ca if gw else None,
+        tls_cert=gw.tls_cert if gw else None,
+        tls_key=gw.tls_key if gw else None,
+        tls_insecure_skip_verify=gw.tls_insecure_skip_verify if gw else False,
     )
 
 
@@ -85,6 +90,7 @@ class Daemon:
                 topic_delimiter=gateway.topic_delimiter,
                 listing_timeout=gateway.listing_timeout,
                 namespaces=list(gateway.namespaces) or None,
+                ssl_context=gateway.ssl_context(),
             )
             if gateway
             else None

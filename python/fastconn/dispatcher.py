@@ -60,6 +60,13 @@ class DispatchOptions:
     batch_size: int = 512
     capture_responses: bool = False
     """Capture every response body and headers (for ``print_response_body``)."""
+    tls_ca: str | None = None
+    """PEM file of CA certificates trusted for https:// functions, on top of the system's roots."""
+    tls_cert: str | None = None
+    """Client certificate (PEM) for mutual TLS; needs ``tls_key``."""
+    tls_key: str | None = None
+    tls_insecure_skip_verify: bool = False
+    """Accept any server certificate (tests only)."""
 
     @property
     def queue_bound(self) -> int:
@@ -163,7 +170,16 @@ class Dispatcher:
             content_type=o.content_type or None,
             user_agent=f"fastconn/{_VERSION}",
             authorization=auth,
+            tls_ca=o.tls_ca,
+            tls_cert=o.tls_cert,
+            tls_key=o.tls_key,
+            tls_insecure_skip_verify=o.tls_insecure_skip_verify,
         )
+        if o.tls_insecure_skip_verify:
+            log.warning(
+                "TLS CERTIFICATE VERIFICATION IS OFF (tls_insecure_skip_verify): https:// calls accept "
+                "any certificate, so anyone on the network path can pose as your functions"
+            )
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self._runtime.wake_fd, self._on_wake)
         if self._targets:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import uuid
 
@@ -20,9 +21,11 @@ async def invoke(
     callback_url: str | None,
     topic: str,
     credentials: tuple[str, str] | None,
+    options: DispatchOptions | None = None,
 ) -> int:
     """Calls the function with fastconn's own retry policy; prints the response body (sync) or
-    the call id (async) and returns a process exit code."""
+    the call id (async) and returns a process exit code. ``options`` are the configured ones
+    (retries, timeout, TLS); one call needs one worker and no default content type."""
     base = gateway.rstrip("/")
     path = "async-function" if asynchronous else "function"
     target = FunctionTarget(name, (topic,), f"{base}/{path}/{name}")
@@ -33,7 +36,9 @@ async def invoke(
         own.append(("X-Call-Id", uuid.uuid4().hex))
         if callback_url:
             own.append(("X-Callback-Url", callback_url))
-    options = DispatchOptions(workers=1, max_inflight=1, basic_auth=credentials, content_type=None)
+    options = dataclasses.replace(
+        options or DispatchOptions(), workers=1, max_inflight=1, basic_auth=credentials, content_type=None
+    )
     async with Dispatcher(options) as dispatcher:
         dispatcher.set_functions([target])
         [outcome] = await dispatcher.call([Message(topic, body, headers, own_headers=own)], capture=True)

@@ -40,8 +40,11 @@ class ErrorKind(enum.IntEnum):
     INTERNAL = 5
     """A bug in fastconn (a panicked task); reported rather than lost."""
     PROTOCOL = 6
-    """The function's response broke HTTP/1.1 (framing, too many headers): not retried, the
-    connection is closed."""
+    """The function's response broke HTTP/1.1 (malformed head, too many headers, invalid or
+    conflicting framing). Final, not retried; the connection is closed and ``body`` says why."""
+    TLS = 7
+    """TLS failed: the server's certificate is not trusted, the server refused ours, or it does
+    not speak TLS. Not retried (a configuration problem); the result's body says what failed."""
 
     @property
     def label(self) -> str:

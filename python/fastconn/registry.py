@@ -20,6 +20,7 @@ import base64
 import json
 import logging
 import math
+import ssl
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final, Protocol
@@ -150,7 +151,8 @@ class GatewayRegistry:
     auth on ``/system/*``. ``listing_timeout`` bounds each listing request. ``namespaces``, when
     given, replaces discovery through ``/system/namespaces`` (``""`` = the gateway's default).
     The ``session`` is borrowed if passed in; otherwise one is created on first use and closed by
-    :meth:`close`.
+    :meth:`close`. ``ssl_context`` (from :meth:`GatewayConfig.ssl_context`) replaces the default
+    verification of an ``https://`` gateway (private CA, client certificate).
     """
 
     def __init__(
@@ -163,6 +165,7 @@ class GatewayRegistry:
         namespaces: Sequence[str] | None = None,
         session: aiohttp.ClientSession | None = None,
         logger: logging.Logger | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         parsed = URL(gateway_url)
         if parsed.scheme not in ("http", "https") or not parsed.host:
@@ -176,6 +179,8 @@ class GatewayRegistry:
         self._namespaces = list(namespaces) if namespaces is not None else None
         self._session = session
         self._owns_session = session is None
+        # True: aiohttp's default verification against the system's roots.
+        self._ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
         self._log = logger or logging.getLogger(__name__)
         # Bad annotations are reported once each, not on every rebuild interval.
         self._reported: set[tuple[str, str, str]] = set()
@@ -254,7 +259,9 @@ class GatewayRegistry:
         """GET ``url``; the body of a 2xx answer, or None for a tolerated 404."""
         session = self._ensure_session()
         try:
-            async with session.get(url, headers=self._headers, timeout=self._timeout) as response:
+            async with session.get(
+                url, headers=self._headers, timeout=self._timeout, ssl=self._ssl
+            ) as response:
                 body = await response.read()
                 status, reason = response.status, response.reason
         except TimeoutError as exc:

@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -121,6 +122,8 @@ class FunctionDouble:
     host: str = "127.0.0.1"
     port: int = 0
     calls: list[RecordedCall] = field(default_factory=list)
+    ssl_context: ssl.SSLContext | None = None
+    """Serve https with this context (``url`` then says ``https://``)."""
     _scripts: dict[str, tuple[list[int], float, dict[str, str]]] = field(default_factory=dict)
     _runner: web.AppRunner | None = None
 
@@ -134,7 +137,8 @@ class FunctionDouble:
         self._scripts[path] = (list(statuses), delay, dict(headers or {}))
 
     def url(self, path: str) -> str:
-        return f"http://{self.host}:{self.port}{path}"
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://{self.host}:{self.port}{path}"
 
     def calls_to(self, path: str) -> list[RecordedCall]:
         return [c for c in self.calls if c.path == path]
@@ -144,7 +148,7 @@ class FunctionDouble:
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
+        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.ssl_context)
         await site.start()
         self.port = self._runner.addresses[0][1]
         return self

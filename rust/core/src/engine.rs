@@ -18,6 +18,7 @@ use crate::panics::CatchPanic;
 use crate::retry::{Decision, RetryPolicy};
 use crate::router::{RouteTable, Router};
 use crate::stats::{StatsSnapshot, TargetStats};
+use crate::tls::{TlsConfigError, TlsSettings};
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
 use std::collections::HashMap;
@@ -43,6 +44,8 @@ pub struct EngineConfig {
     pub user_agent: String,
     /// A ready `Authorization` header value (e.g. `Basic ...`) for every call.
     pub authorization: Option<String>,
+    /// Trust and identity for `https://` targets.
+    pub tls: TlsSettings,
 }
 
 impl Default for EngineConfig {
@@ -58,6 +61,7 @@ impl Default for EngineConfig {
             content_type: Some("text/plain".to_owned()),
             user_agent: concat!("fastconn/", env!("CARGO_PKG_VERSION")).to_owned(),
             authorization: None,
+            tls: TlsSettings::default(),
         }
     }
 }
@@ -90,6 +94,34 @@ impl EngineConfig {
         within(self.max_queued, 1, usize::MAX >> 4, "max_queued")
     }
 }
+
+/// Whether the engine can call `url` (the check a target's URLs go through), so that a
+/// configuration check and the running engine agree on what is valid.
+pub fn check_url(url: &str) -> Result<(), String> {
+    Endpoint::parse(url).map(|_| ())
+}
+
+/// Why an engine could not be built.
+#[derive(Debug)]
+pub enum EngineError {
+    /// The tokio runtime could not start (threads, file descriptors).
+    Runtime(std::io::Error),
+    Tls(TlsConfigError),
+    /// A bound or count out of range (see [`EngineConfig::validate`]).
+    Invalid(String),
+}
+
+impl std::fmt::Display for EngineError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EngineError::Runtime(e) => write!(f, "cannot start the dispatcher's runtime: {e}"),
+            EngineError::Tls(e) => e.fmt(f),
+            EngineError::Invalid(why) => f.write_str(why),
+        }
+    }
+}
+
+impl std::error::Error for EngineError {}
 
 /// A function as the caller describes it.
 #[derive(Debug, Clone)]
@@ -192,16 +224,17 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn new(config: EngineConfig, sink: Arc<dyn CompletionSink>) -> std::io::Result<Engine> {
-        config
-            .validate()
-            .map_err(|why| std::io::Error::new(std::io::ErrorKind::InvalidInput, why))?;
+    pub fn new(config: EngineConfig, sink: Arc<dyn CompletionSink>) -> Result<Engine, EngineError> {
+        config.validate().map_err(EngineError::Invalid)?;
+        // TLS first: a configuration error should not cost a runtime's threads.
+        let tls = config.tls.client_config().map_err(EngineError::Tls)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(config.workers.max(1))
             .thread_name("fastconn-io")
             .enable_all()
-            .build()?;
-        let pool = Pool::new(config.max_inflight, config.connect_timeout);
+            .build()
+            .map_err(EngineError::Runtime)?;
+        let pool = Pool::new(config.max_inflight, config.connect_timeout).with_tls(tls);
         let shared = Arc::new(Shared {
             global: Arc::new(Semaphore::new(config.max_inflight)),
             router: Router::default(),
@@ -775,6 +808,12 @@ mod tests {
     /// A blocking HTTP/1.1 server (one thread per connection) that records each request's
     /// `x-message-id` in arrival order and answers 200.
     fn recording_server() -> (String, Arc<Mutex<Vec<String>>>) {
+        recording_server_answering(usize::MAX)
+    }
+
+    /// Like [`recording_server`], but after `answered` requests it reads each request and
+    /// closes the connection without answering: a function that dies mid-call.
+    fn recording_server_answering(answered: usize) -> (String, Arc<Mutex<Vec<String>>>) {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let url = format!("http://{}/f", listener.local_addr().expect("addr"));
         let seen = Arc::new(Mutex::new(Vec::new()));
@@ -806,10 +845,14 @@ mod tests {
                         if reader.read_exact(&mut body).is_err() {
                             return;
                         }
-                        record
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .push(id);
+                        let nth = {
+                            let mut seen = record.lock().unwrap_or_else(PoisonError::into_inner);
+                            seen.push(id);
+                            seen.len()
+                        };
+                        if nth > answered {
+                            return;
+                        }
                         let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
                         if writer.write_all(reply).is_err() {
                             return;
@@ -855,6 +898,69 @@ mod tests {
             }
             std::thread::sleep(Duration::from_millis(2));
         }
+    }
+
+    fn wait_for_completions(sink: &Collect, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while sink.0.lock().map(|c| c.len()).unwrap_or(0) < n && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn each_counted_attempt_sent_the_request_exactly_once() {
+        // The first message leaves a keep-alive connection in the pool; the second reaches the
+        // function on it (and then on fresh ones), which reads it and hangs up every time.
+        let (url, seen) = recording_server_answering(1);
+        let sink = Arc::new(Collect::default());
+        let config = EngineConfig {
+            workers: 1,
+            retry: RetryPolicy {
+                max_attempts: 3,
+                backoff_initial: Duration::from_millis(1),
+                backoff_max: Duration::from_millis(5),
+                ..RetryPolicy::default()
+            },
+            ..EngineConfig::default()
+        };
+        let engine = Engine::new(config, sink.clone()).expect("engine");
+        let spec = TargetSpec {
+            name: "f".to_owned(),
+            url,
+            topics: vec!["t".to_owned()],
+            max_inflight: None,
+            timeout: None,
+            headers: vec![],
+            async_url: None,
+        };
+        engine.set_targets(vec![spec]).expect("targets");
+        engine.submit(vec![message(1, None)]).expect("submit");
+        wait_for_completions(&sink, 1);
+        engine.submit(vec![message(2, None)]).expect("submit");
+        wait_for_completions(&sink, 2);
+        let completions = sink
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let outcome: Vec<(Verdict, ErrorKind, u32)> = completions
+            .iter()
+            .flat_map(|c| c.results.iter().map(|r| (r.verdict, r.error, r.attempts)))
+            .collect();
+        assert_eq!(
+            outcome,
+            vec![
+                (Verdict::Ok, ErrorKind::None, 1),
+                (Verdict::Retry, ErrorKind::Io, 3)
+            ]
+        );
+        let seen = seen.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        assert_eq!(
+            seen.iter().filter(|id| *id == "2").count(),
+            3,
+            "the function saw the message once per counted attempt: {seen:?}"
+        );
+        engine.close(Duration::from_secs(1));
     }
 
     #[test]

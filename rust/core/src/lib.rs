@@ -9,6 +9,7 @@
 //! wakes; it makes no decisions.
 
 pub mod engine;
+mod framing;
 pub mod headers;
 mod http;
 pub mod message;
@@ -17,9 +18,17 @@ pub mod panics;
 pub mod retry;
 pub mod router;
 pub mod stats;
+mod stream;
+pub mod tls;
 
-pub use engine::{Engine, EngineConfig, SubmitError, TargetSpec, MAX_INFLIGHT};
+pub use engine::{
+    check_url, Engine, EngineConfig, EngineError, SubmitError, TargetSpec, MAX_INFLIGHT,
+};
 pub use message::{Completion, CompletionSink, ErrorKind, Message, TargetResult, Verdict};
 pub use retry::RetryPolicy;
 pub use router::{Pattern, RouteTable, Router};
 pub use stats::{StatsSnapshot, LATENCY_BUCKETS};
+pub use tls::{TlsConfigError, TlsSetting, TlsSettings};
+
+#[cfg(test)]
+mod tls_tests;

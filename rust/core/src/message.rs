@@ -83,8 +83,14 @@ pub enum ErrorKind {
     Io = 3,
     InvalidRequest = 4,
     Internal = 5,
-    /// The function's response broke HTTP/1.1 framing: not retried, the connection is closed.
+    /// The function's response broke HTTP/1.1 (malformed head, too many headers, conflicting
+    /// or invalid framing). Not retried: the same function would answer the same way. The
+    /// connection is closed, and the result's body says what was wrong.
     Protocol = 6,
+    /// TLS failed: the server's certificate is not trusted, the server refused ours, or the
+    /// peer does not speak TLS. Final: these are configuration problems that retrying within
+    /// seconds will not fix, and retrying them only delays the dead-letter that shows them.
+    Tls = 7,
 }
 
 impl ErrorKind {
@@ -97,6 +103,7 @@ impl ErrorKind {
             ErrorKind::InvalidRequest => "invalid_request",
             ErrorKind::Internal => "internal",
             ErrorKind::Protocol => "protocol",
+            ErrorKind::Tls => "tls",
         }
     }
 }

@@ -43,7 +43,12 @@ impl RetryPolicy {
     pub fn is_retryable(&self, status: u16, error: ErrorKind) -> bool {
         match error {
             ErrorKind::Connect | ErrorKind::Timeout | ErrorKind::Io => true,
-            ErrorKind::InvalidRequest | ErrorKind::Internal | ErrorKind::Protocol => false,
+            // A function that breaks HTTP/1.1 framing does so again on the next attempt; a
+            // certificate problem is configuration, not a transient fault.
+            ErrorKind::InvalidRequest
+            | ErrorKind::Internal
+            | ErrorKind::Protocol
+            | ErrorKind::Tls => false,
             ErrorKind::None => self.retry_on.contains(&status),
         }
     }
@@ -129,6 +134,12 @@ mod tests {
             p.decide(1, 0, ErrorKind::InvalidRequest, None),
             Decision::Final
         );
+        assert_eq!(
+            p.decide(1, 0, ErrorKind::Protocol, None),
+            Decision::Final,
+            "a response that breaks HTTP/1.1 is not retried"
+        );
+        assert!(!p.is_retryable(0, ErrorKind::Protocol));
     }
 
     #[test]

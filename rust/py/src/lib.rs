@@ -5,7 +5,9 @@
 mod completions;
 mod runtime;
 
+use fastconn_core::TlsSettings;
 use pyo3::prelude::*;
+use std::path::PathBuf;
 
 // Completions are allocated on tokio threads and freed on the event-loop thread; glibc's
 // arenas make that cross-thread free expensive (it showed as ~12% of the loop thread's time).
@@ -16,6 +18,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<runtime::Runtime>()?;
+    m.add_function(wrap_pyfunction!(validate_url, m)?)?;
+    m.add_function(wrap_pyfunction!(check_tls, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add(
         "build_profile",
@@ -36,4 +40,32 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     )?;
     m.add("MAX_INFLIGHT", fastconn_core::MAX_INFLIGHT)?;
     Ok(())
+}
+
+/// Why the dispatcher cannot call `url`, or None when it can: configuration checks ask here so
+/// they accept exactly the URLs the running dispatcher accepts.
+#[pyfunction]
+fn validate_url(url: &str) -> Option<String> {
+    fastconn_core::check_url(url).err()
+}
+
+/// The first problem with the TLS files as (setting, message), e.g. ("tls_key", "..."), or None
+/// when the dispatcher will accept them. Reads the files; does not load the system's roots.
+#[pyfunction]
+#[pyo3(signature = (*, ca=None, cert=None, key=None))]
+fn check_tls(
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+) -> Option<(&'static str, String)> {
+    let settings = TlsSettings {
+        ca_file: ca,
+        cert_file: cert,
+        key_file: key,
+        insecure_skip_verify: false,
+    };
+    settings
+        .validate()
+        .err()
+        .map(|e| (e.setting.name(), e.message))
 }

@@ -4,11 +4,14 @@
 
 use crate::completions::CompletionQueue;
 use bytes::Bytes;
-use fastconn_core::{Engine, EngineConfig, Message, RetryPolicy, SubmitError, TargetSpec};
+use fastconn_core::{
+    Engine, EngineConfig, EngineError, Message, RetryPolicy, SubmitError, TargetSpec, TlsSettings,
+};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
@@ -94,7 +97,8 @@ impl Runtime {
     #[new]
     #[pyo3(signature = (
         *, workers, max_inflight, max_inflight_per_function, max_queued, max_attempts, retry_on,
-        backoff_initial, backoff_max, timeout, connect_timeout, content_type, user_agent, authorization
+        backoff_initial, backoff_max, timeout, connect_timeout, content_type, user_agent, authorization,
+        tls_ca=None, tls_cert=None, tls_key=None, tls_insecure_skip_verify=false
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -111,6 +115,10 @@ impl Runtime {
         content_type: Option<String>,
         user_agent: String,
         authorization: Option<String>,
+        tls_ca: Option<PathBuf>,
+        tls_cert: Option<PathBuf>,
+        tls_key: Option<PathBuf>,
+        tls_insecure_skip_verify: bool,
     ) -> PyResult<Runtime> {
         let config = EngineConfig {
             workers,
@@ -128,12 +136,18 @@ impl Runtime {
             content_type,
             user_agent,
             authorization,
+            tls: TlsSettings {
+                ca_file: tls_ca,
+                cert_file: tls_cert,
+                key_file: tls_key,
+                insecure_skip_verify: tls_insecure_skip_verify,
+            },
         };
         let completions = Arc::new(CompletionQueue::new()?);
         let sink: Arc<dyn fastconn_core::CompletionSink> = completions.clone();
-        let engine = Engine::new(config, sink).map_err(|e| match e.kind() {
-            std::io::ErrorKind::InvalidInput => PyValueError::new_err(e.to_string()),
-            _ => PyErr::from(e),
+        let engine = Engine::new(config, sink).map_err(|e| match e {
+            EngineError::Tls(_) | EngineError::Invalid(_) => PyValueError::new_err(e.to_string()),
+            EngineError::Runtime(io) => PyErr::from(io),
         })?;
         Ok(Runtime {
             engine,

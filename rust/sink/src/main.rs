@@ -10,7 +10,9 @@
 //! Control endpoints: `GET /__stats` (JSON: requests, bytes, latency percentiles),
 //! `POST /__reset`, `POST /__stall?ms=N` (hold every answer for N ms from now; 0 ends it).
 //!
-//! Usage: `fastconn-sink [--port N] [--threads N]` (prints `listening on PORT` when ready).
+//! Usage: `fastconn-sink [--port N] [--threads N] [--tls-cert PEM --tls-key PEM]` (prints
+//! `listening on PORT` when ready; with a certificate, then `tls on PORT`: an HTTPS port with
+//! the same counters, so a benchmark can compare http and https deliveries on one sink).
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -186,6 +188,64 @@ fn arg(args: &[String], name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+fn text_arg<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str)
+}
+
+fn invalid(what: String) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidInput, what)
+}
+
+/// The HTTPS side's configuration: HTTP/1.1 only, like the plain side.
+fn tls_acceptor(cert: &str, key: &str) -> std::io::Result<tokio_rustls::TlsAcceptor> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| invalid(format!("--tls-cert {cert}: {e}")))?;
+    let key =
+        PrivateKeyDer::from_pem_file(key).map_err(|e| invalid(format!("--tls-key {key}: {e}")))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .and_then(|b| b.with_no_client_auth().with_single_cert(chain, key))
+        .map_err(|e| invalid(format!("TLS configuration: {e}")))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// A listener on 127.0.0.1 with a deep accept queue: benchmarks open hundreds of connections
+/// at once, and the default backlog (128) drops SYNs that come back only after a 1 s retransmit.
+fn listen(port: u16) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_reuseaddr(true)?;
+    socket.bind(std::net::SocketAddr::from(([127, 0, 0, 1], port)))?;
+    socket.listen(4096)
+}
+
+/// Serves one accepted connection (after the TLS handshake when `tls` is given).
+fn serve(
+    stream: tokio::net::TcpStream,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    stats: Arc<Stats>,
+    client: Client,
+) {
+    tokio::spawn(async move {
+        let service = service_fn(move |req| handle(Arc::clone(&stats), client.clone(), req));
+        let http = http1::Builder::new();
+        let _ = match tls {
+            None => http.serve_connection(TokioIo::new(stream), service).await,
+            Some(acceptor) => match acceptor.accept(stream).await {
+                Ok(stream) => http.serve_connection(TokioIo::new(stream), service).await,
+                Err(_) => return,
+            },
+        };
+    });
+}
+
 fn main() -> std::io::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let port = u16::try_from(arg(&args, "--port", 0)).unwrap_or(0);
@@ -202,35 +262,50 @@ fn main() -> std::io::Result<()> {
             .enable_all()
             .build()?
     };
+    let tls = match (text_arg(&args, "--tls-cert"), text_arg(&args, "--tls-key")) {
+        (Some(cert), Some(key)) => Some(tls_acceptor(cert, key)?),
+        (None, None) => None,
+        _ => return Err(invalid("--tls-cert and --tls-key go together".to_owned())),
+    };
     runtime.block_on(async move {
-        // A deep accept queue: benchmarks open hundreds of connections at once, and the default
-        // backlog (128) drops SYNs that come back only after a 1 s retransmit.
-        let socket = tokio::net::TcpSocket::new_v4()?;
-        socket.set_reuseaddr(true)?;
-        socket.bind(std::net::SocketAddr::from(([127, 0, 0, 1], port)))?;
-        let listener = socket.listen(4096)?;
-        let port = listener.local_addr()?.port();
-        // The benchmark reads this line to learn the port.
+        let listener = listen(port)?;
+        let tls_listener = match &tls {
+            Some(_) => Some(listen(0)?),
+            None => None,
+        };
+        // The benchmark reads these lines to learn the ports.
+        let mut ready = format!("listening on {}\n", listener.local_addr()?.port());
+        if let Some(l) = &tls_listener {
+            ready += &format!("tls on {}\n", l.local_addr()?.port());
+        }
         let mut out = std::io::stdout().lock();
-        std::io::Write::write_all(&mut out, format!("listening on {port}\n").as_bytes())?;
+        std::io::Write::write_all(&mut out, ready.as_bytes())?;
         std::io::Write::flush(&mut out)?;
         drop(out);
         let stats = Arc::new(Stats::default());
         let client: Client =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .build_http();
-        loop {
-            let (stream, _) = listener.accept().await?;
-            stream.set_nodelay(true)?;
+        if let (Some(listener), Some(acceptor)) = (tls_listener, tls) {
             let stats = Arc::clone(&stats);
             let client = client.clone();
             tokio::spawn(async move {
-                let service =
-                    service_fn(move |req| handle(Arc::clone(&stats), client.clone(), req));
-                let _ = http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
+                while let Ok((stream, _)) = listener.accept().await {
+                    if stream.set_nodelay(true).is_ok() {
+                        serve(
+                            stream,
+                            Some(acceptor.clone()),
+                            Arc::clone(&stats),
+                            client.clone(),
+                        );
+                    }
+                }
             });
+        }
+        loop {
+            let (stream, _) = listener.accept().await?;
+            stream.set_nodelay(true)?;
+            serve(stream, None, Arc::clone(&stats), client.clone());
         }
     })
 }
