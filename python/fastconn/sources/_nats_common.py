@@ -255,7 +255,7 @@ async def connect(
     log: logging.Logger,
     error_cb: Callable[[Exception], Awaitable[None]],
     reconnected_cb: Callable[[], Awaitable[None]] | None = None,
-    health: ConnectionHealth | None = None,
+    health: ConnectionHealth,
 ) -> Any:
     """Connects, reconnecting forever once connected. The first connection is retried for up to
     ``connect_wait``; a rejected authentication fails at once. Raises :class:`SourceError`.
@@ -271,10 +271,10 @@ async def connect(
 
     async def on_error(exc: Exception) -> None:
         if not connecting:
-            if health is not None and isinstance(exc, connection_dropped):
+            if isinstance(exc, connection_dropped):
                 health.lost()  # the reconnection that follows reports the outage
                 return
-            if health is not None and client.is_reconnecting:
+            if client.is_reconnecting:
                 health.failing(describe_error(exc))
                 return
             await error_cb(exc)
@@ -292,16 +292,10 @@ async def connect(
 
     async def disconnected() -> None:
         if not connecting and not client.is_closed:  # not our own close()
-            if health is not None:
-                health.lost()
-            else:
-                log.warning("source %s: disconnected from NATS; reconnecting", name)
+            health.lost()
 
     async def reconnected() -> None:
-        if health is not None:
-            health.restored()
-        else:
-            log.info("source %s: reconnected to NATS", name)
+        health.restored()
         if reconnected_cb is not None:
             await reconnected_cb()
 
