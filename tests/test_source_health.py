@@ -13,11 +13,13 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import pytest
+from aiokafka import AIOKafkaConsumer
 
 from fastconn.health import ConnectionHealth, SourceHealth, describe_error, display_servers
 from fastconn.log_throttle import ThrottleFilter
 from fastconn.logs import setup_logging
-from fastconn.testing import FunctionDouble, wait_for
+from fastconn.sources._kafka_health import MetadataProbe
+from fastconn.testing import FunctionDouble, ServerProcess, free_port, tansu_command, wait_for
 from nats_fixtures import start_nats_server
 
 if TYPE_CHECKING:
@@ -184,3 +186,43 @@ async def test_readiness_follows_the_broker_with_a_grace_period(
         assert "Traceback" not in log, log
     finally:
         server.stop()
+
+
+# ---------------------------------------------------------------------------- Kafka
+
+
+async def test_kafka_metadata_probe_follows_a_tansu_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The probe the Kafka source wires (aiokafka has no connection events): down once, with
+    one line, while the broker is away; back once, with one line."""
+    port = free_port()
+    tansu = ServerProcess("tansu", tansu_command(port), port, tmp_path / "tansu.log")
+    consumer = AIOKafkaConsumer(bootstrap_servers=f"127.0.0.1:{port}", request_timeout_ms=1000)
+    logger = logging.getLogger("t.kafka-health")
+    health = ConnectionHealth("kafka", f"127.0.0.1:{port}", logger)
+    probe = MetadataProbe(health, consumer.topics, interval=0.1, timeout=2)
+
+    def said() -> list[str]:  # the probe's lines only (aiokafka's own go to the capture too)
+        return [r.getMessage() for r in caplog.records if r.name == logger.name]
+
+    try:
+        await consumer.start()
+        with caplog.at_level(logging.INFO, logger="t.kafka-health"):
+            await probe.probe_once()
+            assert health.health().ok and said() == [], "reachable: nothing to say"
+            probe.start()
+            tansu.process.kill()
+            tansu.process.wait()
+            await wait_for(lambda: not health.health().ok, 10, what="the probe to see the broker gone")
+            await wait_for(lambda: len(said()) == 1, 5, what="the outage line")
+            [down] = said()
+            assert down.startswith(f"source kafka: 127.0.0.1:{port} unreachable since "), down
+            tansu = ServerProcess("tansu", tansu_command(port), port, tmp_path / "tansu.log")
+            await wait_for(lambda: health.health().ok, 15, what="the probe to see the broker back")
+            assert len(said()) == 2, said()  # many failed probes, one line
+            assert said()[1].startswith(f"source kafka: 127.0.0.1:{port} reachable again"), said()
+    finally:
+        await probe.stop()
+        await consumer.stop()
+        tansu.stop()
