@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup build test test-rust test-python lint lint-python lint-rust bench bench-quick bench-readme demo clean
+.PHONY: setup build test test-rust test-python test-slow lint lint-python lint-rust bench bench-quick bench-readme demo clean
 
 setup:
 	./scripts/setup.sh
@@ -11,13 +11,20 @@ setup:
 build:
 	$(VENV)/bin/pip install -q --no-deps -e .
 
-test: build lint test-rust test-python
+# CI runs `make test`: the slow fault tests are part of it (they add well under a minute; see
+# test-slow).
+test: build lint test-rust test-python test-slow
 
 test-rust:
 	cargo test --workspace --exclude fastconn-py -q
 
+# The default set: everything but the tests marked slow (pyproject's addopts leave them out).
 test-python: build
 	$(PY) -m pytest -q
+
+# Fault tests that kill and restart real brokers (tests marked @pytest.mark.slow).
+test-slow: build
+	$(PY) -m pytest -q -m slow
 
 lint: lint-python lint-rust
 

@@ -6,11 +6,13 @@ import asyncio
 import base64
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -142,6 +144,59 @@ BROKEN: dict[str, tuple[str, str | None, Sequence[str]]] = {
     ),
     "bad log level": ('log_level = "loud"\n[gateway]\n', None, ["log_level: expected one of debug"]),
     "invalid toml": ("[gateway\nurl = 1\n", None, ["invalid TOML", "(at line 1", "(got '[gateway')"]),
+    "duration beyond what the core takes": (
+        "[gateway]\n[dispatch]\nshutdown_timeout = 1e300\nbackoff_max = 99999999999\n",
+        None,
+        [
+            "dispatch.shutdown_timeout: invalid duration: too large: at most 24 days",
+            "dispatch.backoff_max: invalid duration: too large",
+        ],
+    ),
+    "integer beyond 64 bits": (
+        "[gateway]\n[dispatch]\nmax_pending_callbacks = 99999999999999999999999\nmax_attempts = 1e400\n",
+        None,
+        [
+            "dispatch.max_pending_callbacks: integer out of range: TOML integers are 64-bit",
+            "(got 99999999999999999999999)",
+            "dispatch.max_attempts:",
+        ],
+    ),
+    "huge per-function timeout": (
+        '[gateway]\n[[functions]]\nname = "a"\ntopics = ["t"]\ntimeout = "100000000h"\n',
+        None,
+        ["functions[0].timeout: invalid duration: too large"],
+    ),
+    "two webhook sources": (
+        '[gateway]\n[[sources]]\ntype = "webhook"\n[[sources]]\ntype = "webhook"\nname = "w2"\n',
+        None,
+        ["sources[1].type: a second webhook source (also sources[0]): both would serve POST /webhook/"],
+    ),
+    "duplicate source names": (
+        '[gateway]\n[[sources]]\ntype = "nats"\n[[sources]]\ntype = "jetstream"\nname = "nats"\n'
+        'stream = "s"\nsubjects = ["a"]\n',
+        None,
+        ["sources[1].name: duplicate source name (also sources[0])"],
+    ),
+    "function url with CR/LF": (
+        '[[functions]]\nname = "a"\nurl = "http://127.0.0.1:9000/f\\r\\nX-Injected: 1"\ntopics = ["t"]\n',
+        None,
+        ["functions[0].url: must not contain spaces or control characters"],
+    ),
+    "content type with CR/LF": (
+        '[gateway]\n[dispatch]\ncontent_type = "text/plain\\r\\nX-Injected: 1"\n',
+        None,
+        ["dispatch.content_type: a header value must not contain CR, LF"],
+    ),
+    "gateway url with LF": (
+        '[gateway]\nurl = "http://gw:8080/\\n"\n',
+        None,
+        ["gateway.url: must not contain spaces or control characters"],
+    ),
+    "env duration beyond the cap": (
+        "[gateway]\n",
+        "upstream_timeout=10000000h",
+        ["env:upstream_timeout: invalid duration '10000000h': too large"],
+    ),
     "bad env override": (
         "[gateway]\n",
         "upstream_timeout=abc",
@@ -194,7 +249,12 @@ def test_check_reports_each_broken_config(case: str, check_results: dict[str, tu
 
 async def test_check_good_config_and_config_sources(tmp_path: Path) -> None:
     path = tmp_path / "good.toml"
-    path.write_text('[gateway]\nurl = "http://gw:8080/"\n[[sources]]\ntype = "webhook"\n' + GOOD_FUNCTION)
+    # Port 0: `check` binds the listen address (as `run` would), so no fixed port may be assumed free.
+    path.write_text(
+        '[server]\nlisten = "127.0.0.1:0"\n[gateway]\nurl = "http://gw:8080/"\n'
+        + '[[sources]]\ntype = "webhook"\n'
+        + GOOD_FUNCTION
+    )
     good = await fastconn("check", "--config", str(path))
     assert good == Run(0, "ok: 1 static function(s), 1 source(s), gateway http://gw:8080\n", "")
     # FASTCONN_CONFIG instead of --config; env overrides apply on top.
@@ -252,6 +312,60 @@ async def test_run_with_missing_basic_auth_secrets_exits_2(tmp_path: Path) -> No
     assert result.code == 2, result
     assert "gateway.secret_mount_path: basic_auth is enabled but" in result.stderr
     assert "basic-auth-user" in result.stderr and "basic-auth-password" in result.stderr
+
+
+def _refused_configs(tmp_path: Path, busy_port: int) -> dict[str, tuple[dict[str, Any], str]]:
+    """Configs `run` cannot start with: (config, fragment of the message)."""
+    function = {"name": "a", "url": "http://127.0.0.1:9/", "topics": ["t"]}
+    return {
+        "listen address in use": (
+            {"functions": [function], "server": {"listen": f"127.0.0.1:{busy_port}"}},
+            f"server.listen: address already in use: another process listens there; choose another "
+            f"port (got '127.0.0.1:{busy_port}')",
+        ),
+        "listen host unresolvable": (
+            {"functions": [function], "server": {"listen": "no-such-host.invalid:8081"}},
+            "server.listen: cannot resolve the listen host",
+        ),
+        "listen address not of this host": (
+            {"functions": [function], "server": {"listen": "192.0.2.1:8081"}},
+            "server.listen: address not available",
+        ),
+        "basic-auth secrets missing": (
+            {
+                "gateway": {
+                    "url": "http://127.0.0.1:9",
+                    "basic_auth": True,
+                    "secret_mount_path": str(tmp_path),
+                },
+                "server": {"listen": "127.0.0.1:0"},
+            },
+            "gateway.secret_mount_path: basic_auth is enabled but",
+        ),
+        "backoff beyond the core's range": (
+            {
+                "functions": [function],
+                "server": {"listen": "127.0.0.1:0"},
+                "dispatch": {"backoff_initial": 1e300, "backoff_max": 1e300},
+            },
+            "dispatch.backoff_initial: invalid duration: too large",
+        ),
+    }
+
+
+async def test_check_and_run_refuse_the_same_configs_with_the_same_message(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        for case, (config, fragment) in _refused_configs(tmp_path, busy.getsockname()[1]).items():
+            path = tmp_path / "refused.toml"
+            path.write_text(to_toml(config))
+            check = await fastconn("check", "--config", str(path))
+            run = await fastconn("run", "--config", str(path), timeout=20)
+            assert check.code == 2, (case, check)
+            assert check.stderr.startswith("fastconn: invalid configuration:\n"), (case, check)
+            assert fragment in check.stderr, (case, check.stderr)
+            assert run == Run(2, "", check.stderr), f"{case}: run and check disagree"
 
 
 # ---------------------------------------------------------------------------- topics

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from fastconn.config import Config, load_config
 from fastconn.errors import ConfigError, FastconnError
 from fastconn.logs import setup_logging
+from fastconn.preflight import preflight
 
 T = TypeVar("T")
 
@@ -99,6 +100,7 @@ def _load(ns: argparse.Namespace) -> Config:
 
 def _run(ns: argparse.Namespace) -> int:
     config = _load(ns)
+    preflight(config)
     setup_logging(ns.log_format or config.log_format, ns.log_level or config.log_level)
     from fastconn.daemon import Daemon
 
@@ -111,6 +113,7 @@ def _run(ns: argparse.Namespace) -> int:
 
 def _check(ns: argparse.Namespace) -> int:
     config = _load(ns)
+    preflight(config)
     print(
         f"ok: {len(config.functions)} static function(s), {len(config.sources)} source(s), "
         f"gateway {config.gateway.url if config.gateway else 'none'}"

@@ -67,7 +67,14 @@ _SOURCES_PACKAGE: Final = "fastconn.sources"
 # --------------------------------------------------------------------------------------------------
 
 
+_CONTROL: Final = re.compile(r"[\x00-\x20\x7f]")
+
+
 def _check_http_url(value: str) -> str:
+    # urlsplit silently drops CR, LF and tab (WHATWG rules), so "http://h/\r\nX: y" would
+    # pass here and be refused (or worse, sent) later: control characters and spaces are errors.
+    if _CONTROL.search(value):
+        raise ValueError("must not contain spaces or control characters (CR, LF, tab, ...)")
     try:
         parts = urlsplit(value)
         _ = parts.port  # raises ValueError for a non-numeric or out-of-range port
@@ -134,6 +141,17 @@ def _check_listen(value: str) -> str:
 
 
 _LOG_LEVELS: Final = ("debug", "info", "warning", "error", "critical")
+
+_HEADER_VALUE_FORBIDDEN: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def _check_header_value(value: str) -> str:
+    # A CR or LF in a header value would end the header (or inject another); the core refuses
+    # such a value on every request, so refuse it once, here.
+    if _HEADER_VALUE_FORBIDDEN.search(value):
+        raise ValueError("a header value must not contain CR, LF or other control characters")
+    return value
+
 
 _NonEmptyStr = Annotated[str, Field(min_length=1)]
 _HttpUrl = Annotated[str, AfterValidator(_check_http_url)]
@@ -219,7 +237,7 @@ class GatewayConfig(_Model):
         """Return ``(user, password)`` when ``basic_auth`` is on, else ``None``.
 
         Read on demand (not at validation) because OpenFaaS mounts secrets as files that may be
-        rotated, and because a config should validate on a machine that lacks them. Raises
+        rotated; :func:`fastconn.preflight.preflight` reads them once for ``check`` and ``run``. Raises
         :class:`ConfigError` at ``gateway.secret_mount_path`` when a file is missing or empty.
         """
         if not self.basic_auth:
@@ -248,7 +266,7 @@ class GatewayConfig(_Model):
 class DispatchConfig(_Model):
     """``[dispatch]``: how messages are delivered to functions."""
 
-    content_type: _NonEmptyStr = "text/plain"
+    content_type: Annotated[_NonEmptyStr, AfterValidator(_check_header_value)] = "text/plain"
     """``Content-Type`` of invocation requests (env ``content_type``)."""
     max_inflight: _InflightBound = 1024
     """Bound on concurrent invocations across all functions."""
@@ -309,6 +327,9 @@ class ServerConfig(_Model):
     """Seconds an idle keep-alive connection stays open."""
     max_connections: Annotated[int, Field(ge=1, le=1_000_000)] = 1024
     """Open connections; at the cap the oldest one still sending its first head is closed."""
+    readiness_grace: Duration = 10.0
+    """How long a source's broker may be unreachable before ``/readyz`` turns 503: a broker
+    restart or a leader change should not take every replica out of the load balancer."""
 
     @property
     def host(self) -> str:
@@ -537,6 +558,43 @@ def _cross_field_errors(data: Mapping[str, Any]) -> list[InitErrorDetails]:
             else:
                 first_seen[label] = index
     errors.extend(_callback_address_errors(data, functions))
+    errors.extend(_source_clash_errors(data.get("sources")))
+    return errors
+
+
+def _source_clash_errors(sources: Any) -> list[InitErrorDetails]:
+    """Two sources with one name share metrics and log lines; two webhook sources would share
+    the one route ``POST /webhook/{topic}`` (only the first would ever get a request)."""
+    if not isinstance(sources, Sequence) or isinstance(sources, str):
+        return []
+    errors: list[InitErrorDetails] = []
+    names: dict[str, int] = {}
+    first_webhook: int | None = None
+    for index, source in enumerate(sources):
+        if not isinstance(source, Mapping) or not isinstance(source.get("type"), str):
+            continue
+        type_name = source["type"]
+        if type_name == "webhook":
+            if first_webhook is None:
+                first_webhook = index
+            else:
+                message = (
+                    f"a second webhook source (also sources[{first_webhook}]): both would serve "
+                    "POST /webhook/{topic}; use one webhook source"
+                )
+                errors.append(_error(message, ("sources", index, "type"), type_name))
+        # Each source type defaults its name to the type.
+        name = source.get("name", type_name)
+        if not isinstance(name, str):
+            continue
+        if name in names:
+            message = (
+                f"duplicate source name (also sources[{names[name]}]): metrics and logs would mix "
+                "them; give each source its own name"
+            )
+            errors.append(_error(message, ("sources", index, "name"), name))
+        else:
+            names[name] = index
     return errors
 
 
@@ -801,7 +859,10 @@ def _validate(
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        problems = [*problems, *_to_problems(exc, env_origins)]
+        found = _to_problems(exc, env_origins)
+        # A field's own bound says more than "out of range": report each location once.
+        reported = {p.location for p in found}
+        problems = [*(p for p in problems if p.location not in reported), *found]
     else:
         if not problems:
             return config
@@ -810,7 +871,27 @@ def _validate(
 
 def validate_config(data: Mapping[str, Any]) -> Config:
     """Validate an already-parsed config table (no file, no environment); raises :class:`ConfigError`."""
-    return _validate(data, {}, [])
+    return _validate(data, {}, _out_of_range_integers(data))
+
+
+_INT64: Final = range(-(2**63), 2**63)
+
+
+def _out_of_range_integers(data: Any, loc: _Loc = ()) -> list[ConfigProblem]:
+    """TOML integers are 64-bit ("if an integer cannot be represented losslessly, an error must
+    be thrown"), but Python's tomllib reads any size: refuse bigger ones here, before a field
+    without its own bound hands one to code that cannot take it."""
+    if isinstance(data, bool):
+        return []
+    if isinstance(data, int):
+        if data in _INT64:
+            return []
+        return [ConfigProblem(_format_loc(loc), "integer out of range: TOML integers are 64-bit", data)]
+    if isinstance(data, Mapping):
+        return [p for key, value in data.items() for p in _out_of_range_integers(value, (*loc, str(key)))]
+    if isinstance(data, list | tuple):
+        return [p for i, value in enumerate(data) for p in _out_of_range_integers(value, (*loc, i))]
+    return []
 
 
 def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
@@ -826,4 +907,5 @@ def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, st
         path = env.get("FASTCONN_CONFIG") or None
     data: dict[str, Any] = {} if path is None else _read_toml(Path(path))
     env_origins, problems = _apply_env(data, env)
+    problems = [*_out_of_range_integers(data), *problems]
     return _validate(data, env_origins, problems)

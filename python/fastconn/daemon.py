@@ -26,13 +26,16 @@ from fastconn.callbacks import CallbackMetrics, CallbackSettings
 from fastconn.config import Config
 from fastconn.conn_guard import ServerLimits
 from fastconn.dispatcher import Dispatcher, DispatchOptions
+from fastconn.errors import ConfigError
 from fastconn.failure_log import FunctionFailureLog
 from fastconn.fdlimit import raise_open_files_limit
 from fastconn.functions import FunctionTarget
+from fastconn.health import clock_text
 from fastconn.message import Outcome
 from fastconn.metrics import Metrics
+from fastconn.preflight import listen_problem
 from fastconn.registry import GatewayRegistry, TopicMapSync, static_targets
-from fastconn.source import Source, SourceContext
+from fastconn.source import HealthReporting, Source, SourceContext
 from fastconn.supervise import Supervisor
 
 log = logging.getLogger("fastconn.daemon")
@@ -83,6 +86,7 @@ class Daemon:
         self.sources: list[Source] = [create_source(entry) for entry in config.sources]
         self.stopping = asyncio.Event()
         self._sources_started = False
+        self._started: list[Source] = []
         self._gateway_auth: tuple[tuple[str, str], ...] = ()
         gateway = config.gateway
         credentials = gateway.credentials() if gateway else None
@@ -182,6 +186,20 @@ class Daemon:
         if failing:
             tasks = "; ".join(f"{name} ({error})" for name, error in sorted(failing.items()))
             return False, f"background task(s) keep failing: {tasks}"
+        return self._sources_healthy()
+
+    def _sources_healthy(self) -> tuple[bool, str]:
+        """Not ready while a source's broker has been unreachable for longer than the grace."""
+        now = time.time()
+        down = []
+        for source in self.sources:
+            if not isinstance(source, HealthReporting):
+                continue  # no connection of its own (the webhook): always healthy
+            health = source.health()
+            if not health.ok and now - health.since >= self.config.server.readiness_grace:
+                down.append(f"source {source.name}: {health.reason} since {clock_text(health.since)}")
+        if down:
+            return False, "; ".join(down)
         return True, "ready"
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -195,9 +213,15 @@ class Daemon:
         self.dispatcher.add_observer(self.failure_log)
         for source in self.sources:
             source.register(self.ctx)
-        await self.admin.start()
+        try:
+            await self.admin.start()
+        except OSError as exc:
+            # Free at preflight, taken since: the same message `check` gives, exit 2.
+            raise ConfigError([listen_problem(self.config.server.listen, exc)]) from None
         await self.sync.start(self.supervisor)
         for source in self.sources:
+            # Listed before its start: a start cut short (a stop signal) still gets stop/close.
+            self._started.append(source)
             await source.start()
         self._sources_started = True
         log.info("fastconn listening on %s with %d source(s)", self.admin.url, len(self.sources))
@@ -206,14 +230,14 @@ class Daemon:
         self.stopping.set()
         timeout = self.config.dispatch.shutdown_timeout
         deadline = time.monotonic() + timeout
-        for source in self.sources:
+        for source in self._started:
             await _guard(source.stop(), f"stopping source {source.name}")
         # Async calls still waiting for their callback get the same grace as calls in flight.
         while self.callbacks.pending and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         left = await self.dispatcher.close(max(0.0, deadline - time.monotonic()))
         self.failure_log.flush()
-        for source in self.sources:
+        for source in self._started:
             await _guard(source.close(), f"closing source {source.name}")
         await self.sync.stop()
         if self.registry is not None:
@@ -229,12 +253,29 @@ class Daemon:
         for sig in signals:
             loop.add_signal_handler(sig, self._on_signal, sig)
         try:
-            await self.start()
+            await self._start_unless_stopped()
             await self.stopping.wait()
         finally:
             await self.shutdown()
             for sig in signals:
                 loop.remove_signal_handler(sig)
+
+    async def _start_unless_stopped(self) -> None:
+        """Starts, but gives up as soon as a stop signal arrives: a source's start may retry
+        an unreachable broker for a long time, and the platform kills a daemon that ignores
+        SIGTERM for its grace period (30 s in Kubernetes)."""
+        starting = asyncio.ensure_future(self.start())
+        stop = asyncio.ensure_future(self.stopping.wait())
+        try:
+            await asyncio.wait({starting, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not starting.done():
+                starting.cancel()
+                # Whatever the cancelled start raises while unwinding is moot: we are stopping.
+                await asyncio.gather(starting, return_exceptions=True)
+        if not starting.cancelled():
+            starting.result()  # a start-up failure propagates
 
     def _on_signal(self, sig: signal.Signals) -> None:
         if self.stopping.is_set():

@@ -15,7 +15,13 @@ from typing import Annotated, Final
 
 from pydantic import BeforeValidator
 
-__all__ = ["Duration", "parse_duration"]
+__all__ = ["MAX_DURATION", "Duration", "parse_duration"]
+
+MAX_DURATION: Final = 24 * 86400.0
+"""The longest duration any setting takes: 24 days. Durations end up in fixed-width fields:
+Kafka's millisecond settings are 32-bit (2**31 ms is 24.8 days), the core's deadlines are
+``Instant + Duration`` (which overflows on absurd values), event-loop timers are bounded too.
+One cap below all of them lets ``check`` refuse what ``run`` could not use."""
 
 # Seconds per Go duration unit. Both micro signs are accepted, as Go does: U+00B5 (MICRO SIGN, what
 # a keyboard produces) and U+03BC (GREEK SMALL LETTER MU).
@@ -36,6 +42,7 @@ _GO_DURATION: Final = re.compile(rf"(?:{_COMPONENT})+")
 _COMPONENT_RE: Final = re.compile(_COMPONENT)
 _PLAIN_NUMBER: Final = re.compile(r"\d+(?:\.\d*)?|\.\d+")
 
+_TOO_LONG: Final = f"too large: at most 24 days ({MAX_DURATION:.0f}s, '576h')"
 _EXPECTED: Final = "expected a duration such as '30s', '1m30s', '100ms' or a non-negative number of seconds"
 
 
@@ -58,12 +65,15 @@ def _parse(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise ValueError(_EXPECTED)
     if isinstance(value, (int, float)):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int beyond float's range
+            raise ValueError(_TOO_LONG) from None
         if not math.isfinite(seconds):
             raise ValueError(_EXPECTED)
         if seconds < 0:
             raise ValueError("must not be negative")
-        return seconds
+        return _bounded(seconds)
 
     text = value.strip()
     if text.startswith("-"):
@@ -81,7 +91,13 @@ def _parse(value: object) -> float:
         raise ValueError(_EXPECTED)
     seconds = float(total)
     if not math.isfinite(seconds):
-        raise ValueError("too large")
+        raise ValueError(_TOO_LONG)
+    return _bounded(seconds)
+
+
+def _bounded(seconds: float) -> float:
+    if seconds > MAX_DURATION:
+        raise ValueError(_TOO_LONG)
     return seconds
 
 

@@ -8,6 +8,7 @@ import sys
 import time
 from typing import Any
 
+from fastconn.log_throttle import THROTTLED_LOGGERS, ThrottleFilter
 from fastconn.redact import redact_text
 
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys()) | {"message", "asctime"}
@@ -49,6 +50,8 @@ def setup_logging(fmt: str = "text", level: str = "info") -> None:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     handler.addFilter(RedactingFilter())
+    for family in THROTTLED_LOGGERS:
+        handler.addFilter(ThrottleFilter(family))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -11,6 +11,14 @@ Lifecycle, driven by the daemon:
 3. ``stop()``: stop taking new messages (unsubscribe, pause, stop fetching). In-flight
    messages keep settling: the dispatcher is still running.
 4. ``close()``: after the dispatcher drained: commit/ack what finished, disconnect.
+
+A source with a connection to a broker also implements ``health() -> SourceHealth``
+(:class:`HealthReporting`): ``(ok, reason, since)``, cheap (``/readyz`` calls it), usually kept
+by a :class:`fastconn.health.ConnectionHealth` fed from the client's connection events, which
+also logs the outage once. The daemon is not ready while a source has been down for longer
+than ``[server] readiness_grace``. A source without a connection (the webhook) leaves it out
+and counts as healthy. ``start()`` may be cancelled (a stop signal during start-up): it must
+then close whatever it opened and re-raise.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from fastconn.dispatcher import Dispatcher, OutcomeCallback
+from fastconn.health import SourceHealth
 from fastconn.message import Message, Outcome, Verdict
 from fastconn.supervise import Job, Supervisor
 
@@ -31,7 +40,15 @@ if TYPE_CHECKING:
 
     from fastconn.metrics import Metrics
 
-__all__ = ["MAX_TOPIC_LABELS", "OTHER_TOPICS", "UNROUTED_TOPIC", "Source", "SourceContext", "TopicsListener"]
+__all__ = [
+    "MAX_TOPIC_LABELS",
+    "OTHER_TOPICS",
+    "UNROUTED_TOPIC",
+    "HealthReporting",
+    "Source",
+    "SourceContext",
+    "TopicsListener",
+]
 
 TopicsListener = Callable[[tuple[str, ...]], None]
 
@@ -54,6 +71,13 @@ class Source(Protocol):
     async def stop(self) -> None: ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class HealthReporting(Protocol):
+    """A source that can tell whether its broker connection is up (see the module docstring)."""
+
+    def health(self) -> SourceHealth: ...
 
 
 @dataclass

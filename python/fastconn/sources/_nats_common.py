@@ -22,6 +22,7 @@ from fastconn._compat import nats_can_write_raw, nats_write_raw
 from fastconn.durations import Duration
 from fastconn.errors import SourceError
 from fastconn.headers import passthrough
+from fastconn.health import ConnectionHealth, describe_error, display_servers
 from fastconn.ratelimit import RateLimitedLog  # re-exported: the NATS sources import it from here
 from fastconn.redact import redact_text
 
@@ -30,6 +31,7 @@ __all__ = [
     "RateLimitedLog",
     "check_subject",
     "connect",
+    "connection_health",
     "http_headers",
     "sanitize_header_value",
 ]
@@ -255,9 +257,13 @@ async def connect(
     log: logging.Logger,
     error_cb: Callable[[Exception], Awaitable[None]],
     reconnected_cb: Callable[[], Awaitable[None]] | None = None,
+    health: ConnectionHealth,
 ) -> Any:
     """Connects, reconnecting forever once connected. The first connection is retried for up to
-    ``connect_wait``; a rejected authentication fails at once. Raises :class:`SourceError`."""
+    ``connect_wait``; a rejected authentication fails at once. Raises :class:`SourceError`.
+
+    Once connected, outages go to ``health`` (logged once when down, once when back; readiness
+    reads it) instead of one ``error_cb`` call and log line per failed reconnection."""
     import nats.errors
     from nats.aio.client import Client
 
@@ -267,6 +273,12 @@ async def connect(
 
     async def on_error(exc: Exception) -> None:
         if not connecting:
+            if isinstance(exc, connection_dropped):
+                health.lost()  # the reconnection that follows reports the outage
+                return
+            if client.is_reconnecting:
+                health.failing(describe_error(exc))
+                return
             await error_cb(exc)
             return
         errors.append(exc)
@@ -282,13 +294,14 @@ async def connect(
 
     async def disconnected() -> None:
         if not connecting and not client.is_closed:  # not our own close()
-            log.warning("source %s: disconnected from NATS; reconnecting", name)
+            health.lost()
 
     async def reconnected() -> None:
-        log.info("source %s: reconnected to NATS", name)
+        health.restored()
         if reconnected_cb is not None:
             await reconnected_cb()
 
+    connection_dropped = (nats.errors.UnexpectedEOF, nats.errors.StaleConnectionError)
     options = client_options(config, name)
     options.update(error_cb=on_error, disconnected_cb=disconnected, reconnected_cb=reconnected)
     client = Client()
@@ -298,6 +311,14 @@ async def connect(
         await asyncio.wait(
             {attempt, refused}, timeout=config.connect_wait, return_when=asyncio.FIRST_COMPLETED
         )
+    except asyncio.CancelledError:
+        # Start-up cancelled (a stop signal): end the retrying attempt too, or it would keep
+        # connecting in the background and hold the process up.
+        attempt.cancel()
+        await asyncio.gather(attempt, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await client.close()
+        raise
     finally:
         refused.cancel()
     servers = ", ".join(redact_text(server) for server in config.servers)  # user:password@
@@ -316,6 +337,11 @@ async def connect(
     else:
         why = f"no connection within connect_wait ({config.connect_wait:g}s)"
     raise SourceError(f"source {name!r}: cannot connect to NATS at {servers}: {why}{last}")
+
+
+def connection_health(config: NatsConnectionConfig, name: str, log: logging.Logger) -> ConnectionHealth:
+    """The :class:`ConnectionHealth` of a NATS source (its servers, without credentials)."""
+    return ConnectionHealth(name, display_servers(config.servers), log)
 
 
 # -- JetStream acknowledgements --------------------------------------------------------------

@@ -30,6 +30,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from fastconn.errors import DispatcherClosed
+from fastconn.health import SourceHealth
 from fastconn.message import Message, Outcome, Verdict
 from fastconn.responses import response_messages
 from fastconn.source import SourceContext
@@ -39,6 +40,7 @@ from fastconn.sources._nats_common import (
     check_subject,
     check_subjects,
     connect,
+    connection_health,
     http_headers,
     minimal_subjects,
     subjects_intersect,
@@ -116,8 +118,13 @@ class NatsSource:
         self._slow_log = RateLimitedLog(log)
         self._failed_log = RateLimitedLog(log)
         self._warned_overlaps: set[tuple[str, str]] = set()
+        self._health = connection_health(config, self.name, log)
 
     # -- lifecycle -------------------------------------------------------------------------
+
+    def health(self) -> SourceHealth:
+        """The broker connection's state (see :mod:`fastconn.health`)."""
+        return self._health.health()
 
     def register(self, ctx: SourceContext) -> None:
         self._ctx = ctx
@@ -131,7 +138,9 @@ class NatsSource:
 
     async def start(self) -> None:
         ctx = self._require_ctx()
-        self._nc = await connect(self.config, name=self.name, log=log, error_cb=self._on_error)
+        self._nc = await connect(
+            self.config, name=self.name, log=log, error_cb=self._on_error, health=self._health
+        )
         self._intake_task = ctx.supervise(f"{self.name}.intake", self._intake)
         self._reply_task = ctx.supervise(f"{self.name}.replies", self._publish_replies)
         await self._reconcile()

@@ -16,6 +16,7 @@ from typing import Any, Final
 
 from fastconn.deadletter import DLT_PREFIX, DLT_RESPONSE, RESPONSE_EXCERPT, failure_context, response_excerpt
 from fastconn.errors import DispatcherClosed
+from fastconn.health import SourceHealth
 from fastconn.message import Message, Outcome
 from fastconn.responses import response_messages
 from fastconn.source import SourceContext
@@ -26,6 +27,7 @@ from fastconn.sources._nats_common import (
     AckWriter,
     RateLimitedLog,
     connect,
+    connection_health,
     http_headers,
     nak,
     parse_ack_subject,
@@ -125,8 +127,13 @@ class JetStreamSource:
         self._status_log = RateLimitedLog(log)
         self._drop_log = RateLimitedLog(log)
         self._server_max_deliver = -1
+        self._health = connection_health(config, self.name, log)
 
     # -- lifecycle -------------------------------------------------------------------------
+
+    def health(self) -> SourceHealth:
+        """The broker connection's state (see :mod:`fastconn.health`)."""
+        return self._health.health()
 
     def register(self, ctx: SourceContext) -> None:
         self._ctx = ctx
@@ -134,7 +141,12 @@ class JetStreamSource:
 
     async def start(self) -> None:
         self._nc = await connect(
-            self.config, name=self.name, log=log, error_cb=self._on_error, reconnected_cb=self._on_reconnected
+            self.config,
+            name=self.name,
+            log=log,
+            error_cb=self._on_error,
+            reconnected_cb=self._on_reconnected,
+            health=self._health,
         )
         self._js = self._nc.jetstream()
         self._acks = AckWriter(self._nc)

@@ -79,7 +79,8 @@ class KafkaConfig(BaseModel):
     client_id: _NonEmpty = "fastconn"
     initial_offset: Annotated[Literal["earliest", "latest"], BeforeValidator(_offset_alias)] = "earliest"
     """Where a group without a committed offset starts (``oldest``/``newest`` accepted)."""
-    max_bytes: Annotated[int, Field(ge=1024)] = 1048576
+    # aiokafka sends fetch sizes as 32-bit signed integers.
+    max_bytes: Annotated[int, Field(ge=1024, le=2**31 - 1 - 65536)] = 1048576
     """Most bytes fetched per partition per request (Kafka ``max.partition.fetch.bytes``)."""
     fetch_max_wait: _PositiveDuration = 0.1
     """How long the broker may hold a fetch that has no data (``fetch.max.wait.ms``). Brokers

@@ -21,8 +21,10 @@ from aiokafka.errors import (
 
 from fastconn.backoff import doubling
 from fastconn.errors import DispatcherClosed, SourceError
+from fastconn.health import ConnectionHealth, SourceHealth
 from fastconn.message import Message, Outcome, Verdict
 from fastconn.source import SourceContext, wait_or_stop
+from fastconn.sources._kafka_health import MetadataProbe
 from fastconn.sources.kafka.config import KafkaConfig, consumer_options, is_topic_name, producer_options
 from fastconn.sources.kafka.function_headers import add_key_headers, headers_of_record
 from fastconn.sources.kafka.metrics import kafka_collector
@@ -70,6 +72,8 @@ class KafkaSource:
         self._subscribing = False
         self._capture = config.response_topic is not None
         self._resume_below = max(1, config.max_pending_per_partition // 2)
+        self._health = ConnectionHealth(self.name, ", ".join(config.brokers), log)
+        self._probe: MetadataProbe | None = None
         self.stuck_messages = 0
         self.counters = dict.fromkeys(
             (
@@ -108,10 +112,25 @@ class KafkaSource:
         ctx = self._require_ctx()
         return not (self.config.topics or self.config.topic_pattern or ctx.default_topics)
 
+    def health(self) -> SourceHealth:
+        """Whether the cluster answers metadata requests (see :mod:`fastconn.sources._kafka_health`)."""
+        return self._health.health()
+
     async def start(self) -> None:
+        try:
+            await self._start()
+        except asyncio.CancelledError:
+            # Start-up cancelled by a stop signal: the daemon closes only started sources, so
+            # the clients started so far are stopped here.
+            await self._stop_clients()
+            raise
+
+    async def _start(self) -> None:
         ctx = self._require_ctx()
         options = consumer_options(self.config)
         self._consumer = await self._connect(lambda: AIOKafkaConsumer(**options), "consumer")
+        self._probe = MetadataProbe(self._health, self._consumer.topics)
+        self._probe.start()
         if self.config.dead_letter_topic or self.config.response_topic:
             popts = producer_options(self.config)
             self._producer = await self._connect(lambda: AIOKafkaProducer(**popts), "producer")
@@ -147,6 +166,10 @@ class KafkaSource:
             client = build()
             try:
                 await client.start()
+            except asyncio.CancelledError:
+                with contextlib.suppress(Exception):
+                    await client.stop()
+                raise
             except (KafkaError, OSError) as exc:
                 with contextlib.suppress(Exception):
                     await client.stop()
@@ -192,6 +215,11 @@ class KafkaSource:
                 await task
         await self._commit()
         self._closing = True
+        await self._stop_clients()
+
+    async def _stop_clients(self) -> None:
+        if self._probe is not None:
+            await self._probe.stop()
         if self._consumer is not None:
             with contextlib.suppress(Exception):
                 await self._consumer.stop()
