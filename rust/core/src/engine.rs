@@ -872,6 +872,19 @@ mod tests {
         m
     }
 
+    /// Function `f`, subscribed to topic `t`, at `url`.
+    fn function_at(url: String) -> TargetSpec {
+        TargetSpec {
+            name: "f".to_owned(),
+            url,
+            topics: vec!["t".to_owned()],
+            max_inflight: None,
+            timeout: None,
+            headers: vec![],
+            async_url: None,
+        }
+    }
+
     fn engine_with(url: String, sink: Arc<Collect>) -> Engine {
         let engine = Engine::new(EngineConfig::default(), sink).expect("engine");
         let spec = TargetSpec {
@@ -926,15 +939,7 @@ mod tests {
             ..EngineConfig::default()
         };
         let engine = Engine::new(config, sink.clone()).expect("engine");
-        let spec = TargetSpec {
-            name: "f".to_owned(),
-            url,
-            topics: vec!["t".to_owned()],
-            max_inflight: None,
-            timeout: None,
-            headers: vec![],
-            async_url: None,
-        };
+        let spec = function_at(url);
         engine.set_targets(vec![spec]).expect("targets");
         engine.submit(vec![message(1, None)]).expect("submit");
         wait_for_completions(&sink, 1);
@@ -1081,15 +1086,7 @@ mod tests {
             ..EngineConfig::default()
         };
         let engine = Engine::new(config, sink.clone()).expect("engine");
-        let spec = TargetSpec {
-            name: "f".to_owned(),
-            url,
-            topics: vec!["t".to_owned()],
-            max_inflight: None,
-            timeout: None,
-            headers: vec![],
-            async_url: None,
-        };
+        let spec = function_at(url);
         engine.set_targets(vec![spec]).expect("targets");
         let keys: [&'static [u8]; 3] = [b"a", b"b", b"c"];
         let total = 600u64;

@@ -251,6 +251,15 @@ fn trusting(pki: &Pki) -> TlsSettings {
     }
 }
 
+/// Trusting the test CA and presenting `client`'s certificate (mutual TLS).
+fn trusting_as(pki: &Pki, client: &Leaf) -> TlsSettings {
+    TlsSettings {
+        cert_file: Some(client.cert_file.clone()),
+        key_file: Some(client.key_file.clone()),
+        ..trusting(pki)
+    }
+}
+
 #[tokio::test]
 async fn https_calls_succeed_over_one_kept_alive_connection() {
     let pki = Pki::new();
@@ -380,12 +389,7 @@ async fn mutual_tls_needs_the_client_certificate() {
     assert_eq!((a.status, a.error), (0, ErrorKind::Tls), "{}", excerpt(&a));
     assert!(excerpt(&a).contains("tls_cert"), "{}", excerpt(&a));
 
-    let with_identity = TlsSettings {
-        cert_file: Some(client.cert_file.clone()),
-        key_file: Some(client.key_file.clone()),
-        ..trusting(&pki)
-    };
-    let a = call(&pool(&with_identity), &url).await;
+    let a = call(&pool(&trusting_as(&pki, &client)), &url).await;
     assert_eq!(
         (a.status, a.error),
         (200, ErrorKind::None),
@@ -411,12 +415,7 @@ async fn a_server_that_hangs_up_on_a_client_without_certificate_is_diagnosed() {
         excerpt(&a)
     );
 
-    let with_identity = TlsSettings {
-        cert_file: Some(client.cert_file.clone()),
-        key_file: Some(client.key_file.clone()),
-        ..trusting(&pki)
-    };
-    let a = call(&pool(&with_identity), &url).await;
+    let a = call(&pool(&trusting_as(&pki, &client)), &url).await;
     assert_eq!(
         (a.status, a.error),
         (200, ErrorKind::None),
