@@ -14,7 +14,7 @@ from fastconn.config import validate_config
 from fastconn.errors import ConfigError, ConfigProblem, SourceError
 from fastconn.logs import RedactingFilter
 from fastconn.redact import REDACTED, redact_text
-from fastconn.sources._nats_common import NatsConnectionConfig, connect
+from fastconn.sources._nats_common import NatsConnectionConfig, connect, connection_health
 from fastconn.testing import FunctionDouble, free_port, to_toml, wait_for
 
 if TYPE_CHECKING:
@@ -88,7 +88,9 @@ async def test_nats_connect_errors_mask_url_credentials() -> None:
     port = free_port()  # nothing listens there
     config = NatsConnectionConfig(servers=(f"nats://bob:{SECRET}@127.0.0.1:{port}",), connect_wait=0.5)
     with pytest.raises(SourceError) as caught:
-        await connect(config, name="n", log=logging.getLogger("test"), error_cb=_ignore)
+        log = logging.getLogger("test")
+        health = connection_health(config, "n", log)
+        await connect(config, name="n", log=log, error_cb=_ignore, health=health)
     assert SECRET not in str(caught.value)
     assert f"nats://bob:***@127.0.0.1:{port}" in str(caught.value)
 

@@ -91,7 +91,6 @@ class JetStreamSource:
         self.name = config.name
         self._ctx: SourceContext | None = None
         self._nc: Any = None
-        self._response_tasks: set[asyncio.Task[None]] = set()
         self._js: Any = None
         self._acks = AckWriter(None)
         self._inbox = ""
@@ -501,24 +500,18 @@ class JetStreamSource:
     def _on_outcomes(self, outcomes: list[Outcome]) -> None:
         self._settle_queue.append(outcomes)
         self._settle_ready.set()
-        if self.config.response_subject:
-            self._publish_responses(self.config.response_subject, outcomes)
 
-    def _publish_responses(self, subject: str, outcomes: list[Outcome]) -> None:
-        """Publishes the results (one task per batch: core NATS publishes only buffer)."""
-        records = [record for outcome in outcomes for record in response_messages(outcome)]
-
-        async def publish() -> None:
-            try:
-                for body, headers in records:
+    async def _publish_responses(self, subject: str, outcomes: list[Outcome]) -> None:
+        """Publishes the results of a batch before it is acknowledged, in the settle loop: a
+        slow response path slows settling, hence the pull window and intake, instead of
+        growing a task per batch."""
+        try:
+            for outcome in outcomes:
+                for body, headers in response_messages(outcome):
                     await self._nc.publish(subject, body, headers=headers)
-            except Exception as exc:
-                self._require_ctx().metrics.source_errors.labels(source=self.name, kind="response").inc()
-                log.warning("source %s: could not publish responses to %s: %s", self.name, subject, exc)
-
-        task = asyncio.get_running_loop().create_task(publish())
-        self._response_tasks.add(task)
-        task.add_done_callback(self._response_tasks.discard)
+        except Exception as exc:
+            self._require_ctx().metrics.source_errors.labels(source=self.name, kind="response").inc()
+            log.warning("source %s: could not publish responses to %s: %s", self.name, subject, exc)
 
     async def _settle_loop(self) -> None:
         metrics = self._require_ctx().metrics
@@ -528,7 +521,10 @@ class JetStreamSource:
             self._settle_ready.clear()
             acked = 0
             while self._settle_queue:
-                for outcome in self._settle_queue.popleft():
+                outcomes = self._settle_queue.popleft()
+                if self.config.response_subject:
+                    await self._publish_responses(self.config.response_subject, outcomes)
+                for outcome in outcomes:
                     acked += self._settle(outcome)
             await self._acks.flush()
             if acked:
