@@ -348,7 +348,8 @@ class FunctionConfig(_Model):
     name: Annotated[str, AfterValidator(_check_function_name)]
     url: _HttpUrl | None = None
     """Invoke URL; when absent the gateway's ``/function/<name>`` is used."""
-    topics: Annotated[tuple[_NonEmptyStr, ...], Field(min_length=1)]
+    topics: tuple[_NonEmptyStr, ...] = ()
+    """Topics the function subscribes to; at least one, unless it has a ``schedule``."""
     namespace: _NonEmptyStr | None = None
     max_inflight: _InflightBound | None = None
     """Overrides ``dispatch.max_inflight_per_function`` for this function."""
@@ -356,6 +357,24 @@ class FunctionConfig(_Model):
     """Overrides ``gateway.upstream_timeout`` for this function, seconds."""
     asynchronous: bool = False
     """Invoke via the gateway's ``/async-function/`` route."""
+    schedule: _NonEmptyStr | None = None
+    """A cron schedule fired by a ``type = "cron"`` source (the function then also subscribes
+    to ``cron-function``)."""
+    timezone: _NonEmptyStr | None = None
+    """IANA zone of ``schedule``; the cron source's ``timezone`` when absent."""
+
+    @model_validator(mode="after")
+    def _check_schedule(self) -> FunctionConfig:
+        if not self.topics and self.schedule is None:
+            raise ValueError("topics: at least one topic is required (or a schedule)")
+        if self.timezone is not None and self.schedule is None:
+            raise ValueError("timezone applies to a schedule; add schedule or remove timezone")
+        if self.schedule is not None:
+            # Imported here: croniter is only loaded by configurations that schedule something.
+            from fastconn.sources.cron.schedule import parse_schedule
+
+            parse_schedule(self.schedule, self.timezone or "UTC")  # ScheduleError is a ValueError
+        return self
 
     @field_validator("asynchronous")
     @classmethod
