@@ -348,8 +348,9 @@ class FunctionConfig(_Model):
     name: Annotated[str, AfterValidator(_check_function_name)]
     url: _HttpUrl | None = None
     """Invoke URL; when absent the gateway's ``/function/<name>`` is used."""
-    topics: tuple[_NonEmptyStr, ...] = ()
-    """Topics the function subscribes to; at least one, unless it has a ``schedule``."""
+    topics: Annotated[tuple[_NonEmptyStr, ...], Field(min_length=1)]
+    """Topics the function subscribes to; with a ``schedule``, ``cron-function`` is added
+    (and is the default)."""
     namespace: _NonEmptyStr | None = None
     max_inflight: _InflightBound | None = None
     """Overrides ``dispatch.max_inflight_per_function`` for this function."""
@@ -363,10 +364,15 @@ class FunctionConfig(_Model):
     timezone: _NonEmptyStr | None = None
     """IANA zone of ``schedule``; the cron source's ``timezone`` when absent."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _scheduled_default_topic(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and "schedule" in data and "topics" not in data:
+            return {**data, "topics": ["cron-function"]}
+        return data
+
     @model_validator(mode="after")
     def _check_schedule(self) -> FunctionConfig:
-        if not self.topics and self.schedule is None:
-            raise ValueError("topics: at least one topic is required (or a schedule)")
         if self.timezone is not None and self.schedule is None:
             raise ValueError("timezone applies to a schedule; add schedule or remove timezone")
         if self.schedule is not None:
