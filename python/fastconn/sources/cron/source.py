@@ -67,11 +67,13 @@ class CronSource:
         self.name = config.name
         self.config = config
         self._clock = clock
+        self._body = config.body.encode()
         if store is None:
             store = JetStreamKVStore(config.store) if config.store is not None else LocalStore()
         self._store = store
         self._ctx: SourceContext | None = None
         self._wanted: dict[str, _Spec] = {}
+        self._table_changed = False
         self._jobs: dict[str, _Job] = {}
         self._timeline = Timeline(self._jitter_of)
         self._first_sync = True
@@ -125,6 +127,7 @@ class CronSource:
             for t in targets
             if t.schedule is not None and CRON_TOPIC in t.topics
         }
+        self._table_changed = True
         self._wake.set()
 
     async def _sync(self, now: float) -> None:
@@ -199,7 +202,9 @@ class CronSource:
     async def _run(self) -> None:
         while not self._stopping:
             self._wake.clear()
-            await self._sync(self._clock())
+            if self._table_changed:
+                self._table_changed = False
+                await self._sync(self._clock())
             due = self._timeline.pop_due(self._clock())
             if due:
                 await self._fire(due)
@@ -266,11 +271,12 @@ class CronSource:
 
     def _message(self, fire: Due) -> Message:
         job = self._jobs[fire.function]
+        when = scheduled_time(fire.slot)
         return Message(
             CRON_TOPIC,
-            self.config.body.encode(),
-            (("X-Cron-Schedule", job.spec.schedule), ("X-Cron-Scheduled-Time", scheduled_time(fire.slot))),
-            message_id=message_id(fire.function, fire.slot),
+            self._body,
+            (("X-Cron-Schedule", job.spec.schedule), ("X-Cron-Scheduled-Time", when)),
+            message_id=f"cron:{fire.function}:{when}",  # message_id(), without formatting twice
             function=fire.function,
         )
 
