@@ -23,9 +23,11 @@ from fastconn.dispatcher import Dispatcher, DispatchOptions
 from fastconn.errors import ConfigError
 from fastconn.functions import FunctionTarget
 from fastconn.metrics import Metrics
+from fastconn.registry import GatewayRegistry
 from fastconn.source import SourceContext
 from fastconn.sources.cron import CronConfig, CronSource, JetStreamKVStoreConfig
 from fastconn.testing import DaemonProcess, FunctionDouble, RecordedCall, wait_for
+from gateway_double import FunctionSpec, GatewayDouble
 from nats_fixtures import NatsServer, nats_server, unique  # noqa: F401
 
 Publish = Callable[[Sequence[FunctionTarget]], None]
@@ -195,6 +197,21 @@ async def test_two_sources_sharing_a_store_fire_each_slot_once(
         assert slots == [slots[0] + k for k in range(len(slots))], f"f{i} missed a slot"
 
 
+def replica_config(double: FunctionDouble, server: NatsServer, bucket: str, **source: Any) -> dict[str, Any]:
+    return {
+        "log_level": "info",
+        "dispatch": {"backoff_initial": "10ms", "backoff_max": "50ms", "shutdown_timeout": "5s"},
+        "functions": [{"name": "tick", "url": double.url("/tick"), "schedule": "* * * * * *"}],
+        "sources": [
+            {
+                "type": "cron",
+                "store": {"type": "jetstream_kv", "servers": [server.url], "bucket": bucket},
+                **source,
+            }
+        ],
+    }
+
+
 @pytest.mark.slow
 async def test_two_daemons_sharing_a_store_fire_each_slot_exactly_once(
     nats_server: NatsServer,
@@ -203,17 +220,7 @@ async def test_two_daemons_sharing_a_store_fire_each_slot_exactly_once(
 ) -> None:
     """Two replicas, one JetStream key-value bucket: over 22+ per-second slots every slot is
     fired once — none twice, none missed."""
-    config = {
-        "log_level": "info",
-        "dispatch": {"backoff_initial": "10ms", "backoff_max": "50ms", "shutdown_timeout": "5s"},
-        "functions": [{"name": "tick", "url": function_double.url("/tick"), "schedule": "* * * * * *"}],
-        "sources": [
-            {
-                "type": "cron",
-                "store": {"type": "jetstream_kv", "servers": [nats_server.url], "bucket": unique("cron")},
-            }
-        ],
-    }
+    config = replica_config(function_double, nats_server, unique("cron"))
     async with DaemonProcess(config, tmp_path) as one, DaemonProcess(config, tmp_path) as two:
         both_up = time.time()
         window = lambda: [s for s in map(slot_of, function_double.calls_to("/tick")) if s > both_up]  # noqa: E731
@@ -226,6 +233,34 @@ async def test_two_daemons_sharing_a_store_fire_each_slot_exactly_once(
     ordered = sorted(slots)
     assert ordered == [ordered[0] + k for k in range(len(ordered))], "a slot was missed"
     assert "cron" in output
+
+
+@pytest.mark.slow
+async def test_catch_up_after_kill_9(
+    nats_server: NatsServer,
+    function_double: FunctionDouble,
+    tmp_path: Path,
+) -> None:
+    """A daemon killed with SIGKILL and started again fires the slots it missed meanwhile."""
+    config = replica_config(function_double, nats_server, unique("cron"), catch_up="all", max_catch_up=30)
+    daemon = await DaemonProcess(config, tmp_path).start()
+    try:
+        await wait_for(lambda: len(function_double.calls_to("/tick")) >= 2, 15, what="two ticks")
+    finally:
+        # Right after a call arrived, so far from the next slot's claim (taken on the second):
+        # a kill between a claim and its call would lose that slot (see the README).
+        daemon.kill()
+    killed_at = time.time()
+    await wait_for(lambda: time.time() >= killed_at + 3, 10, what="slots missed while down")
+    async with DaemonProcess(config, tmp_path):
+        await wait_for(
+            lambda: max(map(slot_of, function_double.calls_to("/tick"))) > killed_at + 4,
+            20,
+            what="live fires",
+        )
+    slots = sorted(map(slot_of, function_double.calls_to("/tick")))
+    assert len(slots) == len(set(slots)), "a slot fired twice"
+    assert slots == [slots[0] + k for k in range(len(slots))], "a missed slot was not caught up"
 
 
 def test_config_errors_name_the_key(tmp_path: Path) -> None:
@@ -245,3 +280,32 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
     )
     config = load_config(path, env={})
     assert config.functions[0].topics == ("cron-function",)
+
+
+async def test_gateway_annotations_schedule_and_unschedule_functions() -> None:
+    """``topic: cron-function`` + ``schedule`` from the gateway listing, through the registry's
+    rebuilds: fired with the annotation's policy; dropped when the annotation goes away."""
+    async with GatewayDouble() as gw:
+        annotations = {"schedule": "* * * * * *", "fastconn.cron.jitter": "0s"}
+        gw.set_functions(
+            [
+                FunctionSpec("tick", topic="cron-function", annotations=annotations),
+                FunctionSpec("other", topic="orders", annotations=annotations),  # not cron-function
+            ]
+        )
+        async with (
+            GatewayRegistry(gw.url) as registry,
+            running(CronConfig(), await registry.fetch()) as (
+                source,
+                publish,
+            ),
+        ):
+            await wait_for(lambda: gw.calls("tick.openfaas-fn") >= 2, 10, what="annotated function fires")
+            assert source.scheduled == {"tick.openfaas-fn"}
+            (first, *_) = gw.requests_for("tick.openfaas-fn")
+            assert first.headers["X-Message-Id"].startswith("cron:tick.openfaas-fn:")
+
+            gw.set_functions([FunctionSpec("tick", topic="cron-function")])  # schedule removed
+            publish(await registry.fetch())
+            await wait_for(lambda: not source.scheduled, 10, what="unscheduled after the rebuild")
+        assert gw.calls("other.openfaas-fn") == 0

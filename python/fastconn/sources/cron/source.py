@@ -238,6 +238,7 @@ class CronSource:
                 continue
             if job.policy.concurrency == "forbid" and fire.function in self._running:
                 self.skipped_running += 1
+                ctx.metrics.source_errors.labels(source=self.name, kind="skipped_running").inc()
                 log.info(
                     "source %s: %s skipped slot %s: the previous fire still runs (concurrency = forbid)",
                     self.name,
@@ -272,6 +273,7 @@ class CronSource:
         for fire, result in zip(due, results, strict=True):
             if isinstance(result, BaseException):
                 # Not fired: without the store nobody can say whether another replica fires it.
+                self._require_ctx().metrics.source_errors.labels(source=self.name, kind="store").inc()
                 log.warning(
                     "source %s: %s slot %s not fired: the store failed (%r)",
                     self.name,
