@@ -161,7 +161,9 @@ async def test_catch_up_after_a_restart(
         await wait_for(lambda: len(function_double.calls_to("/tick")) >= 2, 10, what="two ticks")
     last = max(slot_of(c) for c in function_double.calls_to("/tick"))
     before = len(function_double.calls_to("/tick"))
-    await wait_for(lambda: time.time() >= last + 3.5, 10, what="three missed slots")  # down meanwhile
+    # Just after a second starts: the restart then has most of a second before the next slot.
+    await wait_for(lambda: time.time() >= last + 3.05, 10, what="three missed slots")  # down meanwhile
+    restarted = time.time()  # every slot up to here was missed; later ones may fire live
     async with running(config, targets):
         await wait_for(
             lambda: len(function_double.calls_to("/tick")) >= before + 4, 10, what="fires after restart"
@@ -170,14 +172,13 @@ async def test_catch_up_after_a_restart(
     ids = Counter(c.headers["X-Message-Id"] for c in calls)
     assert max(ids.values()) == 1, "a slot fired twice"
     after = sorted(slot_of(c) for c in calls[before:])
-    missed = {last + 1, last + 2, last + 3}
+    assert after == [after[0] + i for i in range(len(after))]  # from the first fire on, no gap
     if policy == "all":
-        assert missed <= set(after)
-        assert after == [after[0] + i for i in range(len(after))]  # no gap at all
+        assert after[0] == last + 1  # every missed slot, oldest first
     elif policy == "last":
-        assert last + 3 in after and not {last + 1, last + 2} & set(after)
+        assert last + 2 < after[0] <= restarted  # only the newest missed one
     else:
-        assert not missed & set(after)
+        assert after[0] > restarted  # none of the missed ones
 
 
 async def test_two_sources_sharing_a_store_fire_each_slot_once(
@@ -191,7 +192,8 @@ async def test_two_sources_sharing_a_store_fire_each_slot_once(
         await wait_for(lambda: len(function_double.calls) >= 20 * 5, 20, what="five slots of 20 functions")
     ids = Counter(c.headers["X-Message-Id"] for c in function_double.calls)
     assert max(ids.values()) == 1, [i for i, n in ids.items() if n > 1][:5]
-    assert one.fired > 0 and two.fired > 0 and one.claims_lost > 0 and two.claims_lost > 0
+    # Both contended for the slots (which one wins each is up to timing, so not asserted per replica).
+    assert one.fired + two.fired == len(ids) and one.claims_lost + two.claims_lost >= 20 * 3
     for i in range(20):
         slots = sorted(slot_of(c) for c in function_double.calls_to(f"/f{i}") if slot_of(c) > start + 1)
         assert slots == [slots[0] + k for k in range(len(slots))], f"f{i} missed a slot"
