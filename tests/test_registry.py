@@ -58,6 +58,8 @@ class StaticEntry:
     max_inflight: int | None = None
     timeout: float | None = None
     asynchronous: bool = False
+    schedule: str | None = None
+    timezone: str | None = None
 
 
 @pytest.fixture
@@ -856,3 +858,41 @@ async def test_double_basic_auth_guards_system_only(session: aiohttp.ClientSessi
             "createdAt": "2024-01-01T00:00:00Z",
         }
     ]
+
+
+# ---------------------------------------------------------------------------- cron annotations
+
+
+async def test_schedule_timezone_and_cron_policies_reach_the_target(
+    gw: GatewayDouble, session: aiohttp.ClientSession
+) -> None:
+    annotations = {
+        "schedule": " */5 * * * * ",
+        "timezone": "Europe/Paris",
+        "fastconn.cron.concurrency": "forbid",
+        "fastconn.cron.catch_up": "last",
+        "unrelated": "x",
+    }
+    gw.set_functions(
+        [
+            FunctionSpec("tick", topic="cron-function", annotations=annotations),
+            FunctionSpec("plain", topic="orders"),
+        ]
+    )
+
+    targets = {t.name: t for t in await registry(gw, session).fetch()}
+
+    tick = targets["tick.openfaas-fn"]
+    assert tick.topics == ("cron-function",)
+    assert (tick.schedule, tick.timezone) == ("*/5 * * * *", "Europe/Paris")
+    assert tick.cron_policy == (("catch_up", "last"), ("concurrency", "forbid"))
+    plain = targets["plain.openfaas-fn"]
+    assert (plain.schedule, plain.timezone, plain.cron_policy) == (None, None, ())
+
+
+def test_a_static_schedule_subscribes_to_the_cron_topic() -> None:
+    (target,) = static_targets(
+        [StaticEntry("tick", [], url="http://x/tick", schedule="@every 1s", timezone="UTC")], None
+    )
+    assert target.topics == ("cron-function",)
+    assert (target.schedule, target.timezone) == ("@every 1s", "UTC")

@@ -13,5 +13,6 @@ SCENARIOS: dict[str, str] = {
     "scaling": "scenarios.scaling",
     "https": "scenarios.https",
     "bridge": "scenarios.bridge",
+    "cron": "scenarios.cron",
 }
 """Scenario name → module, in the order a full run goes."""

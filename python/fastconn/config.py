@@ -349,6 +349,8 @@ class FunctionConfig(_Model):
     url: _HttpUrl | None = None
     """Invoke URL; when absent the gateway's ``/function/<name>`` is used."""
     topics: Annotated[tuple[_NonEmptyStr, ...], Field(min_length=1)]
+    """Topics the function subscribes to; with a ``schedule``, ``cron-function`` is added
+    (and is the default)."""
     namespace: _NonEmptyStr | None = None
     max_inflight: _InflightBound | None = None
     """Overrides ``dispatch.max_inflight_per_function`` for this function."""
@@ -356,6 +358,29 @@ class FunctionConfig(_Model):
     """Overrides ``gateway.upstream_timeout`` for this function, seconds."""
     asynchronous: bool = False
     """Invoke via the gateway's ``/async-function/`` route."""
+    schedule: _NonEmptyStr | None = None
+    """A cron schedule fired by a ``type = "cron"`` source (the function then also subscribes
+    to ``cron-function``)."""
+    timezone: _NonEmptyStr | None = None
+    """IANA zone of ``schedule``; the cron source's ``timezone`` when absent."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _scheduled_default_topic(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and "schedule" in data and "topics" not in data:
+            return {**data, "topics": ["cron-function"]}
+        return data
+
+    @model_validator(mode="after")
+    def _check_schedule(self) -> FunctionConfig:
+        if self.timezone is not None and self.schedule is None:
+            raise ValueError("timezone applies to a schedule; add schedule or remove timezone")
+        if self.schedule is not None:
+            # Imported here: croniter is only loaded by configurations that schedule something.
+            from fastconn.sources.cron.schedule import parse_schedule
+
+            parse_schedule(self.schedule, self.timezone or "UTC")  # ScheduleError is a ValueError
+        return self
 
     @field_validator("asynchronous")
     @classmethod

@@ -173,6 +173,7 @@ class Daemon:
         self.dispatcher.set_functions(targets)
         self.metrics.topic_map_functions.set(len(targets))
         self.ctx.publish_topics(tuple(sorted({topic for t in targets for topic in t.topics})))
+        self.ctx.publish_functions(targets)
         log.info("topic map: %d function(s), %d topic(s)", len(targets), len(self.ctx.subscribed_topics))
 
     def _readiness(self) -> tuple[bool, str]:

@@ -26,3 +26,10 @@ class FunctionTarget:
     """Invoke through ``async_url`` (OpenFaaS async) instead of ``url``."""
     headers: tuple[tuple[str, str], ...] = ()
     """Extra headers on every call (e.g. the gateway's basic auth, never sent to static URLs)."""
+    schedule: str | None = None
+    """Cron schedule (``schedule`` annotation or static key), fired by a ``cron`` source when
+    the function subscribes to ``cron-function``."""
+    timezone: str | None = None
+    """IANA zone of ``schedule`` (``timezone`` annotation or static key); the source's default when None."""
+    cron_policy: tuple[tuple[str, str], ...] = ()
+    """``fastconn.cron.<key>`` annotations as ``(key, value)``, checked by the cron source."""

@@ -38,8 +38,12 @@ from fastconn.supervise import Supervisor
 
 __all__ = [
     "ASYNC_ANNOTATION",
+    "CRON_POLICY_PREFIX",
+    "CRON_TOPIC",
     "MAX_INFLIGHT_ANNOTATION",
+    "SCHEDULE_ANNOTATION",
     "TIMEOUT_ANNOTATION",
+    "TIMEZONE_ANNOTATION",
     "TOPIC_ANNOTATION",
     "GatewayRegistry",
     "StaticFunction",
@@ -56,6 +60,16 @@ MAX_INFLIGHT_ANNOTATION: Final = "fastconn.max_inflight"
 """Per-function in-flight bound (a positive integer)."""
 TIMEOUT_ANNOTATION: Final = "fastconn.timeout"
 """Per-request timeout as a Go duration (``"5s"``) or a number of seconds."""
+
+SCHEDULE_ANNOTATION: Final = "schedule"
+"""A cron schedule (OpenFaaS cron-connector), fired by a ``cron`` source."""
+TIMEZONE_ANNOTATION: Final = "timezone"
+"""The IANA zone of ``schedule``."""
+CRON_POLICY_PREFIX: Final = "fastconn.cron."
+"""Per-function cron policies: ``fastconn.cron.concurrency``, ``.catch_up``, ``.max_catch_up``,
+``.jitter``."""
+CRON_TOPIC: Final = "cron-function"
+"""The topic whose subscribers' ``schedule`` counts (OpenFaaS cron-connector); fires carry it."""
 
 _INITIAL_BACKOFF: Final = 0.5
 # Enough of an error body to see what a proxy or gateway said, without flooding the log.
@@ -108,6 +122,10 @@ class StaticFunction(Protocol):
     def timeout(self) -> float | None: ...
     @property
     def asynchronous(self) -> bool: ...
+    @property
+    def schedule(self) -> str | None: ...
+    @property
+    def timezone(self) -> str | None: ...
 
 
 def static_targets(functions: Iterable[StaticFunction], gateway_url: str | None) -> list[FunctionTarget]:
@@ -135,14 +153,18 @@ def _static_target(index: int, entry: StaticFunction, gateway_url: str | None) -
         url, async_url = _invoke_urls(gateway_url, label)
     else:
         raise ConfigError.single(f"{location}.url", "required when no gateway is configured")
+    # A scheduled entry subscribes to the cron topic itself: that is how its fires reach it.
+    topics = (*entry.topics, CRON_TOPIC) if entry.schedule is not None else tuple(entry.topics)
     return FunctionTarget(
         name=label,
-        topics=tuple(dict.fromkeys(entry.topics)),
+        topics=tuple(dict.fromkeys(topics)),
         url=url,
         async_url=async_url,
         max_inflight=entry.max_inflight,
         timeout=entry.timeout,
         asynchronous=entry.asynchronous,
+        schedule=entry.schedule,
+        timezone=entry.timezone,
     )
 
 
@@ -348,6 +370,15 @@ class GatewayRegistry:
             max_inflight=self._max_inflight(label, annotations.get(MAX_INFLIGHT_ANNOTATION)),
             timeout=self._timeout_annotation(label, annotations.get(TIMEOUT_ANNOTATION)),
             asynchronous=str(annotations.get(ASYNC_ANNOTATION, "")).strip().lower() == "true",
+            schedule=_text(annotations.get(SCHEDULE_ANNOTATION)),
+            timezone=_text(annotations.get(TIMEZONE_ANNOTATION)),
+            cron_policy=tuple(
+                sorted(
+                    (key.removeprefix(CRON_POLICY_PREFIX), str(value))
+                    for key, value in annotations.items()
+                    if key.startswith(CRON_POLICY_PREFIX)
+                )
+            ),
         )
 
     def _max_inflight(self, label: str, value: object) -> int | None:
@@ -391,6 +422,11 @@ class GatewayRegistry:
         )
 
 
+def _text(value: object) -> str | None:
+    """A string annotation, trimmed; None when absent, blank or not a string."""
+    return (value.strip() or None) if isinstance(value, str) else None
+
+
 def _basic_auth(user: str, password: str) -> str:
     """An ``Authorization`` value, built by hand: aiohttp 3.14 deprecates ``BasicAuth`` and its
     replacement (``encode_basic_auth``) does not exist in the older releases we support."""
@@ -398,7 +434,14 @@ def _basic_auth(user: str, password: str) -> str:
     return f"Basic {token}"
 
 
-_READ_ANNOTATIONS: Final = (TOPIC_ANNOTATION, ASYNC_ANNOTATION, MAX_INFLIGHT_ANNOTATION, TIMEOUT_ANNOTATION)
+_READ_ANNOTATIONS: Final = (
+    TOPIC_ANNOTATION,
+    ASYNC_ANNOTATION,
+    MAX_INFLIGHT_ANNOTATION,
+    TIMEOUT_ANNOTATION,
+    SCHEDULE_ANNOTATION,
+    TIMEZONE_ANNOTATION,
+)
 
 
 class _NotAFunction(Exception):
@@ -416,7 +459,11 @@ def _subscriber(status: Any) -> dict[str, Any] | None:
     # The gateway omits or nulls annotations for functions deployed without any.
     if not isinstance(annotations, dict) or TOPIC_ANNOTATION not in annotations:
         return None
-    read = {key: annotations[key] for key in _READ_ANNOTATIONS if key in annotations}
+    read = {
+        key: value
+        for key, value in annotations.items()
+        if key in _READ_ANNOTATIONS or key.startswith(CRON_POLICY_PREFIX)
+    }
     return {"name": status["name"], "annotations": read}
 
 

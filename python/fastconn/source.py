@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from fastconn.dispatcher import Dispatcher, OutcomeCallback
+from fastconn.functions import FunctionTarget
 from fastconn.health import SourceHealth
 from fastconn.message import Message, Outcome, Verdict
 from fastconn.supervise import Job, Supervisor
@@ -44,6 +45,7 @@ __all__ = [
     "MAX_TOPIC_LABELS",
     "OTHER_TOPICS",
     "UNROUTED_TOPIC",
+    "FunctionsListener",
     "HealthReporting",
     "Source",
     "SourceContext",
@@ -51,6 +53,7 @@ __all__ = [
 ]
 
 TopicsListener = Callable[[tuple[str, ...]], None]
+FunctionsListener = Callable[[tuple[FunctionTarget, ...]], None]
 
 # Topics come from outside (the webhook's is the URL path): one metric series per topic ever seen
 # would grow without bound. Topics no function subscribes to share one label; routed topics get
@@ -97,6 +100,8 @@ class SourceContext:
     supervisor: Supervisor | None = None
     """Runs the sources' background tasks (the daemon's, which its readiness reports on)."""
     _topic_listeners: list[TopicsListener] = field(default_factory=list)
+    _function_listeners: list[FunctionsListener] = field(default_factory=list)
+    _functions: tuple[FunctionTarget, ...] | None = None
     # Labelled children, looked up once: ``labels()`` costs microseconds, paid per batch.
     _children: dict[tuple[str, str, str], Any] = field(default_factory=dict)
     _topics: tuple[str, ...] = ()
@@ -120,6 +125,19 @@ class SourceContext:
         self._topics = topics
         for listener in self._topic_listeners:
             listener(topics)
+
+    def on_functions_changed(self, listener: FunctionsListener) -> None:
+        """``listener(targets)`` on every new function table (for sources driven by function
+        settings, such as cron schedules); called at once when a table is already in force."""
+        self._function_listeners.append(listener)
+        if self._functions is not None:
+            listener(self._functions)
+
+    def publish_functions(self, targets: Sequence[FunctionTarget]) -> None:
+        """Called by the daemon with every changed function table."""
+        self._functions = tuple(targets)
+        for listener in self._function_listeners:
+            listener(self._functions)
 
     # -- background tasks ------------------------------------------------------------------
 
