@@ -107,14 +107,26 @@ async def queue_counts(prefix: str) -> dict[str, tuple[int, int]]:
     return counts
 
 
-async def drained(queue: str, timeout: float = 20.0) -> None:
-    """Waits until ``queue`` (and its retry queues) hold nothing, ready or unacknowledged."""
+async def ready_count(channel: AbstractChannel, queue: str) -> int:
+    """Messages ready in ``queue`` (cheap: a passive declaration)."""
+    declared = await channel.declare_queue(queue, passive=True)
+    return int(declared.declaration_result.message_count or 0)
+
+
+async def drained(channel: AbstractChannel, queue: str, timeout: float = 20.0) -> None:
+    """Waits until ``queue`` (and its retry queues) hold nothing, ready or unacknowledged.
+    Polls the cheap ready count first: every ``rabbitmqctl`` call starts an Erlang VM."""
+    await wait_for(lambda: _ready_is(channel, queue, 0), timeout, 0.05, f"{queue} has nothing ready")
 
     async def empty() -> bool:
         counts = await queue_counts(queue)
         return bool(counts) and all(ready == 0 and unacked == 0 for ready, unacked in counts.values())
 
-    await wait_for(empty, timeout, 0.2, f"{queue} drained")
+    await wait_for(empty, timeout, 0.5, f"{queue} drained")
+
+
+async def _ready_is(channel: AbstractChannel, queue: str, n: int) -> bool:
+    return await ready_count(channel, queue) == n
 
 
 async def close_connections(name: str) -> int:
