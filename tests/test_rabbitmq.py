@@ -172,13 +172,21 @@ async def test_no_dead_letter_exchange_keeps_the_message(
     function_double.script("/fn", [400, 400, 200])
     source = rabbit_source(rabbit.names.prefix, [queue], backoff_max="300ms")
     config = daemon_config(function_double, {"fn": [queue]}, [source], max_attempts=1)
+    stuck = f'fastconn_rabbitmq_stuck_messages{{source="{rabbit.names.prefix}"}}'
     async with DaemonProcess(config, tmp_path) as daemon:
         await rabbit.publish(queue, b"kept")
-        await wait_for(lambda: len(function_double.calls) == 3, 15, 0.05, "kept and retried until it passed")
+        await wait_for(lambda: len(function_double.calls) == 2, 15, 0.05, "kept and retried")
+
+        async def reported() -> bool:
+            return (await daemon.metrics()).get(stuck) == 1
+
+        await wait_for(reported, 5, 0.05, "the stuck gauge")
+        await wait_for(lambda: len(function_double.calls) == 3, 15, 0.05, "retried until it passed")
         await drained(rabbit.channel, queue)
         metrics = await daemon.metrics()
     key = f'fastconn_source_errors_total{{kind="stuck",source="{rabbit.names.prefix}"}}'
     assert metrics[key] == 2
+    assert metrics[stuck] == 0
 
 
 async def test_rpc_reply(rabbit: Broker, function_double: FunctionDouble, tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ from fastconn.sources.rabbitmq.headers import (
     ORIGINAL_ROUTING_KEY,
     amqp_headers,
 )
+from fastconn.sources.rabbitmq.metrics import rabbitmq_collector
 from fastconn.sources.rabbitmq.settle import (
     Ack,
     DeadLetter,
@@ -87,6 +88,8 @@ class RabbitMQSource:
         self._in_place: dict[Message, asyncio.TimerHandle] = {}
         self._stopping = False
         self._intake_closed = False
+        self._stuck: set[str] = set()
+        """Ids of messages kept after a final failure (no dead-letter exchange), until settled."""
         self._stuck_log = RateLimitedLog(log)
         self._error_log = RateLimitedLog(log)
         self._health = ConnectionHealth(self.name, display_servers([config.url]), log)
@@ -97,8 +100,13 @@ class RabbitMQSource:
         """The broker connection's state (see :mod:`fastconn.health`)."""
         return self._health.health()
 
+    @property
+    def stuck_messages(self) -> int:
+        return len(self._stuck)
+
     def register(self, ctx: SourceContext) -> None:
         self._ctx = ctx
+        rabbitmq_collector(ctx.metrics.registry).sources.append(self)
 
     async def start(self) -> None:
         ctx = self._require_ctx()
@@ -275,6 +283,8 @@ class RabbitMQSource:
                 stopping=self._stopping,
                 levels=self._levels,
             )
+            if not isinstance(decision, Keep):
+                self._stuck.discard(delivery.message_id)
             if isinstance(decision, Ack):
                 acks.append(delivery)
                 self._reply(outcome)
@@ -312,6 +322,7 @@ class RabbitMQSource:
     def _keep(self, outcome: Outcome, decision: Keep) -> None:
         """A final failure without a dead-letter exchange: kept, retried every ``backoff_max``."""
         self._count("stuck")
+        self._stuck.add(outcome.message_id)
         failure = outcome.first_failure()
         self._stuck_log.warning(
             "source %s: message %s on %s failed for good (%s: %s) and is kept, retried every %gs: "
