@@ -70,7 +70,8 @@ async def test_ack_only_after_success(
     rabbit: Broker, function_double: FunctionDouble, tmp_path: Path
 ) -> None:
     queue = rabbit.names.queue()
-    function_double.script("/fn", [200], delay=1.5)
+    # Long enough for a rabbitmqctl call (an Erlang VM start, seconds on a loaded machine).
+    function_double.script("/fn", [200], delay=6.0)
     config = daemon_config(function_double, {"fn": [queue]}, [rabbit_source(rabbit.names.prefix, [queue])])
     async with DaemonProcess(config, tmp_path):
         await rabbit.publish_many(queue, [f"m{i}".encode() for i in range(5)])
