@@ -6,6 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from fastconn.message import ErrorKind, Message, Outcome, TargetResult, Verdict
+from fastconn.sources.rabbitmq.acks import AckWindow
 from fastconn.sources.rabbitmq.config import RabbitMQConfig
 from fastconn.sources.rabbitmq.headers import amqp_headers
 from fastconn.sources.rabbitmq.settle import (
@@ -133,3 +134,17 @@ def test_amqp_headers_are_prefixed_and_cannot_spoof_the_sources_own() -> None:
         }
     )
     assert headers == [("X-Rabbitmq-tenant", "acme"), ("X-Rabbitmq-n", "3"), ("X-Rabbitmq-flag", "true")]
+
+
+def test_ack_window_never_covers_an_unsettled_delivery() -> None:
+    window = AckWindow()
+    for tag in range(1, 7):
+        window.delivered(tag)
+    # 3 is still running: 1-2 go as one multiple ack, 4 alone.
+    assert window.settle([1, 2, 4]) == (2, [4])
+    assert len(window) == 3
+    # 3 handed back to the broker (not acked from here): 5 and 6 may go as a multiple ack.
+    window.forget([3])
+    assert window.settle([6, 5]) == (6, [])
+    assert len(window) == 0
+    assert window.settle([]) == (None, [])

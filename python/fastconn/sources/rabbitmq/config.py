@@ -90,8 +90,8 @@ class RabbitMQConfig(BaseModel):
     ``queues`` (the OpenFaaS connector's JSON list). The topic of a message is its queue's name."""
     bindings: tuple[Binding, ...] = ()
     prefetch: int | None = Field(default=None, ge=1, le=65535)
-    """Unacknowledged messages the broker may hand this replica (all queues together); default:
-    the dispatcher's capacity, so the broker keeps what fastconn cannot take yet."""
+    """Unacknowledged messages the broker may hand this replica, split evenly between the queues;
+    default: the dispatcher's capacity, so the broker keeps what fastconn cannot take yet."""
     ordering: Literal["none", "key"] = "none"
     ordering_key: str = "routing_key"
     """With ``ordering = "key"``: ``routing_key``, or the name of a header holding the key."""

@@ -25,6 +25,7 @@ from fastconn.message import Message, Outcome
 from fastconn.ratelimit import RateLimitedLog
 from fastconn.responses import request_reply
 from fastconn.source import SourceContext
+from fastconn.sources.rabbitmq.acks import AckWindow
 from fastconn.sources.rabbitmq.config import RabbitMQConfig
 from fastconn.sources.rabbitmq.headers import (
     ORIGINAL_EXCHANGE,
@@ -49,6 +50,9 @@ log = logging.getLogger("fastconn.source.rabbitmq")
 _STOP_TIMEOUT: Final = 10.0
 _PUBLISH_TIMEOUT: Final = 10.0
 _PUBLISH_CONCURRENCY: Final = 64
+_LINGER: Final = 0.002
+"""How long a small batch waits for more arrivals while calls are in flight anyway: aio-pika
+hands over one message per task, and every crossing into the core has a fixed cost."""
 
 # The source's own coordinates on dead letters (the rest of the context is fastconn.deadletter's).
 DLT_EXCHANGE: Final = "fastconn-dlt-original-exchange"
@@ -66,6 +70,9 @@ class _Delivery:
     routing_key: str
     deliveries: int
     message_id: str
+    channel: Any
+    """The (aiormq) channel it came on: its delivery tag means something only there."""
+    tag: int
 
 
 class RabbitMQSource:
@@ -86,6 +93,11 @@ class RabbitMQSource:
         self._tasks: set[asyncio.Task[None]] = set()
         self._publish_slots = asyncio.Semaphore(_PUBLISH_CONCURRENCY)
         self._in_place: dict[Message, asyncio.TimerHandle] = {}
+        self._windows: dict[Any, AckWindow] = {}
+        self._ack_order = asyncio.Lock()
+        """Acks are computed and sent one group at a time: a ``multiple`` ack sent before an
+        earlier group's would cover that group's tags, whose own ack the broker then refuses
+        (unknown delivery tag), closing the channel."""
         self._stopping = False
         self._intake_closed = False
         self._stuck: set[str] = set()
@@ -134,9 +146,11 @@ class RabbitMQSource:
         assert connection is not None
         self._publish_channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         channel = self._consume_channel = await connection.channel()
-        prefetch = self.config.prefetch or min(65535, ctx.dispatcher.capacity)
-        # Global: one bound for all the queues of this source together (the dispatcher's).
-        await channel.set_qos(prefetch_count=prefetch, global_=True)
+        total = self.config.prefetch or min(65535, ctx.dispatcher.capacity)
+        # Per consumer, the total split between the queues: a channel-wide ("global") limit is
+        # much more expensive for the broker, and quorum queues do not support it.
+        prefetch = max(1, total // len(self.config.queues))
+        await channel.set_qos(prefetch_count=prefetch)
         declared: dict[str, AbstractQueue] = {}
         for spec in self.config.queues:
             declared[spec.name] = await channel.declare_queue(
@@ -197,23 +211,36 @@ class RabbitMQSource:
         if self._intake_closed:
             self._spawn(self._requeue_delivery(msg))
             return
+        try:
+            channel = msg.channel
+        except Exception:
+            return  # its channel closed already: the broker delivers it again
+        tag = int(msg.delivery_tag or 0)
+        window = self._windows.get(channel)
+        if window is None:
+            window = self._windows[channel] = AckWindow()
+        window.delivered(tag)
         headers = msg.headers or {}
         exchange = _header_text(headers.get(ORIGINAL_EXCHANGE), msg.exchange or "")
         routing_key = _header_text(headers.get(ORIGINAL_ROUTING_KEY), msg.routing_key or "")
         message_id = msg.message_id or message_digest(exchange, routing_key, msg.body, msg.timestamp)
-        delivery = _Delivery(
-            msg, queue, exchange, routing_key, deliveries(headers, queue, bool(msg.redelivered)), message_id
-        )
+        attempt = deliveries(headers, queue, bool(msg.redelivered))
+        delivery = _Delivery(msg, queue, exchange, routing_key, attempt, message_id, channel, tag)
         self._buffer.append(delivery)
         if len(self._buffer) == 1:
             self._buffer_ready.set()
 
     async def _submit_loop(self) -> None:
         ctx = self._require_ctx()
+        batch_size = max(1, ctx.dispatcher.options.batch_size)
         while True:
             await self._buffer_ready.wait()
+            if len(self._buffer) < batch_size // 4 and ctx.dispatcher.queued and not self._intake_closed:
+                await asyncio.sleep(_LINGER)
             self._buffer_ready.clear()
-            batch, self._buffer = self._buffer, []
+            batch, self._buffer = self._buffer[:batch_size], self._buffer[batch_size:]
+            if self._buffer:
+                self._buffer_ready.set()
             if not batch:
                 if self._intake_closed:
                     return
@@ -304,8 +331,7 @@ class RabbitMQSource:
             self._spawn(self._ack(acks))
 
     async def _ack(self, batch: list[_Delivery]) -> None:
-        results = await asyncio.gather(*(d.msg.ack() for d in batch), return_exceptions=True)
-        failed = sum(1 for r in results if isinstance(r, BaseException))
+        failed = await self._send_acks(batch)
         acked = len(batch) - failed
         ctx = self._require_ctx()
         if acked:
@@ -318,6 +344,32 @@ class RabbitMQSource:
                 self.name,
                 failed,
             )
+
+    async def _send_acks(self, batch: list[_Delivery]) -> int:
+        """Acknowledges ``batch`` with as few frames as the window allows (:mod:`.acks`);
+        returns how many could not be acknowledged (their channel is gone)."""
+        by_channel: dict[Any, list[int]] = {}
+        for d in batch:
+            by_channel.setdefault(d.channel, []).append(d.tag)
+        failed = 0
+        async with self._ack_order:
+            failed = await self._send_grouped(by_channel)
+        return failed
+
+    async def _send_grouped(self, by_channel: dict[Any, list[int]]) -> int:
+        failed = 0
+        for channel, tags in by_channel.items():
+            window = self._windows.get(channel)
+            upto, singles = window.settle(tags) if window is not None else (None, tags)
+            try:
+                # No drain per frame: the acks go out with the next socket write.
+                if upto is not None:
+                    await channel.basic_ack(upto, multiple=True, wait=False)
+                for tag in singles:
+                    await channel.basic_ack(tag, wait=False)
+            except Exception:
+                failed += len(tags)
+        return failed
 
     def _keep(self, outcome: Outcome, decision: Keep) -> None:
         """A final failure without a dead-letter exchange: kept, retried every ``backoff_max``."""
@@ -522,10 +574,12 @@ class RabbitMQSource:
 
     async def _settled_elsewhere(self, delivery: _Delivery) -> None:
         """Acknowledges a message that now lives in another queue."""
-        with contextlib.suppress(Exception):
-            await delivery.msg.ack()
+        await self._send_acks([delivery])
 
     async def _requeue(self, delivery: _Delivery) -> None:
+        window = self._windows.get(delivery.channel)
+        if window is not None:
+            window.forget([delivery.tag])
         await self._requeue_delivery(delivery.msg)
 
     async def _requeue_delivery(self, msg: AbstractIncomingMessage) -> None:
@@ -558,6 +612,9 @@ class RabbitMQSource:
 
     async def _on_reconnected(self, _sender: Any) -> None:
         self._health.restored()
+        # The old channels' tags are void: the broker requeued those messages.
+        for channel in [c for c in self._windows if c.is_closed]:
+            del self._windows[channel]
 
     def _require_ctx(self) -> SourceContext:
         if self._ctx is None:
