@@ -6,17 +6,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Final
 
 import aio_pika
-from aio_pika.abc import (
-    AbstractChannel,
-    AbstractIncomingMessage,
-    AbstractQueue,
-    AbstractRobustConnection,
-)
+from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection
+from aiormq.abc import DeliveredMessage
 
 from fastconn.deadletter import DLT_PREFIX, DLT_RESPONSE, failure_context, response_excerpt
 from fastconn.errors import DispatcherClosed
@@ -60,11 +56,52 @@ DLT_ROUTING_KEY: Final = "fastconn-dlt-original-routing-key"
 DLT_QUEUE: Final = "fastconn-dlt-original-queue"
 
 
+class _Incoming:
+    """A delivered message as aiormq hands it over, read directly: aio-pika's
+    ``IncomingMessage`` (and the task it starts per message) costs more than the rest of
+    a message's way through this source."""
+
+    __slots__ = ("body", "channel", "delivery", "props")
+
+    def __init__(self, message: DeliveredMessage) -> None:
+        self.body: bytes = message.body
+        self.channel: Any = message.channel
+        self.delivery: Any = message.delivery
+        self.props: Any = message.header.properties
+
+    @property
+    def headers(self) -> dict[str, Any] | None:
+        return self.props.headers  # type: ignore[no-any-return]
+
+    @property
+    def message_id(self) -> str | None:
+        return self.props.message_id  # type: ignore[no-any-return]
+
+    @property
+    def reply_to(self) -> str | None:
+        return self.props.reply_to  # type: ignore[no-any-return]
+
+    @property
+    def correlation_id(self) -> str | None:
+        return self.props.correlation_id  # type: ignore[no-any-return]
+
+    @property
+    def content_type(self) -> str | None:
+        return self.props.content_type  # type: ignore[no-any-return]
+
+    @property
+    def redelivered(self) -> bool:
+        return bool(self.delivery.redelivered)
+
+    async def nack(self, *, requeue: bool) -> None:
+        await self.channel.basic_nack(self.delivery.delivery_tag, requeue=requeue)
+
+
 @dataclass(eq=False, slots=True)
 class _Delivery:
     """One delivery of one queue message, from arrival until it is settled."""
 
-    msg: AbstractIncomingMessage
+    msg: _Incoming
     queue: str
     exchange: str
     routing_key: str
@@ -83,7 +120,9 @@ class RabbitMQSource:
         self._connection: AbstractRobustConnection | None = None
         self._consume_channel: AbstractChannel | None = None
         self._publish_channel: AbstractChannel | None = None
-        self._queues: list[tuple[AbstractQueue, str]] = []
+        self._declared: dict[str, AbstractQueue] = {}
+        self._consumers: list[tuple[Any, str]] = []
+        """(aiormq channel, consumer tag) of the consumers now running."""
         self._levels = delay_levels(config.retry_delay, config.backoff_max)
         self._retry_queues: set[str] = set()
         self._key_header = None if config.ordering_key == "routing_key" else config.ordering_key.lower()
@@ -169,18 +208,18 @@ class RabbitMQSource:
             log.warning(
                 "source %s: waiting for the topic map before consuming (messages stay queued)", self.name
             )
-        for name, queue in declared.items():
-            tag = await queue.consume(self._on_message_for(name))
-            self._queues.append((queue, tag))
+        self._declared = declared
+        await self._consume()
+        channel.reopen_callbacks.add(self._on_channel_reopened)
         log.info("source %s: consuming %s (prefetch %d)", self.name, ", ".join(declared), prefetch)
 
     async def stop(self) -> None:
         """Stops consuming; what arrived goes to the dispatcher, later arrivals and scheduled
         in-place retries go back to the queue at once."""
         self._stopping = True
-        for queue, tag in self._queues:
+        for underlay, tag in self._consumers:
             with contextlib.suppress(Exception):
-                await queue.cancel(tag, timeout=5)
+                await asyncio.wait_for(underlay.basic_cancel(tag), 5)
         self._intake_closed = True
         self._buffer_ready.set()
         await _finish(self._submit_task, _STOP_TIMEOUT)
@@ -201,29 +240,52 @@ class RabbitMQSource:
 
     # -- intake ----------------------------------------------------------------------------
 
-    def _on_message_for(self, queue: str) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
-        async def on_message(msg: AbstractIncomingMessage) -> None:
-            self._take(queue, msg)
+    async def _consume(self) -> None:
+        """Starts one consumer per queue on the consuming channel's current (aiormq) channel.
+        Consumers are started here rather than by aio-pika, which would restore them on a
+        reopened channel itself but wrap every message in an ``IncomingMessage`` and a task."""
+        channel = self._consume_channel
+        assert channel is not None
+        underlay = await channel.get_underlay_channel()
+        consumers = []
+        for name in self._declared:
+            ok = await underlay.basic_consume(name, self._on_message_for(name), no_ack=False)
+            consumers.append((underlay, str(ok.consumer_tag)))
+        self._consumers = consumers
+
+    async def _on_channel_reopened(self, _sender: Any) -> None:
+        """The channel came back (after a channel error or a reconnection), its queues
+        re-declared by aio-pika: consume again."""
+        if self._stopping:
+            return
+        try:
+            await self._consume()
+        except Exception as exc:
+            self._count("consume")
+            log.error("source %s: cannot consume again after the channel reopened: %r", self.name, exc)
+
+    def _on_message_for(self, queue: str) -> Callable[[DeliveredMessage], Coroutine[Any, Any, None]]:
+        async def on_message(message: DeliveredMessage) -> None:
+            self._take(queue, _Incoming(message))
 
         return on_message
 
-    def _take(self, queue: str, msg: AbstractIncomingMessage) -> None:
+    def _take(self, queue: str, msg: _Incoming) -> None:
         if self._intake_closed:
             self._spawn(self._requeue_delivery(msg))
             return
-        try:
-            channel = msg.channel
-        except Exception:
-            return  # its channel closed already: the broker delivers it again
-        tag = int(msg.delivery_tag or 0)
+        channel = msg.channel
+        if channel.is_closed:
+            return  # the broker delivers it again
+        tag = int(msg.delivery.delivery_tag or 0)
         window = self._windows.get(channel)
         if window is None:
             window = self._windows[channel] = AckWindow()
         window.delivered(tag)
         headers = msg.headers or {}
-        exchange = _header_text(headers.get(ORIGINAL_EXCHANGE), msg.exchange or "")
-        routing_key = _header_text(headers.get(ORIGINAL_ROUTING_KEY), msg.routing_key or "")
-        message_id = msg.message_id or message_digest(exchange, routing_key, msg.body, msg.timestamp)
+        exchange = _header_text(headers.get(ORIGINAL_EXCHANGE), msg.delivery.exchange or "")
+        routing_key = _header_text(headers.get(ORIGINAL_ROUTING_KEY), msg.delivery.routing_key or "")
+        message_id = msg.message_id or message_digest(exchange, routing_key, msg.body, msg.props.timestamp)
         attempt = deliveries(headers, queue, bool(msg.redelivered))
         delivery = _Delivery(msg, queue, exchange, routing_key, attempt, message_id, channel, tag)
         self._buffer.append(delivery)
@@ -556,20 +618,20 @@ class RabbitMQSource:
     @staticmethod
     def _copy(delivery: _Delivery, headers: dict[str, Any]) -> aio_pika.Message:
         msg = delivery.msg
+        props = msg.props
         return aio_pika.Message(
             msg.body,
             headers=headers,
-            content_type=msg.content_type,
-            content_encoding=msg.content_encoding,
+            content_type=props.content_type,
+            content_encoding=props.content_encoding,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            priority=msg.priority,
-            correlation_id=msg.correlation_id,
-            reply_to=msg.reply_to,
+            priority=props.priority,
+            correlation_id=props.correlation_id,
+            reply_to=props.reply_to,
             message_id=delivery.message_id,
-            timestamp=msg.timestamp,
-            type=msg.type,
-            user_id=None,
-            app_id=msg.app_id,
+            timestamp=props.timestamp,
+            type=props.message_type,
+            app_id=props.app_id,
         )
 
     async def _settled_elsewhere(self, delivery: _Delivery) -> None:
@@ -582,7 +644,7 @@ class RabbitMQSource:
             window.forget([delivery.tag])
         await self._requeue_delivery(delivery.msg)
 
-    async def _requeue_delivery(self, msg: AbstractIncomingMessage) -> None:
+    async def _requeue_delivery(self, msg: _Incoming) -> None:
         # Fails only when the channel is gone: then the broker has requeued it already.
         with contextlib.suppress(Exception):
             await msg.nack(requeue=True)
@@ -622,7 +684,7 @@ class RabbitMQSource:
         return self._ctx
 
 
-def _is_request(msg: AbstractIncomingMessage) -> bool:
+def _is_request(msg: _Incoming) -> bool:
     return bool(msg.reply_to) and bool(msg.correlation_id)
 
 
