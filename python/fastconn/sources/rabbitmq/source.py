@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection
 from aiormq.abc import DeliveredMessage
+from pamqp.commands import Basic
 
 from fastconn.deadletter import DLT_PREFIX, DLT_RESPONSE, failure_context, response_excerpt
 from fastconn.errors import DispatcherClosed
@@ -67,27 +68,27 @@ class _Incoming:
         self.body: bytes = message.body
         self.channel: Any = message.channel
         self.delivery: Any = message.delivery
-        self.props: Any = message.header.properties
+        self.props: Basic.Properties = message.header.properties
 
     @property
-    def headers(self) -> dict[str, Any] | None:
-        return self.props.headers  # type: ignore[no-any-return]
+    def headers(self) -> Mapping[str, Any] | None:
+        return self.props.headers
 
     @property
     def message_id(self) -> str | None:
-        return self.props.message_id  # type: ignore[no-any-return]
+        return self.props.message_id
 
     @property
     def reply_to(self) -> str | None:
-        return self.props.reply_to  # type: ignore[no-any-return]
+        return self.props.reply_to
 
     @property
     def correlation_id(self) -> str | None:
-        return self.props.correlation_id  # type: ignore[no-any-return]
+        return self.props.correlation_id
 
     @property
     def content_type(self) -> str | None:
-        return self.props.content_type  # type: ignore[no-any-return]
+        return self.props.content_type
 
     @property
     def redelivered(self) -> bool:
