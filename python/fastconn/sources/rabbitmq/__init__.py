@@ -1,8 +1,10 @@
 """``type = "rabbitmq"``: consumers on RabbitMQ queues, at-least-once.
 
 Queues (and optional exchanges with bindings) are declared at start; one consumer per queue
-on one channel whose prefetch (all queues together) defaults to the dispatcher's capacity, so
-a slow function leaves the backlog in the broker, not in this process. Replicas consuming the
+on one channel, the prefetch (default: the dispatcher's capacity) split between them, so a
+slow function leaves the backlog in the broker, not in this process. Deliveries are read from
+aiormq directly (cheaper than aio-pika's per-message wrapper and task); acks go out as
+``multiple`` acks below the oldest unsettled delivery (:mod:`.acks`). Replicas consuming the
 same queues are competing consumers: each message goes to one of them.
 
 Settling, per message, once every target function has a final result (manual acks):
@@ -36,7 +38,8 @@ unacknowledged (a message whose call finished while the connection was down runs
 duplicate, never a loss).
 
 Modules: :mod:`.config` (the ``[[sources]]`` model), :mod:`.headers` (what functions receive),
-:mod:`.settle` (deliveries, delays and decisions), :mod:`.source` (the source).
+:mod:`.settle` (deliveries, delays and decisions), :mod:`.acks` (which acks to send),
+:mod:`.metrics` (the stuck gauge), :mod:`.source` (the source).
 """
 
 from fastconn.sources.rabbitmq.config import RabbitMQConfig
