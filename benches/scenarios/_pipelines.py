@@ -9,6 +9,7 @@ prints ``ready`` once it consumes, runs until SIGTERM.
 * ``nats``: a nats-py subscription whose callback waits for a slot and starts the call.
 * ``jetstream``: a nats-py pull subscription (fetch, call, ack after success).
 * ``kafka``: aiokafka ``getmany``, call every record, commit after the batch succeeded.
+* ``rabbitmq``: an aio-pika consumer (prefetch = the in-flight bound), ack after success.
 """
 
 from __future__ import annotations
@@ -166,6 +167,26 @@ async def kafka(args: argparse.Namespace, fwd: Forwarder, stop: asyncio.Event) -
         await consumer.stop()
 
 
+async def rabbitmq(args: argparse.Namespace, fwd: Forwarder, stop: asyncio.Event) -> None:
+    import aio_pika
+
+    connection = await aio_pika.connect_robust(args.server)
+    channel = await connection.channel()
+    await channel.set_qos(prefetch_count=args.inflight)
+    queue = await channel.declare_queue(args.subject, durable=False)
+
+    async def on_message(msg: Any) -> None:
+        async def settle(ok: bool) -> None:
+            await (msg.ack() if ok else msg.nack(requeue=True))
+
+        await fwd.start(args.subject, msg.body, settle)
+
+    await queue.consume(on_message)
+    ready()
+    await stop.wait()
+    await connection.close()
+
+
 class BatchTracker:
     """Counts a fetched batch's calls down; the batch is committed once all succeeded."""
 
@@ -191,7 +212,13 @@ async def main(args: argparse.Namespace) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     fwd = Forwarder(args.sink, args.inflight, args.fanout)
-    run = {"webhook": webhook, "nats": nats_core, "jetstream": jetstream, "kafka": kafka}[args.kind]
+    run = {
+        "webhook": webhook,
+        "nats": nats_core,
+        "jetstream": jetstream,
+        "kafka": kafka,
+        "rabbitmq": rabbitmq,
+    }[args.kind]
     try:
         await run(args, fwd, stop)
     finally:
@@ -201,7 +228,7 @@ async def main(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("kind", choices=["webhook", "nats", "jetstream", "kafka"])
+    parser.add_argument("kind", choices=["webhook", "nats", "jetstream", "kafka", "rabbitmq"])
     parser.add_argument("--sink", required=True)
     parser.add_argument("--inflight", type=int, default=64)
     parser.add_argument("--fanout", type=int, default=1)

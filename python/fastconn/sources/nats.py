@@ -31,8 +31,8 @@ from pydantic import Field, field_validator
 
 from fastconn.errors import DispatcherClosed
 from fastconn.health import SourceHealth
-from fastconn.message import Message, Outcome, Verdict
-from fastconn.responses import response_messages
+from fastconn.message import Message, Outcome
+from fastconn.responses import request_reply, response_messages
 from fastconn.source import SourceContext
 from fastconn.sources._nats_common import (
     NatsSourceOptions,
@@ -48,7 +48,7 @@ from fastconn.sources._nats_common import (
 
 log = logging.getLogger("fastconn.source.nats")
 
-_UNROUTED_STATUS = "404"
+_UNROUTED_ERROR = "no function subscribes to this subject"
 _DRAIN_TIMEOUT = 5.0
 # Replies waiting to be published (a slow or disconnected NATS connection): past either bound,
 # intake waits until the queue is half drained, so replies slow intake instead of growing memory.
@@ -347,7 +347,7 @@ class NatsSource:
         for outcome in outcomes:
             reply = outcome.message.handle
             if isinstance(reply, str) and reply:
-                self._queue_reply(reply, *_reply(outcome))
+                self._queue_reply(reply, *request_reply(outcome, _UNROUTED_ERROR))
         self._replies_ready.set()
 
     def _queue_reply(self, subject: str, body: bytes, headers: dict[str, str]) -> None:
@@ -408,23 +408,3 @@ class NatsSource:
         if self._ctx is None:
             raise RuntimeError(f"source {self.name} used before register()")
         return self._ctx
-
-
-def _reply(outcome: Outcome) -> tuple[bytes, dict[str, str]]:
-    """The reply to a request: the first function's response."""
-    headers = {"X-Message-Id": outcome.message_id}
-    if outcome.verdict is Verdict.UNROUTED or not outcome.results:
-        headers["X-Function-Status"] = _UNROUTED_STATUS
-        headers["X-Fastconn-Error"] = "no function subscribes to this subject"
-        return b"", headers
-    first = outcome.results[0]
-    headers["X-Function-Name"] = first.function
-    headers["X-Function-Status"] = first.status_label
-    headers["X-Duration-Seconds"] = f"{first.latency:.6f}"
-    if first.status == 0:
-        headers["X-Fastconn-Error"] = f"{first.function}: {first.error.label}"
-        return b"", headers
-    for name, value in first.headers or ():
-        if name.lower() == "content-type":
-            headers["Content-Type"] = value
-    return first.body or b"", headers
