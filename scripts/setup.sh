@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 need_apt=()
 command -v nats-server >/dev/null || need_apt+=(nats-server)
 command -v wrk >/dev/null || need_apt+=(wrk)
+command -v mosquitto >/dev/null || need_apt+=(mosquitto)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}"
   if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi

@@ -1,0 +1,269 @@
+"""paho-mqtt 2 bridged into asyncio.
+
+Why paho in its own thread: paho 2 is the Python MQTT client with manual acknowledgement
+(``manual_ack=True`` + ``ack(mid, qos)``), which acknowledge-after-success needs; aiomqtt 2
+acknowledges on receipt. paho's ``connect``/``reconnect`` (name resolution, TCP and TLS
+handshakes) block, and its ``loop_forever`` already reconnects with doubling backoff; run in
+paho's network thread (``loop_start``) none of that touches the event loop. The thread hands
+messages over in batches: it appends to a deque and wakes the loop only when the deque was
+empty (one ``call_soon_threadsafe`` per batch, not per message). Calls back into paho
+(``ack``, ``publish``, ``subscribe``) only queue a packet and wake the thread, which paho
+makes safe from any thread.
+
+Every callback here runs in paho's thread and touches the loop only through
+``call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from fastconn.errors import SourceError
+from fastconn.health import ConnectionHealth
+from fastconn.sources.mqtt.config import MAX_RECEIVE, MqttConfig
+
+__all__ = ["MAX_QOS0_BACKLOG", "MqttBridge", "Received"]
+
+MAX_QOS0_BACKLOG = 65536
+"""QoS 0 messages waiting for the loop beyond which new ones are dropped (counted): the broker
+bounds unacknowledged QoS 1/2 messages (receive maximum), not QoS 0 ones."""
+
+Received = tuple[paho.MQTTMessage, int]
+"""A message and the connection generation it arrived on."""
+
+# CONNACK reason codes that no retry fixes (MQTT 5 0x84..0x8C, 3.1.1 return codes 1-5).
+_REFUSED = frozenset({"Not authorized", "Bad user name or password", "Client identifier not valid",
+                      "Unsupported protocol version", "Banned", "Bad authentication method"})
+
+
+class MqttBridge:
+    """One paho client: connection, subscriptions, acknowledgements and publishes."""
+
+    def __init__(
+        self,
+        config: MqttConfig,
+        loop: asyncio.AbstractEventLoop,
+        health: ConnectionHealth,
+        log: logging.Logger,
+        *,
+        receive_maximum: int,
+        on_messages: Callable[[], None],
+    ) -> None:
+        self.config = config
+        self._loop = loop
+        self._health = health
+        self._log = log
+        self._wake_intake = on_messages
+        self.inbox: deque[Received] = deque()
+        self.generation = 0
+        """Incremented by every successful connection (paho's thread writes, the loop reads)."""
+        self._filters: tuple[str, ...] = ()
+        self._lock = threading.Lock()
+        self._connected = asyncio.Event()
+        self._refused: str | None = None
+        self._publishes: dict[int, asyncio.Future[None]] = {}
+        self._closing = False
+        self.session_present = False
+        self.dropped = 0
+        v5 = config.v5
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=config.session_client_id,
+            protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
+            transport=config.endpoint.transport,  # type: ignore[arg-type]
+            clean_session=None if v5 else config.clean_start,
+            manual_ack=True,
+            reconnect_on_failure=True,
+        )
+        client = self.client
+        client.enable_logger(logging.getLogger("fastconn.source.mqtt.paho"))
+        # Outgoing QoS 1 publishes (dead letters, responses) in flight at once.
+        client.max_inflight_messages_set(256)
+        client.max_queued_messages_set(0)
+        client.reconnect_delay_set(
+            max(1, round(config.reconnect_wait)), max(1, round(config.reconnect_wait_max))
+        )
+        if config.endpoint.transport == "websockets":
+            client.ws_set_options(path=config.endpoint.path)
+        credentials = config.credentials()
+        if credentials is not None:
+            client.username_pw_set(*credentials)
+        if config.endpoint.tls:
+            client.tls_set_context(self._tls_context())
+        client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        self._connect_properties: Properties | None = None
+        if v5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = int(config.session_expiry)
+            props.ReceiveMaximum = max(1, min(receive_maximum, MAX_RECEIVE))
+            self._connect_properties = props
+
+    def _tls_context(self) -> ssl.SSLContext:
+        c = self.config
+        try:
+            context = ssl.create_default_context(cafile=c.tls_ca)
+            if c.tls_cert is not None:
+                context.load_cert_chain(c.tls_cert, c.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise SourceError(f"source {c.name!r}: cannot load the MQTT TLS files: {exc}") from exc
+        return context
+
+    # -- connecting ------------------------------------------------------------------------
+
+    async def connect(self, filters: Sequence[str]) -> None:
+        """Connects (paho's thread retries until ``connect_wait``), subscribes ``filters``.
+        Raises :class:`SourceError` when refused for good or not connected in time."""
+        c = self.config
+        self._filters = tuple(filters)
+        endpoint = c.endpoint
+        self.client.connect_async(
+            endpoint.host,
+            endpoint.port,
+            keepalive=round(c.keepalive),
+            clean_start=c.clean_start if c.v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
+            properties=self._connect_properties,
+        )
+        self.client.loop_start()
+        try:
+            await asyncio.wait_for(self._connected.wait(), c.connect_wait)
+        except TimeoutError:
+            await self.close()
+            why = f"no connection within connect_wait ({c.connect_wait:g}s)"
+            raise SourceError(f"source {c.name!r}: cannot connect to MQTT at {endpoint.display}: {why}") from None
+        except asyncio.CancelledError:
+            await self.close()
+            raise
+        if self._refused is not None:
+            await self.close()
+            raise SourceError(
+                f"source {c.name!r}: the MQTT broker at {endpoint.display} refused the connection: "
+                f"{self._refused}"
+            )
+
+    def _on_connect(self, client: paho.Client, _: Any, flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            text = str(reason)
+            if text in _REFUSED and not self._connected.is_set():
+                self._refused = text
+                client.disconnect()
+                self._loop.call_soon_threadsafe(self._connected.set)
+                return
+            self._loop.call_soon_threadsafe(self._health.failing, text.lower())
+            return
+        self.generation += 1
+        self.session_present = bool(flags.session_present)
+        # A resumed session keeps its subscriptions (subscribing again would re-send retained
+        # messages); a new one needs them.
+        if not self.session_present:
+            with self._lock:
+                filters = self._filters
+            self._subscribe(filters)
+        self._loop.call_soon_threadsafe(self._connected_now)
+
+    def _connected_now(self) -> None:
+        self._health.restored()
+        self._connected.set()
+        self._wake_intake()  # the intake notices the new generation at once
+
+    def _on_connect_fail(self, client: paho.Client, _: Any) -> None:
+        self._loop.call_soon_threadsafe(self._health.failing, "connection refused or unreachable")
+
+    def _on_disconnect(self, client: paho.Client, _: Any, flags: Any, reason: Any, props: Any) -> None:
+        if not self._closing:
+            self._loop.call_soon_threadsafe(self._health.lost)
+
+    # -- subscriptions ---------------------------------------------------------------------
+
+    def set_filters(self, filters: Sequence[str]) -> None:
+        """Subscribes what is new and unsubscribes what is gone (new first: no gap)."""
+        with self._lock:
+            old, self._filters = self._filters, tuple(filters)
+        added = [f for f in filters if f not in old]
+        removed = [f for f in old if f not in filters]
+        if self.client.is_connected():
+            self._subscribe(added)
+            if removed:
+                self.client.unsubscribe([self.config.subscription(f) for f in removed])
+
+    def _subscribe(self, filters: Sequence[str]) -> None:
+        if not filters:
+            return
+        c = self.config
+        if c.v5:
+            options = paho.SubscribeOptions(qos=c.qos)
+            self.client.subscribe([(c.subscription(f), options) for f in filters])
+        else:
+            self.client.subscribe([(c.subscription(f), c.qos) for f in filters])
+        self._log.info("source %s: subscribed to %s (QoS %d)", c.name, ", ".join(filters), c.qos)
+
+    # -- messages in -----------------------------------------------------------------------
+
+    def _on_message(self, client: paho.Client, _: Any, message: paho.MQTTMessage) -> None:
+        inbox = self.inbox
+        if message.qos == 0 and len(inbox) >= MAX_QOS0_BACKLOG:
+            self.dropped += 1  # read and reset by the loop (a lost increment is a miscount only)
+            return
+        inbox.append((message, self.generation))
+        if len(inbox) == 1:
+            self._loop.call_soon_threadsafe(self._wake_intake)
+
+    def ack(self, mid: int, qos: int) -> None:
+        with contextlib.suppress(Exception):  # disconnected: the broker re-sends it anyway
+            self.client.ack(mid, qos)
+
+    # -- messages out ----------------------------------------------------------------------
+
+    def publish(
+        self, topic: str, payload: bytes, qos: int, properties: Properties | None
+    ) -> asyncio.Future[None]:
+        """Publishes; the future completes when the broker confirmed (QoS 1) or at once (0)."""
+        future: asyncio.Future[None] = self._loop.create_future()
+        info = self.client.publish(topic, payload, qos=qos, properties=properties)
+        if info.rc != paho.MQTT_ERR_SUCCESS and info.rc != paho.MQTT_ERR_NO_CONN:
+            future.set_exception(SourceError(f"publish to {topic!r} failed: {paho.error_string(info.rc)}"))
+        elif qos == 0:
+            future.set_result(None)
+        else:
+            # Registered before the thread's confirmation can reach the loop (it comes through
+            # call_soon_threadsafe, which runs after this synchronous code).
+            self._publishes[info.mid] = future
+        return future
+
+    def _on_publish(self, client: paho.Client, _: Any, mid: int, reason: Any, props: Any) -> None:
+        self._loop.call_soon_threadsafe(self._published, mid)
+
+    def _published(self, mid: int) -> None:
+        future = self._publishes.pop(mid, None)
+        if future is not None and not future.done():
+            future.set_result(None)
+
+    # -- closing ---------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Sends what is queued (acknowledgements first), then DISCONNECT, and ends the thread.
+        The session stays on the broker (its expiry counts from now)."""
+        self._closing = True
+        client = self.client
+        with contextlib.suppress(Exception):
+            client.disconnect()
+        await asyncio.get_running_loop().run_in_executor(None, client.loop_stop)
+        for future in self._publishes.values():
+            if not future.done():
+                future.set_exception(SourceError("disconnected before the broker confirmed"))
+        self._publishes.clear()

@@ -1,0 +1,180 @@
+"""The MQTT source against a real mosquitto (started by the test with its own config), with the
+daemon run as users run it."""
+
+from __future__ import annotations
+
+import pytest
+from mqtt_fixtures import (  # noqa: F401
+    Mosquitto,
+    collect,
+    daemon_config,
+    mosquitto,
+    mqtt_source,
+    properties,
+    publish,
+    unique,
+)
+
+from conftest import DaemonFactory
+from fastconn.testing import FunctionDouble, wait_for
+
+
+def _bodies(double: FunctionDouble, path: str, status: int | None = None) -> list[bytes]:
+    return [c.body for c in double.calls_to(path) if status is None or c.status == status]
+
+
+async def test_routing_and_headers(
+    mosquitto: Mosquitto, function_double: FunctionDouble, daemon_factory: DaemonFactory
+) -> None:
+    # No topics key: the source subscribes what the functions' topics are (wildcards included).
+    config = daemon_config(function_double, {"temp": ["sensors/+/temp"]}, [mqtt_source(mosquitto)])
+    await daemon_factory(config)
+    props = properties(user=[("trace-id", "t-1"), ("X-Topic", "spoofed")], content_type="application/json")
+    await publish(mosquitto.port, "sensors/a/temp", [b'{"c": 21}'], props=props)
+    await publish(mosquitto.port, "sensors/a/humidity", [b"ignored"])
+    await publish(mosquitto.port, "sensors/b/temp", [b"second"], qos=0)
+    await wait_for(lambda: len(function_double.calls_to("/temp")) == 2, what="both temp messages")
+    first, second = sorted(function_double.calls_to("/temp"), key=lambda c: c.body)
+    h = second.headers
+    assert second.body == b'{"c": 21}'
+    assert h["X-Topic"] == "sensors/a/temp"
+    assert (h["X-Mqtt-Qos"], h["X-Mqtt-Retain"]) == ("1", "false")
+    assert int(h["X-Mqtt-Message-Id"]) > 0
+    assert h["trace-id"] == "t-1"
+    assert h["Content-Type"] == "application/json"
+    assert first.body == b"second"
+    assert (first.headers["X-Topic"], first.headers["X-Mqtt-Qos"]) == ("sensors/b/temp", "0")
+    assert all(b"ignored" != c.body for c in function_double.calls)
+
+
+async def test_acknowledged_only_after_success(
+    mosquitto: Mosquitto, function_double: FunctionDouble, daemon_factory: DaemonFactory, fast_dispatch: dict
+) -> None:
+    """A message whose function keeps failing is not acknowledged: a crash brings it back."""
+    source = mqtt_source(mosquitto, topics=["jobs/#"], max_deliver=-1, retry_delay="50ms")
+    config = daemon_config(function_double, {"job": ["jobs/#"]}, [source], max_attempts=1)
+    function_double.script("/job", [503])
+    daemon = await daemon_factory(config)
+    await publish(mosquitto.port, "jobs/1", [b"work"])
+    await wait_for(lambda: len(function_double.calls_to("/job")) >= 3, what="retried calls")
+    daemon.kill()
+    function_double.script("/job", [200])
+    function_double.calls.clear()
+    await daemon_factory(config)
+    await wait_for(lambda: _bodies(function_double, "/job", 200) == [b"work"], what="redelivery after crash")
+
+
+async def test_dead_letter_with_context(
+    mosquitto: Mosquitto, function_double: FunctionDouble, daemon_factory: DaemonFactory
+) -> None:
+    dead = await collect(mosquitto.port, "dead/orders")
+    try:
+        source = mqtt_source(mosquitto, topics=["orders/#"], dead_letter_topic="dead/orders")
+        function_double.script("/order", [422])
+        await daemon_factory(daemon_config(function_double, {"order": ["orders/#"]}, [source]))
+        props = properties(user=[("tenant", "acme")], content_type="text/plain")
+        await publish(mosquitto.port, "orders/eu", [b"bad order"], props=props)
+        await wait_for(lambda: dead.messages, what="the dead letter")
+        letter = dead.messages[0]
+        context = dict(letter.properties.UserProperty)
+        assert letter.payload == b"bad order"
+        assert letter.properties.ContentType == "text/plain"
+        assert context["tenant"] == "acme"
+        assert context["fastconn-dlt-original-topic"] == "orders/eu"
+        assert context["fastconn-dlt-function"] == "order"
+        assert context["fastconn-dlt-status"] == "422"
+        assert context["fastconn-dlt-reason"] == "non-retryable failure"
+    finally:
+        dead.close()
+
+
+async def test_response_topic_gets_the_functions_response(
+    mosquitto: Mosquitto, function_double: FunctionDouble, daemon_factory: DaemonFactory
+) -> None:
+    replies = await collect(mosquitto.port, "replies/#")
+    try:
+        source = mqtt_source(mosquitto, topics=["rpc/+"])
+        await daemon_factory(daemon_config(function_double, {"echo": ["rpc/+"]}, [source]))
+        props = properties(response_topic="replies/c1", correlation=b"corr-42")
+        await publish(mosquitto.port, "rpc/ping", [b"ping"], props=props)
+        await wait_for(lambda: replies.messages, what="the response")
+        reply = replies.messages[0]
+        assert reply.payload == b"ping"  # the double echoes the request body
+        assert reply.properties.CorrelationData == b"corr-42"
+        user = dict(reply.properties.UserProperty)
+        assert (user["X-Function-Name"], user["X-Function-Status"]) == ("echo", "200")
+    finally:
+        replies.close()
+
+
+async def test_shared_subscription_splits_the_work(
+    mosquitto: Mosquitto, function_double: FunctionDouble, daemon_factory: DaemonFactory
+) -> None:
+    n = 400
+    daemons = []
+    for _ in range(2):
+        source = mqtt_source(mosquitto, topics=["work/#"], shared_group="workers")
+        daemons.append(await daemon_factory(daemon_config(function_double, {"w": ["work/#"]}, [source])))
+    await publish(mosquitto.port, "work/items", [b"%d" % i for i in range(n)])
+    await wait_for(lambda: len({c.body for c in function_double.calls}) == n, 20, what="every message")
+    shares = []
+    for daemon in daemons:
+        samples = await daemon.metrics()
+        shares.append(sum(v for k, v in samples.items() if k.startswith("fastconn_messages_received_total{")))
+    assert all(share > 0 for share in shares), shares  # both took part
+    assert sum(shares) >= n
+
+
+async def test_stalled_function_bounds_intake(
+    mosquitto: Mosquitto, function_double: FunctionDouble, daemon_factory: DaemonFactory
+) -> None:
+    """With receive_maximum 8 the broker sends 8 messages and waits for acknowledgements: the
+    9th call arrives only after the first ones answered, though the dispatcher had room."""
+    delay = 1.5
+    function_double.script("/slow", [200], delay=delay)
+    source = mqtt_source(mosquitto, topics=["slow/#"], receive_maximum=8)
+    config = daemon_config(function_double, {"slow": ["slow/#"]}, [source], max_inflight=64)
+    await daemon_factory(config)
+    await publish(mosquitto.port, "slow/x", [b"%d" % i for i in range(40)])
+    await wait_for(lambda: len(function_double.calls_to("/slow")) >= 9, 20, what="a second wave")
+    arrivals = sorted(c.at for c in function_double.calls_to("/slow"))
+    assert arrivals[7] - arrivals[0] < delay  # the first wave came at once
+    assert arrivals[8] >= arrivals[0] + delay * 0.9  # the 9th waited for an acknowledgement
+
+
+async def _stream(
+    mosquitto: Mosquitto,
+    function_double: FunctionDouble,
+    daemon_factory: DaemonFactory,
+    n: int,
+    fault: str,
+) -> None:
+    topic = unique("stream/")
+    source = mqtt_source(mosquitto, topics=[topic])
+    config = daemon_config(function_double, {"sink": [topic]}, [source])
+    daemon = await daemon_factory(config)
+    await publish(mosquitto.port, topic, [b"%d" % i for i in range(n)])
+    await wait_for(lambda: len(function_double.calls_to("/sink")) >= n // 4, 20, what="a quarter handled")
+    if fault == "daemon":
+        daemon.kill()
+        await daemon_factory(config)
+    else:
+        mosquitto.restart()
+    expected = {b"%d" % i for i in range(n)}
+    await wait_for(lambda: set(_bodies(function_double, "/sink")) >= expected, 25, what="every message")
+    calls = len(function_double.calls_to("/sink"))
+    print(f"\n{fault} fault mid-stream of {n}: lost 0, duplicates {calls - n}")
+
+
+@pytest.mark.slow
+async def test_daemon_kill_9_mid_stream_loses_nothing(
+    mosquitto: Mosquitto, function_double: FunctionDouble, daemon_factory: DaemonFactory
+) -> None:
+    await _stream(mosquitto, function_double, daemon_factory, 5000, "daemon")
+
+
+@pytest.mark.slow
+async def test_broker_restart_mid_stream_loses_nothing(
+    mosquitto: Mosquitto, function_double: FunctionDouble, daemon_factory: DaemonFactory
+) -> None:
+    await _stream(mosquitto, function_double, daemon_factory, 5000, "broker")
