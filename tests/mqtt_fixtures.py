@@ -9,9 +9,6 @@ Import explicitly: ``from mqtt_fixtures import mosquitto  # noqa: F401``. A miss
 from __future__ import annotations
 
 import asyncio
-import os
-import pwd
-import shutil
 import threading
 import uuid
 from collections.abc import Iterator, Sequence
@@ -25,9 +22,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from fastconn.testing import ServerProcess, free_port
-
-MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+from fastconn.testing import ServerProcess, free_port, mosquitto_command
 
 
 class Mosquitto(ServerProcess):
@@ -36,31 +31,11 @@ class Mosquitto(ServerProcess):
 
     def __init__(self, workdir: Path, port: int) -> None:
         self.workdir = workdir
-        self.config_path = workdir / "mosquitto.conf"
-        store = workdir / "store"
-        store.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(
-            "\n".join(
-                [
-                    f"listener {port} 127.0.0.1",
-                    "allow_anonymous true",
-                    "persistence true",
-                    f"persistence_location {store}/",
-                    # The tests queue thousands of messages for an absent persistent session.
-                    "max_queued_messages 0",
-                    # Run as whoever runs the tests (as root, mosquitto would switch to a user
-                    # that cannot write the store).
-                    f"user {pwd.getpwuid(os.getuid()).pw_name}",
-                    "log_type error",
-                    "log_type warning",
-                    "log_type notice",
-                    "",
-                ]
-            )
-        )
-        if not Path(MOSQUITTO).exists():
-            pytest.fail(f"mosquitto not found ({MOSQUITTO}): run scripts/setup.sh", pytrace=False)
-        super().__init__("mosquitto", [MOSQUITTO, "-c", str(self.config_path)], port, workdir / "mosquitto.log")
+        try:
+            argv = mosquitto_command(port, workdir)
+        except FileNotFoundError as exc:
+            pytest.fail(str(exc), pytrace=False)
+        super().__init__("mosquitto", argv, port, workdir / "mosquitto.log")
 
     @property
     def url(self) -> str:

@@ -29,12 +29,13 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from fastconn.errors import SourceError
 from fastconn.health import ConnectionHealth
 from fastconn.sources.mqtt.config import MAX_RECEIVE, MqttConfig
 
-__all__ = ["MAX_QOS0_BACKLOG", "MqttBridge", "Received"]
+__all__ = ["MAX_QOS0_BACKLOG", "MqttBridge", "Received", "new_properties"]
 
 MAX_QOS0_BACKLOG = 65536
 """QoS 0 messages waiting for the loop beyond which new ones are dropped (counted): the broker
@@ -44,8 +45,21 @@ Received = tuple[paho.MQTTMessage, int]
 """A message and the connection generation it arrived on."""
 
 # CONNACK reason codes that no retry fixes (MQTT 5 0x84..0x8C, 3.1.1 return codes 1-5).
-_REFUSED = frozenset({"Not authorized", "Bad user name or password", "Client identifier not valid",
-                      "Unsupported protocol version", "Banned", "Bad authentication method"})
+_REFUSED = frozenset(
+    {
+        "Not authorized",
+        "Bad user name or password",
+        "Client identifier not valid",
+        "Unsupported protocol version",
+        "Banned",
+        "Bad authentication method",
+    }
+)
+
+
+def new_properties(packet_type: int) -> Properties:
+    """Empty MQTT 5 properties for a packet (paho's constructor is untyped)."""
+    return Properties(packet_type)  # type: ignore[no-untyped-call]
 
 
 class MqttBridge:
@@ -109,7 +123,7 @@ class MqttBridge:
         client.on_publish = self._on_publish
         self._connect_properties: Properties | None = None
         if v5:
-            props = Properties(PacketTypes.CONNECT)
+            props = new_properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = int(config.session_expiry)
             props.ReceiveMaximum = max(1, min(receive_maximum, MAX_RECEIVE))
             self._connect_properties = props
@@ -145,7 +159,9 @@ class MqttBridge:
         except TimeoutError:
             await self.close()
             why = f"no connection within connect_wait ({c.connect_wait:g}s)"
-            raise SourceError(f"source {c.name!r}: cannot connect to MQTT at {endpoint.display}: {why}") from None
+            raise SourceError(
+                f"source {c.name!r}: cannot connect to MQTT at {endpoint.display}: {why}"
+            ) from None
         except asyncio.CancelledError:
             await self.close()
             raise
@@ -206,10 +222,11 @@ class MqttBridge:
             return
         c = self.config
         if c.v5:
-            options = paho.SubscribeOptions(qos=c.qos)
+            options = SubscribeOptions(qos=c.qos)
             self.client.subscribe([(c.subscription(f), options) for f in filters])
         else:
-            self.client.subscribe([(c.subscription(f), c.qos) for f in filters])
+            plain: list[tuple[str, int]] = [(c.subscription(f), c.qos) for f in filters]
+            self.client.subscribe(plain)
         self._log.info("source %s: subscribed to %s (QoS %d)", c.name, ", ".join(filters), c.qos)
 
     # -- messages in -----------------------------------------------------------------------
@@ -235,7 +252,7 @@ class MqttBridge:
         """Publishes; the future completes when the broker confirmed (QoS 1) or at once (0)."""
         future: asyncio.Future[None] = self._loop.create_future()
         info = self.client.publish(topic, payload, qos=qos, properties=properties)
-        if info.rc != paho.MQTT_ERR_SUCCESS and info.rc != paho.MQTT_ERR_NO_CONN:
+        if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
             future.set_exception(SourceError(f"publish to {topic!r} failed: {paho.error_string(info.rc)}"))
         elif qos == 0:
             future.set_result(None)

@@ -42,7 +42,11 @@ class Broker:
 
     @property
     def display(self) -> str:
-        scheme = ("wss" if self.tls else "ws") if self.transport == "websockets" else ("ssl" if self.tls else "tcp")
+        scheme = (
+            ("wss" if self.tls else "ws")
+            if self.transport == "websockets"
+            else ("ssl" if self.tls else "tcp")
+        )
         return f"{scheme}://{self.host}:{self.port}{self.path if self.transport == 'websockets' else ''}"
 
 

@@ -25,7 +25,7 @@ from fastconn.ratelimit import RateLimitedLog
 from fastconn.responses import response_messages
 from fastconn.source import SourceContext
 from fastconn.sources.mqtt.acks import AckWindow, Delivery
-from fastconn.sources.mqtt.client import MqttBridge, Received
+from fastconn.sources.mqtt.client import MqttBridge, Received, new_properties
 from fastconn.sources.mqtt.config import MqttConfig, check_filter
 
 __all__ = ["DLT_TOPIC", "MqttSource"]
@@ -376,7 +376,7 @@ class MqttSource:
             return None
         pending: _Pending = outcome.message.handle
         original = getattr(pending.msg, "properties", None)
-        props = Properties(PacketTypes.PUBLISH)
+        props = new_properties(PacketTypes.PUBLISH)
         own = [
             (k, v)
             for k, v in (getattr(original, "UserProperty", None) or [])
@@ -405,7 +405,7 @@ class MqttSource:
         correlation = getattr(pending.msg.properties, "CorrelationData", None)
         bridge = self._require_bridge()
         for body, headers in response_messages(outcome):
-            props = Properties(PacketTypes.PUBLISH)
+            props = new_properties(PacketTypes.PUBLISH)
             content_type = headers.pop("Content-Type", None)
             if content_type:
                 props.ContentType = content_type
