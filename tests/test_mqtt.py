@@ -178,3 +178,19 @@ async def test_broker_restart_mid_stream_loses_nothing(
     mosquitto: Mosquitto, function_double: FunctionDouble, daemon_factory: DaemonFactory
 ) -> None:
     await _stream(mosquitto, function_double, daemon_factory, 5000, "broker")
+
+
+async def test_mqtt_3_1_1_session(
+    mosquitto: Mosquitto, function_double: FunctionDouble, daemon_factory: DaemonFactory
+) -> None:
+    """MQTT 3.1.1: no properties, a persistent session by clean_session = false."""
+    source = mqtt_source(mosquitto, topics=["legacy/#"], protocol="3.1.1")
+    config = daemon_config(function_double, {"old": ["legacy/#"]}, [source])
+    daemon = await daemon_factory(config)
+    await publish(mosquitto.port, "legacy/a", [b"one"])
+    await wait_for(lambda: _bodies(function_double, "/old") == [b"one"], what="the first message")
+    await daemon.stop()
+    await publish(mosquitto.port, "legacy/a", [b"two"])  # queued for the absent session
+    await daemon_factory(config)
+    await wait_for(lambda: _bodies(function_double, "/old") == [b"one", b"two"], what="the queued message")
+    assert function_double.calls_to("/old")[1].headers["X-Mqtt-Qos"] == "1"

@@ -152,6 +152,9 @@ class MqttConfig(BaseModel):
     dead_letter_topic: str | None = None
     """Final failures are published here (QoS 1, failure context as MQTT 5 user properties),
     then acknowledged. Unset: logged, counted as failed and acknowledged."""
+    asynchronous_invocation: bool = False
+    """Invoke functions through ``/async-function/``; a message is acknowledged when the
+    callbacks report success (``[dispatch] async_ack``)."""
     receive_maximum: int | None = Field(default=None, ge=1, le=MAX_RECEIVE)
     """MQTT 5: unacknowledged QoS 1/2 messages the broker may send at once; default: the
     dispatcher's capacity. (MQTT 3.1.1: the broker's ``max_inflight_messages`` bounds it.)"""

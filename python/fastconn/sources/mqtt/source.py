@@ -175,10 +175,13 @@ class MqttSource:
                     continue
                 (requests if _response_topic(msg) else plain).append(message)
             try:
+                asynchronous = self.config.asynchronous_invocation
                 if plain:
-                    await ctx.submit(self.name, plain, self._settled)
+                    await ctx.submit(self.name, plain, self._settled, asynchronous=asynchronous)
                 if requests:
-                    await ctx.submit(self.name, requests, self._settled, capture=True)
+                    await ctx.submit(
+                        self.name, requests, self._settled, capture=True, asynchronous=asynchronous
+                    )
             except DispatcherClosed:
                 return
 
@@ -308,10 +311,13 @@ class MqttSource:
             plain = [m for m in due if not _response_topic(m.handle.msg)]
             requests = [m for m in due if _response_topic(m.handle.msg)]
             try:
+                asynchronous = self.config.asynchronous_invocation
                 if plain:
-                    await ctx.dispatcher.submit(plain, self._settled)
+                    await ctx.dispatcher.submit(plain, self._settled, asynchronous=asynchronous)
                 if requests:
-                    await ctx.dispatcher.submit(requests, self._settled, capture=True)
+                    await ctx.dispatcher.submit(
+                        requests, self._settled, capture=True, asynchronous=asynchronous
+                    )
             except DispatcherClosed:
                 return
 
