@@ -41,9 +41,9 @@ class Mosquitto(ServerProcess):
     def url(self) -> str:
         return f"tcp://127.0.0.1:{self.port}"
 
-    def restart(self) -> None:
-        """Stops the broker (SIGTERM: it saves its store) and starts it again in place."""
-        self.stop()
+    def start_again(self) -> None:
+        """Starts the stopped broker again in place: same port, config and store (``stop()``
+        sends SIGTERM, on which mosquitto saves its store)."""
         ServerProcess.__init__(self, "mosquitto", self.process.args, self.port, self.log_path)  # type: ignore[misc]
 
 

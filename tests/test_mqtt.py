@@ -3,6 +3,7 @@ daemon run as users run it."""
 
 from __future__ import annotations
 
+import aiohttp
 import pytest
 
 from conftest import DaemonFactory
@@ -152,6 +153,7 @@ async def _stream(
     topic = unique("stream/")
     source = mqtt_source(mosquitto, topics=[topic])
     config = daemon_config(function_double, {"sink": [topic]}, [source])
+    config["server"] = {"readiness_grace": "0.5s"}
     daemon = await daemon_factory(config)
     await publish(mosquitto.port, topic, [b"%d" % i for i in range(n)])
     await wait_for(lambda: len(function_double.calls_to("/sink")) >= n // 4, 20, what="a quarter handled")
@@ -159,7 +161,16 @@ async def _stream(
         daemon.kill()
         await daemon_factory(config)
     else:
-        mosquitto.restart()
+        async with aiohttp.ClientSession() as http:
+
+            async def readyz(status: int) -> bool:
+                async with http.get(daemon.url + "/readyz") as r:
+                    return r.status == status
+
+            mosquitto.stop()
+            await wait_for(lambda: readyz(503), 10, what="/readyz 503 while the broker is away")
+            mosquitto.start_again()
+            await wait_for(lambda: readyz(200), 20, what="/readyz 200 once reconnected")
     expected = {b"%d" % i for i in range(n)}
     await wait_for(lambda: set(_bodies(function_double, "/sink")) >= expected, 25, what="every message")
     calls = len(function_double.calls_to("/sink"))

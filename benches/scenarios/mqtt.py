@@ -72,7 +72,7 @@ class RawMqttPublisher:
     async def __aenter__(self) -> RawMqttPublisher:
         self._reader, self._writer = await asyncio.open_connection("127.0.0.1", self.port)
         client_id = b"bench-publisher"
-        variable = b"\x00\x04MQTT\x04\x02\x00\x3c"  # 3.1.1, clean session, keepalive 60 s
+        variable = b"\x00\x04MQTT\x04\x02\x00\x00"  # 3.1.1, clean session, no keep-alive
         body = variable + struct.pack("!H", len(client_id)) + client_id
         self._writer.write(b"\x10" + _remaining_length(len(body)) + body)
         connack = await self._reader.readexactly(4)
@@ -84,15 +84,15 @@ class RawMqttPublisher:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        if self._read_task is not None:
+            self._read_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, asyncio.IncompleteReadError):
+                await self._read_task
         if self._writer is not None:
             self._writer.write(b"\xe0\x00")  # DISCONNECT
             self._writer.close()
             with contextlib.suppress(OSError):
                 await self._writer.wait_closed()
-        if self._read_task is not None:
-            self._read_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._read_task
 
     async def _read(self) -> None:
         assert self._reader is not None
