@@ -1,17 +1,18 @@
-"""paho-mqtt 2 bridged into asyncio.
+"""paho-mqtt 2 driven by the asyncio event loop.
 
-Why paho in its own thread: paho 2 is the Python MQTT client with manual acknowledgement
-(``manual_ack=True`` + ``ack(mid, qos)``), which acknowledge-after-success needs; aiomqtt 2
-acknowledges on receipt. paho's ``connect``/``reconnect`` (name resolution, TCP and TLS
-handshakes) block, and its ``loop_forever`` already reconnects with doubling backoff; run in
-paho's network thread (``loop_start``) none of that touches the event loop. The thread hands
-messages over in batches: it appends to a deque and wakes the loop only when the deque was
-empty (one ``call_soon_threadsafe`` per batch, not per message). Calls back into paho
-(``ack``, ``publish``, ``subscribe``) only queue a packet and wake the thread, which paho
-makes safe from any thread.
+Why paho: paho 2 is the Python MQTT client with manual acknowledgement (``manual_ack=True`` +
+``ack(mid, qos)``), which acknowledge-after-success needs; aiomqtt 2 acknowledges on receipt.
 
-Every callback here runs in paho's thread and touches the loop only through
-``call_soon_threadsafe``.
+Why on the event loop rather than in paho's network thread: with ``loop_start`` every packet
+crosses threads, and each blocking call of paho's thread (``select``, ``recv``) has to win the
+GIL back from a busy event loop (up to the 5 ms switch interval each time): that capped intake
+at a few thousand messages per second with both threads mostly idle. Here paho's external-loop
+API is used: the socket is watched with ``add_reader``/``add_writer`` and ``loop_read`` /
+``loop_write`` / ``loop_misc`` run on the loop, so packets, acknowledgements and callbacks never
+cross a thread. Only what blocks runs in the default executor: ``reconnect()`` (name
+resolution, TCP and TLS handshakes), after which reading and writing are non-blocking.
+Reconnection (doubling backoff from ``reconnect_wait`` to ``reconnect_wait_max``) is this
+module's loop, :meth:`MqttBridge._run`.
 """
 
 from __future__ import annotations
@@ -31,12 +32,15 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from fastconn.backoff import doubling
 from fastconn.errors import SourceError
-from fastconn.health import ConnectionHealth
+from fastconn.health import ConnectionHealth, describe_error
 from fastconn.sources.mqtt.config import MAX_RECEIVE, MqttConfig
 
 __all__ = ["MAX_QOS0_BACKLOG", "MqttBridge", "Received", "new_properties"]
 
+_READS_PER_WAKEUP = 512
+_CLOSE_TIMEOUT = 5.0
 MAX_QOS0_BACKLOG = 65536
 """QoS 0 messages waiting for the loop beyond which new ones are dropped (counted): the broker
 bounds unacknowledged QoS 1/2 messages (receive maximum), not QoS 0 ones."""
@@ -99,16 +103,13 @@ class MqttBridge:
             transport=config.endpoint.transport,  # type: ignore[arg-type]
             clean_session=None if v5 else config.clean_start,
             manual_ack=True,
-            reconnect_on_failure=True,
+            reconnect_on_failure=False,
         )
         client = self.client
         client.enable_logger(logging.getLogger("fastconn.source.mqtt.paho"))
         # Outgoing QoS 1 publishes (dead letters, responses) in flight at once.
         client.max_inflight_messages_set(256)
         client.max_queued_messages_set(0)
-        client.reconnect_delay_set(
-            max(1, round(config.reconnect_wait)), max(1, round(config.reconnect_wait_max))
-        )
         if config.endpoint.transport == "websockets":
             client.ws_set_options(path=config.endpoint.path)
         credentials = config.credentials()
@@ -121,6 +122,15 @@ class MqttBridge:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_publish = self._on_publish
+        client.on_socket_open = self._on_socket_open
+        client.on_socket_close = self._on_socket_close
+        client.on_socket_register_write = self._on_register_write
+        client.on_socket_unregister_write = self._on_unregister_write
+        self._sock: Any = None
+        self._loop_thread = threading.get_ident()  # built on the loop (the source's start)
+        self._socket_closed = asyncio.Event()
+        self._runner: asyncio.Task[None] | None = None
+        self._received = 0
         self._connect_properties: Properties | None = None
         if v5:
             props = new_properties(PacketTypes.CONNECT)
@@ -153,7 +163,7 @@ class MqttBridge:
             clean_start=c.clean_start if c.v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
             properties=self._connect_properties,
         )
-        self.client.loop_start()
+        self._runner = self._loop.create_task(self._run())
         try:
             await asyncio.wait_for(self._connected.wait(), c.connect_wait)
         except TimeoutError:
@@ -171,6 +181,86 @@ class MqttBridge:
                 f"source {c.name!r}: the MQTT broker at {endpoint.display} refused the connection: "
                 f"{self._refused}"
             )
+
+    async def _run(self) -> None:
+        """Connects, serves the connection until its socket closes, reconnects with backoff."""
+        c = self.config
+        failures = 0
+        while not self._closing:
+            self._socket_closed.clear()
+            generation = self.generation
+            try:
+                await self._loop.run_in_executor(None, self.client.reconnect)
+            except (OSError, ValueError) as exc:  # ssl.SSLError and socket.gaierror are OSErrors
+                self._health.failing(describe_error(exc))
+                failures += 1
+                await asyncio.sleep(doubling(failures, c.reconnect_wait, c.reconnect_wait_max))
+                continue
+            while not self._socket_closed.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._socket_closed.wait(), 1.0)
+                self.client.loop_misc()  # keep-alive pings, and a silent broker detected
+            if self._closing:
+                return
+            failures = 0 if self.generation != generation else failures + 1
+            await asyncio.sleep(doubling(max(failures, 1), c.reconnect_wait, c.reconnect_wait_max))
+
+    # paho's socket callbacks come from the loop, or from reconnect() in the executor. paho calls
+    # them before it closes the socket: on the loop they act at once (a closed socket could
+    # no longer be removed from the selector).
+
+    def _on_loop(self, callback: Any, *args: Any) -> None:
+        if threading.get_ident() == self._loop_thread:
+            callback(*args)
+        else:
+            self._loop.call_soon_threadsafe(callback, *args)
+
+    def _on_socket_open(self, client: paho.Client, _: Any, sock: Any) -> None:
+        self._on_loop(self._watch, sock)
+
+    def _watch(self, sock: Any) -> None:
+        self._sock = sock
+        self._loop.add_reader(sock, self._readable)
+        if self.client.want_write():
+            self._loop.add_writer(sock, self._writable)
+
+    def _on_socket_close(self, client: paho.Client, _: Any, sock: Any) -> None:
+        self._on_loop(self._unwatch, sock)
+
+    def _unwatch(self, sock: Any) -> None:
+        with contextlib.suppress(Exception):
+            self._loop.remove_reader(sock)
+        with contextlib.suppress(Exception):
+            self._loop.remove_writer(sock)
+        if sock is self._sock:
+            self._sock = None
+            self._socket_closed.set()
+
+    def _on_register_write(self, client: paho.Client, _: Any, sock: Any) -> None:
+        self._on_loop(self._want_write, sock)
+
+    def _want_write(self, sock: Any) -> None:
+        if sock is self._sock:
+            self._loop.add_writer(sock, self._writable)
+
+    def _on_unregister_write(self, client: paho.Client, _: Any, sock: Any) -> None:
+        self._on_loop(self._no_write, sock)
+
+    def _no_write(self, sock: Any) -> None:
+        with contextlib.suppress(Exception):
+            self._loop.remove_writer(sock)
+
+    def _readable(self) -> None:
+        # loop_read reads one packet per call: go on while messages keep coming, so one wake-up
+        # takes a burst (the loop stays level-triggered for the rest).
+        client = self.client
+        for _ in range(_READS_PER_WAKEUP):
+            before = self._received
+            if client.loop_read() != paho.MQTT_ERR_SUCCESS or self._received == before:
+                return
+
+    def _writable(self) -> None:
+        self.client.loop_write()
 
     def _on_connect(self, client: paho.Client, _: Any, flags: Any, reason: Any, props: Any) -> None:
         if reason.is_failure:
@@ -232,6 +322,7 @@ class MqttBridge:
     # -- messages in -----------------------------------------------------------------------
 
     def _on_message(self, client: paho.Client, _: Any, message: paho.MQTTMessage) -> None:
+        self._received += 1
         inbox = self.inbox
         if message.qos == 0 and len(inbox) >= MAX_QOS0_BACKLOG:
             self.dropped += 1  # read and reset by the loop (a lost increment is a miscount only)
@@ -273,13 +364,22 @@ class MqttBridge:
     # -- closing ---------------------------------------------------------------------------
 
     async def close(self) -> None:
-        """Sends what is queued (acknowledgements first), then DISCONNECT, and ends the thread.
-        The session stays on the broker (its expiry counts from now)."""
+        """Sends what is queued (acknowledgements first), then DISCONNECT, and stops
+        reconnecting. The session stays on the broker (its expiry counts from now)."""
         self._closing = True
         client = self.client
+        if self._sock is not None:
+            with contextlib.suppress(Exception):
+                client.disconnect()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._socket_closed.wait(), _CLOSE_TIMEOUT)
+        if self._runner is not None:
+            self._runner.cancel()
+            await asyncio.gather(self._runner, return_exceptions=True)
+        if self._sock is not None:
+            self._unwatch(self._sock)
         with contextlib.suppress(Exception):
-            client.disconnect()
-        await asyncio.get_running_loop().run_in_executor(None, client.loop_stop)
+            client.loop_stop()  # nothing to stop; closes paho's socket pair
         for future in self._publishes.values():
             if not future.done():
                 future.set_exception(SourceError("disconnected before the broker confirmed"))
