@@ -69,3 +69,24 @@ def test_config_defaults_and_derived_values() -> None:
     assert (c.qos, c.clean_start, c.v5, c.session_client_id) == (1, False, True, "x")
     assert c.subscription("a/+") == "$share/g/a/+"
     assert MqttConfig.model_validate({"protocol": "3.1.1"}).v5 is False
+
+
+def test_shared_table_properties_decode_as_paho_does() -> None:
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    from fastconn.sources.mqtt.fast_properties import SharedTableProperties
+
+    original = Properties(PacketTypes.PUBLISH)
+    original.UserProperty = [("a", "1"), ("b", "2")]
+    original.ContentType = "text/plain"
+    original.ResponseTopic = "replies/x"
+    original.CorrelationData = b"\x00corr"
+    original.MessageExpiryInterval = 60
+    wire = original.pack()
+    ours, paho = SharedTableProperties(PacketTypes.PUBLISH), Properties(PacketTypes.PUBLISH)
+    assert ours.unpack(wire)[1] == paho.unpack(wire)[1] == len(wire)
+    assert ours.json() == paho.json() == original.json()
+    assert ours.pack() == wire
+    ours.unpack(Properties(PacketTypes.PUBLISH).pack())  # a second packet without properties
+    assert not hasattr(ours, "UserProperty") and ours.json() == {}

@@ -35,6 +35,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from fastconn.backoff import doubling
 from fastconn.errors import SourceError
 from fastconn.health import ConnectionHealth, describe_error
+from fastconn.sources.mqtt import fast_properties
 from fastconn.sources.mqtt.config import MAX_RECEIVE, MqttConfig
 
 __all__ = ["MAX_QOS0_BACKLOG", "MqttBridge", "Received", "new_properties"]
@@ -96,6 +97,7 @@ class MqttBridge:
         self.session_present = False
         self.dropped = 0
         v5 = config.v5
+        fast_properties.install()
         self.client = paho.Client(
             CallbackAPIVersion.VERSION2,
             client_id=config.session_client_id,
