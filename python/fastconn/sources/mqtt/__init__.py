@@ -1,7 +1,7 @@
 """``type = "mqtt"``: MQTT 5 / 3.1.1 subscriptions, acknowledged after the functions succeeded.
 
-The client is paho-mqtt 2 with manual acknowledgement, its network loop in paho's own thread
-(:mod:`.client` says why). Messages arrive in batches and go to the dispatcher; while the
+The client is paho-mqtt 2 with manual acknowledgement, driven by the event loop (:mod:`.client`
+says why). Messages arrive in batches and go to the dispatcher; while the
 dispatcher is full, nothing is acknowledged, so the broker stops sending once the receive
 maximum (MQTT 5; default the dispatcher's capacity) or its own ``max_inflight_messages``
 (MQTT 3.1.1) is reached: a stalled function bounds intake and memory.
@@ -30,7 +30,8 @@ response topic gets each function's response published there (QoS 1) with its co
 data, and ``X-Function-Name``, ``X-Function-Status``, ``X-Message-Id`` as user properties.
 
 Modules: :mod:`.config` (the ``[[sources]]`` model), :mod:`.acks` (in-order acknowledgement),
-:mod:`.client` (paho bridged into asyncio), :mod:`.source` (the source).
+:mod:`.client` (paho on the event loop), :mod:`.fast_properties` (cheap MQTT 5 properties),
+:mod:`.source` (the source).
 """
 
 from fastconn.sources.mqtt.config import MqttConfig

@@ -87,7 +87,7 @@ class MqttBridge:
         self._wake_intake = on_messages
         self.inbox: deque[Received] = deque()
         self.generation = 0
-        """Incremented by every successful connection (paho's thread writes, the loop reads)."""
+        """Incremented by every successful connection (CONNACK accepted)."""
         self._filters: tuple[str, ...] = ()
         self._lock = threading.Lock()
         self._connected = asyncio.Event()
@@ -153,7 +153,7 @@ class MqttBridge:
     # -- connecting ------------------------------------------------------------------------
 
     async def connect(self, filters: Sequence[str]) -> None:
-        """Connects (paho's thread retries until ``connect_wait``), subscribes ``filters``.
+        """Connects (retrying until ``connect_wait``), subscribes ``filters``.
         Raises :class:`SourceError` when refused for good or not connected in time."""
         c = self.config
         self._filters = tuple(filters)
@@ -350,8 +350,8 @@ class MqttBridge:
         elif qos == 0:
             future.set_result(None)
         else:
-            # Registered before the thread's confirmation can reach the loop (it comes through
-            # call_soon_threadsafe, which runs after this synchronous code).
+            # Registered before the confirmation can reach it: that comes through
+            # call_soon_threadsafe, which runs after this synchronous code.
             self._publishes[info.mid] = future
         return future
 
