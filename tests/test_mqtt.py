@@ -205,3 +205,22 @@ async def test_mqtt_3_1_1_session(
     await daemon_factory(config)
     await wait_for(lambda: _bodies(function_double, "/old") == [b"one", b"two"], what="the queued message")
     assert function_double.calls_to("/old")[1].headers["X-Mqtt-Qos"] == "1"
+
+
+async def test_qos2_crash_does_not_shrink_the_receive_window(
+    mosquitto: Mosquitto, function_double: FunctionDouble, daemon_factory: DaemonFactory
+) -> None:
+    """After a crash at QoS 2 the broker re-sends PUBREL for what the old process had received;
+    unanswered, it would hold the session's only slot (receive_maximum 1) and nothing more
+    would ever arrive."""
+    source = mqtt_source(mosquitto, topics=["q2/#"], qos=2, receive_maximum=1, max_deliver=-1)
+    config = daemon_config(function_double, {"q": ["q2/#"]}, [source], max_attempts=1)
+    function_double.script("/q", [503])
+    daemon = await daemon_factory(config)
+    await publish(mosquitto.port, "q2/a", [b"first"], qos=2)
+    await wait_for(lambda: len(function_double.calls_to("/q")) >= 2, what="the first message retried")
+    daemon.kill()
+    function_double.script("/q", [200])
+    await daemon_factory(config)
+    await publish(mosquitto.port, "q2/a", [b"second"], qos=2)
+    await wait_for(lambda: b"second" in _bodies(function_double, "/q", 200), what="the second message")

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
@@ -67,6 +67,28 @@ def new_properties(packet_type: int) -> Properties:
     return Properties(packet_type)  # type: ignore[no-untyped-call]
 
 
+class _Client(paho.Client):
+    """paho's client, answering a PUBREL for a message it does not hold.
+
+    At QoS 2 paho hands a message over on PUBREL and, with manual acknowledgement, leaves the
+    PUBCOMP to ``ack()``. A PUBREL for a packet id paho does not hold comes after a crash or a
+    reconnect (the broker re-sends PUBREL, not the message, for what the old connection had
+    received): paho then sends nothing, and the broker keeps that message in the session's
+    receive window until the session ends, so every crash or reconnect at QoS 2 would shrink
+    the window for good. The message itself cannot be had again (the broker handed it over at
+    PUBREC); completing the exchange frees the slot.
+    """
+
+    def _handle_pubrel(self) -> MQTTErrorCode:
+        packet = self._in_packet["packet"]
+        mid = int.from_bytes(bytes(packet[:2]), "big") if len(packet) >= 2 else None
+        unknown = mid is not None and mid not in self._in_messages
+        rc = super()._handle_pubrel()
+        if unknown and mid is not None and rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+            return self._send_pubcomp(mid)
+        return rc
+
+
 class MqttBridge:
     """One paho client: connection, subscriptions, acknowledgements and publishes."""
 
@@ -98,7 +120,7 @@ class MqttBridge:
         self.dropped = 0
         v5 = config.v5
         fast_properties.install()
-        self.client = paho.Client(
+        self.client = _Client(
             CallbackAPIVersion.VERSION2,
             client_id=config.session_client_id,
             protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
