@@ -7,7 +7,7 @@ import aiohttp
 import pytest
 
 from conftest import DaemonFactory
-from fastconn.testing import FunctionDouble, wait_for
+from fastconn.testing import FunctionDouble, free_port, wait_for
 from mqtt_fixtures import (  # noqa: F401
     Mosquitto,
     collect,
@@ -224,3 +224,15 @@ async def test_qos2_crash_does_not_shrink_the_receive_window(
     await daemon_factory(config)
     await publish(mosquitto.port, "q2/a", [b"second"], qos=2)
     await wait_for(lambda: b"second" in _bodies(function_double, "/q", 200), what="the second message")
+
+
+async def test_unreachable_broker_fails_start_with_a_clear_error(
+    function_double: FunctionDouble, daemon_factory: DaemonFactory
+) -> None:
+    source = {"type": "mqtt", "broker": f"tcp://127.0.0.1:{free_port()}", "connect_wait": "1s"}
+    daemon = await daemon_factory(daemon_config(function_double, {"f": ["a/#"]}, [source]), wait=None)
+    assert daemon.process is not None
+    await wait_for(lambda: daemon.process is not None and daemon.process.poll() is not None, 20, what="exit")
+    assert daemon.process.returncode != 0
+    assert "cannot connect to MQTT at tcp://127.0.0.1" in daemon.output()
+    assert "connect_wait (1s)" in daemon.output()

@@ -215,7 +215,9 @@ class MqttBridge:
             generation = self.generation
             try:
                 await self._loop.run_in_executor(None, self.client.reconnect)
-            except (OSError, ValueError) as exc:  # ssl.SSLError and socket.gaierror are OSErrors
+            except Exception as exc:  # OSError mostly (ssl.SSLError and socket.gaierror are ones)
+                if not isinstance(exc, OSError):
+                    self._log.warning("source %s: connecting failed: %r", c.name, exc)
                 self._health.failing(describe_error(exc))
                 failures += 1
                 await asyncio.sleep(doubling(failures, c.reconnect_wait, c.reconnect_wait_max))
