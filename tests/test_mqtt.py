@@ -236,3 +236,19 @@ async def test_unreachable_broker_fails_start_with_a_clear_error(
     assert daemon.process.returncode != 0
     assert "cannot connect to MQTT at tcp://127.0.0.1" in daemon.output()
     assert "connect_wait (1s)" in daemon.output()
+
+
+async def test_retry_in_flight_at_stop_is_not_acknowledged(
+    mosquitto: Mosquitto, function_double: FunctionDouble, daemon_factory: DaemonFactory
+) -> None:
+    """A graceful stop while a failing call is still running leaves its message to the broker."""
+    source = mqtt_source(mosquitto, topics=["stop/#"], max_deliver=-1, retry_delay="50ms")
+    config = daemon_config(function_double, {"s": ["stop/#"]}, [source], max_attempts=1)
+    function_double.script("/s", [503], delay=1.0)
+    daemon = await daemon_factory(config)
+    await publish(mosquitto.port, "stop/1", [b"keep me"])
+    await wait_for(lambda: len(function_double.calls_to("/s")) >= 2, what="a retry in flight")
+    assert await daemon.stop() == 0  # the running call answers 503 during the stop
+    function_double.script("/s", [200])
+    await daemon_factory(config)
+    await wait_for(lambda: b"keep me" in _bodies(function_double, "/s", 200), 15, what="redelivery")

@@ -235,7 +235,11 @@ class MqttSource:
                 acked += 1
                 continue
             spent = 0 < self.config.max_deliver <= pending.attempts
-            if outcome.verdict is Verdict.RETRY and not spent and not self._stopping:
+            if outcome.verdict is Verdict.RETRY and not spent:
+                if self._stopping:
+                    # Left unacknowledged: the broker delivers it again on the next start.
+                    self._release_key(outcome)
+                    continue
                 ctx.metrics.source_errors.labels(source=self.name, kind="retry").inc()
                 self._schedule_retry(outcome)
                 continue
@@ -245,7 +249,7 @@ class MqttSource:
                 else "non-retryable failure"
             )
             self._respond(outcome)
-            if self.config.dead_letter_topic is not None and not self._stopping:
+            if self.config.dead_letter_topic is not None:
                 self._spawn(self._dead_letter(outcome, reason))
                 continue
             self._give_up(outcome, reason)
