@@ -252,3 +252,15 @@ async def test_retry_in_flight_at_stop_is_not_acknowledged(
     function_double.script("/s", [200])
     await daemon_factory(config)
     await wait_for(lambda: b"keep me" in _bodies(function_double, "/s", 200), 15, what="redelivery")
+
+
+async def test_resumed_session_subscribes_a_filter_added_since(
+    mosquitto: Mosquitto, function_double: FunctionDouble, daemon_factory: DaemonFactory
+) -> None:
+    source = mqtt_source(mosquitto, topics=["old/#"])
+    daemon = await daemon_factory(daemon_config(function_double, {"f": ["old/#", "new/#"]}, [source]))
+    assert await daemon.stop() == 0
+    wider = {**source, "topics": ["old/#", "new/#"]}  # same client id: the session is resumed
+    await daemon_factory(daemon_config(function_double, {"f": ["old/#", "new/#"]}, [wider]))
+    await publish(mosquitto.port, "new/x", [b"fresh"])
+    await wait_for(lambda: _bodies(function_double, "/f") == [b"fresh"], what="the new filter's message")

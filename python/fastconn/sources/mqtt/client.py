@@ -300,12 +300,12 @@ class MqttBridge:
             return
         self.generation += 1
         self.session_present = bool(flags.session_present)
-        # A resumed session keeps its subscriptions (subscribing again would re-send retained
-        # messages); a new one needs them.
-        if not self.session_present:
-            with self._lock:
-                filters = self._filters
-            self._subscribe(filters)
+        # Subscribed on every connect, resumed session or not: the configuration may have gained
+        # a filter since the session was made. MQTT 5 asks for retained messages only for a new
+        # subscription; MQTT 3.1.1 cannot, so there a resumed session gets them again.
+        with self._lock:
+            filters = self._filters
+        self._subscribe(filters)
         self._loop.call_soon_threadsafe(self._connected_now)
 
     def _connected_now(self) -> None:
@@ -338,7 +338,7 @@ class MqttBridge:
             return
         c = self.config
         if c.v5:
-            options = SubscribeOptions(qos=c.qos)
+            options = SubscribeOptions(qos=c.qos, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB)
             self.client.subscribe([(c.subscription(f), options) for f in filters])
         else:
             plain: list[tuple[str, int]] = [(c.subscription(f), c.qos) for f in filters]
