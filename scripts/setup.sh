@@ -11,6 +11,7 @@ command -v wrk >/dev/null || need_apt+=(wrk)
 # The RabbitMQ tests and benchmark use a local broker (guest/guest on 127.0.0.1:5672); the
 # Debian package starts it as a service.
 command -v rabbitmqctl >/dev/null || need_apt+=(rabbitmq-server)
+command -v mosquitto >/dev/null || need_apt+=(mosquitto)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}"
   if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi

@@ -8,6 +8,7 @@ SCENARIOS: dict[str, str] = {
     "jetstream": "scenarios.jetstream",
     "kafka": "scenarios.kafka",
     "rabbitmq": "scenarios.rabbitmq",
+    "mqtt": "scenarios.mqtt",
     "async-callback": "scenarios.async_callback",
     "fanout": "scenarios.fanout",
     "backpressure": "scenarios.backpressure",

@@ -10,6 +10,8 @@ prints ``ready`` once it consumes, runs until SIGTERM.
 * ``jetstream``: a nats-py pull subscription (fetch, call, ack after success).
 * ``kafka``: aiokafka ``getmany``, call every record, commit after the batch succeeded.
 * ``rabbitmq``: an aio-pika consumer (prefetch = the in-flight bound), ack after success.
+* ``mqtt``: paho-mqtt 2 with manual acknowledgement (aiomqtt 2 cannot acknowledge after the
+  call), its network thread handing each message to the loop; PUBACK after the call succeeded.
 """
 
 from __future__ import annotations
@@ -187,6 +189,42 @@ async def rabbitmq(args: argparse.Namespace, fwd: Forwarder, stop: asyncio.Event
     await connection.close()
 
 
+async def mqtt(args: argparse.Namespace, fwd: Forwarder, stop: asyncio.Event) -> None:
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    subscribed = asyncio.Event()
+    host, port = args.server.removeprefix("tcp://").rsplit(":", 1)
+    client = paho.Client(
+        CallbackAPIVersion.VERSION2, client_id=args.group, protocol=paho.MQTTv5, manual_ack=True
+    )
+    client.on_connect = lambda c, *_: c.subscribe(args.subject, qos=1)
+    client.on_subscribe = lambda *_: loop.call_soon_threadsafe(subscribed.set)
+    client.on_message = lambda _c, _u, m: loop.call_soon_threadsafe(queue.put_nowait, m)
+    client.connect(host, int(port))
+    client.loop_start()
+    await subscribed.wait()
+    ready()
+
+    async def consume() -> None:
+        while True:
+            message = await queue.get()
+
+            async def settle(ok: bool, m: Any = message) -> None:
+                if ok:
+                    client.ack(m.mid, m.qos)
+
+            await fwd.start(message.topic, message.payload, settle)
+
+    consumer = asyncio.create_task(consume())
+    await stop.wait()
+    consumer.cancel()
+    client.disconnect()
+    client.loop_stop()
+
+
 class BatchTracker:
     """Counts a fetched batch's calls down; the batch is committed once all succeeded."""
 
@@ -218,6 +256,7 @@ async def main(args: argparse.Namespace) -> None:
         "jetstream": jetstream,
         "kafka": kafka,
         "rabbitmq": rabbitmq,
+        "mqtt": mqtt,
     }[args.kind]
     try:
         await run(args, fwd, stop)
@@ -228,7 +267,7 @@ async def main(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("kind", choices=["webhook", "nats", "jetstream", "kafka", "rabbitmq"])
+    parser.add_argument("kind", choices=["webhook", "nats", "jetstream", "kafka", "rabbitmq", "mqtt"])
     parser.add_argument("--sink", required=True)
     parser.add_argument("--inflight", type=int, default=64)
     parser.add_argument("--fanout", type=int, default=1)

@@ -32,6 +32,7 @@ __all__ = [
     "RecordedCall",
     "ServerProcess",
     "free_port",
+    "mosquitto_command",
     "nats_server_command",
     "tansu_binary",
     "tansu_command",
@@ -350,6 +351,40 @@ def nats_server_command(port: int, store: Path, *args: str) -> list[str]:
     if not Path(NATS_SERVER).exists():
         raise FileNotFoundError(f"nats-server not found ({NATS_SERVER}): run `make setup`")
     return [NATS_SERVER, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(store), *args]
+
+
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+
+
+def mosquitto_command(port: int, workdir: Path) -> list[str]:
+    """``mosquitto`` on 127.0.0.1:``port`` with a config file of its own in ``workdir``:
+    persistence on (store in ``workdir/store``), no limit on queued messages (tests and
+    benchmarks queue thousands for a persistent session), run as the current user. Never the
+    machine's own broker or config."""
+    if not Path(MOSQUITTO).exists():
+        raise FileNotFoundError(f"mosquitto not found ({MOSQUITTO}): run scripts/setup.sh")
+    import pwd
+
+    store = workdir / "store"
+    store.mkdir(parents=True, exist_ok=True)
+    config = workdir / "mosquitto.conf"
+    config.write_text(
+        "\n".join(
+            [
+                f"listener {port} 127.0.0.1",
+                "allow_anonymous true",
+                "persistence true",
+                f"persistence_location {store}/",
+                "max_queued_messages 0",
+                # As root, mosquitto would switch to a user that cannot write the store.
+                f"user {pwd.getpwuid(os.getuid()).pw_name}",
+                "log_type error",
+                "log_type warning",
+                "",
+            ]
+        )
+    )
+    return [MOSQUITTO, "-c", str(config)]
 
 
 def tansu_binary() -> Path:
