@@ -11,13 +11,20 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
+from aiohttp import web
 
+from fastconn.dispatcher import Dispatcher, DispatchOptions
+from fastconn.functions import FunctionTarget
+from fastconn.metrics import Metrics
+from fastconn.source import SourceContext
+from fastconn.sources.postgres import PostgresConfig, create
 from fastconn.testing import free_port
 
 _NAMES = itertools.count()
@@ -58,7 +65,6 @@ class Cluster:
             "unix_socket_directories": f"'{self.root}'",
             "max_replication_slots": "20",
             "fsync": "off",
-            "synchronous_commit": "off",
             "full_page_writes": "off",
             "shared_buffers": "32MB",
             "max_connections": "50",
@@ -154,3 +160,53 @@ async def connection(cluster: Cluster) -> AsyncIterator[Any]:
         yield conn
     finally:
         await conn.close()
+
+
+# -- the source in process ------------------------------------------------------------------------
+
+
+@dataclass
+class Harness:
+    source: Any
+    ctx: SourceContext
+    dispatcher: Dispatcher
+    metrics: Metrics
+
+    def sample(self, name: str, **labels: str) -> float:
+        value = self.metrics.registry.get_sample_value(name, labels)
+        return 0.0 if value is None else float(value)
+
+
+@contextlib.asynccontextmanager
+async def running_source(
+    config: Mapping[str, Any], functions: Sequence[FunctionTarget], options: DispatchOptions | None = None
+) -> AsyncIterator[Harness]:
+    """One postgres source wired to a real dispatcher as the daemon does it, shut down in the
+    daemon's order (stop intake, drain the dispatcher, close the source)."""
+    dispatcher = Dispatcher(
+        options or DispatchOptions(max_attempts=2, backoff_initial=0.01, backoff_max=0.05, timeout=10.0)
+    )
+    await dispatcher.start()
+    metrics = Metrics()
+    metrics.bind_core(dispatcher.stats, lambda: dispatcher.inflight, lambda: dispatcher.queued)
+
+    async def ready(_seconds: float) -> bool:
+        return True
+
+    ctx = SourceContext(dispatcher=dispatcher, metrics=metrics, app=web.Application(), wait_ready=ready)
+    source = create(PostgresConfig.model_validate(dict(config)))
+    harness = Harness(source, ctx, dispatcher, metrics)
+    dispatcher.set_functions(functions)
+    ctx.publish_topics(tuple(sorted({t for f in functions for t in f.topics})))
+    source.register(ctx)
+    try:
+        await source.start()
+    except BaseException:
+        await dispatcher.close(1.0)
+        raise
+    try:
+        yield harness
+    finally:
+        await source.stop()
+        await dispatcher.close(5.0)
+        await source.close()

@@ -215,18 +215,15 @@ class WalSource:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._progress.wait(), cfg.poll_interval)
                 continue
-            quiet_lsn = None
-            if self.pending.outstanding == 0 and self._in_core == 0 and not self._retrying:
-                quiet_lsn = parse_lsn(await conn.fetchval("SELECT pg_current_wal_lsn()::text"))
             rows = await conn.fetch(
                 server.PEEK, cfg.slot, self.pending.rows + cfg.batch_size, cfg.publication
             )
             await self._learn_keys(conn, rows)
             transactions = self._assemble(rows)
-            if not rows and quiet_lsn is not None:
-                # Nothing published up to quiet_lsn: confirming it lets the server recycle the WAL
-                # of unpublished tables (a quiet publication would otherwise hold it forever).
-                await self._advance(conn, quiet_lsn)
+            # No "nothing published up to the current WAL position, confirm it" shortcut for a quiet
+            # publication: the flush position can lie inside a commit record not yet decoded, and
+            # confirming it would skip that transaction (a test caught exactly that). A quiet
+            # slot's lag shows in fastconn_postgres_slot_lag_bytes instead.
             if not transactions:
                 if await wait_or_stop(self._stop, cfg.poll_interval):
                     return
