@@ -5,12 +5,14 @@ alone."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,13 +21,14 @@ from typing import Any
 import asyncpg
 import pytest
 from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from fastconn.dispatcher import Dispatcher, DispatchOptions
 from fastconn.functions import FunctionTarget
 from fastconn.metrics import Metrics
 from fastconn.source import SourceContext
 from fastconn.sources.postgres import PostgresConfig, create
-from fastconn.testing import free_port
+from fastconn.testing import FunctionDouble, RecordedCall, free_port
 
 _NAMES = itertools.count()
 
@@ -210,3 +213,19 @@ async def running_source(
         await source.stop()
         await dispatcher.close(5.0)
         await source.close()
+
+
+@dataclass
+class ChangeFunction(FunctionDouble):
+    """Answers 200 (after ``delay``) and records the call. FunctionDouble's per-path scripting
+    scans every earlier call per request: too slow for tens of thousands of changes."""
+
+    delay: float = 0.0
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        headers = CIMultiDictProxy(CIMultiDict(request.headers))
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        self.calls.append(RecordedCall(request.path, headers, body, time.monotonic(), 200))
+        return web.Response(status=200)

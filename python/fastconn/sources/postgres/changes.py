@@ -39,6 +39,7 @@ from fastconn.sources.postgres.values import PgValueError, convert
 __all__ = ["ACTIONS", "Assembler", "Change", "Transaction", "topic_of"]
 
 ACTIONS: Final = ("insert", "update", "delete", "truncate")
+_CHANGE_TAGS: Final = frozenset((b"I", b"U", b"D", b"T"))
 
 
 def topic_of(schema: str, table: str, action: str) -> str:
@@ -73,6 +74,7 @@ class Transaction:
 @dataclass(slots=True)
 class _Open:
     begin: Begin
+    skipped: bool
     changes: list[Change] = field(default_factory=list)
 
 
@@ -96,9 +98,13 @@ class Assembler:
 
     def feed(self, lsn: int, data: bytes, skip_through: int | None) -> Transaction | None:
         """One row; returns a transaction when this row was its Commit."""
+        current = self._open
+        if current is not None and current.skipped and data[:1] in _CHANGE_TAGS:
+            return None  # handed out already: not worth decoding again (a peek re-reads it all)
         message = decode(data)
         if isinstance(message, Begin):
-            self._open = _Open(message)
+            skipped = skip_through is not None and message.final_lsn <= skip_through
+            self._open = _Open(message, skipped)
             return None
         if isinstance(message, Relation):
             self.relations[message.oid] = message
