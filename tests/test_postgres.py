@@ -16,7 +16,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from fastconn.errors import SourceError
 from fastconn.functions import FunctionTarget
 from fastconn.testing import FunctionDouble, RecordedCall, wait_for
-from postgres_fixtures import Cluster, connection, pg_cluster, running_source, unique
+from postgres_fixtures import ChangeFunction, Cluster, connection, pg_cluster, running_source, unique
 
 __all__ = ["pg_cluster"]
 
@@ -288,3 +288,26 @@ def _call(request: Any, body: bytes, status: int) -> RecordedCall:
     return RecordedCall(
         request.path, CIMultiDictProxy(CIMultiDict(request.headers)), body, time.monotonic(), status
     )
+
+
+async def test_notify_mode_delivers_payloads_and_listens_again_after_the_connection_drops(
+    pg_cluster: Cluster,
+) -> None:
+    channel = unique("events")
+    async with ChangeFunction() as fn:
+        config = {"type": "postgres", "mode": "notify", "dsn": pg_cluster.dsn, "channels": [channel]}
+        async with running_source(config, [FunctionTarget("fn", (channel,), fn.url("/fn"))]):
+            await pg_cluster.execute("SELECT pg_notify($1, $2)", channel, '{"n": 1}')
+            await wait_for(lambda: len(fn.calls) == 1, 10, what="the first notification")
+            assert fn.calls[0].body == b'{"n": 1}' and fn.calls[0].headers["X-Topic"] == channel
+            # Drop the listening session: the source reconnects and LISTENs again by itself.
+            killed = await pg_cluster.fetch(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'fastconn'"
+            )
+            assert len(killed) == 1
+
+            async def delivered_again() -> bool:
+                await pg_cluster.execute("SELECT pg_notify($1, 'again')", channel)
+                return any(c.body == b"again" for c in fn.calls)
+
+            await wait_for(delivered_again, 15, 0.3, "a notification after the reconnection")

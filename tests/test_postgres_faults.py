@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
 from fastconn.sources.postgres.pgoutput import parse_lsn
 from fastconn.testing import DaemonProcess, FunctionDouble, wait_for
@@ -52,6 +53,7 @@ async def _insert(cluster: Cluster, table: str, total: int, per_txn: int = 1000)
         await conn.close()
 
 
+@pytest.mark.slow
 async def test_kill_9_mid_stream_then_restart_loses_nothing(pg_cluster: Cluster, tmp_path: Path) -> None:
     table, slot = unique("crash"), unique("crash_slot")
     total = 20_000
@@ -115,6 +117,7 @@ async def test_postgres_restart_mid_stream_loses_nothing(own_pg_cluster: Cluster
     )
 
 
+@pytest.mark.slow
 async def test_a_standby_replica_takes_over_after_kill_9(pg_cluster: Cluster, tmp_path: Path) -> None:
     table, slot = unique("ha"), unique("ha_slot")
     total = 4_000
