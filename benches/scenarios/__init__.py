@@ -7,6 +7,7 @@ SCENARIOS: dict[str, str] = {
     "nats": "scenarios.nats",
     "jetstream": "scenarios.jetstream",
     "kafka": "scenarios.kafka",
+    "postgres": "scenarios.postgres",
     "async-callback": "scenarios.async_callback",
     "fanout": "scenarios.fanout",
     "backpressure": "scenarios.backpressure",
