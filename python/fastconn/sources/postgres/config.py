@@ -65,10 +65,8 @@ class PostgresConfig(BaseModel):
     """Topics to deliver, ``table:action`` (``schema.table:action`` outside ``public``); empty:
     every change of the published tables. Other changes are confirmed without a call."""
     batch_size: Annotated[int, Field(ge=1, le=100_000)] = 1000
-    """Rows asked for per peek (a transaction is never split, so a peek may return more)."""
-    max_pending: Annotated[int, Field(ge=1, le=1_000_000)] = 20_000
-    """Changes read and not yet confirmed before reading pauses (bounds memory, and the re-decoding
-    each peek does from the slot's confirmed position)."""
+    """Rows asked for per peek (a transaction is never split, so a peek may return more); also
+    how many changes may be read and not yet confirmed before the next peek waits."""
     poll_interval: _PositiveDuration = 0.2
     """Wait between peeks when the last one found nothing new."""
     ordering: Literal["key", "transaction", "none"] = "key"

@@ -234,8 +234,11 @@ class WalSource:
                 return
 
     def _full(self) -> bool:
+        """Whether to wait before the next peek: the dispatcher is full, or a batch is already
+        read and not confirmed. Every peek decodes again (on the server) and returns everything
+        not confirmed yet, so reading further ahead costs more than it gains."""
         d = self._require_ctx().dispatcher
-        return not d.has_capacity or self.pending.changes >= self.config.max_pending
+        return not d.has_capacity or self.pending.changes >= self.config.batch_size
 
     def _assemble(self, rows: list[Any]) -> list[tuple[Transaction, int]]:
         """The transactions of a peek not read before, with the rows each took."""
