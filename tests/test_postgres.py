@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import random
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -15,7 +18,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from fastconn.errors import SourceError
 from fastconn.functions import FunctionTarget
-from fastconn.testing import FunctionDouble, RecordedCall, wait_for
+from fastconn.testing import FunctionDouble, RecordedCall, to_toml, wait_for
 from postgres_fixtures import ChangeFunction, Cluster, connection, pg_cluster, running_source, unique
 
 __all__ = ["pg_cluster"]
@@ -311,3 +314,59 @@ async def test_notify_mode_delivers_payloads_and_listens_again_after_the_connect
                 return any(c.body == b"again" for c in fn.calls)
 
             await wait_for(delivered_again, 15, 0.3, "a notification after the reconnection")
+
+
+def _cli(tmp_path: Path, config: dict[str, Any], *args: str) -> subprocess.CompletedProcess[str]:
+    path = tmp_path / "fastconn.toml"
+    function = {"name": "fn", "url": "http://127.0.0.1:9/fn", "topics": ["x"]}
+    path.write_text(to_toml({"functions": [function], **config}))
+    return subprocess.run(
+        [sys.executable, "-m", "fastconn", "postgres", *args, "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+async def test_cli_reports_and_drops_the_slot(pg_cluster: Cluster, tmp_path: Path) -> None:
+    table = unique("cli")
+    await pg_cluster.execute(f"CREATE TABLE {table} (id int PRIMARY KEY)")
+    source = _source(pg_cluster, table)
+    async with ChangeFunction() as fn, running_source(source, [FunctionTarget("fn", ("x",), fn.url("/fn"))]):
+        pass  # creates the slot
+    config = {"sources": [source]}
+    shown = await asyncio.to_thread(_cli, tmp_path, config, "status")
+    assert shown.returncode == 0, shown.stderr
+    assert f"slot {source['slot']}: confirmed" in shown.stdout and "no reader" in shown.stdout
+    dropped = await asyncio.to_thread(_cli, tmp_path, config, "drop-slot")
+    assert dropped.returncode == 0 and "dropped" in dropped.stdout, dropped.stderr
+    assert await pg_cluster.confirmed(source["slot"]) is None
+    again = await asyncio.to_thread(_cli, tmp_path, config, "status")
+    assert "does not exist" in again.stdout
+
+
+async def test_installed_trigger_notifies_table_action_and_shrinks_oversized_payloads(
+    pg_cluster: Cluster, tmp_path: Path
+) -> None:
+    table = unique("trig")
+    await pg_cluster.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, note text)")
+    channels = [f"{table}:insert", f"{table}:update", f"{table}:delete"]
+    source = {"type": "postgres", "mode": "notify", "dsn": pg_cluster.dsn, "channels": channels}
+    installed = await asyncio.to_thread(
+        _cli, tmp_path, {"sources": [source]}, "install-trigger", "--table", table
+    )
+    assert installed.returncode == 0, installed.stderr
+    async with ChangeFunction() as fn:
+        targets = [FunctionTarget("fn", tuple(channels), fn.url("/fn"))]
+        async with running_source(source, targets), connection(pg_cluster) as conn:
+            await conn.execute(f"INSERT INTO {table} VALUES (1, 'a')")
+            await conn.execute(f"UPDATE {table} SET note = $1", "y" * 9000)  # over NOTIFY's limit
+            await conn.execute(f"INSERT INTO {table} VALUES (2, 'b')")
+            await conn.execute(f"DELETE FROM {table} WHERE id = 2")
+            await wait_for(lambda: len(fn.calls) == 4, 10, what="four notifications")
+    ins, upd, _, dele = (orjson.loads(c.body) for c in fn.calls)
+    assert [c.headers["X-Topic"] for c in fn.calls] == [*channels[:2], *channels[::2]]
+    assert ins == {"schema": "public", "table": table, "action": "insert", "data": {"id": 1, "note": "a"}}
+    assert upd == {"schema": "public", "table": table, "action": "update", "truncated": True}
+    assert dele == {"schema": "public", "table": table, "action": "delete", "data": {"id": 2, "note": "b"}}

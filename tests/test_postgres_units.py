@@ -64,9 +64,13 @@ def commit(commit_lsn: int = 0x16B374D848, end_lsn: int = 0x16B374D878) -> bytes
     return b"C" + struct.pack("!BQQq", 0, commit_lsn, end_lsn, MICROS_2024)
 
 
-def relation(oid: int = 16400, schema: str = "public", name: str = "customer") -> bytes:
+def relation(oid: int = 16400, schema: str = "public", name: str = "customer", full: bool = False) -> bytes:
+    """``full``: REPLICA IDENTITY FULL, where every column is flagged as part of the identity."""
     cols = [(1, "id", 23), (0, "name", 25), (0, "balance", 1700), (0, "meta", 3802), (0, "doc", 25)]
-    out = b"R" + struct.pack("!I", oid) + _s(schema) + _s(name) + b"d" + struct.pack("!h", len(cols))
+    if full:
+        cols = [(1, col, oid_) for _, col, oid_ in cols]
+    identity = b"f" if full else b"d"
+    out = b"R" + struct.pack("!I", oid) + _s(schema) + _s(name) + identity + struct.pack("!h", len(cols))
     for flags, col, type_oid in cols:
         out += bytes([flags]) + _s(col) + struct.pack("!Ii", type_oid, -1)
     return out
@@ -277,3 +281,33 @@ def test_changes_before_their_relation_or_outside_a_transaction_are_clear_errors
         asm.feed(4, insert(16400, b"1"), None)
     with pytest.raises(PgOutputError, match=r"public\.customer\.id: invalid literal"):
         asm.feed(4, insert(16400, b"x", None, None, None, None), None)
+
+
+def test_ordering_key_is_the_primary_key_even_with_replica_identity_full() -> None:
+    """REPLICA IDENTITY FULL flags every column: keyed by those, a row's key would change with
+    each update and its updates could overtake each other. The source sets the primary key."""
+    asm = Assembler()
+    asm.feed(1, begin(), None)
+    asm.feed(2, relation(full=True), None)
+    asm.feed(3, insert(16400, *ROW), None)
+    asm.feed(
+        4,
+        b"U" + struct.pack("!I", 16400) + b"O" + _tuple(*ROW) + b"N" + _tuple(b"1", b"Bo", b"1", b"{}", b"z"),
+        None,
+    )
+    txn = asm.feed(5, commit(), None)
+    assert txn is not None
+    first, second = txn.changes
+    assert first.identity != second.identity, "keyed by every column, the row's key changed"
+    asm.key_columns[16400] = (0,)  # what the source sets from the primary key
+    asm.feed(1, begin(0x300), None)
+    asm.feed(3, insert(16400, *ROW), None)
+    asm.feed(
+        4,
+        b"U" + struct.pack("!I", 16400) + b"O" + _tuple(*ROW) + b"N" + _tuple(b"1", b"Bo", b"1", b"{}", b"z"),
+        None,
+    )
+    txn = asm.feed(5, commit(0x300, 0x310), None)
+    assert txn is not None
+    first, second = txn.changes
+    assert first.identity == second.identity == b"public.customer\x001"
