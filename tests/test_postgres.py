@@ -370,3 +370,57 @@ async def test_installed_trigger_notifies_table_action_and_shrinks_oversized_pay
     assert ins == {"schema": "public", "table": table, "action": "insert", "data": {"id": 1, "note": "a"}}
     assert upd == {"schema": "public", "table": table, "action": "update", "truncated": True}
     assert dele == {"schema": "public", "table": table, "action": "delete", "data": {"id": 2, "note": "b"}}
+
+
+async def test_transaction_ordering_delivers_one_change_at_a_time_in_commit_order(
+    pg_cluster: Cluster,
+) -> None:
+    table = unique("txn")
+    await pg_cluster.execute(f"CREATE TABLE {table} (id int PRIMARY KEY)")
+
+    class Counting(ChangeFunction):
+        concurrent = 0
+        most = 0
+
+        async def _handle(self, request: web.Request) -> web.Response:
+            Counting.concurrent += 1
+            Counting.most = max(Counting.most, Counting.concurrent)
+            try:
+                await asyncio.sleep(0.001)
+                return await super()._handle(request)
+            finally:
+                Counting.concurrent -= 1
+
+    async with Counting() as fn:
+        config = _source(pg_cluster, table, ordering="transaction")
+        async with running_source(config, [FunctionTarget("fn", (f"{table}:insert",), fn.url("/fn"))]):
+            async with connection(pg_cluster) as conn:
+                for start in range(0, 100, 10):
+                    await conn.execute(f"INSERT INTO {table} SELECT generate_series({start}, {start + 9})")
+            await wait_for(lambda: len(fn.calls) == 100, 20, what="100 changes")
+    assert [orjson.loads(c.body)["data"]["id"] for c in fn.calls] == list(range(100))
+    assert Counting.most == 1
+
+
+async def test_slot_lag_is_measured_and_logged_loudly_over_the_limit(
+    pg_cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    table = unique("lag")
+    await pg_cluster.execute(f"CREATE TABLE {table} (id int PRIMARY KEY)")
+    async with FunctionDouble() as fn:
+        fn.script("/fn", [503])  # never succeeds: the slot cannot move
+        config = _source(pg_cluster, table, max_slot_lag_bytes=1)
+        async with running_source(config, [FunctionTarget("fn", (f"{table}:insert",), fn.url("/fn"))]) as h:
+            await pg_cluster.execute(f"INSERT INTO {table} VALUES (1)")
+
+            def lag() -> float:
+                return h.sample("fastconn_postgres_slot_lag_bytes", source="postgres", slot=config["slot"])
+
+            await wait_for(lambda: lag() > 1, 20, 0.1, "the slot's lag measured")
+            await wait_for(
+                lambda: "holds" in caplog.text and "max_slot_lag_bytes 1" in caplog.text,
+                10,
+                0.1,
+                "the loud log",
+            )
+            assert h.sample("fastconn_postgres_oldest_pending_seconds", source="postgres") > 0
