@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import orjson
 import pytest
 from aiohttp import web
@@ -424,3 +425,27 @@ async def test_slot_lag_is_measured_and_logged_loudly_over_the_limit(
                 "the loud log",
             )
             assert h.sample("fastconn_postgres_oldest_pending_seconds", source="postgres") > 0
+
+
+async def test_a_dropped_slot_is_a_clear_log_line_not_a_crash_loop(
+    pg_cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    table = unique("gone")
+    await pg_cluster.execute(f"CREATE TABLE {table} (id int PRIMARY KEY)")
+    async with ChangeFunction() as fn:
+        config = _source(pg_cluster, table)
+        async with running_source(config, [FunctionTarget("fn", (f"{table}:insert",), fn.url("/fn"))]) as h:
+            # An administrator drops the slot under the running source (its session releases it
+            # between peeks; retry until the drop finds it idle).
+            async def dropped() -> bool:
+                try:
+                    await pg_cluster.execute("SELECT pg_drop_replication_slot($1)", config["slot"])
+                except asyncpg.ObjectInUseError:
+                    return False
+                return True
+
+            await wait_for(dropped, 10, 0.01, "the slot dropped")
+            await wait_for(lambda: "cannot read slot" in caplog.text, 10, 0.05, "the read failure logged")
+            assert "does not exist" in caplog.text
+            assert h.sample("fastconn_source_errors_total", source="postgres", kind="read") >= 1
+            assert "Traceback" not in caplog.text

@@ -19,13 +19,14 @@ from fastconn.deadletter import failure_context, response_excerpt
 from fastconn.errors import DispatcherClosed, SourceError
 from fastconn.health import ConnectionHealth, SourceHealth
 from fastconn.message import Message, Outcome, Verdict
+from fastconn.ratelimit import RateLimitedLog
 from fastconn.redact import redact_text
 from fastconn.source import SourceContext, wait_or_stop
 from fastconn.sources.postgres import server
 from fastconn.sources.postgres.changes import Assembler, Change, Transaction
 from fastconn.sources.postgres.config import PostgresConfig, read_dsn
 from fastconn.sources.postgres.metrics import postgres_collector
-from fastconn.sources.postgres.pgoutput import Relation, decode, format_lsn, parse_lsn
+from fastconn.sources.postgres.pgoutput import PgOutputError, Relation, decode, format_lsn, parse_lsn
 from fastconn.sources.postgres.state import InFlight, Pending, TxnState
 
 __all__ = ["WalSource"]
@@ -65,6 +66,7 @@ class WalSource:
         self.slot_lag_bytes: int | None = None
         self._lag_checked = 0.0
         self._lag_warned = 0.0
+        self._read_failures = RateLimitedLog(log, 30.0)
         self.counters = dict.fromkeys(
             ("delivered", "dead_lettered", "redeliveries", "confirms", "filtered"), 0
         )
@@ -170,6 +172,23 @@ class WalSource:
                 attempt += 1
                 self._lost(exc)
                 delay = doubling(attempt, 0.2, self.config.reconnect_max)
+                if await wait_or_stop(self._stop, delay):
+                    return
+            except (asyncpg.PostgresError, PgOutputError) as exc:
+                # The slot was dropped, a query refused, a change not decodable: nothing was
+                # confirmed past it, so waiting and reading again loses nothing.
+                attempt += 1
+                self._error("read")
+                delay = doubling(attempt, 1.0, max(self.config.reconnect_max, 30.0))
+                self._read_failures.warning(
+                    "postgres source %r cannot read slot %s: %s (%s); the slot stays at its confirmed "
+                    "position, reading again in %.0fs",
+                    self.name,
+                    self.config.slot,
+                    exc,
+                    type(exc).__name__,
+                    delay,
+                )
                 if await wait_or_stop(self._stop, delay):
                     return
 
