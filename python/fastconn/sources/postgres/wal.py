@@ -26,7 +26,7 @@ from fastconn.sources.postgres import server
 from fastconn.sources.postgres.changes import Assembler, Change, Transaction
 from fastconn.sources.postgres.config import PostgresConfig, read_dsn
 from fastconn.sources.postgres.metrics import postgres_collector
-from fastconn.sources.postgres.pgoutput import PgOutputError, Relation, decode, format_lsn, parse_lsn
+from fastconn.sources.postgres.pgoutput import Column, PgOutputError, Relation, decode, format_lsn, parse_lsn
 from fastconn.sources.postgres.state import InFlight, Pending, TxnState
 
 __all__ = ["WalSource"]
@@ -60,7 +60,7 @@ class WalSource:
         self._in_core = 0
         self._filters = config.topic_filter
         self._health = ConnectionHealth(self.name, "postgres", log)
-        self._pk_checked: set[int] = set()
+        self._pk_checked: dict[int, tuple[Column, ...]] = {}
         self.holds_lock = False
         self.stuck = 0
         self.slot_lag_bytes: int | None = None
@@ -240,9 +240,9 @@ class WalSource:
             await self._learn_keys(conn, rows)
             transactions = self._assemble(rows)
             # No "nothing published up to the current WAL position, confirm it" shortcut for a quiet
-            # publication: the flush position can lie inside a commit record not yet decoded, and
-            # confirming it would skip that transaction (a test caught exactly that). A quiet
-            # slot's lag shows in fastconn_postgres_slot_lag_bytes instead.
+            # publication: the flush position can lie inside a commit record the peek did not
+            # decode yet, and confirming it would skip that transaction. A quiet slot's lag shows
+            # in fastconn_postgres_slot_lag_bytes instead.
             if not transactions:
                 if await wait_or_stop(self._stop, cfg.poll_interval):
                     return
@@ -285,9 +285,10 @@ class WalSource:
             if data[:1] != b"R":
                 continue
             relation = decode(data)
-            if not isinstance(relation, Relation) or relation.oid in self._pk_checked:
+            if not isinstance(relation, Relation) or self._pk_checked.get(relation.oid) == relation.columns:
                 continue
-            self._pk_checked.add(relation.oid)
+            # Again after a schema change: the key's column positions may have moved.
+            self._pk_checked[relation.oid] = relation.columns
             names = await conn.fetch(
                 "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid "
                 "AND a.attnum = ANY(i.indkey) WHERE i.indrelid = $1 AND i.indisprimary",
