@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import base64
 import datetime
+import re
 import struct
+from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
+from pydantic import ValidationError
 
+from fastconn.errors import SourceError
 from fastconn.sources.postgres.changes import Assembler, topic_of
+from fastconn.sources.postgres.config import PostgresConfig, read_dsn
 from fastconn.sources.postgres.pgoutput import (
     UNCHANGED,
     Begin,
@@ -311,3 +317,43 @@ def test_ordering_key_is_the_primary_key_even_with_replica_identity_full() -> No
     assert txn is not None
     first, second = txn.changes
     assert first.identity == second.identity == b"public.customer\x001"
+
+
+# -- configuration --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("settings", "complaint"),
+    [
+        ({"filters": "customer:upsert"}, "expected table:action with action one of insert, update"),
+        ({"filters": "customer"}, "expected table:action"),
+        ({"tables": ["bad-name"]}, "expected table or schema.table"),
+        ({"dead_letter_table": "x;drop"}, "expected table or schema.table"),
+        ({"dsn": "postgresql://a@b/c", "dsn_file": "/x"}, "set dsn or dsn_file, not both"),
+        ({"mode": "notify"}, "needs channels"),
+        ({"channels": ["a"]}, "channels is for mode = 'notify'"),
+        ({"slot": "Has-Caps"}, "String should match pattern"),
+        ({"ordering": "row"}, "'key', 'transaction' or 'none'"),
+        ({"retry_backoff_initial": 5, "retry_backoff_max": 1}, "must be >= retry_backoff_initial"),
+        ({"batch_sise": 5}, "Extra inputs are not permitted"),
+    ],
+)
+def test_bad_settings_are_clear_errors(settings: dict[str, Any], complaint: str) -> None:
+    with pytest.raises(ValidationError, match=re.escape(complaint)):
+        PostgresConfig.model_validate({"type": "postgres", **settings})
+
+
+def test_filters_take_the_openfaas_comma_form() -> None:
+    config = PostgresConfig.model_validate({"filters": "customer:insert, sales.orders:delete"})
+    assert config.topic_filter == {"customer:insert", "sales.orders:delete"}
+
+
+def test_dsn_file_is_read_and_a_missing_one_is_a_clear_error(tmp_path: Path) -> None:
+    secret = tmp_path / "dsn"
+    secret.write_text("postgresql://u:p@h/d\n")
+    assert read_dsn(PostgresConfig(dsn_file=str(secret))) == "postgresql://u:p@h/d"
+    with pytest.raises(SourceError, match="cannot read dsn_file"):
+        read_dsn(PostgresConfig(dsn_file=str(tmp_path / "missing")))
+    (tmp_path / "empty").write_text("")
+    with pytest.raises(SourceError, match="is empty"):
+        read_dsn(PostgresConfig(dsn_file=str(tmp_path / "empty")))
