@@ -7,6 +7,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 
@@ -155,3 +156,33 @@ async def test_a_standby_replica_takes_over_after_kill_9(pg_cluster: Cluster, tm
             two.kill()
     assert len(set(_ids(fn))) == total
     print(f"takeover: lost 0, duplicates {len(_ids(fn)) - total}")
+
+
+async def test_readyz_reports_the_server_down_and_ready_again_after_it_returns(
+    own_pg_cluster: Cluster, tmp_path: Path
+) -> None:
+    cluster = own_pg_cluster
+    table, slot = unique("ready"), unique("ready_slot")
+    await cluster.execute(f"CREATE TABLE {table} (id int PRIMARY KEY)")
+    async with ChangeFunction() as fn:
+        config = {**_config(cluster, fn, table, slot), "server": {"readiness_grace": "1s"}}
+        daemon = await DaemonProcess(config, tmp_path).start()
+        try:
+
+            async def ready_status() -> int:
+                async with aiohttp.ClientSession() as http, http.get(daemon.url + "/readyz") as r:
+                    return r.status
+
+            await asyncio.to_thread(cluster.stop)
+            await wait_for(lambda: _is(ready_status(), 503), 20, 0.1, "/readyz 503 while the server is down")
+            await asyncio.to_thread(cluster.start)
+            await wait_for(lambda: _is(ready_status(), 200), 20, 0.1, "/readyz 200 once it is back")
+            await cluster.execute(f"INSERT INTO {table} VALUES (1)")
+            await wait_for(lambda: len(fn.calls) == 1, 20, 0.05, "a change after the outage")
+        finally:
+            assert await daemon.stop() == 0, daemon.output()
+    assert "unreachable" in daemon.output()
+
+
+async def _is(status: Any, expected: int) -> bool:
+    return bool(await status == expected)
