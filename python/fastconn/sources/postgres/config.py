@@ -64,7 +64,7 @@ class PostgresConfig(BaseModel):
     filters: _List = ()
     """Topics to deliver, ``table:action`` (``schema.table:action`` outside ``public``); empty:
     every change of the published tables. Other changes are confirmed without a call."""
-    batch_size: Annotated[int, Field(ge=1, le=100_000)] = 1000
+    batch_size: Annotated[int, Field(ge=1, le=100_000)] = 4000
     """Rows asked for per peek (a transaction is never split, so a peek may return more); also
     how many changes may be read and not yet confirmed before the next peek waits."""
     poll_interval: _PositiveDuration = 0.2
