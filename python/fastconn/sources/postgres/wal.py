@@ -248,7 +248,7 @@ class WalSource:
                     return
                 continue
             try:
-                await self._deliver(transactions)
+                await self._deliver(conn, transactions)
             except DispatcherClosed:
                 return
 
@@ -302,7 +302,7 @@ class WalSource:
             else:
                 self._assembler.key_columns.pop(relation.oid, None)
 
-    async def _deliver(self, transactions: list[tuple[Transaction, int]]) -> None:
+    async def _deliver(self, conn: Any, transactions: list[tuple[Transaction, int]]) -> None:
         messages: list[Message] = []
         for txn, rows in transactions:
             chosen = [c for c in txn.changes if not self._filters or c.topic in self._filters]
@@ -310,8 +310,13 @@ class WalSource:
             state = self.pending.add(txn, rows, len(chosen))
             messages.extend(self._message(change, state) for change in chosen)
         self._progress.set()
-        if messages:
-            await self._submit(messages)
+        # In chunks the dispatcher takes at once, confirming in between: a peek can hold more
+        # changes than the dispatcher, and waiting for room must not hold back the confirmation
+        # of what finished meanwhile (after a crash, all of that would be delivered again).
+        chunk = max(1, self._require_ctx().dispatcher.options.batch_size)
+        for start in range(0, len(messages), chunk):
+            await self._submit(messages[start : start + chunk])
+            await self._confirm(conn)
 
     def _message(self, change: Change, txn: TxnState) -> Message:
         cfg = self.config
