@@ -54,6 +54,9 @@ CONNECTION_ERRORS: Final = (
     asyncpg.CannotConnectNowError,
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
+    # What asyncpg raises on a connection the server shut down while it was idle ("cannot switch
+    # to state ...; another operation is in progress"): the connection is unusable, reconnect.
+    asyncpg.InternalClientError,
 )
 """The server went away or is not there yet: reconnect (anything else is a real error)."""
 

@@ -313,10 +313,20 @@ class WalSource:
         # In chunks the dispatcher takes at once, confirming in between: a peek can hold more
         # changes than the dispatcher, and waiting for room must not hold back the confirmation
         # of what finished meanwhile (after a crash, all of that would be delivered again).
+        # Every change tracked above must reach the dispatcher even when a confirmation fails
+        # (the server restarting): the next peek skips them, so one left out would hold the
+        # slot forever. The failure is raised once all are submitted.
         chunk = max(1, self._require_ctx().dispatcher.options.batch_size)
+        failure: Exception | None = None
         for start in range(0, len(messages), chunk):
             await self._submit(messages[start : start + chunk])
-            await self._confirm(conn)
+            if failure is None:
+                try:
+                    await self._confirm(conn)
+                except (*server.CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+                    failure = exc
+        if failure is not None:
+            raise failure
 
     def _message(self, change: Change, txn: TxnState) -> Message:
         cfg = self.config
