@@ -4,7 +4,7 @@ same run (the machine is shared; absolute figures drift, ratios much less).
     python -m fastconn bench [SCENARIO...] [--messages N] [--payload BYTES] [--inflight N]
                              [--rounds N] [--quick] [--out DIR]
 
-Scenarios (default: all, in this order): dispatch, webhook, nats, jetstream, kafka, rabbitmq, mqtt,
+Scenarios (default: all, in this order): dispatch, webhook, nats, jetstream, kafka, rabbitmq, mqtt, postgres,
 async-callback, fanout, backpressure, scaling, bridge. Writes ``results.json`` (with an
 environment header), ``results.md`` (the README table) and ``results.png`` to ``--out``
 (default ``bench-results/``). See ``benches/README.md``.

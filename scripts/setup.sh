@@ -12,6 +12,9 @@ command -v wrk >/dev/null || need_apt+=(wrk)
 # Debian package starts it as a service.
 command -v rabbitmqctl >/dev/null || need_apt+=(rabbitmq-server)
 command -v mosquitto >/dev/null || need_apt+=(mosquitto)
+# The postgres source's tests start throw-away clusters with initdb/pg_ctl (PostgreSQL 15 or later).
+{ command -v pg_config >/dev/null && [ -x "$(pg_config --bindir)/initdb" ]; } \
+  || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt+=(postgresql)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}"
   if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi

@@ -9,6 +9,7 @@ SCENARIOS: dict[str, str] = {
     "kafka": "scenarios.kafka",
     "rabbitmq": "scenarios.rabbitmq",
     "mqtt": "scenarios.mqtt",
+    "postgres": "scenarios.postgres",
     "async-callback": "scenarios.async_callback",
     "fanout": "scenarios.fanout",
     "backpressure": "scenarios.backpressure",

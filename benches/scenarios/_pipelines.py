@@ -12,6 +12,9 @@ prints ``ready`` once it consumes, runs until SIGTERM.
 * ``rabbitmq``: an aio-pika consumer (prefetch = the in-flight bound), ack after success.
 * ``mqtt``: paho-mqtt 2 with manual acknowledgement (aiomqtt 2 cannot acknowledge after the
   call), its network thread handing each message to the loop; PUBACK after the call succeeded.
+* ``postgres``: asyncpg peeks a batch of a logical replication slot (pgoutput), decodes it with
+  fastconn's decoder (the naive part is the pipeline, not the parsing), calls every change and
+  advances the slot after the batch succeeded.
 """
 
 from __future__ import annotations
@@ -225,6 +228,44 @@ async def mqtt(args: argparse.Namespace, fwd: Forwarder, stop: asyncio.Event) ->
     client.loop_stop()
 
 
+async def postgres(args: argparse.Namespace, fwd: Forwarder, stop: asyncio.Event) -> None:
+    import asyncpg
+
+    from fastconn.sources.postgres.changes import Assembler
+    from fastconn.sources.postgres.pgoutput import format_lsn, parse_lsn
+
+    conn = await asyncpg.connect(args.server)
+    peek = (
+        "SELECT lsn::text, data FROM pg_logical_slot_peek_binary_changes"
+        "($1, NULL, 1000, 'proto_version', '1', 'publication_names', $2)"
+    )
+    ready()
+    try:
+        while not stop.is_set():
+            rows = await conn.fetch(peek, args.group, args.stream)
+            assembler = Assembler()
+            changes, end = [], None
+            for lsn, data in rows:
+                txn = assembler.feed(parse_lsn(lsn), data, None)
+                if txn is not None:
+                    changes.extend(txn.changes)
+                    end = txn.end_lsn
+            if end is None:
+                await asyncio.sleep(0.05)
+                continue
+            tracker = BatchTracker(len(changes))
+            for change in changes:
+                await fwd.start(change.topic, change.body, tracker.settle)
+            if changes:
+                await tracker.finished.wait()
+            if tracker.ok:
+                await conn.execute(
+                    "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)", args.group, format_lsn(end)
+                )
+    finally:
+        await conn.close()
+
+
 class BatchTracker:
     """Counts a fetched batch's calls down; the batch is committed once all succeeded."""
 
@@ -257,6 +298,7 @@ async def main(args: argparse.Namespace) -> None:
         "kafka": kafka,
         "rabbitmq": rabbitmq,
         "mqtt": mqtt,
+        "postgres": postgres,
     }[args.kind]
     try:
         await run(args, fwd, stop)
@@ -267,7 +309,9 @@ async def main(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("kind", choices=["webhook", "nats", "jetstream", "kafka", "rabbitmq", "mqtt"])
+    parser.add_argument(
+        "kind", choices=["webhook", "nats", "jetstream", "kafka", "rabbitmq", "mqtt", "postgres"]
+    )
     parser.add_argument("--sink", required=True)
     parser.add_argument("--inflight", type=int, default=64)
     parser.add_argument("--fanout", type=int, default=1)

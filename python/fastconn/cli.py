@@ -21,7 +21,7 @@ from fastconn.preflight import preflight
 
 T = TypeVar("T")
 
-COMMANDS = ("run", "check", "topics", "invoke", "demo", "bench")
+COMMANDS = ("run", "check", "topics", "invoke", "demo", "bench", "postgres")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -39,7 +39,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from fastconn.bench import cli as bench_cli
 
         return bench_cli(list(ns.bench_args))
-    handler = {"run": _run, "check": _check, "topics": _topics, "invoke": _invoke, "demo": _demo}[ns.command]
+    handler = {
+        "run": _run,
+        "check": _check,
+        "topics": _topics,
+        "invoke": _invoke,
+        "demo": _demo,
+        "postgres": _postgres,
+    }[ns.command]
     try:
         return handler(ns)
     except ConfigError as exc:
@@ -87,6 +94,15 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="a self-contained pipeline: webhook → fastconn → sample function")
     demo.add_argument("--seconds", type=float, default=5.0, help="how long to feed events (default 5)")
     demo.add_argument("--listen", default="127.0.0.1:0", help="admin/webhook address (default: a free port)")
+
+    postgres = with_config(
+        sub.add_parser(
+            "postgres", help="inspect or drop a postgres source's slot; install its NOTIFY trigger"
+        )
+    )
+    postgres.add_argument("action", choices=["status", "drop-slot", "install-trigger"])
+    postgres.add_argument("--source", help="the source's name (default: the only postgres source)")
+    postgres.add_argument("--table", help="install-trigger: table or schema.table")
 
     bench = sub.add_parser("bench", help="run the benchmark suite (see benches/README.md)", add_help=False)
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
@@ -188,6 +204,32 @@ def _invoke(ns: argparse.Namespace) -> int:
             options=dispatch_options(config) if config else None,
         )
     )
+
+
+def _postgres(ns: argparse.Namespace) -> int:
+    from fastconn.sources.postgres import PostgresConfig, admin
+
+    config = _load(ns)
+    found = [
+        s
+        for s in config.sources
+        if isinstance(s, PostgresConfig) and (ns.source is None or s.name == ns.source)
+    ]
+    if len(found) != 1:
+        what = f"named {ns.source!r}" if ns.source else "(name one with --source)" if found else ""
+        print(f"fastconn: expected one postgres source {what}, found {len(found)}".rstrip(), file=sys.stderr)
+        return 2
+    source = found[0]
+    if ns.action == "install-trigger":
+        if not ns.table:
+            print("fastconn: install-trigger needs --table", file=sys.stderr)
+            return 2
+        print(asyncio.run(admin.install_trigger(source, ns.table)))
+    elif ns.action == "drop-slot":
+        print(asyncio.run(admin.drop_slot(source)))
+    else:
+        print(asyncio.run(admin.status(source)))
+    return 0
 
 
 def _demo(ns: argparse.Namespace) -> int:

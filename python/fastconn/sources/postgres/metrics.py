@@ -1,0 +1,70 @@
+"""The Postgres sources' own metrics, read from the sources at scrape time."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from fastconn.sources.postgres.wal import WalSource
+
+__all__ = ["postgres_collector"]
+
+
+class _PostgresCollector(Collector):
+    def __init__(self) -> None:
+        self.sources: list[WalSource] = []
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        lag = GaugeMetricFamily(
+            "fastconn_postgres_slot_lag_bytes",
+            "WAL the replication slot holds on the server (current WAL position - confirmed position)",
+            labels=["source", "slot"],
+        )
+        oldest = GaugeMetricFamily(
+            "fastconn_postgres_oldest_pending_seconds",
+            "Age of the oldest transaction read and not yet confirmed",
+            labels=["source"],
+        )
+        stuck = GaugeMetricFamily(
+            "fastconn_postgres_stuck_changes",
+            "Changes being retried after failures (they hold the slot's confirmation)",
+            labels=["source"],
+        )
+        pending = GaugeMetricFamily(
+            "fastconn_postgres_pending_changes", "Changes read and not yet confirmed", labels=["source"]
+        )
+        holder = GaugeMetricFamily(
+            "fastconn_postgres_slot_reader",
+            "1 when this replica holds the slot's lock and reads",
+            labels=["source"],
+        )
+        dead = CounterMetricFamily(
+            "fastconn_postgres_dead_lettered", "Changes written to the dead-letter table", labels=["source"]
+        )
+        for s in self.sources:
+            if s.slot_lag_bytes is not None:
+                lag.add_metric([s.name, s.config.slot], s.slot_lag_bytes)
+            oldest.add_metric([s.name], s.pending.oldest_age())
+            stuck.add_metric([s.name], s.stuck)
+            pending.add_metric([s.name], s.pending.changes)
+            holder.add_metric([s.name], 1 if s.holds_lock else 0)
+            dead.add_metric([s.name], s.counters["dead_lettered"])
+        yield from (lag, oldest, stuck, pending, holder, dead)
+
+
+_COLLECTORS: weakref.WeakKeyDictionary[CollectorRegistry, _PostgresCollector] = weakref.WeakKeyDictionary()
+
+
+def postgres_collector(registry: CollectorRegistry) -> _PostgresCollector:
+    """The registry's collector (registered on first use)."""
+    collector = _COLLECTORS.get(registry)
+    if collector is None:
+        collector = _COLLECTORS[registry] = _PostgresCollector()
+        registry.register(collector)
+    return collector
