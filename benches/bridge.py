@@ -62,8 +62,8 @@ def percentile(values: list[float], p: float) -> float:
 async def measure_batch(runtime: Any, size: int, seconds: float) -> dict[str, float]:
     """Batches of ``size`` back to back for ``seconds``, each awaited until fully drained."""
     loop = asyncio.get_running_loop()
-    wire: list[tuple[str, bytes, list[tuple[str, str]], str, None, int, int, None]] = [
-        ("bench", b"x" * 100, [], f"id-{i}", None, 1, 0, None) for i in range(size)
+    wire: list[tuple[str, bytes, list[tuple[str, str]], str, None, int, int, None, tuple[()]]] = [
+        ("bench", b"x" * 100, [], f"id-{i}", None, 1, 0, None, ()) for i in range(size)
     ]
     pending = 0
     done: asyncio.Future[None] | None = None
