@@ -6,7 +6,7 @@ names a source: adding one is adding one module.
 
 Lifecycle, driven by the daemon:
 
-1. ``register(ctx)`` before anything starts: add HTTP routes to the admin server if needed.
+1. ``register(ctx)`` before anything starts: declare HTTP routes (``ctx.add_route``) if needed.
 2. ``start()``: connect and begin intake. Return once connected; run intake in tasks.
 3. ``stop()``: stop taking new messages (unsubscribe, pause, stop fetching). In-flight
    messages keep settling: the dispatcher is still running.
@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from fastconn.dispatcher import Dispatcher, OutcomeCallback
 from fastconn.functions import FunctionTarget
 from fastconn.health import SourceHealth
+from fastconn.http_routes import Route, add_to_aiohttp
 from fastconn.message import Message, Outcome, Verdict
 from fastconn.supervise import Job, Supervisor
 
@@ -138,6 +139,13 @@ class SourceContext:
         self._functions = tuple(targets)
         for listener in self._function_listeners:
             listener(self._functions)
+
+    # -- HTTP ------------------------------------------------------------------------------
+
+    def add_route(self, route: Route) -> None:
+        """Serves ``route`` (a source's own HTTP endpoint) on the server the daemon runs. Call it
+        in ``register``; the handler gets plain data (see :mod:`fastconn.http_routes`)."""
+        add_to_aiohttp(self.app, route)
 
     # -- background tasks ------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ __all__ = [
     "ServerProcess",
     "free_port",
     "mosquitto_command",
+    "moto_command",
     "nats_server_command",
     "tansu_binary",
     "tansu_command",
@@ -385,6 +386,14 @@ def mosquitto_command(port: int, workdir: Path) -> list[str]:
         )
     )
     return [MOSQUITTO, "-c", str(config)]
+
+
+def moto_command(port: int) -> list[str]:
+    """``moto`` in server mode (SQS, SNS, S3 and the rest of its AWS doubles) on
+    127.0.0.1:``port``, from the ``moto[server]`` package of this interpreter."""
+    if importlib.util.find_spec("moto") is None:
+        raise FileNotFoundError("moto is not installed: run `make setup` (it installs moto[server])")
+    return [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
 
 
 def tansu_binary() -> Path:
