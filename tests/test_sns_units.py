@@ -106,6 +106,7 @@ def _config(**source: object) -> SnsConfig:
         ({"topic_arns": [TOPIC], "path": "/metrics"}, "served by the daemon"),
         ({"topic_arns": [TOPIC], "path": "sns"}, "plain URL path"),
         ({"topic_arns": [TOPIC], "certs": "x"}, "certs: unknown key"),
+        ({"topic_arns": [TOPIC], "cert_ca_file": "/nonexistent/ca.pem"}, "cannot load the CA bundle"),
         (
             {
                 "topic_arns": ["arn:aws:sns:us-east-1:123456789012:other"],
@@ -129,6 +130,20 @@ def _config(**source: object) -> SnsConfig:
 def test_config_errors_name_the_problem(source: dict[str, object], fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment):
         _config(**source)
+
+
+def test_two_sns_sources_cannot_share_a_path() -> None:
+    sources = [
+        {"type": "sns", "topic_arns": [TOPIC]},
+        {"type": "sns", "name": "second", "topic_arns": [TOPIC]},
+    ]
+    with pytest.raises(ConfigError, match=r"sources\[1\]\.path: another sns source \(sources\[0\]\)"):
+        validate_config(
+            {
+                "functions": [{"name": "f", "url": "http://127.0.0.1:1/f", "topics": [TOPIC]}],
+                "sources": sources,
+            }
+        )
 
 
 def test_subscribe_alone_allows_its_topic_and_raw_subscriptions_carry_the_token() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import ssl
 from typing import Final, Literal
 from urllib.parse import urlsplit
 
@@ -91,7 +92,7 @@ class SnsConfig(BaseModel):
     subscribe: SubscribeConfig | None = None
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
     cert_ca_file: str | None = None
-    """CA bundle for fetching certificates and confirmation links; default: the system's."""
+    """CA bundle (instead of the system's) for fetching certificates and confirmation links."""
     cert_cache_size: int = Field(default=64, ge=1)
     """Signing certificates kept (AWS uses one per region at a time, rotating rarely)."""
     fetch_timeout: float = Field(default=5.0, gt=0, le=12)
@@ -124,6 +125,17 @@ class SnsConfig(BaseModel):
         for host in hosts:
             parse_host_pattern(host)
         return hosts
+
+    @field_validator("cert_ca_file")
+    @classmethod
+    def _ca_file(cls, path: str | None) -> str | None:
+        # Loaded now as at start, so `check` reports a missing or unreadable bundle by its key.
+        if path is not None:
+            try:
+                ssl.create_default_context(cafile=path)
+            except (OSError, ssl.SSLError) as exc:
+                raise ValueError(f"cannot load the CA bundle {path!r}: {exc}") from None
+        return path
 
     @field_validator("raw_delivery_token")
     @classmethod
