@@ -117,6 +117,7 @@ async def test_valid_v1_and_v2_notifications_are_dispatched_with_their_headers(
         assert (status, headers["X-Message-Id"]) == (200, envelope["MessageId"]), text
     await wait_for(lambda: len(function_double.calls_to("/orders")) == 2, what="both notifications delivered")
     calls = {c.headers["X-Message-Id"]: c for c in function_double.calls_to("/orders")}
+    assert set(calls) == {v1["MessageId"], v2["MessageId"]}
     first, second = calls[v1["MessageId"]], calls[v2["MessageId"]]
     assert first.body == b'{"order": 1}'
     assert first.headers["X-Topic"] == TOPIC
@@ -131,6 +132,12 @@ async def test_valid_v1_and_v2_notifications_are_dispatched_with_their_headers(
     assert second.headers["X-Sns-Attr-color-Type"] == "String"
     # Both messages, one certificate fetch: the certificate is cached.
     assert sns_host.fetches("/SimpleNotificationService-test.pem") == 1
+    # A burst naming a certificate not cached yet shares one fetch.
+    sns_host.pems["/SimpleNotificationService-burst.pem"] = key.pem
+    burst_url = sns_host.url("/SimpleNotificationService-burst.pem")
+    answers = await asyncio.gather(*(post(daemon, notification(key, burst_url)) for _ in range(8)))
+    assert [status for status, _, _ in answers] == [200] * 8
+    assert sns_host.fetches("/SimpleNotificationService-burst.pem") == 1
     assert await errors(daemon, "signature") == 0
 
 
@@ -324,6 +331,11 @@ async def test_confirmations_are_confirmed_only_for_allowed_topics_and_hosts(
     status, _, _ = await post(daemon, confirmation(key, cert_url, link, kind="UnsubscribeConfirmation"))
     assert status == 200
     assert len(sns_host.confirmations()) == 1
+    # The link failing (SNS's host down): 503, so SNS sends the confirmation again.
+    sns_host.status["/"] = 500
+    status, _, headers = await post(daemon, confirmation(key, cert_url, link, token="t4"))
+    assert (status, headers["Retry-After"]) == (503, "1")
+    assert await errors(daemon, "confirm") == 1
     assert function_double.calls == []
 
 
@@ -526,3 +538,24 @@ async def test_moto_subscribe_publish_end_to_end(
             assert len(function_double.calls_to("/orders")) == 1
         finally:
             await front.stop()
+
+
+async def test_a_failing_subscribe_is_retried_while_the_endpoint_serves(
+    daemon_factory: DaemonFactory,
+    function_double: FunctionDouble,
+    sns_host: SnsHost,
+    ca_file: str,
+    fast_dispatch: dict[str, Any],
+    key: SigningKey,
+    cert_url: str,
+    aws_env: dict[str, str],
+) -> None:
+    unreachable = f"http://127.0.0.1:{free_port()}"
+    subscribe = {"topic_arn": TOPIC, "endpoint": "https://hooks.example/sns", "endpoint_url": unreachable}
+    config = sns_config(function_double, sns_host, ca_file, fast_dispatch, subscribe=subscribe)
+    daemon = await daemon_factory(config)
+    await wait_for(
+        lambda: errors(daemon, "subscribe"), timeout=30, interval=0.2, what="a failed Subscribe counted"
+    )
+    assert "Subscribe(" in daemon.output() and "retrying in" in daemon.output()
+    assert (await post(daemon, notification(key, cert_url)))[0] == 200
