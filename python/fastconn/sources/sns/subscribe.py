@@ -6,11 +6,18 @@ from __future__ import annotations
 
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from aiobotocore.config import AioConfig  # type: ignore[import-untyped]
 from aiobotocore.session import get_session  # type: ignore[import-untyped]
 
 from fastconn.sources.sns.config import SubscribeConfig, topic_arn_region
 
 __all__ = ["subscribe", "subscription_endpoint"]
+
+# The source retries Subscribe itself (with its own backoff and a log line per failure): one
+# botocore retry, short timeouts, so a failure is reported in seconds, not after minutes.
+_CLIENT_CONFIG = AioConfig(
+    retries={"mode": "standard", "max_attempts": 2}, connect_timeout=5, read_timeout=10
+)
 
 
 def subscription_endpoint(config: SubscribeConfig, raw_delivery_token: str | None) -> str:
@@ -32,6 +39,7 @@ async def subscribe(config: SubscribeConfig, raw_delivery_token: str | None) -> 
         "sns",
         region_name=config.region or topic_arn_region(config.topic_arn),
         endpoint_url=config.endpoint_url,
+        config=_CLIENT_CONFIG,
     ) as client:
         response = await client.subscribe(
             TopicArn=config.topic_arn,
