@@ -15,6 +15,7 @@ from fastconn.errors import DispatcherClosed
 from fastconn.http_routes import HttpRequest, HttpResponse, Route, text_response
 from fastconn.message import Outcome
 from fastconn.ratelimit import RateLimitedLog
+from fastconn.redact import redact_text
 from fastconn.source import SourceContext, wait_or_stop
 from fastconn.sources.sns.certs import BadCertificate, CertificateStore, FetchFailed, SnsFetcher
 from fastconn.sources.sns.config import SnsConfig
@@ -100,9 +101,9 @@ class SnsSource:
                     "source %s: Subscribe(%s, %s) failed: %s: %s; retrying in %.0fs",
                     self.name,
                     config.topic_arn,
-                    config.endpoint,
+                    redact_text(config.endpoint),
                     type(exc).__name__,
-                    exc,
+                    redact_text(str(exc)),
                     delay,
                 )
                 if await wait_or_stop(self._stopped, delay):
@@ -111,7 +112,7 @@ class SnsSource:
             log.info(
                 "source %s: subscribed %s to %s (%s)",
                 self.name,
-                config.endpoint,
+                redact_text(config.endpoint),
                 config.topic_arn,
                 self.subscription_arn,
             )
