@@ -62,12 +62,13 @@ class Broker:
     def output(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    async def create_topic(self, name: str, partitions: int = 1) -> str:
+    async def create_topic(self, name: str, partitions: int = 1, *, exist_ok: bool = False) -> str:
         admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
         await admin.start()
         try:
             response = await admin.create_topics([NewTopic(name, partitions, 1)])
-            errors = [e for e in response.topic_errors if e[1] != 0]
+            ignored = {0, 36} if exist_ok else {0}  # 36: TOPIC_ALREADY_EXISTS
+            errors = [e for e in response.topic_errors if e[1] not in ignored]
             assert not errors, f"creating {name}: {errors}"
         finally:
             await admin.close()
