@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
-import itertools
 import json
 import logging
 import time
@@ -15,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from fastconn.deadletter import DLT_PREFIX, DLT_RESPONSE, RESPONSE_EXCERPT, failure_context, response_excerpt
+from fastconn.delay_queue import DelayQueue
 from fastconn.errors import DispatcherClosed
 from fastconn.health import SourceHealth
 from fastconn.message import Message, Outcome
@@ -116,9 +115,7 @@ class JetStreamSource:
         self._settle_queue: deque[list[Outcome]] = deque()
         self._settle_ready = asyncio.Event()
         self._settle_closed = False
-        self._retries: list[tuple[float, int, Message]] = []
-        self._retry_order = itertools.count()
-        self._retry_wake = asyncio.Event()
+        self._retries: DelayQueue[Message] = DelayQueue()
         self._dead_letters: set[asyncio.Task[None]] = set()
         self._dead_letter_slots = asyncio.Semaphore(_DEAD_LETTER_CONCURRENCY)
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -183,11 +180,10 @@ class JetStreamSource:
         self._buffer_ready.set()
         await _finish(self._tasks.get("submit"), _STOP_TIMEOUT)
         await _finish(self._tasks.get("retry"), 0)
-        for _, _, message in self._retries:
+        for message in self._retries.drain():
             delivery: _Delivery = message.handle
             self._nak(delivery, self.config.nak_delay)
             self._release_held_key(message)
-        self._retries.clear()
         await self._acks.flush()
 
     async def close(self) -> None:
@@ -687,25 +683,12 @@ class JetStreamSource:
         delivery.deliveries += 1
         message.delivery_attempt = delivery.deliveries
         message.resume = True
-        heapq.heappush(self._retries, (time.monotonic() + delay, next(self._retry_order), message))
-        self._retry_wake.set()
+        self._retries.push(message, delay)
 
     async def _retry_loop(self) -> None:
         dispatcher = self._require_ctx().dispatcher
         while True:
-            self._retry_wake.clear()
-            if not self._retries:
-                await self._retry_wake.wait()
-                continue
-            wait = self._retries[0][0] - time.monotonic()
-            if wait > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._retry_wake.wait(), wait)
-                continue
-            now = time.monotonic()
-            due: list[Message] = []
-            while self._retries and self._retries[0][0] <= now:
-                due.append(heapq.heappop(self._retries)[2])
+            due = await self._retries.next_due()
             try:
                 await dispatcher.submit(
                     due,
