@@ -16,6 +16,7 @@ from fastconn.deadletter import DLT_PREFIX, DLT_RESPONSE, RESPONSE_EXCERPT, fail
 from fastconn.delay_queue import DelayQueue
 from fastconn.errors import DispatcherClosed
 from fastconn.health import SourceHealth
+from fastconn.ingress_store import MESSAGE_ID_HEADER, TOPIC_HEADER, unwrap
 from fastconn.message import Message, Outcome
 from fastconn.responses import response_messages
 from fastconn.source import SourceContext
@@ -58,6 +59,8 @@ _DEAD_LETTER_CONCURRENCY: Final = 32
 _RESERVED: Final = frozenset(
     {"x-nats-stream", "x-nats-sequence", "x-message-id", "x-topic", "x-delivery-attempt", "x-connector"}
 )
+# A stored event's envelope (fastconn.ingress_store) is fastconn's, not the sender's.
+_RESERVED_STORED: Final = _RESERVED | {TOPIC_HEADER.lower(), MESSAGE_ID_HEADER.lower()}
 
 # The source's own coordinates on dead letters (the rest of the context is fastconn.deadletter's).
 DLT_SUBJECT: Final = "fastconn-dlt-original-subject"
@@ -463,15 +466,21 @@ class JetStreamSource:
     def _to_message(self, d: _Delivery) -> Message:
         msg = d.msg
         d.parse_reply()
-        headers = http_headers(msg.headers, _RESERVED) if msg.headers else []
+        topic, message_id = msg.subject, f"{d.stream}/{d.seq}"
+        stored = unwrap(msg.headers) if self.config.stored_events else None
+        if stored is not None:
+            # Routed by the topic it was accepted on; the id is the one its 202 carried.
+            topic, message_id = stored
+        reserved = _RESERVED_STORED if self.config.stored_events else _RESERVED
+        headers = http_headers(msg.headers, reserved) if msg.headers else []
         headers.append(("X-Nats-Stream", d.stream))
         headers.append(("X-Nats-Sequence", str(d.seq)))
         key = self._key(msg) if self.config.ordering == "key" else None
         return Message(
-            msg.subject,
+            topic,
             msg.data,
             headers,
-            message_id=f"{d.stream}/{d.seq}",
+            message_id=message_id,
             key=key,
             delivery_attempt=d.deliveries,
             hold_key_on_retry=key is not None,
@@ -665,7 +674,7 @@ class JetStreamSource:
         headers = {k: v for k, v in original.items() if not k.lower().startswith(("nats-", DLT_PREFIX))}
         headers["Nats-Msg-Id"] = f"dlq:{delivery.stream}/{delivery.seq}"
         origin = [
-            (DLT_SUBJECT, outcome.message.topic),
+            (DLT_SUBJECT, delivery.msg.subject),
             (DLT_STREAM, delivery.stream),
             (DLT_SEQUENCE, str(delivery.seq)),
         ]
