@@ -69,7 +69,7 @@ async def run(ctx: Context) -> list[ScenarioResult]:
         {"messages": http_bound_messages(o.messages), "payload": o.payload, "inflight": o.inflight},
     )
     with nats_server(o.workdir, ctx.watch) as url:
-        durable_feed, plain_feed = TimedWebhookFeed(o.payload), TimedWebhookFeed(o.payload)
+        durable_feed, plain_feed, relay_feed = (TimedWebhookFeed(o.payload) for _ in range(3))
         rounds = iter(range(1_000_000))
 
         async def durable(ctx: Context, _round: int) -> Running:
@@ -105,7 +105,7 @@ async def run(ctx: Context) -> list[ScenarioResult]:
             ),
             ProcessSystem("fastconn-plain", "fastconn webhook without a store (same run)", plain_feed, plain),
             ProcessSystem(
-                "baseline", f"aiohttp server + aiohttp client ({o.inflight} in flight)", plain_feed, baseline
+                "baseline", f"aiohttp server + aiohttp client ({o.inflight} in flight)", relay_feed, baseline
             ),
         ]
         await alternate(ctx, result, systems)
