@@ -16,7 +16,11 @@ import pytest
 from aiobotocore.session import get_session  # type: ignore[import-untyped]
 
 from aws_fixtures import REGION, MotoServer, aws_env, moto_server  # noqa: F401
-from fastconn.testing import DaemonProcess, FunctionDouble, free_port, wait_for
+from fastconn.functions import FunctionTarget
+from fastconn.http_routes import HttpRequest, HttpResponse
+from fastconn.message import Message
+from fastconn.sources.sns import Notification, SnsConfig, SnsSource
+from fastconn.testing import DaemonProcess, FunctionDouble, free_port, running_source, wait_for
 from sns_fixtures import (  # noqa: F401
     FOREIGN_TOPIC,
     OTHER_TOPIC,
@@ -560,3 +564,42 @@ async def test_a_failing_subscribe_is_retried_while_the_endpoint_serves(
     )
     assert "Subscribe(" in daemon.output() and "retrying in" in daemon.output()
     assert (await post(daemon, notification(key, cert_url)))[0] == 200
+
+
+# -- the decode hook, in process (the route's plain-data interface) --------------------------------
+
+
+def _lines(notification: Notification) -> list[Message]:
+    """A decoder standing in for ``decode = "s3"``: one message per line of the notification."""
+    lines = notification.message.split(b"\n")
+    if b"" in lines:
+        raise ValueError("an empty line is not a record")
+    return [
+        Message(notification.topic_arn, line, message_id=f"{notification.message_id}:{i}")
+        for i, line in enumerate(lines)
+    ]
+
+
+async def test_a_decoder_can_turn_one_notification_into_several_messages(
+    function_double: FunctionDouble, sns_host: SnsHost, ca_file: str, key: SigningKey, cert_url: str
+) -> None:
+    config = SnsConfig(topic_arns=(TOPIC,), signing_cert_hosts=(sns_host.host_pattern,), cert_ca_file=ca_file)
+    source = SnsSource(config, decode=_lines)
+    functions = [FunctionTarget("orders", (TOPIC,), function_double.url("/orders"))]
+    async with running_source(source, functions):
+
+        async def deliver(envelope: dict[str, Any]) -> HttpResponse:
+            headers = tuple(sns_headers(envelope).items())
+            body = json.dumps(envelope).encode()
+            return await source.handle(HttpRequest("POST", "/sns", (), headers, body, "127.0.0.1:1"))
+
+        envelope = notification(key, cert_url, message="a\nb\nc")
+        answer = await deliver(envelope)
+        assert answer.status == 200, answer.body
+        await wait_for(lambda: len(function_double.calls_to("/orders")) == 3, what="three records")
+        ids = sorted(c.headers["X-Message-Id"] for c in function_double.calls_to("/orders"))
+        assert ids == [f"{envelope['MessageId']}:{i}" for i in range(3)]
+        # A notification the decoder cannot take: 400 (SNS would only send it again).
+        answer = await deliver(notification(key, cert_url, message="a\n\nb"))
+        assert answer.status == 400 and b"empty line" in answer.body
+        assert len(function_double.calls_to("/orders")) == 3
