@@ -265,11 +265,9 @@ impl SignatureRule {
     }
 }
 
-/// `value` without `prefix` (ASCII case-insensitive: `SHA256=` is GitHub's `sha256=`).
+/// `value` without `prefix`, compared exactly: providers send it exactly as documented.
 fn strip_prefix<'a>(value: &'a [u8], prefix: &str) -> Option<&'a [u8]> {
-    let prefix = prefix.as_bytes();
-    (value.len() >= prefix.len() && value[..prefix.len()].eq_ignore_ascii_case(prefix))
-        .then(|| &value[prefix.len()..])
+    value.strip_prefix(prefix.as_bytes())
 }
 
 fn decode(digest: &[u8], encoding: Encoding) -> Result<Vec<u8>, String> {

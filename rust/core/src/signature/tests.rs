@@ -56,12 +56,20 @@ fn github_documented_example_verifies() {
         ),
         Ok(())
     );
-    // Upper-case hex and prefix are the same signature.
-    let upper = GITHUB_SIGNATURE.to_ascii_uppercase();
+    // Upper-case hex is the same digest; the prefix is compared exactly.
+    let upper_hex = format!(
+        "sha256={}",
+        GITHUB_SIGNATURE["sha256=".len()..].to_ascii_uppercase()
+    );
     assert_eq!(
-        rule.verify(&one("X-Hub-Signature-256", &upper), GITHUB_BODY, 0),
+        rule.verify(&one("X-Hub-Signature-256", &upper_hex), GITHUB_BODY, 0),
         Ok(())
     );
+    let upper = GITHUB_SIGNATURE.to_ascii_uppercase();
+    assert!(matches!(
+        rule.verify(&one("X-Hub-Signature-256", &upper), GITHUB_BODY, 0),
+        Err(SignatureError::Malformed { .. })
+    ));
 }
 
 #[test]
