@@ -12,7 +12,10 @@ __all__ = [
     "__version__",
     "build_profile",
     "check_tls",
+    "cloudevents_calls",
+    "cloudevents_reply",
     "validate_url",
+    "verify_signature",
 ]
 
 __version__: str

@@ -32,7 +32,7 @@ fn mode(name: &str) -> PyResult<Mode> {
 /// The calls a `type = "cloudevents"` route submits for one request: (topic, message id,
 /// headers, body) per event. A refused request raises ValueError((status, message)).
 #[pyfunction]
-#[pyo3(signature = (headers, body, *, route_by="type", delivery="binary", max_body_bytes=1 << 20, max_batch=100))]
+#[pyo3(signature = (headers, body, *, route_by="type", delivery="binary", max_body_bytes=1048576, max_batch=100))]
 pub fn cloudevents_calls<'py>(
     py: Python<'py>,
     headers: Headers,
@@ -79,7 +79,7 @@ pub fn cloudevents_calls<'py>(
 /// reply event in `mode`, or None when the response is no event. A malformed reply event
 /// raises ValueError((status, message)).
 #[pyfunction]
-#[pyo3(signature = (status, headers, body, *, mode="binary", max_body_bytes=1 << 20))]
+#[pyo3(signature = (status, headers, body, *, mode="binary", max_body_bytes=1048576))]
 pub fn cloudevents_reply<'py>(
     py: Python<'py>,
     status: u16,
