@@ -384,6 +384,27 @@ fn bodies_over_the_limit_are_413() {
     assert_refused(&err, 413, &["max_body_bytes (10)"]);
 }
 
+#[test]
+fn deeply_nested_json_is_a_400_not_a_stack_overflow() {
+    let deep = "[".repeat(100_000);
+    let body =
+        format!(r#"{{"specversion":"1.0","id":"1","source":"/s","type":"t","data":{deep}}}"#);
+    assert_refused(
+        &refused(
+            Some(STRUCTURED_CONTENT_TYPE),
+            &Headers::new(),
+            body.as_bytes(),
+        ),
+        400,
+        &["not valid JSON"],
+    );
+    assert_refused(
+        &refused(Some(BATCH_CONTENT_TYPE), &Headers::new(), deep.as_bytes()),
+        400,
+        &["JSON array"],
+    );
+}
+
 // -- batched mode -------------------------------------------------------------------------------
 
 fn batch_of(n: usize) -> String {
@@ -707,6 +728,18 @@ proptest! {
     #[test]
     fn any_event_survives_binary_mode(event in event(false)) {
         let call = to_function_request(&event, Mode::Binary);
+        // The engine refuses a message whose headers, topic or id are not valid HTTP: nothing
+        // the decoder accepts may be refused there.
+        for (name, value) in &call.headers {
+            prop_assert!(http::HeaderName::try_from(name.as_str()).is_ok(), "{}", name);
+            prop_assert!(http::HeaderValue::try_from(value.as_str()).is_ok(), "{}: {:?}", name, value);
+        }
+        prop_assert!(http::HeaderValue::try_from(call.message_id.as_str()).is_ok());
+        for by in [RouteBy::Type, RouteBy::Source] {
+            if let Ok(topic) = topic_for(&event, by) {
+                prop_assert!(http::HeaderValue::try_from(topic).is_ok());
+            }
+        }
         let ct = call.headers.iter().find(|(n, _)| n == "content-type").map(|(_, v)| v.as_str());
         let again = decode_one(ct, &call.headers, &call.body);
         prop_assert_eq!(again, event);
