@@ -3,6 +3,8 @@
 //!
 //! # How the ingress server calls this (one request of a `type = "cloudevents"` route)
 //!
+//! 0. Check `auth_token` (bearer) and, when `hmac_secret` is set, the signature with
+//!    [`crate::signature::SignatureRule::verify`] over the whole body (401 with its message).
 //! 1. Read the body within `max_body_bytes` (413 before and while reading), then
 //!    `let events = decode_request(content_type, &headers, body, &limits)?;` where
 //!    `content_type` is the request's `Content-Type` value as bytes (`None` when absent),
@@ -23,14 +25,15 @@
 //!    The headers are already filtered by [`crate::headers::forwardable`]; do not add the
 //!    request's own headers (the event's attributes are the event's metadata, and the sender's
 //!    credentials and signature must not reach functions).
-//! 3. Answer `202` (with `X-Message-Id`) as for webhooks. With `reply = true`, the request's
-//!    `Prefer: reply` (Knative's convention; see [`wants_reply`]) and a single event, wait for
-//!    the first function's answer (as `?wait=true` does) and call
-//!    `reply_from_response(status, &headers, body, &limits)`: `Ok(Some(reply))` → answer with
-//!    `encode_response(&reply, mode)` where `mode` is the mode the request came in
-//!    ([`request_mode`]); `Ok(None)` → `202`, no reply; `Err(e)` → the function answered a
-//!    malformed event: answer 502 with `e.message` (the sender's event was delivered; the reply
-//!    is the function's fault).
+//! 3. Answer `202` (with `X-Message-Id`) as for webhooks. With `reply = true`,
+//!    [`wants_reply`]`(&headers)` (the request's `Prefer: reply`, Knative's convention) and a
+//!    single event, submit with `capture = true`, wait for the first function's answer (as
+//!    `?wait=true` does) and call `reply_from_response(status, &response_headers, body,
+//!    &limits)`: `Ok(Some(reply))` → answer `encode_response(&reply,
+//!    request_mode(content_type).reply_mode())` (status, headers, body: the reply goes back in
+//!    the mode the event came in); `Ok(None)` → `202`, no reply; `Err(e)` → the function
+//!    answered a malformed event: answer 502 with `e.message` (the sender's event was
+//!    delivered; the reply is the function's fault).
 //!
 //! Webhook signatures (GitHub, Stripe, GitLab) are in [`crate::signature`].
 

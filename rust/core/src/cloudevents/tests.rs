@@ -248,6 +248,20 @@ fn structured_mode_keeps_json_data_as_sent_and_typed_extensions() {
 }
 
 #[test]
+fn structured_mode_reads_attributes_from_the_body_only() {
+    // A sender may add ce- headers in structured mode (§3.2.3); the body is the event.
+    let mut h = binary_headers();
+    h.push(("ce-id".to_owned(), "from-a-header".to_owned()));
+    let event = decode_one(
+        Some("Application/CloudEvents+JSON"),
+        &h,
+        STRUCTURED.as_bytes(),
+    );
+    assert_eq!(event.id, "A234-1234-1234");
+    assert_eq!(event.extension("traceparent"), None);
+}
+
+#[test]
 fn structured_mode_data_forms() {
     let event = |extra: &str| {
         let body = format!(r#"{{"specversion":"1.0","id":"1","source":"/s","type":"t"{extra}}}"#);
