@@ -72,6 +72,7 @@ def test_sdk_events_reach_functions_intact(encode: Any, delivery: str) -> None:
         assert dict(headers)["content-type"] == "application/json"
     else:
         assert dict(headers)["content-type"].startswith("application/cloudevents+json")
+        assert dict(headers)["traceparent"] == sent.get_extension("traceparent")
     assert_same_event(received(headers, body), sent)
 
 

@@ -145,8 +145,8 @@ pub(crate) fn decode<K: AsRef<str>, V: AsRef<[u8]>>(
 }
 
 /// The headers (names lower case) and body of `event` in binary mode. `traceparent` and
-/// `tracestate` extensions are also sent as the W3C headers of the same name, so tracing
-/// middleware in the function continues the event's trace.
+/// `tracestate` extensions are also sent as the W3C headers of the same name (see
+/// [`trace_headers`]), so tracing middleware in the function continues the event's trace.
 pub(crate) fn encode(event: &CloudEvent) -> (Vec<(String, String)>, Bytes) {
     let mut headers = Vec::with_capacity(6 + event.extensions.len());
     headers.push(("ce-specversion".to_owned(), super::SPEC_VERSION.to_owned()));
@@ -162,16 +162,23 @@ pub(crate) fn encode(event: &CloudEvent) -> (Vec<(String, String)>, Bytes) {
             headers.push((name.to_owned(), encode_value(value)));
         }
     }
+    headers.extend(trace_headers(event));
     for (name, value) in &event.extensions {
-        let encoded = encode_value(&value.to_string());
-        if name == "traceparent" || name == "tracestate" {
-            headers.push((name.clone(), encoded.clone()));
-        }
-        headers.push((format!("{PREFIX}{name}"), encoded));
+        headers.push((format!("{PREFIX}{name}"), encode_value(&value.to_string())));
     }
     if let Some(content_type) = &event.datacontenttype {
         // A plain HTTP header, not percent-encoded (the value has no control characters).
         headers.push(("content-type".to_owned(), content_type.clone()));
     }
     (headers, event.data.clone().unwrap_or_default())
+}
+
+/// The event's `traceparent`/`tracestate` extensions as the W3C Trace Context headers of the
+/// same name, for tracing middleware that knows nothing of CloudEvents (any content mode).
+pub(crate) fn trace_headers(event: &CloudEvent) -> impl Iterator<Item = (String, String)> + '_ {
+    event
+        .extensions
+        .iter()
+        .filter(|(name, _)| name == "traceparent" || name == "tracestate")
+        .map(|(name, value)| (name.clone(), encode_value(&value.to_string())))
 }

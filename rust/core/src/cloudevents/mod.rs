@@ -266,13 +266,14 @@ pub fn to_function_request(event: &CloudEvent, mode: Mode) -> FunctionRequest {
 fn encode(event: &CloudEvent, mode: Mode) -> (Vec<(String, String)>, Bytes) {
     match mode {
         Mode::Binary => binary::encode(event),
-        Mode::Structured => (
-            vec![(
+        Mode::Structured => {
+            let mut headers = vec![(
                 "content-type".to_owned(),
                 format!("{STRUCTURED_CONTENT_TYPE}; charset=utf-8"),
-            )],
-            Bytes::from(json::encode_structured(event)),
-        ),
+            )];
+            headers.extend(binary::trace_headers(event));
+            (headers, Bytes::from(json::encode_structured(event)))
+        }
     }
 }
 
