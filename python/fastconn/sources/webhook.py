@@ -33,7 +33,9 @@ from pydantic import ConfigDict, Field
 
 from fastconn.errors import DispatcherClosed
 from fastconn.headers import passthrough
+from fastconn.health import HEALTHY, SourceHealth
 from fastconn.http_body import IncompleteBody, read_at_most
+from fastconn.ingress_store import IngressStore, IngressStoreConfig, StoredEvent, StoreUnavailable
 from fastconn.message import Message, Outcome, Verdict
 from fastconn.ratelimit import RateLimitedLog
 from fastconn.signatures import SignatureKeys, signature_problem
@@ -83,6 +85,9 @@ class WebhookConfig(SignatureKeys):
     """Bearer token required in ``Authorization: Bearer <token>``; None disables the check."""
     asynchronous_invocation: bool = False
     """Invoke functions through ``/async-function/``; ``?wait=true`` waits for the callback."""
+    store: IngressStoreConfig | None = None
+    """Durable ingress: answer 202 only once the event is stored in this JetStream stream, and
+    dispatch it from there (see :mod:`fastconn.ingress_store`)."""
 
 
 CONFIG_MODEL = WebhookConfig
@@ -104,6 +109,7 @@ class WebhookSource:
         self._malformed_log = RateLimitedLog(log, interval=10.0)
         # Per-function detail is in fastconn.functions' aggregated lines; this says which messages.
         self._undelivered_log = RateLimitedLog(log, interval=10.0)
+        self._store = IngressStore(config.store, config.name) if config.store is not None else None
 
     def register(self, ctx: SourceContext) -> None:
         self._ctx = ctx
@@ -114,6 +120,8 @@ class WebhookSource:
         ctx.app.router.add_post(r"/webhook/{topic:[\s\S]+}", self._handle)
 
     async def start(self) -> None:
+        if self._store is not None:
+            await self._store.open()
         self._accepting = True
 
     async def stop(self) -> None:
@@ -121,6 +129,14 @@ class WebhookSource:
 
     async def close(self) -> None:
         self._closed.set()
+        if self._store is not None:
+            await self._store.close()
+
+    def health(self) -> SourceHealth:
+        """The store's connection (a webhook without a store has nothing to lose)."""
+        if self._store is None or self._store.health is None:
+            return HEALTHY
+        return self._store.health.health()
 
     # -- request handling ------------------------------------------------------------------
 
@@ -161,6 +177,8 @@ class WebhookSource:
         # The id is made here so the 202 can carry it; it stays the same across retries.
         message = Message(topic, body, headers, message_id=uuid.uuid4().hex)
         wait = request.query.get("wait", "").lower() in ("1", "true", "yes")
+        if self._store is not None:
+            return await self._stored(message, wait)
         # No topic map yet: answer at once. Holding the request for startup_wait would keep a
         # connection (and a sender) waiting for a table that may be minutes away.
         if not await ctx.wait_ready(0):
@@ -207,6 +225,26 @@ class WebhookSource:
                 503, "shut down before every function answered", retry_after=1, message_id=message.message_id
             )
         return _waited_response(outcome, outcome.message_id)
+
+    async def _stored(self, message: Message, wait: bool) -> web.Response:
+        """Durable ingress: 202 once the stream holds the event; its JetStream source delivers."""
+        store = self._store
+        if store is None or wait:
+            return _error(
+                400,
+                "?wait=true is not available on a webhook with a store: the event is dispatched "
+                "later from the stream (drop ?wait, or use a webhook without a store)",
+            )
+        message_id = message.message_id or ""
+        try:
+            await store.put([StoredEvent(message.topic, message.payload, message.headers, message_id)])
+        except StoreUnavailable as exc:
+            self._undelivered_log.warning("webhook %s: event not stored: %s", self.name, exc)
+            return _error(503, "event store unavailable, retry later", retry_after=1)
+        ctx = self._ctx
+        if ctx is not None:
+            ctx.count_received(self.name, [message])
+        return web.Response(status=202, text="stored\n", headers={"X-Message-Id": message_id})
 
     def _check_token(self, request: web.Request) -> web.Response | None:
         token = self.config.auth_token
