@@ -168,11 +168,22 @@ impl SignatureRule {
         body: &[u8],
         now_unix: i64,
     ) -> Result<(), SignatureError> {
-        let Some(given) = headers
+        let given = headers
             .iter()
             .find(|(name, _)| name.as_ref().eq_ignore_ascii_case(&self.header))
-            .map(|(_, value)| value.as_ref().trim_ascii())
-        else {
+            .map(|(_, value)| value.as_ref());
+        self.verify_value(given, body, now_unix)
+    }
+
+    /// [`verify`](Self::verify) with the signature header's value already looked up (a hyper
+    /// server: `parts.headers.get(rule.header()).map(|v| v.as_bytes())`).
+    pub fn verify_value(
+        &self,
+        given: Option<&[u8]>,
+        body: &[u8],
+        now_unix: i64,
+    ) -> Result<(), SignatureError> {
+        let Some(given) = given.map(<[u8]>::trim_ascii) else {
             return Err(SignatureError::Missing {
                 header: self.header.clone(),
             });

@@ -4,7 +4,9 @@
 //! # How the ingress server calls this (one request of a `type = "cloudevents"` route)
 //!
 //! 0. Check `auth_token` (bearer) and, when `hmac_secret` is set, the signature with
-//!    [`crate::signature::SignatureRule::verify`] over the whole body (401 with its message).
+//!    [`crate::signature::SignatureRule::verify_value`]`(parts.headers.get(rule.header())
+//!    .map(|v| v.as_bytes()), &body, now_unix)` over the whole body (401 with
+//!    `err.message()`).
 //! 1. Read the body within `max_body_bytes` (413 before and while reading), then
 //!    `let events = decode_request(content_type, &headers, body, &limits)?;` where
 //!    `content_type` is the request's `Content-Type` value as bytes (`None` when absent),

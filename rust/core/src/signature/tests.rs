@@ -239,6 +239,19 @@ fn gitlab_token_is_compared_whole() {
 }
 
 #[test]
+fn a_looked_up_header_value_verifies_the_same() {
+    let rule = github();
+    assert_eq!(
+        rule.verify_value(Some(GITHUB_SIGNATURE.as_bytes()), GITHUB_BODY, 0),
+        Ok(())
+    );
+    assert!(matches!(
+        rule.verify_value(None, GITHUB_BODY, 0),
+        Err(SignatureError::Missing { .. })
+    ));
+}
+
+#[test]
 fn debug_output_never_shows_the_secret() {
     let shown = format!("{:?}", github());
     assert!(!shown.contains("Secret to Everybody"), "{shown}");
