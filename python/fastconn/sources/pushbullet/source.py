@@ -262,10 +262,9 @@ class PushbulletSource:
         messages: list[Message] = []
         for push in readable:
             iden, modified, created = push["iden"], _modified(push), float(push["created"])
-            if not progress.is_new(iden, created):
-                progress.saw(modified)
+            tracked = progress.read(iden, created, modified)
+            if tracked is None:
                 continue
-            tracked = progress.track(iden, modified)
             topic = self._topic(push)
             if topic is None:
                 self._settle(tracked)
@@ -366,8 +365,8 @@ class PushbulletSource:
             self._settle(item.tracked)
 
     def _settle(self, tracked: Tracked) -> None:
-        if self.progress.settle(tracked):
-            self._save_wanted.set()
+        self.progress.settle(tracked)
+        self._save_wanted.set()
 
     def _stick(self, item: InFlight) -> None:
         if not item.stuck:
