@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import bisect
 import contextlib
 import itertools
 import json
@@ -60,6 +61,9 @@ class PushbulletDouble:
     """Every authorised REST request: path and query."""
     stream_connections: int = 0
     rate_limited: int = 0
+    _order: list[tuple[float, str]] = field(default_factory=list)
+    """(modified, iden) of every push, ascending: listings are a bisect and a slice, as an
+    indexed server's would be (a linear scan would make the double the bottleneck)."""
     _sockets: set[web.WebSocketResponse] = field(default_factory=set)
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _last_modified: float = 0.0
@@ -151,26 +155,28 @@ class PushbulletDouble:
         if channel is not None:
             found = self.channels.get(channel) or self.owned.get(channel)
             push["channel_iden"] = found["iden"] if found else f"unknown-{channel}"
-        self.pushes[iden] = push
+        self._store(push)
         if tickle:
             self.tickle()
         return push
 
+    def _store(self, push: dict[str, Any]) -> None:
+        old = self.pushes.get(push["iden"])
+        if old is not None:
+            del self._order[bisect.bisect_left(self._order, (old["modified"], old["iden"]))]
+        self.pushes[push["iden"]] = push
+        bisect.insort(self._order, (push["modified"], push["iden"]))
+
     def change_push(self, iden: str, *, tickle: bool = True, **fields: Any) -> dict[str, Any]:
-        push = self.pushes[iden]
-        push.update(fields, modified=self.now())
+        push = {**self.pushes[iden], **fields, "modified": self.now()}
+        self._store(push)
         if tickle:
             self.tickle()
         return push
 
     def delete_push(self, iden: str) -> None:
         push = self.pushes[iden]
-        self.pushes[iden] = {
-            "iden": iden,
-            "active": False,
-            "created": push["created"],
-            "modified": self.now(),
-        }
+        self._store({"iden": iden, "active": False, "created": push["created"], "modified": self.now()})
         self.tickle()
 
     def tickle(self, subtype: str = "push") -> None:
@@ -298,17 +304,21 @@ class PushbulletDouble:
                 {"error": {"code": "invalid_request", "message": "bad number"}}, status=400
             )
         active_only = query.get("active") == "true"
-        items = [
-            p for p in self.pushes.values() if p["modified"] > after and (p["active"] or not active_only)
-        ]
-        items.sort(key=lambda p: (p["modified"], p["iden"]), reverse=True)
+        low = bisect.bisect_right(self._order, (after, "\uffff"))
+        high = len(self._order)
         if "cursor" in query:
             # The cursor is the position after the last item handed out: stable while pushes change.
             modified, iden = json.loads(base64.urlsafe_b64decode(query["cursor"]))
-            items = [p for p in items if (p["modified"], p["iden"]) < (modified, iden)]
-        page = items[:limit]
+            high = bisect.bisect_left(self._order, (modified, iden))
+        page: list[dict[str, Any]] = []
+        position = high
+        while position > low and len(page) < limit:
+            position -= 1
+            push = self.pushes[self._order[position][1]]
+            if push["active"] or not active_only:
+                page.append(push)
         body: dict[str, Any] = {"pushes": page}
-        if len(items) > limit:
+        if page and position > low:
             last = page[-1]
             body["cursor"] = base64.urlsafe_b64encode(
                 json.dumps([last["modified"], last["iden"]]).encode()
