@@ -147,6 +147,23 @@ async def test_channel_rules_filter_unknown_dismissed_and_owned(
     assert sorted(c.headers["X-Topic"] for c in function_double.calls) == ["alerts", "later", "mine"]
 
 
+async def test_edits_dismissals_and_deletions_do_not_trigger_again(
+    pushbullet: PushbulletDouble, function_double: FunctionDouble, tmp_path: Path
+) -> None:
+    pushbullet.add_channel("alerts")
+    async with running(source_config(pushbullet, tmp_path), [function(function_double, "fn", "alerts")]):
+        await wait_for(lambda: pushbullet.stream_connections == 1, 5, what="the stream")
+        pushes = [pushbullet.create_push("alerts") for _ in range(3)]
+        await wait_for(lambda: len(function_double.calls) == 3, 5, what="three calls")
+        pushbullet.change_push(pushes[0]["iden"], title="edited")
+        pushbullet.change_push(pushes[1]["iden"], dismissed=True)
+        pushbullet.delete_push(pushes[2]["iden"])
+        # A marker created after the changes: once it arrives, the changes were synced too.
+        marker = pushbullet.create_push("alerts")
+        await wait_for(lambda: marker["iden"] in idens(function_double.calls), 5, what="the marker")
+    assert sorted(idens(function_double.calls)) == sorted([*(p["iden"] for p in pushes), marker["iden"]])
+
+
 async def test_ephemerals_go_to_their_type_topic(
     pushbullet: PushbulletDouble, function_double: FunctionDouble, tmp_path: Path
 ) -> None:

@@ -40,6 +40,7 @@ class StreamFollower:
         on_ephemeral: Callable[[dict[str, Any]], None],
     ) -> None:
         self._url = url.rstrip("/") + "/" + token
+        self._token = token
         self.display = urlsplit(url).netloc or url
         """Where the stream is, for logs (the token is in the URL path: never logged)."""
         self._health = health
@@ -69,7 +70,8 @@ class StreamFollower:
                     self._health.failing(reason)
                 except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                     failures += 1
-                    self._health.failing(describe_error(exc))
+                    # An invalid URL's text is the URL itself, token included.
+                    self._health.failing(self._redact(describe_error(exc)))
                 else:
                     failures = 0
                     self.connections += 1
@@ -99,10 +101,14 @@ class StreamFollower:
                 log.info("pushbullet stream %s closed by the server: reconnecting", self.display)
                 return
             if frame.type is aiohttp.WSMsgType.ERROR:
-                log.warning("pushbullet stream %s failed (%s): reconnecting", self.display, ws.exception())
+                reason = self._redact(repr(ws.exception()))
+                log.warning("pushbullet stream %s failed (%s): reconnecting", self.display, reason)
                 return
             if frame.type is aiohttp.WSMsgType.TEXT:
                 self._handle(frame.data)
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._token, "***")
 
     def _handle(self, text: str) -> None:
         try:
