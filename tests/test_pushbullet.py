@@ -254,6 +254,25 @@ async def test_a_dropped_stream_reconnects_and_catches_up(
     assert idens(function_double.calls) == [missed["iden"], live["iden"]]
 
 
+async def test_a_revoked_token_makes_the_source_unhealthy_until_it_is_valid_again(
+    pushbullet: PushbulletDouble, function_double: FunctionDouble, tmp_path: Path
+) -> None:
+    pushbullet.add_channel("alerts")
+    async with running(
+        source_config(pushbullet, tmp_path), [function(function_double, "fn", "alerts")]
+    ) as source:
+        await wait_for(lambda: pushbullet.stream_connections == 1, 5, what="the stream")
+        valid, pushbullet.token = pushbullet.token, "o.another-token"
+        await pushbullet.drop_streams()
+        await wait_for(lambda: "401" in source.health().reason, 5, what="the refusal in the health")
+        assert not source.health().ok and valid not in source.health().reason
+        pushbullet.token = valid
+        await wait_for(lambda: source.health().ok, 5, what="the source healthy again")
+        push = pushbullet.create_push("alerts")
+        await wait_for(lambda: function_double.calls, 5, what="a push after the recovery")
+    assert idens(function_double.calls) == [push["iden"]]
+
+
 async def test_missing_keepalives_reopen_the_stream(
     pushbullet: PushbulletDouble, function_double: FunctionDouble, tmp_path: Path
 ) -> None:
