@@ -433,6 +433,8 @@ async def test_daemon_delivers_a_push(
     assert function_double.calls[0].headers["X-Message-Id"] == push["iden"]
     metrics = await daemon.metrics()
     assert metrics.get('fastconn_pushbullet_events_total{event="syncs",source="pushbullet"}', 0) >= 1
+    assert await daemon.stop() == 0, daemon.output()
+    assert saved(tmp_path).modified == push["modified"], "the checkpoint is saved at shutdown at the latest"
 
 
 async def test_daemon_with_a_bad_token_exits_with_a_clear_message(
