@@ -22,7 +22,7 @@ from fastconn.functions import FunctionTarget
 from fastconn.metrics import Metrics
 from fastconn.source import SourceContext
 from fastconn.sources.pushbullet import PushbulletConfig, PushbulletSource
-from fastconn.sources.pushbullet.progress import Boundary
+from fastconn.sources.pushbullet.progress import Boundary, Progress
 from fastconn.testing import DaemonProcess, FunctionDouble, RecordedCall, wait_for
 from pushbullet_double import PushbulletDouble
 
@@ -396,6 +396,25 @@ def test_boundary_round_trip_and_equal_timestamps() -> None:
     assert boundary.covers(1699999999.0, "x") and boundary.covers(1800000000.0, "z")
     with pytest.raises(ValueError):
         Boundary.decode('{"modified": "soon"}')
+
+
+def test_progress_moves_only_past_settled_pushes_and_carries_those_above() -> None:
+    progress = Progress(Boundary(10.0, frozenset({"a"})))
+    assert progress.read("a", 10.0, 10.0) is None, "settled at the boundary"
+    b, c, d = (progress.read(iden, stamp, stamp) for iden, stamp in (("b", 10.0), ("c", 11.0), ("d", 12.0)))
+    assert b is not None and c is not None and d is not None
+    progress.settle(c)
+    assert progress.boundary == Boundary(10.0, frozenset({"a"}), frozenset({"c"})), "b still holds it"
+    progress.settle(b)
+    assert progress.boundary == Boundary(11.0, frozenset({"c"})), "past b and c, d in flight"
+    progress.settle(d)
+    # A restart with c settled above a boundary held by b: c is skipped, b comes again.
+    restarted = Progress(Boundary(10.0, frozenset({"a"}), frozenset({"c"})))
+    again_b = restarted.read("b", 10.0, 10.0)
+    assert again_b is not None and restarted.read("c", 11.0, 11.0) is None
+    restarted.settle(again_b)
+    assert restarted.boundary == Boundary(11.0, frozenset({"c"}))
+    assert restarted.read("e", 5.0, 13.0) is None, "created before the boundary: an edit, not new"
 
 
 def daemon_config(

@@ -17,8 +17,8 @@ prints ``ready`` once it consumes, runs until SIGTERM.
   advances the slot after the batch succeeded.
 * ``pushbullet``: the OpenFaaS Pushbullet connector's loop, polling instead of the stream: list
   pushes one per request (``limit=1``, following the cursor), look the channel's tag up with
-  ``GET /v2/subscriptions`` for every push, call it; ``modified_after`` moves to the newest
-  push once the listing is read.
+  ``GET /v2/subscriptions`` for every push and call it at once; ``modified_after`` moves to the
+  newest push once the listing is read.
 """
 
 from __future__ import annotations
@@ -289,7 +289,6 @@ class BatchTracker:
 async def pushbullet(args: argparse.Namespace, fwd: Forwarder, stop: asyncio.Event) -> None:
     headers = {"Access-Token": args.subject}
     api = args.server.rstrip("/") + "/v2"
-    after = 0.0
     async with aiohttp.ClientSession(headers=headers) as http:
         async with http.get(f"{api}/pushes", params={"limit": "1"}) as r:
             newest = (await r.json())["pushes"]
@@ -297,24 +296,24 @@ async def pushbullet(args: argparse.Namespace, fwd: Forwarder, stop: asyncio.Eve
         ready()
         while not stop.is_set():
             params = {"modified_after": repr(after), "active": "true", "limit": "1"}
-            pushes: list[dict[str, Any]] = []
+            newest_seen = after
             while True:
                 async with http.get(f"{api}/pushes", params=params) as r:
                     body = await r.json()
-                pushes.extend(body["pushes"])
+                for push in body["pushes"]:
+                    async with http.get(f"{api}/subscriptions") as r:
+                        subscriptions = (await r.json())["subscriptions"]
+                    tags = {s["channel"]["iden"]: s["channel"]["tag"] for s in subscriptions}
+                    tag = tags.get(push.get("channel_iden", ""))
+                    if tag is not None and not push.get("dismissed"):
+                        await fwd.start(tag, json.dumps(push).encode())
+                    newest_seen = max(newest_seen, push["modified"])
                 if not body.get("cursor"):
                     break
                 params = {**params, "cursor": body["cursor"]}
-            for push in reversed(pushes):
-                async with http.get(f"{api}/subscriptions") as r:
-                    subscriptions = (await r.json())["subscriptions"]
-                tags = {s["channel"]["iden"]: s["channel"]["tag"] for s in subscriptions}
-                tag = tags.get(push.get("channel_iden", ""))
-                if tag is not None and not push.get("dismissed"):
-                    await fwd.start(tag, json.dumps(push).encode())
-                after = max(after, push["modified"])
-            if not pushes:
+            if newest_seen == after:
                 await asyncio.sleep(0.02)
+            after = newest_seen
 
 
 def ready() -> None:
