@@ -4,11 +4,13 @@ start-up error, one delivery, and (slow) kill -9."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,17 +56,28 @@ def function(double: FunctionDouble, name: str, *topics: str) -> FunctionTarget:
     return FunctionTarget(name, topics, double.url(f"/{name}"))
 
 
+@dataclass
+class TopicMap:
+    loaded: asyncio.Event = field(default_factory=asyncio.Event)
+    waits: int = 0
+
+
 @contextlib.asynccontextmanager
 async def running(
-    config: PushbulletConfig, targets: Sequence[FunctionTarget]
+    config: PushbulletConfig, targets: Sequence[FunctionTarget], topic_map: TopicMap | None = None
 ) -> AsyncIterator[PushbulletSource]:
-    """A Pushbullet source on a real dispatcher, stopped and closed as the daemon does."""
-    async with Dispatcher(
-        DispatchOptions(backoff_initial=0.01, backoff_max=0.05, max_attempts=2)
-    ) as dispatcher:
+    """A Pushbullet source on a real dispatcher, stopped and closed as the daemon does.
+    ``topic_map``: the daemon's first-topic-map wait (default: the map is there)."""
+    options = DispatchOptions(backoff_initial=0.01, backoff_max=0.05, max_attempts=2)
+    async with Dispatcher(options) as dispatcher:
 
-        async def ready(_timeout: float) -> bool:
-            return True
+        async def ready(timeout: float) -> bool:
+            if topic_map is None:
+                return True
+            topic_map.waits += 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(topic_map.loaded.wait(), min(timeout, 0.05))
+            return topic_map.loaded.is_set()
 
         ctx = SourceContext(dispatcher=dispatcher, metrics=Metrics(), app=web.Application(), wait_ready=ready)
         dispatcher.set_functions(list(targets))
@@ -115,6 +128,23 @@ async def test_a_tickle_fetches_and_dispatches_the_push_with_its_headers(
             float(query["modified_after"]) < old["modified"]
             or float(query["modified_after"]) < push["modified"]
         )
+
+
+async def test_no_sync_before_the_topic_map_so_nothing_is_settled_as_unrouted(
+    pushbullet: PushbulletDouble, function_double: FunctionDouble, tmp_path: Path
+) -> None:
+    pushbullet.add_channel("alerts")
+    topic_map = TopicMap()
+    async with running(source_config(pushbullet, tmp_path), [], topic_map) as source:
+        await wait_for(lambda: pushbullet.stream_connections == 1, 5, what="the stream")
+        push = pushbullet.create_push("alerts")
+        await wait_for(lambda: topic_map.waits >= 4, 5, what="the source waiting for the topic map")
+        assert source.counters["syncs"] == 0 and source.outstanding_pushes == 0
+        # What the daemon does with its first topic map.
+        source._require_ctx().dispatcher.set_functions([function(function_double, "fn", "alerts")])
+        topic_map.loaded.set()
+        await wait_for(lambda: function_double.calls, 5, what="the push once functions are known")
+    assert idens(function_double.calls) == [push["iden"]]
 
 
 async def test_channel_rules_filter_unknown_dismissed_and_owned(

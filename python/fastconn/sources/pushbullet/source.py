@@ -228,6 +228,11 @@ class PushbulletSource:
     # -- syncing ---------------------------------------------------------------------------
 
     async def _sync_loop(self) -> None:
+        ctx = self._require_ctx()
+        # Pushes read before the topic map exists would be "unrouted", settled and checkpointed.
+        while not await ctx.wait_ready(max(ctx.startup_wait, 1.0)):
+            log.warning("pushbullet source %r waits for the topic map before syncing", self.name)
+        self._sync_wanted.set()  # also after a restart of this loop: what it was doing is redone
         failures = 0
         while True:
             await self._sync_wanted.wait()
@@ -327,6 +332,9 @@ class PushbulletSource:
             self._failures.warning("pushbullet source %r: ephemeral dropped (backlog full)", self.name)
 
     async def _ephemeral_loop(self) -> None:
+        ctx = self._require_ctx()
+        while not await ctx.wait_ready(max(ctx.startup_wait, 1.0)):
+            pass  # the sync loop says so in the log
         while True:
             batch = [await self._ephemerals.get()]
             while not self._ephemerals.empty():
