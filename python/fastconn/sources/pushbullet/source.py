@@ -266,7 +266,8 @@ class PushbulletSource:
             self._tags = await api.channel_tags()
         messages: list[Message] = []
         for push in readable:
-            iden, modified, created = push["iden"], _modified(push), float(push["created"])
+            iden, modified = push["iden"], _modified(push)
+            created = float(push.get("created", modified))
             tracked = progress.read(iden, created, modified)
             if tracked is None:
                 continue
@@ -505,6 +506,8 @@ class PushbulletSource:
 
 
 def _well_formed(push: dict[str, Any]) -> bool:
+    """An iden, a finite ``modified`` and, when present, a finite ``created`` (without one, the
+    push counts as created when modified)."""
     iden, created = push.get("iden"), push.get("created", 0.0)
     number = isinstance(created, int | float) and not isinstance(created, bool) and math.isfinite(created)
     return isinstance(iden, str) and bool(iden) and number and math.isfinite(_modified(push))
