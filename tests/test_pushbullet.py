@@ -197,17 +197,25 @@ async def test_edits_dismissals_and_deletions_do_not_trigger_again(
 async def test_ephemerals_go_to_their_type_topic(
     pushbullet: PushbulletDouble, function_double: FunctionDouble, tmp_path: Path
 ) -> None:
-    targets = [function(function_double, "mirror", "ephemeral:mirror")]
+    targets = [
+        function(function_double, "mirror", "ephemeral:mirror"),
+        function(function_double, "sealed", "ephemeral:encrypted"),
+    ]
     async with running(source_config(pushbullet, tmp_path), targets):
         await wait_for(lambda: pushbullet.stream_connections == 1, 5, what="the stream")
         pushbullet.ephemeral({"type": "mirror", "title": "hi", "source_device_iden": "d1", "iden": "e1"})
         pushbullet.ephemeral({"type": "dismissal", "notification_id": "3"})  # routed nowhere
-        await wait_for(lambda: function_double.calls_to("/mirror"), 5, what="the ephemeral")
-    [call] = function_double.calls
-    assert json.loads(call.body)["title"] == "hi"
-    assert call.headers["X-Topic"] == "ephemeral:mirror"
-    assert call.headers["X-Pushbullet-Type"] == "mirror"
-    assert "X-Pushbullet-Channel" not in call.headers
+        pushbullet.ephemeral({"encrypted": True, "ciphertext": "c2VjcmV0"})
+        await wait_for(lambda: len(function_double.calls) == 2, 5, what="the ephemerals")
+    [mirror] = function_double.calls_to("/mirror")
+    assert json.loads(mirror.body)["title"] == "hi"
+    assert mirror.headers["X-Topic"] == "ephemeral:mirror"
+    assert mirror.headers["X-Pushbullet-Type"] == "mirror"
+    assert mirror.headers["X-Message-Id"] == "e1"
+    assert "X-Pushbullet-Channel" not in mirror.headers
+    [sealed] = function_double.calls_to("/sealed")
+    assert json.loads(sealed.body) == {"encrypted": True, "ciphertext": "c2VjcmV0"}
+    assert "X-Pushbullet-Type" not in sealed.headers
 
 
 async def test_a_backlog_is_paged_with_the_cursor_and_delivered_in_order_once(

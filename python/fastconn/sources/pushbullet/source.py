@@ -299,7 +299,8 @@ class PushbulletSource:
 
     def _message(self, push: dict[str, Any], topic: str, tracked: Tracked | None) -> Message:
         iden = push.get("iden")
-        headers = [("X-Pushbullet-Type", str(push.get("type", "")))]
+        kind = push.get("type")
+        headers = [("X-Pushbullet-Type", kind)] if isinstance(kind, str) and kind else []
         if isinstance(iden, str) and iden:
             headers.append(("X-Pushbullet-Iden", iden))
         if tracked is not None:
