@@ -18,6 +18,7 @@ import pytest
 from aiohttp import web
 
 from conftest import DaemonFactory
+from fastconn.checkpoint import checkpoint_store
 from fastconn.dispatcher import Dispatcher, DispatchOptions
 from fastconn.errors import SourceError
 from fastconn.functions import FunctionTarget
@@ -26,6 +27,7 @@ from fastconn.source import SourceContext
 from fastconn.sources.pushbullet import PushbulletConfig, PushbulletSource
 from fastconn.sources.pushbullet.progress import Boundary, Progress
 from fastconn.testing import DaemonProcess, FunctionDouble, RecordedCall, wait_for
+from nats_fixtures import NatsServer, nats_server, unique  # noqa: F401
 from pushbullet_double import PushbulletDouble
 
 
@@ -272,6 +274,33 @@ async def test_a_restart_resumes_from_the_checkpoint_without_loss_or_replay(
     got = Counter(idens(function_double.calls[before:]))
     assert got == Counter([held["iden"], twin["iden"], *(p["iden"] for p in while_down)])
     assert saved(tmp_path).modified == max(p["modified"] for p in while_down)
+
+
+async def test_the_checkpoint_in_a_jetstream_bucket_survives_a_restart(
+    pushbullet: PushbulletDouble, function_double: FunctionDouble, tmp_path: Path, nats_server: NatsServer
+) -> None:
+    pushbullet.add_channel("alerts")
+    bucket = unique("pbcheck")
+    store = {"type": "jetstream_kv", "servers": [nats_server.url], "bucket": bucket}
+    config = source_config(pushbullet, tmp_path, checkpoint=store, name="pb-kv")
+    targets = [function(function_double, "fn", "alerts")]
+    async with running(config, targets):
+        await wait_for(lambda: pushbullet.stream_connections == 1, 5, what="the stream")
+        first = pushbullet.create_push("alerts")
+        await wait_for(lambda: function_double.calls, 5, what="the first push")
+    kv = checkpoint_store(config.checkpoint, config.name)
+    await kv.open()
+    try:
+        value = await kv.load()
+    finally:
+        await kv.close()
+    assert value is not None and Boundary.decode(value).modified == first["modified"]
+    second = pushbullet.create_push("alerts", tickle=False)
+    async with running(config, targets):
+        await wait_for(lambda: len(function_double.calls) >= 2, 5, what="the push created while down")
+        third = pushbullet.create_push("alerts")
+        await wait_for(lambda: len(function_double.calls) >= 3, 5, what="a live push")
+    assert idens(function_double.calls) == [first["iden"], second["iden"], third["iden"]]
 
 
 async def test_a_dropped_stream_reconnects_and_catches_up(
