@@ -514,11 +514,14 @@ async def test_daemon_delivers_a_push(
     pushbullet.add_channel("alerts")
     daemon = await daemon_factory(daemon_config(pushbullet, function_double, tmp_path))
     await wait_for(lambda: pushbullet.stream_connections == 1, 10, what="the stream")
+    pushbullet.create_push("elsewhere")  # a channel nobody subscribed to: counted, skipped
     push = pushbullet.create_push("alerts")
     await wait_for(lambda: function_double.calls, 10, what="the call")
-    assert function_double.calls[0].headers["X-Message-Id"] == push["iden"]
+    assert [c.headers["X-Message-Id"] for c in function_double.calls] == [push["iden"]]
     metrics = await daemon.metrics()
     assert metrics.get('fastconn_pushbullet_events_total{event="syncs",source="pushbullet"}', 0) >= 1
+    skipped = 'fastconn_pushbullet_skipped_pushes_total{reason="unknown_channel",source="pushbullet"}'
+    assert metrics.get(skipped) == 1
     assert await daemon.stop() == 0, daemon.output()
     assert saved(tmp_path).modified == push["modified"], "the checkpoint is saved at shutdown at the latest"
 
