@@ -11,6 +11,7 @@ SCENARIOS: dict[str, str] = {
     "rabbitmq": "scenarios.rabbitmq",
     "mqtt": "scenarios.mqtt",
     "postgres": "scenarios.postgres",
+    "pushbullet": "scenarios.pushbullet",
     "async-callback": "scenarios.async_callback",
     "fanout": "scenarios.fanout",
     "backpressure": "scenarios.backpressure",

@@ -15,6 +15,10 @@ prints ``ready`` once it consumes, runs until SIGTERM.
 * ``postgres``: asyncpg peeks a batch of a logical replication slot (pgoutput), decodes it with
   fastconn's decoder (the naive part is the pipeline, not the parsing), calls every change and
   advances the slot after the batch succeeded.
+* ``pushbullet``: the OpenFaaS Pushbullet connector's loop, polling instead of the stream: list
+  pushes one per request (``limit=1``, following the cursor), look the channel's tag up with
+  ``GET /v2/subscriptions`` for every push and call it at once; ``modified_after`` moves to the
+  newest push once the listing is read.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import signal
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -281,6 +286,36 @@ class BatchTracker:
             self.finished.set()
 
 
+async def pushbullet(args: argparse.Namespace, fwd: Forwarder, stop: asyncio.Event) -> None:
+    headers = {"Access-Token": args.subject}
+    api = args.server.rstrip("/") + "/v2"
+    async with aiohttp.ClientSession(headers=headers) as http:
+        async with http.get(f"{api}/pushes", params={"limit": "1"}) as r:
+            newest = (await r.json())["pushes"]
+        after = newest[0]["modified"] if newest else 0.0
+        ready()
+        while not stop.is_set():
+            params = {"modified_after": repr(after), "active": "true", "limit": "1"}
+            newest_seen = after
+            while True:
+                async with http.get(f"{api}/pushes", params=params) as r:
+                    body = await r.json()
+                for push in body["pushes"]:
+                    async with http.get(f"{api}/subscriptions") as r:
+                        subscriptions = (await r.json())["subscriptions"]
+                    tags = {s["channel"]["iden"]: s["channel"]["tag"] for s in subscriptions}
+                    tag = tags.get(push.get("channel_iden", ""))
+                    if tag is not None and not push.get("dismissed"):
+                        await fwd.start(tag, json.dumps(push).encode())
+                    newest_seen = max(newest_seen, push["modified"])
+                if not body.get("cursor"):
+                    break
+                params = {**params, "cursor": body["cursor"]}
+            if newest_seen == after:
+                await asyncio.sleep(0.02)
+            after = newest_seen
+
+
 def ready() -> None:
     print("ready", flush=True)
 
@@ -299,6 +334,7 @@ async def main(args: argparse.Namespace) -> None:
         "rabbitmq": rabbitmq,
         "mqtt": mqtt,
         "postgres": postgres,
+        "pushbullet": pushbullet,
     }[args.kind]
     try:
         await run(args, fwd, stop)
@@ -310,7 +346,8 @@ async def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument(
-        "kind", choices=["webhook", "nats", "jetstream", "kafka", "rabbitmq", "mqtt", "postgres"]
+        "kind",
+        choices=["webhook", "nats", "jetstream", "kafka", "rabbitmq", "mqtt", "postgres", "pushbullet"],
     )
     parser.add_argument("--sink", required=True)
     parser.add_argument("--inflight", type=int, default=64)
