@@ -37,6 +37,7 @@ from fastconn.errors import SourceError
 from fastconn.health import ConnectionHealth, describe_error
 from fastconn.sources.mqtt import fast_properties
 from fastconn.sources.mqtt.config import MAX_RECEIVE, MqttConfig
+from fastconn.tls_config import client_tls_context
 
 __all__ = ["MAX_QOS0_BACKLOG", "MqttBridge", "Received", "new_properties"]
 
@@ -164,13 +165,7 @@ class MqttBridge:
 
     def _tls_context(self) -> ssl.SSLContext:
         c = self.config
-        try:
-            context = ssl.create_default_context(cafile=c.tls_ca)
-            if c.tls_cert is not None:
-                context.load_cert_chain(c.tls_cert, c.tls_key)
-        except (OSError, ssl.SSLError) as exc:
-            raise SourceError(f"source {c.name!r}: cannot load the MQTT TLS files: {exc}") from exc
-        return context
+        return client_tls_context(f"source {c.name!r} (MQTT)", c.tls_ca, c.tls_cert, c.tls_key)
 
     # -- connecting ------------------------------------------------------------------------
 
