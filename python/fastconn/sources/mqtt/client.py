@@ -198,7 +198,7 @@ class MqttBridge:
             await self.close()
             raise SourceError(
                 f"source {c.name!r}: the MQTT broker at {endpoint.display} refused the connection: "
-                f"{self._refused}"
+                f"{self._refused}{_refusal_hint(str(self._refused))}"
             )
 
     async def _run(self) -> None:
@@ -405,3 +405,11 @@ class MqttBridge:
             if not future.done():
                 future.set_exception(SourceError("disconnected before the broker confirmed"))
         self._publishes.clear()
+
+
+def _refusal_hint(reason: str) -> str:
+    """The likely fix of a CONNACK refusal, from its reason."""
+    lowered = reason.lower()
+    if "not authorized" in lowered or "user name or password" in lowered:
+        return " -- check username/password (or username_file/password_file) and the broker's ACL"
+    return ""
