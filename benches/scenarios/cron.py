@@ -19,6 +19,7 @@ from typing import Any
 
 from _common import proc_cpu_seconds, proc_peak_rss_mb
 from scenarios._base import Context, Sample, ScenarioResult, System, Target, alternate
+from scenarios._brokers import nats_server
 from scenarios._process import BENCHES, Running, RunningPipeline, start_daemon
 from scenarios._receiver import TimingReceiver
 
@@ -77,7 +78,7 @@ class CronSystem:
         )
 
 
-def _config(ctx: Context, receiver: TimingReceiver) -> dict[str, Any]:
+def _config(ctx: Context, receiver: TimingReceiver, store: str | None = None) -> dict[str, Any]:
     inflight = ctx.options.inflight
     return {
         "log_level": "warning",
@@ -90,8 +91,17 @@ def _config(ctx: Context, receiver: TimingReceiver) -> dict[str, Any]:
             {"name": f"f{i}", "url": f"{receiver.url}/function/f{i}", "schedule": SCHEDULE}
             for i in range(FUNCTIONS)
         ],
-        "sources": [{"type": "cron"}],
+        "sources": [
+            {"type": "cron"}
+            if store is None
+            else {"type": "cron", "store": {"type": "jetstream_kv", "servers": [store], "bucket": _bucket()}}
+        ],
     }
+
+
+def _bucket() -> str:
+    """A bucket per round: a round's daemon must not find the previous round's claims."""
+    return f"bench_cron_{time.time_ns()}"
 
 
 async def run(ctx: Context) -> list[ScenarioResult]:
@@ -106,21 +116,37 @@ async def run(ctx: Context) -> list[ScenarioResult]:
     receiver = TimingReceiver(scheduled_time)  # stands in for the functions
     await receiver.start()
     try:
+        with nats_server(o.workdir, ctx.watch) as nats:
 
-        async def fastconn(ctx: Context, receiver: TimingReceiver) -> Running:
-            return await start_daemon(ctx, _config(ctx, receiver))
+            async def fastconn(ctx: Context, receiver: TimingReceiver) -> Running:
+                return await start_daemon(ctx, _config(ctx, receiver))
 
-        systems: list[System] = [
-            CronSystem("fastconn", "fastconn daemon (cron source)", receiver, fastconn, seconds),
-            CronSystem(
-                "baseline",
-                f"croniter + aiohttp, task per function ({o.inflight} in flight)",
-                receiver,
-                start_baseline,
-                seconds,
-            ),
-        ]
-        return [await alternate(ctx, result, systems)]
+            async def fastconn_kv(ctx: Context, receiver: TimingReceiver) -> Running:
+                return await start_daemon(ctx, _config(ctx, receiver, store=nats))
+
+            systems: list[System] = [
+                CronSystem("fastconn", "fastconn daemon (cron source)", receiver, fastconn, seconds),
+                CronSystem(
+                    "baseline",
+                    f"croniter + aiohttp, task per function ({o.inflight} in flight)",
+                    receiver,
+                    start_baseline,
+                    seconds,
+                ),
+                CronSystem(
+                    "fastconn_kv",
+                    "fastconn daemon with a JetStream KV store (claim + done per fire)",
+                    receiver,
+                    fastconn_kv,
+                    seconds,
+                ),
+            ]
+            result.notes.append(
+                "fastconn_kv (in the per-round lines and results.json, not in the table): the same "
+                "daemon with store = jetstream_kv, so every fire is a leased claim and a done marker "
+                "in the bucket (one key per function)"
+            )
+            return [await alternate(ctx, result, systems)]
     finally:
         await receiver.close()
 

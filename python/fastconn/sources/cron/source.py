@@ -27,6 +27,10 @@ log = logging.getLogger("fastconn.source.cron")
 # Longest sleep with nothing scheduled; a table change wakes the loop earlier anyway.
 _IDLE_WAIT = 3600.0
 _CHUNK = 128
+# How long a settled fire waits for its function's next claim to carry its done marker before
+# it is written on its own: per-second schedules then write once per fire. A crash in between
+# re-fires that slot (at least once), so it stays short.
+_DONE_DELAY = 1.0
 
 
 def scheduled_time(slot: float) -> str:
@@ -85,8 +89,8 @@ class CronSource:
         self._task: asyncio.Task[None] | None = None
         self._leased: dict[str, tuple[str, float]] = {}
         """Fires of this replica whose claim is pending in a durable store: id → (function, slot)."""
-        self._settled_claims: list[tuple[str, float]] = []
-        self._claims_settled = asyncio.Event()
+        self._settled_claims: dict[str, list[float]] = {}
+        """Settled fires not yet marked done in the store, per function."""
         self._lease_tasks: list[asyncio.Task[None]] = []
         self.fired = 0
         """Fires this replica dispatched (its claims won)."""
@@ -305,9 +309,18 @@ class CronSource:
                 await self._store.claim(d.function, d.slot, now) for d in due
             ]
         else:
+            # The function's fires settled since its last claim are marked done in this write.
+            done = [tuple(self._settled_claims.pop(d.function, ())) for d in due]
             results = await asyncio.gather(
-                *(self._store.claim(d.function, d.slot, now) for d in due), return_exceptions=True
+                *(
+                    self._store.claim(d.function, d.slot, now, finished)
+                    for d, finished in zip(due, done, strict=True)
+                ),
+                return_exceptions=True,
             )
+            for fire, finished, result in zip(due, done, results, strict=True):
+                if finished and isinstance(result, BaseException):  # not written: keep them
+                    self._settled_claims.setdefault(fire.function, []).extend(finished)
         won: list[Due] = []
         taken_over: list[Due] = []
         for fire, result in zip(due, results, strict=True):
@@ -348,8 +361,7 @@ class CronSource:
                 self._running.discard(outcome.message.function)
             claim = self._leased.pop(outcome.message_id, None)
             if claim is not None:
-                self._settled_claims.append(claim)
-                self._claims_settled.set()
+                self._settled_claims.setdefault(claim[0], []).append(claim[1])
             if outcome.verdict in (Verdict.RETRY, Verdict.FAILED):
                 failure = outcome.first_failure()
                 log.warning(
@@ -362,33 +374,32 @@ class CronSource:
     # -- leases (durable store only) ---------------------------------------------------------
 
     async def _mark_done(self) -> None:
-        """Marks settled fires done in the store, in batches (one round trip per key each)."""
+        """Marks settled fires done that no claim of their function carried meanwhile."""
         while True:
-            await self._claims_settled.wait()
-            self._claims_settled.clear()
+            await asyncio.sleep(_DONE_DELAY)
             await self._flush_done()
 
     async def _flush_done(self) -> None:
-        settled, self._settled_claims = self._settled_claims, []
+        settled, self._settled_claims = self._settled_claims, {}
         if not settled:
             return
+        functions = list(settled)
         results = await asyncio.gather(
-            *(self._store.done(function, slot) for function, slot in settled), return_exceptions=True
+            *(self._store.done(f, tuple(settled[f])) for f in functions), return_exceptions=True
         )
-        failed = [claim for claim, r in zip(settled, results, strict=True) if isinstance(r, BaseException)]
+        failed = [(f, r) for f, r in zip(functions, results, strict=True) if isinstance(r, BaseException)]
         if failed:
-            # Kept pending: retried on the next batch; if this replica dies first, another one
-            # takes the claim over when its lease expires and fires the slot again (same id).
-            self._settled_claims.extend(failed)
+            # Kept pending: retried on the next round; if this replica dies first, another one
+            # takes the claims over when their lease expires and fires the slots again (same id).
+            for function, _ in failed:
+                self._settled_claims.setdefault(function, []).extend(settled[function])
             self._require_ctx().metrics.source_errors.labels(source=self.name, kind="store").inc(len(failed))
             log.warning(
-                "source %s: %d fire(s) not marked done: the store failed (%r); retrying",
+                "source %s: fires of %d function(s) not marked done: the store failed (%r); retrying",
                 self.name,
                 len(failed),
-                next(r for r in results if isinstance(r, BaseException)),
+                failed[0][1],
             )
-            await asyncio.sleep(1.0)
-            self._claims_settled.set()
 
     async def _keep_leases(self) -> None:
         """Renews the leases of this replica's running fires every third of the lease, and

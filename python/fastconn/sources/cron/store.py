@@ -10,7 +10,9 @@ time and the claiming replica). A fire is claim → call → done:
   the pending claims (``create`` for the first slot ever). The server accepts exactly one of two
   concurrent writers, so exactly one replica starts each slot.
 - while the call runs, its replica **renews** the lease (every third of it);
-- **done** (the call settled): the slot leaves the pending claims.
+- **done** (the call settled): the slot leaves the pending claims — in the same write as the
+  function's next claim when that comes within a second (a per-second schedule then costs one
+  write per fire, not two), else on its own.
 - a pending claim whose lease **expired** belongs to a replica that died between claim and done
   (kill -9 included): the next replica that reads the key (its own claim of a later slot, or the
   periodic sweep) takes it over with a compare-and-set — one taker — and fires it, once.
@@ -110,13 +112,14 @@ class SlotStore(Protocol):
 
     async def close(self) -> None: ...
 
-    async def claim(self, function: str, slot: float, now: float) -> Claimed:
+    async def claim(self, function: str, slot: float, now: float, done: tuple[float, ...] = ()) -> Claimed:
         """Won for exactly one caller per ``(function, slot)``, and never for a slot at or
-        before one already claimed; also takes over the key's expired claims."""
+        before one already claimed; also takes over the key's expired claims, and marks the
+        earlier fires ``done`` in the same write."""
         ...
 
-    async def done(self, function: str, slot: float) -> None:
-        """The fire of ``slot`` settled: its claim is no longer pending."""
+    async def done(self, function: str, slots: tuple[float, ...]) -> None:
+        """The fires of ``slots`` settled: their claims are no longer pending."""
         ...
 
     async def renew(self, function: str, slots: tuple[float, ...], now: float) -> tuple[float, ...]:
@@ -146,13 +149,15 @@ class LocalStore:
     async def close(self) -> None:
         return None
 
-    async def claim(self, function: str, slot: float, now: float = 0.0) -> Claimed:
+    async def claim(
+        self, function: str, slot: float, now: float = 0.0, done: tuple[float, ...] = ()
+    ) -> Claimed:
         if self._last.get(function, float("-inf")) >= slot:
             return Claimed(False)
         self._last[function] = slot
         return Claimed(True)
 
-    async def done(self, function: str, slot: float) -> None:
+    async def done(self, function: str, slots: tuple[float, ...]) -> None:
         return None
 
     async def renew(self, function: str, slots: tuple[float, ...], now: float) -> tuple[float, ...]:
@@ -209,10 +214,12 @@ class JetStreamKVStore:
         if client is not None:
             await client.close()
 
-    async def claim(self, function: str, slot: float, now: float) -> Claimed:
+    async def claim(self, function: str, slot: float, now: float, done: tuple[float, ...] = ()) -> Claimed:
         wanted = int(slot)
 
         def change(record: SlotRecord) -> Claimed:
+            for finished in done:
+                record.pending.pop(int(finished), None)
             taken = record.take_expired(now, self.lease, self.owner)
             if record.last >= wanted:
                 return Claimed(False, taken)
@@ -222,9 +229,9 @@ class JetStreamKVStore:
 
         return await self._modify(function, change, changed=lambda c: c.won or bool(c.taken_over))
 
-    async def done(self, function: str, slot: float) -> None:
+    async def done(self, function: str, slots: tuple[float, ...]) -> None:
         def change(record: SlotRecord) -> bool:
-            return record.pending.pop(int(slot), None) is not None
+            return sum(record.pending.pop(int(slot), None) is not None for slot in slots) > 0
 
         await self._modify(function, change, changed=bool)
 
