@@ -28,9 +28,9 @@ log = logging.getLogger("fastconn.source.cron")
 _IDLE_WAIT = 3600.0
 _CHUNK = 128
 # How long a settled fire waits for its function's next claim to carry its done marker before
-# it is written on its own: per-second schedules then write once per fire. A crash in between
-# re-fires that slot (at least once), so it stays short.
-_DONE_DELAY = 1.0
+# it is written on its own: schedules of up to ~2 s then write once per fire, not twice. A crash
+# in between re-fires that slot (at least once), so it stays short.
+_DONE_DELAY = 2.0
 
 
 def scheduled_time(slot: float) -> str:
@@ -91,6 +91,8 @@ class CronSource:
         """Fires of this replica whose claim is pending in a durable store: id → (function, slot)."""
         self._settled_claims: dict[str, list[float]] = {}
         """Settled fires not yet marked done in the store, per function."""
+        self._settled_since: dict[str, float] = {}
+        """When the oldest of a function's settled fires settled (monotonic)."""
         self._lease_tasks: list[asyncio.Task[None]] = []
         self.fired = 0
         """Fires this replica dispatched (its claims won)."""
@@ -311,6 +313,8 @@ class CronSource:
         else:
             # The function's fires settled since its last claim are marked done in this write.
             done = [tuple(self._settled_claims.pop(d.function, ())) for d in due]
+            for fire in due:
+                self._settled_since.pop(fire.function, None)
             results = await asyncio.gather(
                 *(
                     self._store.claim(d.function, d.slot, now, finished)
@@ -321,6 +325,7 @@ class CronSource:
             for fire, finished, result in zip(due, done, results, strict=True):
                 if finished and isinstance(result, BaseException):  # not written: keep them
                     self._settled_claims.setdefault(fire.function, []).extend(finished)
+                    self._settled_since.setdefault(fire.function, time.monotonic())
         won: list[Due] = []
         taken_over: list[Due] = []
         for fire, result in zip(due, results, strict=True):
@@ -362,6 +367,7 @@ class CronSource:
             claim = self._leased.pop(outcome.message_id, None)
             if claim is not None:
                 self._settled_claims.setdefault(claim[0], []).append(claim[1])
+                self._settled_since.setdefault(claim[0], time.monotonic())
             if outcome.verdict in (Verdict.RETRY, Verdict.FAILED):
                 failure = outcome.first_failure()
                 log.warning(
@@ -376,11 +382,20 @@ class CronSource:
     async def _mark_done(self) -> None:
         """Marks settled fires done that no claim of their function carried meanwhile."""
         while True:
-            await asyncio.sleep(_DONE_DELAY)
-            await self._flush_done()
+            await asyncio.sleep(_DONE_DELAY / 4)
+            await self._flush_done(older_than=_DONE_DELAY)
 
-    async def _flush_done(self) -> None:
-        settled, self._settled_claims = self._settled_claims, {}
+    async def _flush_done(self, older_than: float = 0.0) -> None:
+        """Writes the done markers of fires settled at least ``older_than`` seconds ago (younger
+        ones will most likely ride on their function's next claim)."""
+        cutoff = time.monotonic() - older_than
+        settled = {
+            f: self._settled_claims.pop(f)
+            for f, since in list(self._settled_since.items())
+            if since <= cutoff and f in self._settled_claims
+        }
+        for function in settled:
+            del self._settled_since[function]
         if not settled:
             return
         functions = list(settled)
@@ -393,6 +408,7 @@ class CronSource:
             # takes the claims over when their lease expires and fires the slots again (same id).
             for function, _ in failed:
                 self._settled_claims.setdefault(function, []).extend(settled[function])
+                self._settled_since.setdefault(function, time.monotonic())
             self._require_ctx().metrics.source_errors.labels(source=self.name, kind="store").inc(len(failed))
             log.warning(
                 "source %s: fires of %d function(s) not marked done: the store failed (%r); retrying",

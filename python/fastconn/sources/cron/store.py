@@ -11,7 +11,7 @@ time and the claiming replica). A fire is claim → call → done:
   concurrent writers, so exactly one replica starts each slot.
 - while the call runs, its replica **renews** the lease (every third of it);
 - **done** (the call settled): the slot leaves the pending claims — in the same write as the
-  function's next claim when that comes within a second (a per-second schedule then costs one
+  function's next claim when that comes within two seconds (a per-second schedule then costs one
   write per fire, not two), else on its own.
 - a pending claim whose lease **expired** belongs to a replica that died between claim and done
   (kill -9 included): the next replica that reads the key (its own claim of a later slot, or the
