@@ -16,6 +16,7 @@ from fastconn.message import Message, Outcome, Verdict
 from fastconn.registry import CRON_TOPIC
 from fastconn.source import SourceContext, wait_or_stop
 from fastconn.sources.cron.config import CronConfig, Policy
+from fastconn.sources.cron.leases import Leases
 from fastconn.sources.cron.schedule import Schedule, ScheduleError, parse_schedule
 from fastconn.sources.cron.store import Claimed, JetStreamKVStore, LocalStore, SlotStore
 from fastconn.sources.cron.timeline import Due, Timeline, catch_up_slots
@@ -27,10 +28,6 @@ log = logging.getLogger("fastconn.source.cron")
 # Longest sleep with nothing scheduled; a table change wakes the loop earlier anyway.
 _IDLE_WAIT = 3600.0
 _CHUNK = 128
-# How long a settled fire waits for its function's next claim to carry its done marker before
-# it is written on its own: schedules of up to ~2 s then write once per fire, not twice. A crash
-# in between re-fires that slot (at least once), so it stays short.
-_DONE_DELAY = 2.0
 
 
 def scheduled_time(slot: float) -> str:
@@ -87,12 +84,7 @@ class CronSource:
         self._wake = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
-        self._leased: dict[str, tuple[str, float]] = {}
-        """Fires of this replica whose claim is pending in a durable store: id → (function, slot)."""
-        self._settled_claims: dict[str, list[float]] = {}
-        """Settled fires not yet marked done in the store, per function."""
-        self._settled_since: dict[str, float] = {}
-        """When the oldest of a function's settled fires settled (monotonic)."""
+        self._leases = Leases(self._store, self.name, self._count_store_failures, scheduled_time)
         self._lease_tasks: list[asyncio.Task[None]] = []
         self.fired = 0
         """Fires this replica dispatched (its claims won)."""
@@ -123,7 +115,7 @@ class CronSource:
         if self._store.durable:
             self._lease_tasks = [
                 ctx.supervise(f"{self.name}.leases", self._keep_leases),
-                ctx.supervise(f"{self.name}.done", self._mark_done),
+                ctx.supervise(f"{self.name}.done", self._leases.mark_done_loop),
             ]
 
     async def stop(self) -> None:
@@ -141,7 +133,7 @@ class CronSource:
         await asyncio.gather(*self._lease_tasks, return_exceptions=True)
         self._lease_tasks = []
         try:
-            await self._flush_done()
+            await self._leases.flush_done()
         finally:
             await self._store.close()
 
@@ -291,7 +283,7 @@ class CronSource:
             return
         if self._store.durable:
             for message, fire in zip(messages, fires, strict=True):
-                self._leased[message.message_id or ""] = (fire.function, fire.slot)
+                self._leases.started(message.message_id or "", fire.function, fire.slot)
         self._running.update(m.function for m in messages if m.function is not None)
         self.fired += len(messages)
         try:
@@ -312,9 +304,7 @@ class CronSource:
             ]
         else:
             # The function's fires settled since its last claim are marked done in this write.
-            done = [tuple(self._settled_claims.pop(d.function, ())) for d in due]
-            for fire in due:
-                self._settled_since.pop(fire.function, None)
+            done = [self._leases.take_done(d.function) for d in due]
             results = await asyncio.gather(
                 *(
                     self._store.claim(d.function, d.slot, now, finished)
@@ -323,9 +313,8 @@ class CronSource:
                 return_exceptions=True,
             )
             for fire, finished, result in zip(due, done, results, strict=True):
-                if finished and isinstance(result, BaseException):  # not written: keep them
-                    self._settled_claims.setdefault(fire.function, []).extend(finished)
-                    self._settled_since.setdefault(fire.function, time.monotonic())
+                if isinstance(result, BaseException):  # not written: still owed
+                    self._leases.give_back(fire.function, finished)
         won: list[Due] = []
         taken_over: list[Due] = []
         for fire, result in zip(due, results, strict=True):
@@ -364,10 +353,7 @@ class CronSource:
         for outcome in outcomes:
             if outcome.message.function is not None:
                 self._running.discard(outcome.message.function)
-            claim = self._leased.pop(outcome.message_id, None)
-            if claim is not None:
-                self._settled_claims.setdefault(claim[0], []).append(claim[1])
-                self._settled_since.setdefault(claim[0], time.monotonic())
+            self._leases.settled(outcome.message_id)
             if outcome.verdict in (Verdict.RETRY, Verdict.FAILED):
                 failure = outcome.first_failure()
                 log.warning(
@@ -379,79 +365,21 @@ class CronSource:
 
     # -- leases (durable store only) ---------------------------------------------------------
 
-    async def _mark_done(self) -> None:
-        """Marks settled fires done that no claim of their function carried meanwhile."""
-        while True:
-            await asyncio.sleep(_DONE_DELAY / 4)
-            await self._flush_done(older_than=_DONE_DELAY)
-
-    async def _flush_done(self, older_than: float = 0.0) -> None:
-        """Writes the done markers of fires settled at least ``older_than`` seconds ago (younger
-        ones will most likely ride on their function's next claim)."""
-        cutoff = time.monotonic() - older_than
-        settled = {
-            f: self._settled_claims.pop(f)
-            for f, since in list(self._settled_since.items())
-            if since <= cutoff and f in self._settled_claims
-        }
-        for function in settled:
-            del self._settled_since[function]
-        if not settled:
-            return
-        functions = list(settled)
-        results = await asyncio.gather(
-            *(self._store.done(f, tuple(settled[f])) for f in functions), return_exceptions=True
-        )
-        failed = [(f, r) for f, r in zip(functions, results, strict=True) if isinstance(r, BaseException)]
-        if failed:
-            # Kept pending: retried on the next round; if this replica dies first, another one
-            # takes the claims over when their lease expires and fires the slots again (same id).
-            for function, _ in failed:
-                self._settled_claims.setdefault(function, []).extend(settled[function])
-                self._settled_since.setdefault(function, time.monotonic())
-            self._require_ctx().metrics.source_errors.labels(source=self.name, kind="store").inc(len(failed))
-            log.warning(
-                "source %s: fires of %d function(s) not marked done: the store failed (%r); retrying",
-                self.name,
-                len(failed),
-                failed[0][1],
-            )
-
     async def _keep_leases(self) -> None:
         """Renews the leases of this replica's running fires every third of the lease, and
         every lease takes over the expired claims of scheduled functions (a replica died
         between claim and done; per-second schedules see them at their next claim anyway)."""
         lease = self._store_lease()
         sweep_at = self._clock()
-        while not self._stopping:
+        # Until close() cancels it, not until stop(): fires still running while the dispatcher
+        # drains keep their leases, or another replica would take them over and fire them again.
+        while True:
             await asyncio.sleep(lease / 3)
             now = self._clock()
-            await self._renew(now)
-            if now >= sweep_at:
+            await self._leases.renew(now)
+            if not self._stopping and now >= sweep_at:
                 sweep_at = now + lease
                 await self._sweep(now)
-
-    async def _renew(self, now: float) -> None:
-        by_function: dict[str, list[float]] = {}
-        for function, slot in self._leased.values():
-            by_function.setdefault(function, []).append(slot)
-        if not by_function:
-            return
-        functions = list(by_function)
-        results = await asyncio.gather(
-            *(self._store.renew(f, tuple(by_function[f]), now) for f in functions), return_exceptions=True
-        )
-        for function, result in zip(functions, results, strict=True):
-            if isinstance(result, BaseException):
-                log.warning("source %s: lease of %s not renewed: %r", self.name, function, result)
-            elif result:
-                log.warning(
-                    "source %s: %s lost the lease of slot(s) %s to another replica (this one stalled "
-                    "for longer than the lease): they may fire twice",
-                    self.name,
-                    function,
-                    ", ".join(scheduled_time(s) for s in result),
-                )
 
     async def _sweep(self, now: float) -> None:
         functions = list(self._jobs)
@@ -484,6 +412,9 @@ class CronSource:
             len(fires),
             ", ".join(f"{d.function}@{scheduled_time(d.slot)}" for d in fires[:5]),
         )
+
+    def _count_store_failures(self, n: int) -> None:
+        self._require_ctx().metrics.source_errors.labels(source=self.name, kind="store").inc(n)
 
     def _store_lease(self) -> float:
         lease = getattr(self._store, "lease", 30.0)
