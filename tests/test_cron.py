@@ -6,6 +6,7 @@ Schedules are per-second, so no test waits for real minutes.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import time
@@ -25,7 +26,8 @@ from fastconn.functions import FunctionTarget
 from fastconn.metrics import Metrics
 from fastconn.registry import GatewayRegistry
 from fastconn.source import SourceContext
-from fastconn.sources.cron import CronConfig, CronSource, JetStreamKVStoreConfig
+from fastconn.sources.cron import CronConfig, CronSource, JetStreamKVStoreConfig, message_id
+from fastconn.sources.cron.store import Claimed, JetStreamKVStore, SlotRecord
 from fastconn.testing import DaemonProcess, FunctionDouble, RecordedCall, wait_for
 from gateway_double import FunctionSpec, GatewayDouble
 from nats_fixtures import NatsServer, nats_server, unique  # noqa: F401
@@ -144,8 +146,105 @@ async def test_allow_overlaps(function_double: FunctionDouble) -> None:
     assert max(b - a for a, b in itertools.pairwise(starts)) < 2.1
 
 
-def store_config(server: NatsServer, bucket: str) -> JetStreamKVStoreConfig:
-    return JetStreamKVStoreConfig(type="jetstream_kv", servers=(server.url,), bucket=bucket)
+def store_config(server: NatsServer, bucket: str, lease: float = 30.0) -> JetStreamKVStoreConfig:
+    return JetStreamKVStoreConfig(type="jetstream_kv", servers=(server.url,), bucket=bucket, lease=lease)
+
+
+@contextlib.asynccontextmanager
+async def replicas(config: JetStreamKVStoreConfig, count: int) -> AsyncIterator[list[JetStreamKVStore]]:
+    """``count`` stores on one bucket, as ``count`` replicas hold them."""
+    stores = [JetStreamKVStore(config) for _ in range(count)]
+    try:
+        for store in stores:
+            await store.open("cron")
+        yield stores
+    finally:
+        for store in stores:
+            await store.close()
+
+
+async def test_an_expired_claim_is_taken_over_by_exactly_one_replica(nats_server: NatsServer) -> None:
+    """claim → (no done: the claimer died) → lease expires → of two replicas sweeping at once,
+    exactly one takes the slot over; the dead claimer's renewal then learns it lost the slot;
+    done clears the claim, and nothing is left to take over. Time is passed in, not waited for."""
+    async with replicas(store_config(nats_server, unique("cron"), lease=5.0), 3) as (dead, one, two):
+        t = 1_000_000.0
+        assert await dead.claim("f", 100.0, t) == Claimed(True)
+        assert await one.claim("f", 100.0, t + 1) == Claimed(False)  # claimed, lease still running
+        assert await one.take_over("f", t + 4.9) == ()
+        takers = await asyncio.gather(one.take_over("f", t + 5.1), two.take_over("f", t + 5.1))
+        assert sorted(takers) == [(), (100.0,)], "exactly one replica takes the slot over"
+        taker = one if takers[0] else two
+        assert await dead.renew("f", (100.0,), t + 5.2) == (100.0,)  # it lost the lease
+        assert await taker.renew("f", (100.0,), t + 5.2) == ()
+        assert await two.take_over("f", t + 9) == ()  # renewed at t + 5.2: not expired yet
+        # A later claim on the key is won, and takes nothing over while the lease runs.
+        assert await two.claim("f", 101.0, t + 9) == Claimed(True)
+        await taker.done("f", (100.0,))
+        # The next claim carries the done marker of the fire before it: one write for both.
+        assert await two.claim("f", 102.0, t + 9.5, (101.0,)) == Claimed(True)
+        record = await one.record("f")
+        assert record is not None and set(record.pending) == {102}
+        await two.done("f", (102.0,))
+        record = await one.record("f")
+        assert record is not None and record.last == 102 and record.pending == {}
+        assert await one.take_over("f", t + 1000) == ()
+
+
+async def test_a_claim_takes_over_expired_claims_of_its_key(nats_server: NatsServer) -> None:
+    """The per-slot claim reads the key anyway: expired claims there are taken over with it."""
+    async with replicas(store_config(nats_server, unique("cron"), lease=5.0), 2) as (dead, live):
+        t = 2_000_000.0
+        assert await dead.claim("g", 10.0, t) == Claimed(True)
+        assert await dead.claim("g", 11.0, t + 1) == Claimed(True)
+        assert await live.claim("g", 12.0, t + 5.5) == Claimed(True, (10.0,))  # 11's lease runs
+        assert await live.claim("g", 13.0, t + 7) == Claimed(True, (11.0,))
+        # Its own, never done: a replica that stalls past its leases takes them over like anyone's.
+        assert await live.claim("g", 13.0, t + 100) == Claimed(False, (10.0, 11.0, 12.0, 13.0))
+
+
+async def test_old_records_and_garbage_read_as_last_slot_without_claims(nats_server: NatsServer) -> None:
+    assert SlotRecord.decode(b"1234") == SlotRecord(1234, {})
+    assert SlotRecord.decode(b"{not json") == SlotRecord(-1, {})
+    record = SlotRecord(7, {6: (12.5, "abc")})
+    assert SlotRecord.decode(record.encode()) == record
+    config = store_config(nats_server, unique("cron"))
+    async with replicas(config, 1) as (store,):
+        await store._kv.put("h", b"1234")  # written by the version before leases
+        assert await store.last_fired("h") == 1234.0
+        assert await store.claim("h", 1234.0, 0.0) == Claimed(False)
+        assert (await store.claim("h", 1235.0, 0.0)).won
+
+
+async def test_a_dead_replicas_claim_is_fired_once_by_the_running_source(
+    nats_server: NatsServer,
+    function_double: FunctionDouble,
+) -> None:
+    """A slot claimed by a replica that died before its call (no done marker, lease expired) is
+    fired by a running source with that slot's own id, once, and then marked done."""
+    config = store_config(nats_server, unique("cron"), lease=1.0)
+    slot = float(int(time.time()) - 30)
+    async with replicas(config, 1) as (dead,):
+        assert (await dead.claim("tick", slot, time.time() - 20)).won  # long expired
+    targets = [cron_target(function_double, "tick", "* * * * * *")]
+    async with running(CronConfig(store=config), targets) as (source, _):
+        dead_id = message_id("tick", slot)
+        await wait_for(
+            lambda: any(c.headers["X-Message-Id"] == dead_id for c in function_double.calls),
+            10,
+            what="take-over",
+        )
+        await wait_for(lambda: len(function_double.calls_to("/tick")) >= 3, 10, what="live fires after it")
+        async with replicas(config, 1) as (observer,):
+
+            async def nothing_pending_before_now() -> bool:
+                record = await observer.record("tick")
+                return record is not None and all(s > time.time() - 1 for s in record.pending)
+
+            await wait_for(nothing_pending_before_now, 10, what="the taken-over slot marked done")
+        assert source.taken_over == 1
+    ids = Counter(c.headers["X-Message-Id"] for c in function_double.calls)
+    assert ids[dead_id] == 1 and max(ids.values()) == 1
 
 
 @pytest.mark.parametrize("policy", ["all", "last", "none"])
@@ -263,6 +362,59 @@ async def test_catch_up_after_kill_9(
     slots = sorted(map(slot_of, function_double.calls_to("/tick")))
     assert len(slots) == len(set(slots)), "a slot fired twice"
     assert slots == [slots[0] + k for k in range(len(slots))], "a missed slot was not caught up"
+
+
+@pytest.mark.slow
+async def test_kill_9_between_claim_and_done_loses_no_slot(
+    nats_server: NatsServer,
+    function_double: FunctionDouble,
+    tmp_path: Path,
+) -> None:
+    """The function blocks, so the daemon holds claims whose calls never finish (and, just after
+    a second starts, one it has claimed but not yet called) when it is killed with SIGKILL. The
+    restarted daemon takes each of them over once its lease expired and fires it with the same
+    id; no slot from the first fire to the end is missing, none fires more than that retry."""
+    bucket = unique("cron")
+    function_double.script("/tick", delay=15)  # does not answer while the first daemon lives
+    # catch_up: the slots missed while no daemon ran are fired too, so every slot is accounted for.
+    config = replica_config(function_double, nats_server, bucket, catch_up="all", max_catch_up=30)
+    config["sources"][0]["store"]["lease"] = "2s"
+    daemon = await DaemonProcess(config, tmp_path).start()
+    try:
+        await wait_for(lambda: len(function_double.calls_to("/tick")) >= 3, 15, what="three blocked calls")
+        # Kill right after a slot's claim: 20 ms into the next second the claim is written (the
+        # claim is one KV round trip) and the call may or may not have left.
+        await wait_for(lambda: time.time() % 1 >= 0.02, 2, what="just after a slot")
+    finally:
+        daemon.kill()
+    killed_at = time.time()
+    first_calls = function_double.calls_to("/tick")
+    called_by_first = {c.headers["X-Message-Id"] for c in first_calls}
+    async with replicas(store_config(nats_server, bucket), 1) as (observer,):
+        record = await observer.record("tick")
+    assert record is not None
+    claimed_by_first = {message_id("tick", float(s)) for s in record.pending}
+    assert called_by_first <= claimed_by_first and len(claimed_by_first) >= 3, (called_by_first, record)
+    function_double.script("/tick")  # answers at once from now on
+    async with DaemonProcess(config, tmp_path) as second:
+        await wait_for(
+            lambda: (
+                claimed_by_first
+                <= {c.headers["X-Message-Id"] for c in function_double.calls_to("/tick")[len(first_calls) :]}
+            ),
+            20,
+            what="the killed daemon's claims fired again",
+        )
+        await wait_for(
+            lambda: max(map(slot_of, function_double.calls_to("/tick"))) > killed_at + 3, 10, what="live"
+        )
+        output = second.output()
+    ids = Counter(c.headers["X-Message-Id"] for c in function_double.calls_to("/tick"))
+    twice = {i for i, n in ids.items() if n == 2}
+    assert max(ids.values()) <= 2 and twice <= called_by_first, ids  # only the interrupted calls again
+    slots = sorted(set(map(slot_of, function_double.calls_to("/tick"))))
+    assert slots == [slots[0] + k for k in range(len(slots))], "a slot was lost"
+    assert "lease expired" in output
 
 
 def test_config_errors_name_the_key(tmp_path: Path) -> None:

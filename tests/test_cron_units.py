@@ -174,10 +174,10 @@ def test_policy_annotations_override_defaults_and_report_bad_values() -> None:
 async def test_local_store_claims_a_slot_once() -> None:
     store = LocalStore()
     assert await store.last_fired("f") is None
-    assert await store.claim("f", 10.0)
-    assert not await store.claim("f", 10.0)
-    assert not await store.claim("f", 5.0)
-    assert await store.claim("f", 11.0)
+    assert (await store.claim("f", 10.0)).won
+    assert not (await store.claim("f", 10.0)).won
+    assert not (await store.claim("f", 5.0)).won
+    assert (await store.claim("f", 11.0)).won
     assert await store.last_fired("f") == 11.0
 
 

@@ -742,7 +742,7 @@ def test_unreadable_secret_files_fail_at_start_with_a_clear_error(tmp_path: Path
             "sasl_password_file": str(tmp_path / "missing"),
         }
     )
-    with pytest.raises(SourceError, match="sasl password"):
+    with pytest.raises(SourceError, match="sasl_password_file"):
         client_options(c)
     (tmp_path / "bad.pem").write_text("not a certificate")
     c = KafkaConfig.model_validate(

@@ -12,87 +12,35 @@ import statistics
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from _common import proc_cpu_seconds, proc_peak_rss_mb
-from fastconn.testing import free_port
 from scenarios._base import Context, Sample, ScenarioResult, System, Target, alternate
+from scenarios._brokers import nats_server
 from scenarios._process import BENCHES, Running, RunningPipeline, start_daemon
+from scenarios._receiver import TimingReceiver
 
 FUNCTIONS = 1000
 SCHEDULE = "* * * * * *"
 WARM_UP = 3.0
 
 
-_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok"
+def scheduled_time(headers: Mapping[str, str], _body: bytes) -> float:
+    """A fire is late against its ``X-Cron-Scheduled-Time``."""
+    return datetime.fromisoformat(headers["x-cron-scheduled-time"]).timestamp()
 
 
-class _ReceiverProtocol(asyncio.Protocol):
-    """A keep-alive HTTP/1.1 server that only reads heads and skips bodies: an aiohttp handler
-    costs a few hundred microseconds, so a burst of 1,000 calls would queue in the receiver
-    for a good part of a second and its lateness would be measured instead of the sender's."""
-
-    def __init__(self, calls: list[tuple[str, float, float]]) -> None:
-        self.calls = calls
-        self.buffer = b""
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        arrived = time.time()
-        self.buffer += data
-        while True:
-            end = self.buffer.find(b"\r\n\r\n")
-            if end < 0:
-                return
-            lines = self.buffer[:end].decode("latin-1").split("\r\n")
-            headers = {
-                k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])
-            }
-            length = int(headers.get("content-length", "0"))
-            if len(self.buffer) < end + 4 + length:
-                return
-            self.buffer = self.buffer[end + 4 + length :]
-            name = lines[0].split()[1].rsplit("/", 1)[-1]
-            slot = datetime.fromisoformat(headers["x-cron-scheduled-time"]).timestamp()
-            self.calls.append((name, slot, arrived - slot))
-            assert self.transport is not None
-            self.transport.write(_RESPONSE)
-
-
-@dataclass
-class Receiver:
-    """Stands in for the functions: records (function, scheduled slot, lateness) per call."""
-
-    calls: list[tuple[str, float, float]] = field(default_factory=list)
-    server: asyncio.Server | None = None
-    url: str = ""
-
-    async def start(self) -> None:
-        port = free_port()
-        loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(lambda: _ReceiverProtocol(self.calls), "127.0.0.1", port)
-        self.url = f"http://127.0.0.1:{port}"
-
-    async def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-
-
-Launch = Callable[[Context, Receiver], Awaitable[Running]]
+Launch = Callable[[Context, TimingReceiver], Awaitable[Running]]
 
 
 @dataclass
 class CronSystem:
     role: str
     label: str
-    receiver: Receiver
+    receiver: TimingReceiver
     launch: Launch
     seconds: float
 
@@ -130,7 +78,7 @@ class CronSystem:
         )
 
 
-def _config(ctx: Context, receiver: Receiver) -> dict[str, Any]:
+def _config(ctx: Context, receiver: TimingReceiver, store: str | None = None) -> dict[str, Any]:
     inflight = ctx.options.inflight
     return {
         "log_level": "warning",
@@ -143,8 +91,17 @@ def _config(ctx: Context, receiver: Receiver) -> dict[str, Any]:
             {"name": f"f{i}", "url": f"{receiver.url}/function/f{i}", "schedule": SCHEDULE}
             for i in range(FUNCTIONS)
         ],
-        "sources": [{"type": "cron"}],
+        "sources": [
+            {"type": "cron"}
+            if store is None
+            else {"type": "cron", "store": {"type": "jetstream_kv", "servers": [store], "bucket": _bucket()}}
+        ],
     }
+
+
+def _bucket() -> str:
+    """A bucket per round: a round's daemon must not find the previous round's claims."""
+    return f"bench_cron_{time.time_ns()}"
 
 
 async def run(ctx: Context) -> list[ScenarioResult]:
@@ -156,29 +113,45 @@ async def run(ctx: Context) -> list[ScenarioResult]:
         {"functions": FUNCTIONS, "schedule": SCHEDULE, "seconds": seconds, "inflight": o.inflight},
         targets=[Target("p99 lateness ≤ 100 ms at 1,000 fires/s (issue 13)", "at_most", 100.0, "p99_ms")],
     )
-    receiver = Receiver()
+    receiver = TimingReceiver(scheduled_time)  # stands in for the functions
     await receiver.start()
     try:
+        with nats_server(o.workdir, ctx.watch) as nats:
 
-        async def fastconn(ctx: Context, receiver: Receiver) -> Running:
-            return await start_daemon(ctx, _config(ctx, receiver))
+            async def fastconn(ctx: Context, receiver: TimingReceiver) -> Running:
+                return await start_daemon(ctx, _config(ctx, receiver))
 
-        systems: list[System] = [
-            CronSystem("fastconn", "fastconn daemon (cron source)", receiver, fastconn, seconds),
-            CronSystem(
-                "baseline",
-                f"croniter + aiohttp, task per function ({o.inflight} in flight)",
-                receiver,
-                start_baseline,
-                seconds,
-            ),
-        ]
-        return [await alternate(ctx, result, systems)]
+            async def fastconn_kv(ctx: Context, receiver: TimingReceiver) -> Running:
+                return await start_daemon(ctx, _config(ctx, receiver, store=nats))
+
+            systems: list[System] = [
+                CronSystem("fastconn", "fastconn daemon (cron source)", receiver, fastconn, seconds),
+                CronSystem(
+                    "baseline",
+                    f"croniter + aiohttp, task per function ({o.inflight} in flight)",
+                    receiver,
+                    start_baseline,
+                    seconds,
+                ),
+                CronSystem(
+                    "fastconn_kv",
+                    "fastconn daemon with a JetStream KV store (claim + done per fire)",
+                    receiver,
+                    fastconn_kv,
+                    seconds,
+                ),
+            ]
+            result.notes.append(
+                "fastconn_kv (in the per-round lines and results.json, not in the table): the same "
+                "daemon with store = jetstream_kv, so every fire is a leased claim and a done marker "
+                "in the bucket (one key per function)"
+            )
+            return [await alternate(ctx, result, systems)]
     finally:
         await receiver.close()
 
 
-async def start_baseline(ctx: Context, receiver: Receiver) -> Running:
+async def start_baseline(ctx: Context, receiver: TimingReceiver) -> Running:
     """``python -m scenarios._cron_baseline`` from ``benches/``; it prints ``ready`` once scheduled."""
     log_path = ctx.options.workdir / "pipeline-cron.log"
     argv = [

@@ -25,6 +25,7 @@ from fastconn.headers import passthrough
 from fastconn.health import ConnectionHealth, describe_error, display_servers
 from fastconn.ratelimit import RateLimitedLog  # re-exported: the NATS sources import it from here
 from fastconn.redact import redact_text
+from fastconn.tls_config import client_tls_context, tls_pair_problem
 
 __all__ = [
     "NatsConnectionConfig",
@@ -179,8 +180,8 @@ class NatsConnectionConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_auth(self) -> NatsConnectionConfig:
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("tls_cert and tls_key go together")
+        if (problem := tls_pair_problem(self.tls_cert, self.tls_key)) is not None:
+            raise ValueError(problem)
         if self.password is not None and self.user is None:
             raise ValueError("password needs user")
         methods = [
@@ -210,13 +211,7 @@ class NatsConnectionConfig(BaseModel):
 def _tls_context(config: NatsConnectionConfig) -> ssl.SSLContext | None:
     if not config.uses_tls:
         return None
-    try:
-        context = ssl.create_default_context(cafile=config.tls_ca)
-        if config.tls_cert is not None:
-            context.load_cert_chain(config.tls_cert, config.tls_key)
-    except (OSError, ssl.SSLError) as exc:
-        raise SourceError(f"cannot load the NATS TLS files: {exc}") from exc
-    return context
+    return client_tls_context("NATS", config.tls_ca, config.tls_cert, config.tls_key)
 
 
 def client_options(config: NatsConnectionConfig, name: str) -> dict[str, Any]:

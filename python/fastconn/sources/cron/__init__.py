@@ -11,11 +11,14 @@ and ``X-Message-Id = cron:<function>:<scheduled time>``: the same id across the 
 retries, catch-up and replicas, so a function can drop a duplicate.
 
 Replicas sharing a ``store`` (a JetStream key-value bucket) claim each slot before firing it; the
-claim is a compare-and-set, so exactly one replica starts each slot, and the stored slot is where
-catch-up resumes after a restart. Without a store one replica is assumed.
+claim is a compare-and-set with a lease, so exactly one live replica fires each slot, and a claim
+never marked done (its replica died) is taken over and fired by another replica or the restarted
+daemon once its lease expires: at least once per slot. The stored slot is where catch-up resumes
+after a restart. Without a store one replica is assumed and a crash loses the fires in flight.
 
 Modules: :mod:`.schedule` (parsing, slots), :mod:`.timeline` (next fires, catch-up: pure),
-:mod:`.store` (claims), :mod:`.config`, :mod:`.source`.
+:mod:`.store` (claims, leases, take-over), :mod:`.leases` (this replica's running and settled
+fires), :mod:`.config`, :mod:`.source`.
 """
 
 from fastconn.sources.cron.config import CronConfig, JetStreamKVStoreConfig

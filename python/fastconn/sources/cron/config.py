@@ -24,6 +24,10 @@ class JetStreamKVStoreConfig(NatsConnectionConfig):
     """The key-value bucket (one key per scheduled function)."""
     create_bucket: bool = True
     """Create the bucket (history 1) when it does not exist."""
+    lease: Duration = Field(default=30.0, ge=1.0)
+    """How long a claimed slot stays this replica's without renewal (renewed every third of it
+    while the call runs). A claim whose lease expired without being marked done is taken over
+    and fired by another replica or the restarted daemon: the longest a crash delays a slot."""
 
 
 class CronConfig(BaseModel):

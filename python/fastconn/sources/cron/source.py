@@ -16,8 +16,9 @@ from fastconn.message import Message, Outcome, Verdict
 from fastconn.registry import CRON_TOPIC
 from fastconn.source import SourceContext, wait_or_stop
 from fastconn.sources.cron.config import CronConfig, Policy
+from fastconn.sources.cron.leases import Leases
 from fastconn.sources.cron.schedule import Schedule, ScheduleError, parse_schedule
-from fastconn.sources.cron.store import JetStreamKVStore, LocalStore, SlotStore
+from fastconn.sources.cron.store import Claimed, JetStreamKVStore, LocalStore, SlotStore
 from fastconn.sources.cron.timeline import Due, Timeline, catch_up_slots
 
 __all__ = ["CronSource", "message_id", "scheduled_time"]
@@ -83,12 +84,16 @@ class CronSource:
         self._wake = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
+        self._leases = Leases(self._store, self.name, self._count_store_failures, scheduled_time)
+        self._lease_tasks: list[asyncio.Task[None]] = []
         self.fired = 0
         """Fires this replica dispatched (its claims won)."""
         self.skipped_running = 0
         """Fires skipped by ``concurrency = forbid``."""
         self.claims_lost = 0
         """Slots another replica (or an earlier fire) already claimed."""
+        self.taken_over = 0
+        """Claims of dead replicas (lease expired, never done) this replica took over and fired."""
 
     # -- source protocol -------------------------------------------------------------------
 
@@ -107,6 +112,11 @@ class CronSource:
             )
         await self._store.open(self.name)
         self._task = ctx.supervise(f"{self.name}.timer", self._run)
+        if self._store.durable:
+            self._lease_tasks = [
+                ctx.supervise(f"{self.name}.leases", self._keep_leases),
+                ctx.supervise(f"{self.name}.done", self._leases.mark_done_loop),
+            ]
 
     async def stop(self) -> None:
         self._stopping = True
@@ -116,7 +126,16 @@ class CronSource:
             await asyncio.wait({task})
 
     async def close(self) -> None:
-        await self._store.close()
+        # After the dispatcher drained: the fires that settled meanwhile are marked done, the
+        # others keep their claim, which another replica takes over when its lease expires.
+        for task in self._lease_tasks:
+            task.cancel()
+        await asyncio.gather(*self._lease_tasks, return_exceptions=True)
+        self._lease_tasks = []
+        try:
+            await self._leases.flush_done()
+        finally:
+            await self._store.close()
 
     def health(self) -> SourceHealth:
         health = getattr(self._store, "health", None)
@@ -221,13 +240,18 @@ class CronSource:
             if delay > 0:
                 await wait_or_stop(self._wake, delay)
 
-    async def _fire(self, due: Sequence[Due]) -> None:
+    async def _fire(self, due: Sequence[Due], *, claimed: bool = False) -> None:
+        """Claims and fires ``due`` (``claimed``: already this replica's, e.g. taken over)."""
         # In chunks: the first calls go out while the rest are still being claimed and built
         # (1,000 fires on one slot take ~20 ms to build; the first should not wait for the last).
         for start in range(0, len(due), _CHUNK):
             if start:
                 await asyncio.sleep(0)  # let outcomes and other sources run between chunks
-            await self._fire_chunk(due[start : start + _CHUNK])
+            chunk = due[start : start + _CHUNK]
+            if claimed:
+                await self._dispatch(chunk)
+            else:
+                await self._fire_chunk(chunk)
 
     async def _fire_chunk(self, due: Sequence[Due]) -> None:
         ctx = self._require_ctx()
@@ -247,10 +271,19 @@ class CronSource:
                 )
                 continue
             candidates.append(fire)
-        won = await self._claim(candidates)
-        messages = [self._message(fire) for fire in won]
+        won, taken_over = await self._claim(candidates)
+        self._report_taken_over(taken_over)
+        await self._dispatch([*taken_over, *won])
+
+    async def _dispatch(self, fires: Sequence[Due]) -> None:
+        ctx = self._require_ctx()
+        fires = [fire for fire in fires if fire.function in self._jobs]
+        messages = [self._message(fire) for fire in fires]
         if not messages:
             return
+        if self._store.durable:
+            for message, fire in zip(messages, fires, strict=True):
+                self._leases.started(message.message_id or "", fire.function, fire.slot)
         self._running.update(m.function for m in messages if m.function is not None)
         self.fired += len(messages)
         try:
@@ -261,15 +294,29 @@ class CronSource:
             ctx.metrics.messages_failed.labels(source=self.name).inc(len(messages))
             log.warning("source %s: %d fire(s) not dispatched: shutting down", self.name, len(messages))
 
-    async def _claim(self, due: Sequence[Due]) -> list[Due]:
-        """The fires this replica won (one fire per slot among replicas sharing the store)."""
+    async def _claim(self, due: Sequence[Due]) -> tuple[list[Due], list[Due]]:
+        """The fires this replica won (one fire per slot among replicas sharing the store), and
+        the expired claims of dead replicas it took over on the way."""
+        now = self._clock()
         if isinstance(self._store, LocalStore):  # no I/O: no task per claim
-            results: list[bool | BaseException] = [await self._store.claim(d.function, d.slot) for d in due]
+            results: list[Claimed | BaseException] = [
+                await self._store.claim(d.function, d.slot, now) for d in due
+            ]
         else:
+            # The function's fires settled since its last claim are marked done in this write.
+            done = [self._leases.take_done(d.function) for d in due]
             results = await asyncio.gather(
-                *(self._store.claim(d.function, d.slot) for d in due), return_exceptions=True
+                *(
+                    self._store.claim(d.function, d.slot, now, finished)
+                    for d, finished in zip(due, done, strict=True)
+                ),
+                return_exceptions=True,
             )
+            for fire, finished, result in zip(due, done, results, strict=True):
+                if isinstance(result, BaseException):  # not written: still owed
+                    self._leases.give_back(fire.function, finished)
         won: list[Due] = []
+        taken_over: list[Due] = []
         for fire, result in zip(due, results, strict=True):
             if isinstance(result, BaseException):
                 # Not fired: without the store nobody can say whether another replica fires it.
@@ -281,11 +328,13 @@ class CronSource:
                     scheduled_time(fire.slot),
                     result,
                 )
-            elif result:
+                continue
+            taken_over.extend(Due(fire.function, slot, now) for slot in result.taken_over)
+            if result.won:
                 won.append(fire)
             else:
                 self.claims_lost += 1
-        return won
+        return won, taken_over
 
     def _message(self, fire: Due) -> Message:
         job = self._jobs[fire.function]
@@ -304,6 +353,7 @@ class CronSource:
         for outcome in outcomes:
             if outcome.message.function is not None:
                 self._running.discard(outcome.message.function)
+            self._leases.settled(outcome.message_id)
             if outcome.verdict in (Verdict.RETRY, Verdict.FAILED):
                 failure = outcome.first_failure()
                 log.warning(
@@ -312,6 +362,63 @@ class CronSource:
                     outcome.message_id,
                     failure.status_label if failure is not None else outcome.verdict.name,
                 )
+
+    # -- leases (durable store only) ---------------------------------------------------------
+
+    async def _keep_leases(self) -> None:
+        """Renews the leases of this replica's running fires every third of the lease, and
+        every lease takes over the expired claims of scheduled functions (a replica died
+        between claim and done; per-second schedules see them at their next claim anyway)."""
+        lease = self._store_lease()
+        sweep_at = self._clock()
+        # Until close() cancels it, not until stop(): fires still running while the dispatcher
+        # drains keep their leases, or another replica would take them over and fire them again.
+        while True:
+            await asyncio.sleep(lease / 3)
+            now = self._clock()
+            await self._leases.renew(now)
+            if not self._stopping and now >= sweep_at:
+                sweep_at = now + lease
+                await self._sweep(now)
+
+    async def _sweep(self, now: float) -> None:
+        functions = list(self._jobs)
+        taken: list[Due] = []
+        for start in range(0, len(functions), _CHUNK):
+            chunk = functions[start : start + _CHUNK]
+            results = await asyncio.gather(
+                *(self._store.take_over(f, now) for f in chunk), return_exceptions=True
+            )
+            for function, result in zip(chunk, results, strict=True):
+                if isinstance(result, BaseException):
+                    log.warning(
+                        "source %s: expired claims of %s not checked: %r", self.name, function, result
+                    )
+                else:
+                    taken.extend(Due(function, slot, now) for slot in result)
+        if taken:
+            self._report_taken_over(taken)
+            await self._fire(taken, claimed=True)
+
+    def _report_taken_over(self, fires: Sequence[Due]) -> None:
+        if not fires:
+            return
+        self.taken_over += len(fires)
+        self._require_ctx().metrics.source_errors.labels(source=self.name, kind="taken_over").inc(len(fires))
+        log.warning(
+            "source %s: firing %d slot(s) claimed by a replica that died before they were done "
+            "(lease expired): %s",
+            self.name,
+            len(fires),
+            ", ".join(f"{d.function}@{scheduled_time(d.slot)}" for d in fires[:5]),
+        )
+
+    def _count_store_failures(self, n: int) -> None:
+        self._require_ctx().metrics.source_errors.labels(source=self.name, kind="store").inc(n)
+
+    def _store_lease(self) -> float:
+        lease = getattr(self._store, "lease", 30.0)
+        return float(lease)
 
     def _require_ctx(self) -> SourceContext:
         if self._ctx is None:

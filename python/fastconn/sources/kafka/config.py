@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from aiokafka.helpers import create_ssl_context
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -20,7 +18,8 @@ from pydantic import (
 )
 
 from fastconn.durations import Duration
-from fastconn.errors import SourceError
+from fastconn.secret_files import secret_or_file
+from fastconn.tls_config import client_tls_context
 
 __all__ = [
     "KafkaConfig",
@@ -236,16 +235,6 @@ class KafkaConfig(BaseModel):
         return self
 
 
-def _read_secret(path: str, what: str) -> str:
-    try:
-        text = Path(path).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SourceError(f"kafka: cannot read {what} from {path!r}: {exc}") from None
-    if not text:
-        raise SourceError(f"kafka: {what} file {path!r} is empty")
-    return text
-
-
 def client_options(config: KafkaConfig) -> dict[str, Any]:
     """The aiokafka keyword arguments shared by the consumer and the producer: brokers,
     client id and security (SASL credentials read from their files, TLS files loaded into an
@@ -256,18 +245,17 @@ def client_options(config: KafkaConfig) -> dict[str, Any]:
         "security_protocol": config.security_protocol,
     }
     if config.security_protocol.startswith("SASL_"):
-        username = config.sasl_username or _read_secret(str(config.sasl_username_file), "sasl username")
-        password = config.sasl_password or _read_secret(str(config.sasl_password_file), "sasl password")
+        username = secret_or_file(
+            config.sasl_username, config.sasl_username_file, "sasl_username_file", "kafka"
+        )
+        password = secret_or_file(
+            config.sasl_password, config.sasl_password_file, "sasl_password_file", "kafka"
+        )
         options["sasl_mechanism"] = config.sasl_mechanism or "PLAIN"
         options["sasl_plain_username"] = username
         options["sasl_plain_password"] = password
     if config.security_protocol in ("SSL", "SASL_SSL"):
-        try:
-            options["ssl_context"] = create_ssl_context(
-                cafile=config.tls_ca, certfile=config.tls_cert, keyfile=config.tls_key
-            )
-        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-            raise SourceError(f"kafka: cannot load TLS files (tls_ca/tls_cert/tls_key): {exc}") from None
+        options["ssl_context"] = client_tls_context("kafka", config.tls_ca, config.tls_cert, config.tls_key)
     return options
 
 

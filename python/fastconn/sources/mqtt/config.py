@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated, Any, Final, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from fastconn.durations import Duration
-from fastconn.errors import SourceError
+from fastconn.secret_files import secret_or_file
+from fastconn.tls_config import tls_pair_problem
 
-__all__ = ["Broker", "MqttConfig", "check_filter", "read_secret"]
+__all__ = ["Broker", "MqttConfig", "check_filter"]
 
 _SCHEMES: Final = {
     "tcp": ("tcp", False, 1883),
@@ -93,16 +93,6 @@ def _protocol(value: Any) -> Any:
     if isinstance(value, int | float) and not isinstance(value, bool):
         return str(int(value)) if float(value).is_integer() else str(value)
     return value
-
-
-def read_secret(path: str, what: str) -> str:
-    try:
-        text = Path(path).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SourceError(f"mqtt: cannot read {what} from {path!r}: {exc}") from None
-    if not text:
-        raise SourceError(f"mqtt: {what} file {path!r} is empty")
-    return text
 
 
 class MqttConfig(BaseModel):
@@ -218,8 +208,8 @@ class MqttConfig(BaseModel):
                 raise ValueError(f"set either {name} or {name}_file, not both")
         if (self.password or self.password_file) and not (self.username or self.username_file):
             raise ValueError("password needs username (or username_file)")
-        if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("tls_cert and tls_key go together")
+        if (problem := tls_pair_problem(self.tls_cert, self.tls_key)) is not None:
+            raise ValueError(problem)
         if (self.tls_ca or self.tls_cert) and not self.endpoint.tls:
             raise ValueError("tls_ca/tls_cert need an ssl:// or wss:// broker")
         if self.retry_delay_max < self.retry_delay:
@@ -257,15 +247,11 @@ class MqttConfig(BaseModel):
 
     def credentials(self) -> tuple[str, str | None] | None:
         """``(username, password)`` with the ``_file`` variants read; raises SourceError."""
-        username = self.username
-        if username is None and self.username_file is not None:
-            username = read_secret(self.username_file, "username")
+        owner = f"source {self.name!r}"
+        username = secret_or_file(self.username, self.username_file, "username_file", owner)
         if username is None:
             return None
-        password = self.password
-        if password is None and self.password_file is not None:
-            password = read_secret(self.password_file, "password")
-        return username, password
+        return username, secret_or_file(self.password, self.password_file, "password_file", owner)
 
 
 def _matches(topic_filter: str, topic: str) -> bool:

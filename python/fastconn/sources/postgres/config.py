@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -17,7 +16,7 @@ from pydantic import (
 )
 
 from fastconn.durations import Duration
-from fastconn.errors import SourceError
+from fastconn.secret_files import secret_or_file
 from fastconn.sources.postgres.changes import ACTIONS
 
 __all__ = ["PostgresConfig", "read_dsn"]
@@ -139,12 +138,4 @@ class PostgresConfig(BaseModel):
 
 def read_dsn(config: PostgresConfig) -> str | None:
     """The DSN from ``dsn`` or ``dsn_file`` (None: asyncpg's ``PG*`` environment defaults)."""
-    if config.dsn_file is None:
-        return config.dsn
-    try:
-        text = Path(config.dsn_file).read_text().strip()
-    except OSError as exc:
-        raise SourceError(f"postgres source {config.name!r}: cannot read dsn_file: {exc.strerror}") from None
-    if not text:
-        raise SourceError(f"postgres source {config.name!r}: dsn_file {config.dsn_file} is empty")
-    return text
+    return secret_or_file(config.dsn, config.dsn_file, "dsn_file", f"postgres source {config.name!r}")

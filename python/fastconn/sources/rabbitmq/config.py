@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import os
 import re
+import ssl
 from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from yarl import URL
 
 from fastconn.durations import Duration
+from fastconn.secret_files import read_secret
+from fastconn.tls_config import client_tls_context, tls_pair_problem
 
 __all__ = ["Binding", "QueueSpec", "RabbitMQConfig"]
 
@@ -85,6 +89,17 @@ class RabbitMQConfig(BaseModel):
     name: str = Field(default="rabbitmq", min_length=1)
     url: str = Field(default="", validate_default=True)
     """``amqp://user:password@host:5672/vhost`` (``amqps://`` for TLS); default: env ``rabbitmq_url``."""
+    username_file: str | None = None
+    """A file holding the user name (a mounted secret): replaces the URL's."""
+    password_file: str | None = None
+    """A file holding the password: replaces the URL's."""
+    tls_ca: str | None = None
+    """With ``amqps://``: PEM bundle of the CA that signed the broker's certificate (default: the
+    system's). The broker's host name is checked against its certificate."""
+    tls_cert: str | None = None
+    """With ``amqps://``: PEM client certificate (mutual TLS, e.g. the EXTERNAL mechanism's peer)."""
+    tls_key: str | None = None
+    """Private key (PEM) of ``tls_cert``."""
     queues: Annotated[tuple[QueueSpec, ...], BeforeValidator(_queue_entries)] = ()
     """Queue names, or tables ``{name, durable, auto_delete, exclusive, arguments}``; default: env
     ``queues`` (the OpenFaaS connector's JSON list). The topic of a message is its queue's name."""
@@ -126,6 +141,12 @@ class RabbitMQConfig(BaseModel):
             raise ValueError(
                 "url: expected amqp://user:password@host:5672/vhost or amqps://... (or env rabbitmq_url)"
             )
+        if (problem := tls_pair_problem(self.tls_cert, self.tls_key)) is not None:
+            raise ValueError(problem)
+        if (self.tls_ca or self.tls_cert) and not self.url.startswith("amqps://"):
+            raise ValueError("tls_ca/tls_cert need an amqps:// url (TLS); amqp:// is plain TCP")
+        if self.password_file is not None and self.username_file is None and not URL(self.url).user:
+            raise ValueError("password_file needs a user: in the url (amqp://user@host/) or username_file")
         if not self.queues:
             raise ValueError("queues: required, a list of queue names (or env queues)")
         names = [q.name for q in self.queues]
@@ -145,6 +166,23 @@ class RabbitMQConfig(BaseModel):
         if self.dead_letter_routing_key is not None and self.dead_letter_exchange is None:
             raise ValueError("dead_letter_routing_key needs dead_letter_exchange")
         return self
+
+    def connection_url(self) -> URL:
+        """``url`` with the user name and password from their files (read now: a rotated secret
+        applies at the next start). Raises :class:`SourceError` naming an unreadable file."""
+        url = URL(self.url)
+        owner = f"source {self.name!r}"
+        if self.username_file is not None:
+            url = url.with_user(read_secret(self.username_file, "username_file", owner))
+        if self.password_file is not None:
+            url = url.with_password(read_secret(self.password_file, "password_file", owner))
+        return url
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The client TLS context of an ``amqps://`` url (None for ``amqp://``)."""
+        if not self.url.startswith("amqps://"):
+            return None
+        return client_tls_context(f"source {self.name!r}", self.tls_ca, self.tls_cert, self.tls_key)
 
     def binding_queue(self, binding: Binding) -> str:
         return binding.queue or self.queues[0].name

@@ -16,7 +16,7 @@ from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 
 from fastconn.deadletter import DLT_PREFIX, DLT_RESPONSE, failure_context, response_excerpt
-from fastconn.errors import DispatcherClosed
+from fastconn.errors import DispatcherClosed, SourceError
 from fastconn.health import ConnectionHealth, SourceHealth, describe_error, display_servers
 from fastconn.message import Message, Outcome
 from fastconn.ratelimit import RateLimitedLog
@@ -164,13 +164,20 @@ class RabbitMQSource:
         ctx = self._require_ctx()
         try:
             self._connection = await aio_pika.connect_robust(
-                self.config.url,
+                self.config.connection_url(),
+                ssl_context=self.config.ssl_context(),
                 timeout=self.config.startup_timeout,
                 client_properties={"connection_name": f"fastconn {self.name}"},
             )
-        except Exception as exc:
-            self._health.failing(describe_error(exc))
+        except SourceError:
             raise
+        except Exception as exc:
+            why = describe_error(exc)
+            self._health.failing(why)
+            raise SourceError(
+                f"source {self.name!r}: cannot connect to RabbitMQ at {display_servers([self.config.url])}: "
+                f"{why}{_connect_hint(exc)}"
+            ) from None
         try:
             await self._declare_and_consume(ctx)
         except BaseException:
@@ -703,3 +710,21 @@ async def _finish(task: asyncio.Task[None] | None, timeout: float) -> None:
     if not task.done():
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+def _connect_hint(exc: BaseException) -> str:
+    """The likely fix of a refused first connection, from the error's text."""
+    text = str(exc)
+    if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
+        return (
+            " -- the broker's certificate is not trusted: set tls_ca to the CA that signed it, and "
+            "use a url host name that the certificate names"
+        )
+    if "ACCESS_REFUSED" in text or "authentication" in text.lower():
+        return " -- check the user name and password (in the url, or username_file/password_file)"
+    if "SSL" in text or "handshake" in text.lower() or "EOF occurred" in text:
+        return (
+            " -- the TLS handshake failed: check that the port speaks TLS (amqps://, usually 5671) and "
+            "whether the broker requires a client certificate (tls_cert/tls_key)"
+        )
+    return ""
