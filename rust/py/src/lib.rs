@@ -3,6 +3,7 @@
 //! thread. It makes no decisions and never calls Python from a tokio thread.
 
 mod completions;
+mod ingress;
 mod runtime;
 
 use fastconn_core::TlsSettings;
