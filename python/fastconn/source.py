@@ -40,6 +40,7 @@ from fastconn.supervise import Job, Supervisor
 if TYPE_CHECKING:
     from aiohttp import web
 
+    from fastconn.ingress import Ingress
     from fastconn.metrics import Metrics
 
 __all__ = [
@@ -100,6 +101,9 @@ class SourceContext:
     startup_wait: float = 30.0
     supervisor: Supervisor | None = None
     """Runs the sources' background tasks (the daemon's, which its readiness reports on)."""
+    ingress: Ingress | None = None
+    """The ingress server in the core (``[server] listen``); None in a bare context, where
+    routes go to ``app``."""
     _topic_listeners: list[TopicsListener] = field(default_factory=list)
     _function_listeners: list[FunctionsListener] = field(default_factory=list)
     _functions: tuple[FunctionTarget, ...] | None = None
@@ -144,8 +148,12 @@ class SourceContext:
 
     def add_route(self, route: Route) -> None:
         """Serves ``route`` (a source's own HTTP endpoint) on the server the daemon runs. Call it
-        in ``register``; the handler gets plain data (see :mod:`fastconn.http_routes`)."""
-        add_to_aiohttp(self.app, route)
+        in ``register``; the handler gets plain data (see :mod:`fastconn.http_routes`). The core
+        reads the request within the route's limit and hands it to Python in batches."""
+        if self.ingress is not None:
+            self.ingress.add_route(route)
+        else:
+            add_to_aiohttp(self.app, route)
 
     # -- background tasks ------------------------------------------------------------------
 
@@ -171,6 +179,12 @@ class SourceContext:
         the dispatcher is full: a source awaiting this should not fetch more."""
         if not messages:
             return
+        self.count_received(source, messages)
+        await self.dispatcher.submit(messages, on_outcomes, capture=capture, asynchronous=asynchronous)
+
+    def count_received(self, source: str, messages: Sequence[Message]) -> None:
+        """Counts received messages per topic and logs them with ``print_request_body`` (done by
+        ``submit``; for messages submitted elsewhere, such as by the ingress in the core)."""
         counts = Counter(m.topic for m in messages)
         labels = self._topic_labels(list(counts))
         for topic, n in counts.items():
@@ -179,7 +193,6 @@ class SourceContext:
             log = logging.getLogger(f"fastconn.source.{source}")
             for m in messages:
                 log.info("%s => %r", m.topic, m.payload[:4096])
-        await self.dispatcher.submit(messages, on_outcomes, capture=capture, asynchronous=asynchronous)
 
     def _topic_labels(self, topics: list[str]) -> dict[str, str]:
         """The ``topic`` label of each topic (see :data:`UNROUTED_TOPIC`)."""

@@ -467,6 +467,19 @@ impl Engine {
             std::thread::sleep(Duration::from_millis(5));
         }
         let left = self.queued();
+        // Requests waiting for an ingress message that will not finish now hear so (their
+        // sender dropped: 503) and get a moment to be written before the runtime stops.
+        let waiters = std::mem::take(
+            &mut *self
+                .shared
+                .waiters
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        if !waiters.is_empty() {
+            drop(waiters);
+            std::thread::sleep(Duration::from_millis(100));
+        }
         let runtime = self
             .runtime
             .lock()

@@ -33,8 +33,8 @@ impl IngressSink for IngressQueue {
     }
 }
 
-/// A Python route as Python passes it: (method, path, prefix, max_body).
-pub type PythonRoute = (String, String, bool, usize);
+/// A Python route as Python passes it: (method, path, prefix, max_body, oversized).
+pub type PythonRoute = (String, String, bool, usize, bool);
 
 /// A webhook source as Python passes it: (name, max_body, auth_token, hmac_secret,
 /// signature_header, signature_prefix, signature_algorithm, accepting, python_fallback,
@@ -58,10 +58,14 @@ pub fn route_table(
 ) -> PyResult<Vec<RouteEntry>> {
     let mut table: Vec<RouteEntry> = python
         .into_iter()
-        .map(|(method, path, prefix, max_body)| RouteEntry {
+        .map(|(method, path, prefix, max_body, oversized)| RouteEntry {
             path,
             prefix,
-            kind: RouteKind::Python { method, max_body },
+            kind: RouteKind::Python {
+                method,
+                max_body,
+                oversized,
+            },
         })
         .collect();
     for (
@@ -101,7 +105,7 @@ pub fn route_table(
 }
 
 /// Everything queued, as three lists: requests (id, route, method, path, query, headers,
-/// body, remote), accepted messages (token, source, topic, message_id, payload) and notices
+/// body, remote, too_large), accepted messages (token, source, topic, message_id, payload) and notices
 /// (kind, source, remote, text).
 pub fn drain<'py>(
     py: Python<'py>,
@@ -127,6 +131,7 @@ pub fn drain<'py>(
                     headers,
                     PyBytes::new(py, &r.body),
                     r.remote,
+                    r.too_large,
                 ))?;
             }
             Record::Accepted(a) => {

@@ -361,7 +361,7 @@ impl Runtime {
     }
 
     /// Starts the ingress HTTP server on the engine's runtime; returns the bound (host, port).
-    #[pyo3(signature = (*, listen, header_timeout, idle_timeout, max_connections, max_pending, max_head_bytes=16384))]
+    #[pyo3(signature = (*, listen, header_timeout, idle_timeout, max_connections, max_pending, max_head_bytes=65536))]
     #[allow(clippy::too_many_arguments)]
     fn start_ingress(
         &self,

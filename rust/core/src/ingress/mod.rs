@@ -63,6 +63,8 @@ pub struct PyRequest {
     pub headers: Vec<(String, Bytes)>,
     pub body: Bytes,
     pub remote: String,
+    /// The body was over the route's limit and was not read (routes with `oversized`).
+    pub too_large: bool,
 }
 
 /// A message a webhook route accepted (answered 202 or waiting), for Python's metrics and logs.
@@ -106,10 +108,12 @@ pub trait IngressSink: Send + Sync + 'static {
 /// What serves a path.
 #[derive(Debug, Clone)]
 pub enum RouteKind {
-    /// Handed to Python; the body is read first, up to `max_body` bytes.
+    /// Handed to Python; the body is read first, up to `max_body` bytes. A larger body is a
+    /// 413 here, or with `oversized` reaches Python unread (the handler must act on it).
     Python {
         method: String,
         max_body: usize,
+        oversized: bool,
     },
     Webhook(Arc<WebhookRoute>),
 }

@@ -137,12 +137,53 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     }
 }
 
+/// The longest request target or header field accepted (aiohttp's bound, kept): it bounds
+/// what one line of a slow client can make the server hold. The whole head is bounded too
+/// (`max_head_bytes`, hyper answers 431 beyond it).
+const MAX_LINE_BYTES: usize = 8190;
+
+/// Why the request's head is refused (a line over [`MAX_LINE_BYTES`]), if it is.
+fn oversized_line(request: &Request<Incoming>) -> Option<String> {
+    let target = request
+        .uri()
+        .path_and_query()
+        .map_or(0, |p| p.as_str().len());
+    if target > MAX_LINE_BYTES {
+        return Some(format!(
+            "the request line is over {MAX_LINE_BYTES} bytes ({target}-byte target)"
+        ));
+    }
+    request
+        .headers()
+        .iter()
+        .find(|(name, value)| name.as_str().len() + value.len() + 2 > MAX_LINE_BYTES)
+        .map(|(name, value)| {
+            format!(
+                "header field {name} is over {MAX_LINE_BYTES} bytes ({} bytes)",
+                name.as_str().len() + value.len() + 2
+            )
+        })
+}
+
 impl Shared {
     async fn route(
         self: &Arc<Self>,
         request: Request<Incoming>,
         remote: &str,
     ) -> Response<Full<Bytes>> {
+        if let Some(why) = oversized_line(&request) {
+            self.sink.notice(Notice {
+                kind: "malformed",
+                source: None,
+                remote: remote.to_owned(),
+                text: why.clone(),
+            });
+            let mut response = text_response(StatusCode::BAD_REQUEST, &format!("{why}\n"));
+            response
+                .headers_mut()
+                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+            return response;
+        }
         let path = request.uri().path();
         match path {
             "/healthz" => return text_response(StatusCode::OK, "ok\n"),
@@ -164,11 +205,16 @@ impl Shared {
         match &entry.kind {
             RouteKind::Webhook(webhook) => match webhook.python_fallback {
                 Some(index) if webhook.accepting && request.method() == Method::POST => {
-                    self.python(index, webhook.max_body, request, remote).await
+                    self.python(index, webhook.max_body, false, request, remote)
+                        .await
                 }
                 _ => self.webhook(webhook, request, remote).await,
             },
-            RouteKind::Python { method, max_body } => {
+            RouteKind::Python {
+                method,
+                max_body,
+                oversized,
+            } => {
                 if request.method().as_str() != method && method != "*" {
                     let mut response =
                         text_response(StatusCode::METHOD_NOT_ALLOWED, &format!("use {method}\n"));
@@ -181,7 +227,8 @@ impl Shared {
                     .iter()
                     .position(|r| std::ptr::eq(r, entry))
                     .unwrap_or(usize::MAX);
-                self.python(index, *max_body, request, remote).await
+                self.python(index, *max_body, *oversized, request, remote)
+                    .await
             }
         }
     }
@@ -190,6 +237,7 @@ impl Shared {
         self: &Arc<Self>,
         route: usize,
         max_body: usize,
+        oversized: bool,
         request: Request<Incoming>,
         remote: &str,
     ) -> Response<Full<Bytes>> {
@@ -199,12 +247,13 @@ impl Shared {
             .get(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        let body = match read_limited(body, length, max_body).await {
-            Ok(body) => body,
+        let (body, too_large) = match read_limited(body, length, max_body).await {
+            Ok(body) => (body, false),
+            Err(BodyError::TooLarge(_)) if oversized => (Bytes::new(), true),
             Err(BodyError::TooLarge(_)) => {
                 return text_response(
                     StatusCode::PAYLOAD_TOO_LARGE,
-                    &format!("the body is over {max_body} bytes\n"),
+                    &format!("the body is over {max_body} bytes (max_body_bytes)\n"),
                 )
             }
             Err(BodyError::Incomplete(why)) => {
@@ -241,6 +290,7 @@ impl Shared {
                 .collect(),
             body,
             remote: remote.to_owned(),
+            too_large,
         });
         match rx.await {
             Ok(answer) => to_response(answer),
