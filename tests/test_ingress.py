@@ -74,7 +74,10 @@ async def test_python_routes_run_concurrently_in_batches_and_a_raising_handler_a
     await asyncio.sleep(0)  # the slow one is queued first
     started = time.monotonic()
     replies = await asyncio.gather(
-        *(http.post(f"{url}/fast?a=1&a=2&b=%20", data=b"abc", headers={"X-Token": f"t{i}"}) for i in range(50))
+        *(
+            http.post(f"{url}/fast?a=1&a=2&b=%20", data=b"abc", headers={"X-Token": f"t{i}"})
+            for i in range(50)
+        )
     )
     for i, reply in enumerate(replies):
         assert (reply.status, reply.headers["X-Echo"], await reply.read()) == (201, f"t{i}", b"cba")
@@ -92,7 +95,9 @@ async def test_python_routes_run_concurrently_in_batches_and_a_raising_handler_a
     assert request.remote.startswith("127.0.0.1:")
 
 
-async def test_python_route_limits_methods_and_unknown_paths(ingress: Ingress, http: aiohttp.ClientSession) -> None:
+async def test_python_route_limits_methods_and_unknown_paths(
+    ingress: Ingress, http: aiohttp.ClientSession
+) -> None:
     calls: list[bytes] = []
 
     async def hook(request: HttpRequest) -> HttpResponse:
@@ -169,7 +174,9 @@ async def test_webhook_bodies_over_the_limit_with_and_without_content_length(
     chunk = b"400\r\n" + b"y" * 1024 + b"\r\n"
     status, _, body = await _raw(host, int(port), post + b"Transfer-Encoding: chunked\r\n\r\n" + chunk * 3)
     assert status == 413 and b"max_body_bytes" in body
-    status, _, _ = await _raw(host, int(port), post + b"Transfer-Encoding: chunked\r\n\r\n" + chunk + b"0\r\n\r\n")
+    status, _, _ = await _raw(
+        host, int(port), post + b"Transfer-Encoding: chunked\r\n\r\n" + chunk + b"0\r\n\r\n"
+    )
     assert status == 202
     await wait_for(lambda: len(function_double.calls_to("/echo")) == 1, 5, what="the accepted body")
     assert function_double.calls_to("/echo")[0].body == b"y" * 1024
@@ -187,7 +194,9 @@ async def test_crlf_in_a_header_value_never_smuggles_a_callback_header_to_a_func
         # the second is one only fastconn sets, so it is dropped.
         (b"X-Inject: a\nX-Call-Id: stolen\r\nX-Callback-Url: http://evil/\r\n", False),
     ):
-        request = b"POST /webhook/t?wait=true HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n" + injected + b"\r\nhi"
+        request = (
+            b"POST /webhook/t?wait=true HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n" + injected + b"\r\nhi"
+        )
         status, _, _ = await _raw(host, int(port), request)
         assert status == (400 if refused else 200), injected
     [call] = function_double.calls_to("/echo")

@@ -210,6 +210,11 @@ class Callbacks:
         self.metrics = metrics or CallbackMetrics()
         self._calls: dict[str, _Call] = {}
         self._settled: collections.OrderedDict[str, None] = collections.OrderedDict()
+        # Call ids whose callback body is being read by the aiohttp route (register_routes).
+        self._receiving: collections.Counter[str] = collections.Counter()
+        self._receiving_probe: Callable[[list[str]], list[bool]] | None = lambda ids: [
+            i in self._receiving for i in ids
+        ]
         """Calls claimed by a callback whose body is still arriving."""
         self._pending_free = settings.max_pending
         self._pending_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
@@ -266,7 +271,17 @@ class Callbacks:
 
     def register_routes(self, app: web.Application) -> None:
         """Serves the callback route on an aiohttp application (tests, a bare dispatcher)."""
-        add_to_aiohttp(app, self.route())
+        add_to_aiohttp(app, self.route(), track_header=_CALL_ID, receiving=self._receiving)
+
+    @property
+    def receiving_probe(self) -> Callable[[list[str]], list[bool]] | None:
+        """Which of the given call ids have a callback arriving right now (the server's view:
+        its body is being read); the sweep does not time those out."""
+        return self._receiving_probe
+
+    @receiving_probe.setter
+    def receiving_probe(self, probe: Callable[[list[str]], list[bool]] | None) -> None:
+        self._receiving_probe = probe
 
     # -- tokens ----------------------------------------------------------------------------
 
@@ -571,7 +586,12 @@ class Callbacks:
         while True:
             await asyncio.sleep(interval)
             now = time.monotonic()
-            for call in [c for c in self._calls.values() if c.deadline <= now]:
+            expired = [c for c in self._calls.values() if c.deadline <= now]
+            if expired and self._receiving_probe is not None:
+                # A callback whose body is still arriving settles its call itself.
+                arriving = self._receiving_probe([c.call_id for c in expired])
+                expired = [c for c, busy in zip(expired, arriving, strict=True) if not busy]
+            for call in expired:
                 if self._calls.get(call.call_id) is not call:
                     continue  # claimed meanwhile
                 log.warning(

@@ -149,7 +149,8 @@ class Daemon:
             ),
             CallbackMetrics(self.metrics.registry),
         )
-        self.ingress.add_route(self.callbacks.route())
+        self.ingress.add_route(self.callbacks.route(), track_header="X-Call-Id")
+        self.callbacks.receiving_probe = self.ingress.receiving
         self.callbacks.supervise_with(self.supervisor.spawn)
         uses_async = d.asynchronous_invocation or any(
             getattr(source, "asynchronous_invocation", False) for source in config.sources

@@ -15,6 +15,7 @@ answers, not crashes.
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -121,16 +122,31 @@ async def serve(route: Route, request: HttpRequest) -> HttpResponse:
         return text_response(500, "internal error: the handler failed (see the daemon's log)")
 
 
-def add_to_aiohttp(app: web.Application, route: Route) -> None:
-    """Serves ``route`` on an aiohttp application (the admin server)."""
+def add_to_aiohttp(
+    app: web.Application,
+    route: Route,
+    *,
+    track_header: str = "",
+    receiving: collections.Counter[str] | None = None,
+) -> None:
+    """Serves ``route`` on an aiohttp application (the admin server). With ``track_header``,
+    the header's value is counted in ``receiving`` while the request's body is read."""
 
     async def handle(request: web.Request) -> web.StreamResponse:
         if route.method not in (request.method, "*"):
             return _to_aiohttp(text_response(405, f"use {route.method}", ("Allow", route.method)))
+        tracked = request.headers.get(track_header, "") if track_header and receiving is not None else ""
+        if tracked and receiving is not None:
+            receiving[tracked] += 1
         try:
             body = await read_at_most(request, route.max_body_bytes)
         except IncompleteBody as exc:
             return _to_aiohttp(text_response(400, str(exc)))
+        finally:
+            if tracked and receiving is not None:
+                receiving[tracked] -= 1
+                if receiving[tracked] <= 0:
+                    del receiving[tracked]
         if body is None and not route.oversized_to_handler:
             return _to_aiohttp(
                 text_response(413, f"the body is over {route.max_body_bytes} bytes (max_body_bytes)")

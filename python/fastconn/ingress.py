@@ -95,15 +95,24 @@ class Ingress:
     _malformed: RateLimitedLog = field(default_factory=lambda: RateLimitedLog(log, interval=10.0))
     _bad: dict[str, RateLimitedLog] = field(default_factory=dict)
     _readiness: tuple[bool, str, bool] | None = None
+    _tracked: dict[int, str] = field(default_factory=dict)
 
     # -- configuration ---------------------------------------------------------------------
 
-    def add_route(self, route: Route) -> None:
-        """Serves ``route`` (before or after start)."""
+    def add_route(self, route: Route, *, track_header: str = "") -> None:
+        """Serves ``route`` (before or after start). With ``track_header``, the header's value
+        of a request counts as *receiving* (:meth:`receiving`) while it is read and handled."""
         if any(r.path == route.path and r.method == route.method for r in self._routes):
             raise ValueError(f"route {route.method} {route.path} ({route.name}) is served already")
         self._routes.append(route)
+        self._tracked[id(route)] = track_header
         self._push_routes()
+
+    def receiving(self, values: list[str]) -> list[bool]:
+        """Which of ``values`` (of a tracked header) a request is carrying in right now."""
+        if self._runtime is None or not values:
+            return [False] * len(values)
+        return self._runtime.ingress_receiving(values)
 
     def add_webhook(self, webhook: WebhookRoute) -> None:
         if self._webhooks:
@@ -202,8 +211,18 @@ class Ingress:
             return
         # A fallback route is reachable only through its webhook: listed (so requests can name
         # it by index) under a path no request has.
-        python = [(r.method, r.path, r.prefix, r.max_body_bytes, r.oversized_to_handler) for r in self._routes]
-        python += [(r.method, "", False, r.max_body_bytes, False) for r in table[len(self._routes) :]]
+        python = [
+            (
+                r.method,
+                r.path,
+                r.prefix,
+                r.max_body_bytes,
+                r.oversized_to_handler,
+                self._tracked.get(id(r), ""),
+            )
+            for r in self._routes
+        ]
+        python += [(r.method, "", False, r.max_body_bytes, False, "") for r in table[len(self._routes) :]]
         self._runtime.ingress_routes(python, webhooks)
 
     # -- batches from the core -------------------------------------------------------------

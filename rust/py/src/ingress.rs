@@ -4,6 +4,7 @@
 
 use crate::completions::WakeQueue;
 use bytes::Bytes;
+use fastconn_core::ingress::http_header::HeaderName;
 use fastconn_core::ingress::{
     webhook::Signature, Accepted, Answer, IngressSink, Notice, PyRequest, RouteEntry, RouteKind,
     SignatureAlgorithm, WebhookRoute,
@@ -33,8 +34,9 @@ impl IngressSink for IngressQueue {
     }
 }
 
-/// A Python route as Python passes it: (method, path, prefix, max_body, oversized).
-pub type PythonRoute = (String, String, bool, usize, bool);
+/// A Python route as Python passes it: (method, path, prefix, max_body, oversized, track)
+/// with track the name of the header listed as receiving ("" for none).
+pub type PythonRoute = (String, String, bool, usize, bool, String);
 
 /// A webhook source as Python passes it: (name, max_body, auth_token, hmac_secret,
 /// signature_header, signature_prefix, signature_algorithm, accepting, python_fallback,
@@ -58,16 +60,26 @@ pub fn route_table(
 ) -> PyResult<Vec<RouteEntry>> {
     let mut table: Vec<RouteEntry> = python
         .into_iter()
-        .map(|(method, path, prefix, max_body, oversized)| RouteEntry {
-            path,
-            prefix,
-            kind: RouteKind::Python {
-                method,
-                max_body,
-                oversized,
-            },
+        .map(|(method, path, prefix, max_body, oversized, track)| {
+            let track = if track.is_empty() {
+                None
+            } else {
+                Some(HeaderName::try_from(track.as_str()).map_err(|_| {
+                    PyValueError::new_err(format!("{track:?} is not a header name"))
+                })?)
+            };
+            Ok(RouteEntry {
+                path,
+                prefix,
+                kind: RouteKind::Python {
+                    method,
+                    max_body,
+                    oversized,
+                    track,
+                },
+            })
         })
-        .collect();
+        .collect::<PyResult<_>>()?;
     for (
         name,
         max_body,

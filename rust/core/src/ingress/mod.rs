@@ -31,6 +31,8 @@ use std::time::Duration;
 use tokio::sync::{oneshot, watch};
 
 pub use conns::ConnectionCounts;
+/// Header names as route tables name them.
+pub use http::header as http_header;
 pub use webhook::{SignatureAlgorithm, WebhookRoute};
 
 /// The server's settings (`[server]`).
@@ -114,6 +116,10 @@ pub enum RouteKind {
         method: String,
         max_body: usize,
         oversized: bool,
+        /// While such a request is read and handled, its value of this header is listed as
+        /// *receiving* ([`Ingress::receiving`]): async callbacks name their call this way, so
+        /// a call whose callback is arriving is not timed out meanwhile.
+        track: Option<http::header::HeaderName>,
     },
     Webhook(Arc<WebhookRoute>),
 }
@@ -151,6 +157,8 @@ pub(crate) struct Shared {
     /// Whether the engine has a topic map yet (webhooks answer 503 at once until it does).
     routing_ready: AtomicBool,
     pending: Mutex<HashMap<u64, oneshot::Sender<Answer>>>,
+    /// Tracked header values of requests being read or handled, with their counts.
+    receiving: Mutex<HashMap<Bytes, usize>>,
     next_request: AtomicU64,
     next_token: AtomicU64,
     conns: conns::Tracker,
@@ -186,6 +194,7 @@ impl Ingress {
             }),
             routing_ready: AtomicBool::new(false),
             pending: Mutex::new(HashMap::new()),
+            receiving: Mutex::new(HashMap::new()),
             next_request: AtomicU64::new(1),
             next_token: AtomicU64::new(1),
             stop: stop_rx,
@@ -239,6 +248,19 @@ impl Ingress {
             }
         }
         delivered
+    }
+
+    /// Which of `values` a tracked route is receiving now (see `RouteKind::Python::track`).
+    pub fn receiving(&self, values: &[String]) -> Vec<bool> {
+        let receiving = self
+            .shared
+            .receiving
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        values
+            .iter()
+            .map(|v| receiving.contains_key(v.as_bytes()))
+            .collect()
     }
 
     pub fn connections(&self) -> ConnectionCounts {
