@@ -17,6 +17,7 @@ from fastconn import Dispatcher, DispatchOptions
 from fastconn.http_routes import HttpRequest, HttpResponse, Route, text_response
 from fastconn.ingress import Ingress, IngressLimits
 from fastconn.testing import FunctionDouble, free_port, wait_for
+from gateway_double import FunctionSpec, GatewayDouble
 
 if TYPE_CHECKING:
     from conftest import DaemonFactory
@@ -255,3 +256,36 @@ async def test_without_admin_listen_metrics_answer_on_listen(
     daemon = await daemon_factory(_webhook_config(function_double))
     async with http.get(f"{daemon.url}/metrics") as r:
         assert r.status == 200 and "fastconn_" in await r.text()
+
+
+async def test_callbacks_through_the_ingress_settle_exactly_once(
+    gateway: GatewayDouble, daemon_factory: DaemonFactory, http: aiohttp.ClientSession
+) -> None:
+    gateway.set_functions([FunctionSpec("later", topic="jobs")])
+    gateway.script("later", statuses=[200], callback_copies=0)  # the test is the gateway here
+    config = {
+        "gateway": {"url": gateway.url, "rebuild_interval": "200ms"},
+        "sources": [{"type": "webhook", "asynchronous_invocation": True}],
+    }
+    daemon = await daemon_factory(config)
+    async with http.post(f"{daemon.url}/webhook/jobs", data=b"job") as r:
+        assert r.status == 202
+    await wait_for(lambda: gateway.calls("later") == 1, 5, what="the async call")
+    [request] = gateway.requests_for("later")
+    url, call_id = request.headers["X-Callback-Url"], request.headers["X-Call-Id"]
+    assert url.startswith(daemon.url + "/callback/")
+
+    async def callback(target: str, cid: str) -> int:
+        headers = {"X-Call-Id": cid, "X-Function-Status": "200"}
+        async with http.post(target, data=b"result", headers=headers) as reply:
+            return reply.status
+
+    assert await callback(url + "0", call_id) == 401, "a forged token"
+    assert await callback(url, call_id + "x") == 401, "a token of another call id"
+    statuses = await asyncio.gather(*(callback(url, call_id) for _ in range(4)))
+    assert sorted(statuses) == [200, 409, 409, 409], "one copy settles, the others are duplicates"
+    acked = 'fastconn_messages_acked_total{source="webhook"}'
+    deadline = time.monotonic() + 5
+    while (await daemon.metrics()).get(acked) != 1:
+        assert time.monotonic() < deadline, "the message was not acknowledged once"
+        await asyncio.sleep(0.05)
