@@ -289,3 +289,14 @@ async def test_callbacks_through_the_ingress_settle_exactly_once(
     while (await daemon.metrics()).get(acked) != 1:
         assert time.monotonic() < deadline, "the message was not acknowledged once"
         await asyncio.sleep(0.05)
+
+
+def test_admin_listen_alone_as_a_port_means_loopback() -> None:
+    from fastconn.config import ServerConfig
+
+    assert ServerConfig(admin_listen="9090").admin_listen == "127.0.0.1:9090"
+    assert ServerConfig(admin_listen=":9090").admin_listen == "127.0.0.1:9090"
+    assert ServerConfig(admin_listen="0.0.0.0:9090").admin_listen == "0.0.0.0:9090"
+    assert ServerConfig().admin_listen is None
+    with pytest.raises(ValueError, match="host:port"):
+        ServerConfig(admin_listen="nope")
