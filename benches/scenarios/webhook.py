@@ -125,6 +125,14 @@ async def run(ctx: Context) -> list[ScenarioResult]:
         WrkCeiling(o.payload, o.inflight),
     ]
     await alternate(ctx, result, systems)
+    nginx_ratio = result.ratio("nginx")
+    if nginx_ratio is not None:
+        rate = result.systems["nginx"].median("rate")
+        result.notes.append(
+            f"nginx reverse proxy (2 workers, keep-alive upstream): {rate:,.0f} msg/s; "
+            f"fastconn = {nginx_ratio:.2f}x nginx in the same run "
+            "(targets: at least 5x the aiohttp relay and 0.5x nginx)"
+        )
     if any(feed.refused):
         result.notes.append(
             f"503 answers (refused under backpressure, retried by nobody) per round: {feed.refused}"
