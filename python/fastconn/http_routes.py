@@ -4,8 +4,9 @@ A source that needs a request handler of its own (an SNS subscription endpoint, 
 webhook shape) declares a :class:`Route` in ``register`` with ``ctx.add_route(route)``. The
 handler sees plain data (:class:`HttpRequest`, the body already read within the route's limit)
 and answers plain data (:class:`HttpResponse`): it never touches the server's objects, so the
-same handler runs behind today's aiohttp admin server and behind an ingress server in the Rust
-core that hands such requests to Python in batches.
+same handler runs behind the ingress server in the Rust core, which hands such requests to
+Python in batches (:mod:`fastconn.ingress`), and behind an aiohttp application
+(:func:`add_to_aiohttp`: tests, a bare dispatcher).
 
 What every route gets without writing it: the body limit (413 before and while reading), a
 method check (405), a 400 for a body that did not arrive whole, and a 500 without a traceback

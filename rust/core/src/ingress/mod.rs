@@ -35,6 +35,9 @@ pub use conns::ConnectionCounts;
 pub use http::header as http_header;
 pub use webhook::{SignatureAlgorithm, WebhookRoute};
 
+/// Longer timeouts are taken as this one (a year: "never" for a connection).
+const LONGEST_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// The server's settings (`[server]`).
 #[derive(Debug, Clone)]
 pub struct IngressConfig {
@@ -176,9 +179,12 @@ impl Ingress {
     /// Binds `config.listen` and serves on the engine's runtime.
     pub fn start(
         engine: Arc<Engine>,
-        config: IngressConfig,
+        mut config: IngressConfig,
         sink: Arc<dyn IngressSink>,
     ) -> std::io::Result<Ingress> {
+        // Deadlines are instants: a timeout of centuries would overflow them.
+        config.header_timeout = config.header_timeout.min(LONGEST_TIMEOUT);
+        config.idle_timeout = config.idle_timeout.min(LONGEST_TIMEOUT);
         let listener = bind(&config.listen)?;
         let local = listener.local_addr()?;
         let (stop_tx, stop_rx) = watch::channel(false);
