@@ -9,7 +9,7 @@ use fastconn_core::ingress::{Ingress, IngressConfig};
 use fastconn_core::{
     Engine, EngineConfig, EngineError, Message, RetryPolicy, SubmitError, TargetSpec, TlsSettings,
 };
-use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
 use std::collections::HashMap;
@@ -385,7 +385,12 @@ impl Runtime {
         let sink: Arc<dyn fastconn_core::ingress::IngressSink> = self.ingress_queue.clone();
         let server = guard(py, || {
             Ingress::start(Arc::clone(&self.engine), config, sink)
-        })??;
+        })?
+        // OSError(errno, text): callers tell "in use" from "not an address here" by errno.
+        .map_err(|e| match e.raw_os_error() {
+            Some(code) => PyOSError::new_err((code, e.to_string())),
+            None => PyErr::from(e),
+        })?;
         let local = server.local_addr();
         *self.ingress.lock().unwrap_or_else(PoisonError::into_inner) = Some(server);
         Ok((local.ip().to_string(), local.port()))
