@@ -300,3 +300,23 @@ def test_admin_listen_alone_as_a_port_means_loopback() -> None:
     assert ServerConfig().admin_listen is None
     with pytest.raises(ValueError, match="host:port"):
         ServerConfig(admin_listen="nope")
+
+
+async def test_webhook_messages_accepted_in_the_core_reach_pythons_metrics_and_request_log(
+    daemon_factory: DaemonFactory, function_double: FunctionDouble, http: aiohttp.ClientSession
+) -> None:
+    config = _webhook_config(function_double)
+    config["dispatch"] = {"print_request_body": True}
+    daemon = await daemon_factory(config)
+    for body in (b"first", b"second"):
+        async with http.post(f"{daemon.url}/webhook/t", data=body) as r:
+            assert r.status == 202 and len(r.headers["X-Message-Id"]) == 32
+    await wait_for(lambda: "t => b'second'" in daemon.output(), 5, what="the request log line")
+    assert "t => b'first'" in daemon.output()
+    received = 'fastconn_messages_received_total{source="webhook",topic="t"}'
+    acked = 'fastconn_messages_acked_total{source="webhook"}'
+    deadline = time.monotonic() + 5
+    while (samples := await daemon.metrics()).get(acked) != 2:
+        assert time.monotonic() < deadline, samples.get(acked)
+        await asyncio.sleep(0.05)
+    assert samples[received] == 2
