@@ -25,10 +25,12 @@ from _common import Figure, Sink, environment, run_worker
 
 
 async def worker(url: str, n: int, inflight: int, asynchronous: bool) -> dict[str, float]:
-    from aiohttp import web
+    import dataclasses
 
     from fastconn import Dispatcher, DispatchOptions, FunctionTarget, Message, Outcome
     from fastconn.callbacks import CallbackSettings
+    from fastconn.http_routes import HttpRequest, HttpResponse
+    from fastconn.ingress import Ingress
     from fastconn.testing import free_port
 
     port = free_port()
@@ -38,18 +40,19 @@ async def worker(url: str, n: int, inflight: int, asynchronous: bool) -> dict[st
         CallbackSettings(public_url=f"http://127.0.0.1:{port}", max_pending=inflight)
     )
     received_at: dict[str, float] = {}
-    original = callbacks.handle
+    route = callbacks.route()
+    original = route.handler
 
-    async def timed(request: web.Request) -> web.StreamResponse:
-        received_at[request.headers.get("X-Call-Id", "")] = time.perf_counter()
+    async def timed(request: HttpRequest) -> HttpResponse:
+        received_at[request.header("X-Call-Id") or ""] = time.perf_counter()
         return await original(request)
 
-    app = web.Application()
-    app.router.add_post("/callback/{token}", timed)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
     await dispatcher.start()
+    # Callbacks arrive at the ingress server in the core, as in the daemon.
+    ingress = Ingress(dispatcher, f"127.0.0.1:{port}")
+    ingress.add_route(dataclasses.replace(route, handler=timed), track_header="X-Call-Id")
+    callbacks.receiving_probe = ingress.receiving
+    await ingress.start()
     dispatcher.set_functions(
         [FunctionTarget("fn", ("bench",), f"{url}/function/fn", async_url=f"{url}/async-function/fn")]
     )
@@ -78,8 +81,8 @@ async def worker(url: str, n: int, inflight: int, asynchronous: bool) -> dict[st
         await dispatcher.submit(messages[i : i + inflight], on_outcomes, asynchronous=asynchronous)
     await done
     elapsed = time.perf_counter() - started
+    await ingress.stop()
     await dispatcher.close(5)
-    await runner.cleanup()
     settle_latency.sort()
     pick = lambda p: settle_latency[int(p * (len(settle_latency) - 1))] if settle_latency else 0.0  # noqa: E731
     return {

@@ -12,6 +12,8 @@ command -v wrk >/dev/null || need_apt+=(wrk)
 # Debian package starts it as a service.
 command -v rabbitmqctl >/dev/null || need_apt+=(rabbitmq-server)
 command -v mosquitto >/dev/null || need_apt+=(mosquitto)
+# The webhook benchmark's reverse-proxy baseline (run with its own config; the service is unused).
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need_apt+=(nginx)
 # The postgres source's tests start throw-away clusters with initdb/pg_ctl (PostgreSQL 15 or later).
 { command -v pg_config >/dev/null && [ -x "$(pg_config --bindir)/initdb" ]; } \
   || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt+=(postgresql)

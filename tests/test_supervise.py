@@ -162,11 +162,11 @@ async def test_a_permanently_failing_intake_turns_the_daemon_not_ready(
         async with aiohttp.ClientSession() as http:
 
             async def not_ready() -> bool:
-                async with http.get(f"{daemon.admin.url}/readyz") as response:
+                async with http.get(f"{daemon.ingress.url}/readyz") as response:
                     return response.status == 503 and "kafka.intake" in await response.text()
 
             await wait_for(not_ready, 10, 0.05, "/readyz 503 naming the intake")
-            async with http.get(f"{daemon.admin.url}/readyz") as response:
+            async with http.get(f"{daemon.ingress.url}/readyz") as response:
                 assert "RuntimeError: client bug" in await response.text()
         assert restarts(metrics, "kafka.intake") >= 3
     finally:

@@ -1,6 +1,8 @@
 """``webhook``: HTTP events → function. wrk POSTs N events (as fast as the server answers,
-on ``inflight`` connections) to the daemon's ``/webhook/<topic>``; the baseline is an aiohttp
-server forwarding with an aiohttp client under the same bound. The window ends when the sink
+on ``inflight`` connections) to the daemon's ``/webhook/<topic>``; the baselines are an aiohttp
+server forwarding with an aiohttp client under the same bound, and an nginx reverse proxy
+relaying to the same sink over keep-alive upstream connections (the practical ceiling of a
+two-hop relay; it answers after the sink did, fastconn answers 202 first). The window ends when the sink
 has every event the server accepted (its own count: fastconn's ``received`` metric, the
 baseline's ``/count``), so a 503 (refused under backpressure) is not counted as delivered."""
 
@@ -24,6 +26,7 @@ from scenarios._base import (
     http_bound_messages,
     warm_up,
 )
+from scenarios._nginx import start_nginx
 from scenarios._process import ProcessSystem, Running, daemon_config, start_daemon, start_pipeline
 from scenarios._wrk import WrkCeiling, run_wrk
 
@@ -110,14 +113,26 @@ async def run(ctx: Context) -> list[ScenarioResult]:
     async def baseline(ctx: Context, _round: int) -> Running:
         return await start_pipeline(ctx, "webhook", [])
 
+    async def nginx(ctx: Context, _round: int) -> Running:
+        return await start_nginx(ctx, ctx.function_url("f0"))
+
     systems: list[System] = [
         ProcessSystem("fastconn", "fastconn daemon (webhook source)", feed, fastconn),
         ProcessSystem(
             "baseline", f"aiohttp server + aiohttp client ({o.inflight} in flight)", feed, baseline
         ),
+        ProcessSystem("nginx", "nginx reverse proxy (2 workers, keep-alive upstream)", feed, nginx),
         WrkCeiling(o.payload, o.inflight),
     ]
     await alternate(ctx, result, systems)
+    nginx_ratio = result.ratio("nginx")
+    if nginx_ratio is not None:
+        rate = result.systems["nginx"].median("rate")
+        result.notes.append(
+            f"nginx reverse proxy (2 workers, keep-alive upstream): {rate:,.0f} msg/s; "
+            f"fastconn = {nginx_ratio:.2f}x nginx in the same run "
+            "(targets: at least 5x the aiohttp relay and 0.5x nginx)"
+        )
     if any(feed.refused):
         result.notes.append(
             f"503 answers (refused under backpressure, retried by nobody) per round: {feed.refused}"

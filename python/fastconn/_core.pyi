@@ -34,6 +34,18 @@ _ResultTuple = tuple[str, int, int, int, float, float | None, bytes | None, list
 #  every attempt by status)
 _StatsTuple = tuple[str, list[tuple[str, int]], list[int], float, int, int, list[tuple[str, int]]]
 
+# (id, route index, method, raw path, raw query, headers, body, remote, body too large)
+_IngressRequest = tuple[int, int, str, str, str, list[tuple[str, bytes]], bytes, str, bool]
+# (token, source, topic, message id, payload)
+_IngressAccepted = tuple[int, str, str, str, bytes | None]
+# (kind, source, remote, text)
+_IngressNotice = tuple[str, str | None, str, str]
+# (method, path, prefix, max body bytes, oversized bodies reach the handler, tracked header)
+_PythonRoute = tuple[str, str, bool, int, bool, str]
+# (name, max_body, auth_token, hmac_secret, signature_header, signature_prefix,
+#  signature_algorithm, accepting, python fallback route index, record payload)
+_WebhookTuple = tuple[str, int, str | None, str | None, str, str, str, bool, int | None, bool]
+
 @final
 class Runtime:
     def __new__(
@@ -78,6 +90,27 @@ class Runtime:
     def route(self, topics: list[str]) -> list[list[str]]: ...
     def stats(self) -> list[_StatsTuple]: ...
     def close(self, timeout: float) -> int: ...
+    def start_ingress(
+        self,
+        *,
+        listen: str,
+        header_timeout: float,
+        idle_timeout: float,
+        max_connections: int,
+        max_pending: int,
+        max_head_bytes: int = 65536,
+    ) -> tuple[str, int]: ...
+    @property
+    def ingress_wake_fd(self) -> int: ...
+    def ingress_drain(
+        self,
+    ) -> tuple[list[_IngressRequest], list[_IngressAccepted], list[_IngressNotice]]: ...
+    def ingress_respond(self, answers: list[tuple[int, int, list[tuple[str, str]], bytes]]) -> int: ...
+    def ingress_routes(self, python: list[_PythonRoute], webhooks: list[_WebhookTuple]) -> None: ...
+    def ingress_ready(self, ready: bool, text: str, routing: bool) -> None: ...
+    def ingress_receiving(self, values: list[str]) -> list[bool]: ...
+    def ingress_connections(self) -> tuple[int, int, int, int]: ...
+    def stop_ingress(self) -> None: ...
 
 def validate_url(url: str) -> str | None: ...
 def check_tls(

@@ -1,5 +1,6 @@
-"""The admin HTTP server: health, readiness, metrics, and whatever routes sources add
-(``/webhook/<topic>``, async callbacks)."""
+"""The admin HTTP server (aiohttp) on ``[server] admin_listen``: ``/metrics`` (and health and
+readiness) on a listener of its own, so operators can expose ``[server] listen`` — the ingress
+server in the core, :mod:`fastconn.ingress` — without exposing metrics."""
 
 from __future__ import annotations
 

@@ -40,6 +40,7 @@ import contextlib
 import dataclasses
 import hashlib
 import hmac
+import json
 import logging
 import random
 import secrets
@@ -53,9 +54,8 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from fastconn.backoff import doubling
-from fastconn.http_body import IncompleteBody, read_at_most
+from fastconn.http_routes import HttpRequest, HttpResponse, Route, add_to_aiohttp
 from fastconn.message import ErrorKind, Message, Outcome, OutcomeCallback, TargetResult, Verdict
-from fastconn.ratelimit import RateLimitedLog
 
 __all__ = ["AckMode", "CallTransport", "CallbackMetrics", "CallbackSettings", "Callbacks"]
 
@@ -67,6 +67,7 @@ AckMode = Literal["on_callback", "on_accept"]
 _CALL_ID = "X-Call-Id"
 _CALLBACK_URL = "X-Callback-Url"
 _STATUS = "X-Function-Status"
+_CALLBACK_PATH = "/callback/"
 _SETTLED_MEMORY = 65536
 """Recently settled call ids remembered to answer duplicates with 409 rather than 404."""
 
@@ -209,14 +210,17 @@ class Callbacks:
         self.metrics = metrics or CallbackMetrics()
         self._calls: dict[str, _Call] = {}
         self._settled: collections.OrderedDict[str, None] = collections.OrderedDict()
-        self._reading: set[str] = set()
+        # Call ids whose callback body is being read by the aiohttp route (register_routes).
+        self._receiving: collections.Counter[str] = collections.Counter()
+        self._receiving_probe: Callable[[list[str]], list[bool]] | None = lambda ids: [
+            i in self._receiving for i in ids
+        ]
         """Calls claimed by a callback whose body is still arriving."""
         self._pending_free = settings.max_pending
         self._pending_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._sweeper: asyncio.Task[None] | None = None
         self._retry_tasks: set[asyncio.Task[None]] = set()
         self._spawn: Spawn | None = None
-        self._incomplete_log = RateLimitedLog(log, interval=10.0)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -252,8 +256,32 @@ class Callbacks:
     def pending(self) -> int:
         return len(self._calls)
 
+    def route(self) -> Route:
+        """``POST /callback/<token>``: the body is read (within ``max_callback_bytes``) before
+        the handler runs; a larger one reaches it unread, so its call fails at once."""
+        return Route(
+            "POST",
+            _CALLBACK_PATH,
+            self.handle,
+            max_body_bytes=self.settings.max_body_bytes,
+            name="callbacks",
+            prefix=True,
+            oversized_to_handler=True,
+        )
+
     def register_routes(self, app: web.Application) -> None:
-        app.router.add_post("/callback/{token}", self.handle)
+        """Serves the callback route on an aiohttp application (tests, a bare dispatcher)."""
+        add_to_aiohttp(app, self.route(), track_header=_CALL_ID, receiving=self._receiving)
+
+    @property
+    def receiving_probe(self) -> Callable[[list[str]], list[bool]] | None:
+        """Which of the given call ids have a callback arriving right now (the server's view:
+        its body is being read); the sweep does not time those out."""
+        return self._receiving_probe
+
+    @receiving_probe.setter
+    def receiving_probe(self, probe: Callable[[list[str]], list[bool]] | None) -> None:
+        self._receiving_probe = probe
 
     # -- tokens ----------------------------------------------------------------------------
 
@@ -422,9 +450,9 @@ class Callbacks:
 
     # -- callbacks ---------------------------------------------------------------------------
 
-    async def handle(self, request: web.Request) -> web.Response:
-        call_id = request.headers.get(_CALL_ID, "")
-        token = request.match_info["token"]
+    async def handle(self, request: HttpRequest) -> HttpResponse:
+        call_id = request.header(_CALL_ID) or ""
+        token = request.path[len(_CALLBACK_PATH) :]
         # Call ids are ASCII (uuid hex); anything else, even undecodable bytes, is not ours.
         if (
             not call_id
@@ -433,52 +461,38 @@ class Callbacks:
             or not hmac.compare_digest(token.encode(), self.token(call_id).encode())
         ):
             self.metrics.rejected.labels(reason="bad_token").inc()
-            return web.json_response({"error": "bad callback token"}, status=401)
+            return _json(401, {"error": "bad callback token"})
         try:
-            status = int(request.headers.get(_STATUS, ""))
+            status = int(request.header(_STATUS) or "")
         except ValueError:
             self.metrics.rejected.labels(reason="bad_request").inc()
-            return web.json_response({"error": f"missing or invalid {_STATUS}"}, status=400)
-        # Claim the call before anything awaits: a concurrent duplicate (a retrying gateway, a
-        # proxy) or the timeout sweep finds it gone and cannot settle it a second time.
+            return _json(400, {"error": f"missing or invalid {_STATUS}"})
+        # Claim the call before anything else: the body is already read, nothing awaits from here
+        # on, so a concurrent duplicate (a retrying gateway, a proxy) or the timeout sweep finds
+        # it gone and cannot settle it a second time.
         call = self._calls.pop(call_id, None)
         if call is None:
-            duplicate = call_id in self._settled or call_id in self._reading
+            duplicate = call_id in self._settled
             reason = "duplicate" if duplicate else "unknown"
             self.metrics.rejected.labels(reason=reason).inc()
-            status = 409 if duplicate else 404
-            return web.json_response({"error": f"{reason} call id {call_id}"}, status=status)
-        self._reading.add(call_id)
-        try:
-            body = await read_at_most(request, self.settings.max_body_bytes)
-        except BaseException as exc:
-            # The body never arrived whole: the call is still pending; a retried callback (or the
-            # timeout) settles it.
-            self._calls[call_id] = call
-            if isinstance(exc, IncompleteBody):
-                self.metrics.rejected.labels(reason="incomplete").inc()
-                self._incomplete_log.warning("callback for call %s: %s", call_id, exc)
-                return web.json_response({"error": str(exc)}, status=400)
-            raise
-        finally:
-            self._reading.discard(call_id)
+            return _json(409 if duplicate else 404, {"error": f"{reason} call id {call_id}"})
         self._settle_call(call)
         latency = time.monotonic() - call.invoked_at
-        headers = tuple((k, v) for k, v in request.headers.items())
-        if body is None:
+        headers = tuple(request.headers)
+        if request.body_too_large:
             return self._too_large(call, latency, headers)
         self.metrics.received(call.function, status).inc()
         self.metrics.latency.observe(latency)
         result = TargetResult(
-            call.function, status, ErrorKind.NONE, call.invocation, latency, None, body, headers
+            call.function, status, ErrorKind.NONE, call.invocation, latency, None, request.body, headers
         )
         if result.ok:
             self._finish(call.composite, call.function, result)
         else:
             self._retry_or_finish(call, result)
-        return web.json_response({"status": "settled"}, status=200)
+        return _json(200, {"status": "settled"})
 
-    def _too_large(self, call: _Call, latency: float, headers: tuple[tuple[str, str], ...]) -> web.Response:
+    def _too_large(self, call: _Call, latency: float, headers: tuple[tuple[str, str], ...]) -> HttpResponse:
         """The result cannot be read: the call fails for good now (re-invoking would produce the
         same result), rather than waiting for its timeout."""
         limit = self.settings.max_body_bytes
@@ -492,7 +506,7 @@ class Callbacks:
             call.function, 413, ErrorKind.NONE, call.invocation, latency, None, reason.encode(), headers
         )
         self._finish(call.composite, call.function, result)
-        return web.json_response({"error": reason}, status=413)
+        return _json(413, {"error": reason})
 
     # -- settling ----------------------------------------------------------------------------
 
@@ -572,7 +586,12 @@ class Callbacks:
         while True:
             await asyncio.sleep(interval)
             now = time.monotonic()
-            for call in [c for c in self._calls.values() if c.deadline <= now]:
+            expired = [c for c in self._calls.values() if c.deadline <= now]
+            if expired and self._receiving_probe is not None:
+                # A callback whose body is still arriving settles its call itself.
+                arriving = self._receiving_probe([c.call_id for c in expired])
+                expired = [c for c, busy in zip(expired, arriving, strict=True) if not busy]
+            for call in expired:
                 if self._calls.get(call.call_id) is not call:
                     continue  # claimed meanwhile
                 log.warning(
@@ -608,3 +627,9 @@ class Callbacks:
             waiter = self._pending_waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
+
+
+def _json(status: int, body: dict[str, str]) -> HttpResponse:
+    return HttpResponse(
+        status, (("Content-Type", "application/json; charset=utf-8"),), json.dumps(body).encode()
+    )

@@ -140,6 +140,17 @@ def _check_listen(value: str) -> str:
     return value
 
 
+def _check_admin_listen(value: str | None) -> str | None:
+    """``host:port``, or just a port (``"9090"`` / ``":9090"``): then loopback, so metrics are not
+    exposed by accident."""
+    if value is None:
+        return None
+    if value.lstrip(":").isdigit():
+        value = "127.0.0.1:" + value.lstrip(":")
+    _split_listen(value)
+    return value
+
+
 _LOG_LEVELS: Final = ("debug", "info", "warning", "error", "critical")
 
 _HEADER_VALUE_FORBIDDEN: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
@@ -327,6 +338,10 @@ class ServerConfig(_Model):
     """Seconds an idle keep-alive connection stays open."""
     max_connections: Annotated[int, Field(ge=1, le=1_000_000)] = 1024
     """Open connections; at the cap the oldest one still sending its first head is closed."""
+    admin_listen: Annotated[str | None, AfterValidator(_check_admin_listen)] = None
+    """A separate listener for ``/metrics`` (a port alone means loopback): operators can then
+    expose ``listen`` (events, callbacks, probes) without exposing metrics. Unset, ``/metrics``
+    answers on ``listen``."""
     readiness_grace: Duration = 10.0
     """How long a source's broker may be unreachable before ``/readyz`` turns 503: a broker
     restart or a leader change should not take every replica out of the load balancer."""

@@ -1,5 +1,6 @@
-"""Connection limits of the admin/ingress server that aiohttp does not offer: a deadline for the
-first request head and a cap on open connections.
+"""Connection limits of the aiohttp admin server (``[server] admin_listen``) that aiohttp does
+not offer: a deadline for the first request head and a cap on open connections. (The ingress
+server on ``[server] listen`` has the same limits in the core: ``rust/core/src/ingress/conns.rs``.)
 
 aiohttp's public knobs cover the rest (``keepalive_timeout`` closes idle keep-alive connections,
 ``max_line_size`` / ``max_field_size`` bound the head's size), but its one timer is the keep-alive

@@ -1,9 +1,13 @@
-"""The daemon: wires configuration, registry, dispatcher, admin server and sources, and runs
+"""The daemon: wires configuration, registry, dispatcher, the ingress server (``[server]
+listen``, in the core), the optional admin server (``[server] admin_listen``) and sources, and runs
 them until a signal.
+
+Readiness is computed here and pushed to the ingress when it changes (on the events that change
+it, and by a short poll for the time-based ones), so ``/readyz`` costs no Python.
 
 Shutdown order (SIGTERM/SIGINT): sources stop intake → the dispatcher drains in-flight work up
 to ``shutdown_timeout`` while completions keep settling → sources close (final acks, commits)
-→ the admin server stops → exit 0. A second signal exits at once.
+→ the servers stop → exit 0. A second signal exits at once.
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ import signal
 import time
 from collections.abc import Awaitable, Sequence
 
+from aiohttp import web
 from pydantic import BaseModel
 
-from fastconn.admin import AdminServer
+from fastconn.admin import METRICS_CONTENT_TYPE, AdminServer
 from fastconn.callbacks import CallbackMetrics, CallbackSettings
 from fastconn.config import Config
 from fastconn.conn_guard import ServerLimits
@@ -31,6 +36,8 @@ from fastconn.failure_log import FunctionFailureLog
 from fastconn.fdlimit import raise_open_files_limit
 from fastconn.functions import FunctionTarget
 from fastconn.health import clock_text
+from fastconn.http_routes import HttpRequest, HttpResponse, Route
+from fastconn.ingress import Ingress, IngressLimits
 from fastconn.message import Outcome
 from fastconn.metrics import Metrics
 from fastconn.preflight import listen_problem
@@ -81,8 +88,19 @@ class Daemon:
         self.dispatcher = Dispatcher(dispatch_options(config))
         self.failure_log = FunctionFailureLog()
         srv = config.server
-        limits = ServerLimits(srv.header_timeout, srv.idle_timeout, srv.max_connections)
-        self.admin = AdminServer(srv.listen, self.metrics, self._readiness, limits=limits)
+        self.ingress = Ingress(
+            self.dispatcher,
+            srv.listen,
+            IngressLimits(srv.header_timeout, srv.idle_timeout, srv.max_connections),
+        )
+        # /metrics on its own listener when asked (aiohttp: one scrape at a time needs no more),
+        # else on the ingress, as a Python route.
+        self.admin: AdminServer | None = None
+        if srv.admin_listen:
+            limits = ServerLimits(srv.header_timeout, srv.idle_timeout, srv.max_connections)
+            self.admin = AdminServer(srv.admin_listen, self.metrics, self._readiness, limits=limits)
+        else:
+            self.ingress.add_route(Route("GET", "/metrics", self._serve_metrics, name="metrics"))
         self.sources: list[Source] = [create_source(entry) for entry in config.sources]
         self.stopping = asyncio.Event()
         self._sources_started = False
@@ -131,7 +149,8 @@ class Daemon:
             ),
             CallbackMetrics(self.metrics.registry),
         )
-        self.callbacks.register_routes(self.admin.app)
+        self.ingress.add_route(self.callbacks.route(), track_header="X-Call-Id")
+        self.callbacks.receiving_probe = self.ingress.receiving
         self.callbacks.supervise_with(self.supervisor.spawn)
         uses_async = d.asynchronous_invocation or any(
             getattr(source, "asynchronous_invocation", False) for source in config.sources
@@ -146,13 +165,28 @@ class Daemon:
         self.ctx = SourceContext(
             dispatcher=self.dispatcher,
             metrics=self.metrics,
-            app=self.admin.app,
+            app=self.admin.app if self.admin else web.Application(),
             wait_ready=self.sync.wait_ready,
             default_topics=tuple(config.topics),
             print_request_body=config.dispatch.print_request_body,
             startup_wait=gateway.startup_wait if gateway else 0.0,
             supervisor=self.supervisor,
+            ingress=self.ingress,
         )
+
+    async def _serve_metrics(self, _: HttpRequest) -> HttpResponse:
+        return HttpResponse(200, (("Content-Type", METRICS_CONTENT_TYPE),), self.metrics.render())
+
+    def _push_readiness(self) -> None:
+        ready, why = self._readiness()
+        self.ingress.set_ready(ready, "ready" if ready else why, self.sync.ready.is_set())
+
+    async def _readiness_loop(self) -> None:
+        """Pushes changes that come with time alone (a source down for longer than the grace,
+        a task that keeps failing); the events that change readiness push at once."""
+        while True:
+            self._push_readiness()
+            await asyncio.sleep(0.25)
 
     def _static_targets(self) -> list[FunctionTarget]:
         gateway_url = self.config.gateway.url if self.config.gateway else None
@@ -175,6 +209,7 @@ class Daemon:
         self.ctx.publish_topics(tuple(sorted({topic for t in targets for topic in t.topics})))
         self.ctx.publish_functions(targets)
         log.info("topic map: %d function(s), %d topic(s)", len(targets), len(self.ctx.subscribed_topics))
+        self._push_readiness()
 
     def _readiness(self) -> tuple[bool, str]:
         if not self.sync.ready.is_set():
@@ -214,21 +249,33 @@ class Daemon:
         self.dispatcher.add_observer(self.failure_log)
         for source in self.sources:
             source.register(self.ctx)
+        self._push_readiness()
+        srv = self.config.server
         try:
-            await self.admin.start()
+            await self.ingress.start()
         except OSError as exc:
             # Free at preflight, taken since: the same message `check` gives, exit 2.
-            raise ConfigError([listen_problem(self.config.server.listen, exc)]) from None
+            raise ConfigError([listen_problem(srv.listen, exc)]) from None
+        if self.admin is not None:
+            try:
+                await self.admin.start()
+            except OSError as exc:
+                raise ConfigError([listen_problem(srv.admin_listen or "", exc)]) from None
+        self.supervisor.spawn("daemon.readiness", self._readiness_loop)
         await self.sync.start(self.supervisor)
         for source in self.sources:
             # Listed before its start: a start cut short (a stop signal) still gets stop/close.
             self._started.append(source)
             await source.start()
         self._sources_started = True
-        log.info("fastconn listening on %s with %d source(s)", self.admin.url, len(self.sources))
+        self._push_readiness()
+        log.info("fastconn listening on %s with %d source(s)", self.ingress.url, len(self.sources))
+        if self.admin is not None:
+            log.info("metrics on %s/metrics", self.admin.url)
 
     async def shutdown(self) -> None:
         self.stopping.set()
+        self._push_readiness()
         timeout = self.config.dispatch.shutdown_timeout
         deadline = time.monotonic() + timeout
         for source in self._started:
@@ -243,7 +290,9 @@ class Daemon:
         await self.sync.stop()
         if self.registry is not None:
             await self.registry.close()
-        await self.admin.stop()
+        await self.ingress.stop()
+        if self.admin is not None:
+            await self.admin.stop()
         log.info("fastconn stopped (%d message(s) unfinished)", left)
 
     async def run(self) -> None:

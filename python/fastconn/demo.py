@@ -49,7 +49,7 @@ async def demo(seconds: float = 5.0, listen: str = "127.0.0.1:0") -> int:
     )
     daemon = Daemon(config)
     await daemon.start()
-    base = daemon.admin.url
+    base = daemon.ingress.url
     print(f"fastconn demo: webhook source at {base}/webhook/<topic>, function 'shout' on demo.*")
     print(f"  try: curl -d 'hello' '{base}/webhook/demo.greeting?wait=true'")
     try:

@@ -20,7 +20,7 @@ import itertools
 import logging
 import os
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from fastconn import _core
@@ -37,6 +37,8 @@ _INDEX_BITS = 20
 """Tokens are ``batch_id << 20 | index``: batches are capped at 2**20 messages."""
 _INDEX_MASK = (1 << _INDEX_BITS) - 1
 _VERDICTS = tuple(Verdict)
+_INGRESS_TOKEN = 1 << 63
+"""Tokens with this bit are messages the ingress server submitted itself (see fastconn.ingress)."""
 _VERSION = _core.__version__
 
 
@@ -122,6 +124,9 @@ class _Capacity:
             future.set_result(None)
 
 
+IngressSink = Callable[[list[tuple[int, int, tuple[object, ...], bool]]], None]
+
+
 class Dispatcher:
     """Routes messages to functions and calls them through the Rust core.
 
@@ -145,6 +150,10 @@ class Dispatcher:
         self._async_capable: frozenset[str] = frozenset()
         self.callbacks: Callbacks | None = None
         self._closing = False
+        self._ingress_sink: IngressSink | None = None
+
+    VERDICTS = _VERDICTS
+    """Verdicts by their code on the wire."""
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -236,6 +245,21 @@ class Dispatcher:
     @property
     def functions(self) -> tuple[FunctionTarget, ...]:
         return self._targets
+
+    @property
+    def has_async_functions(self) -> bool:
+        """Whether some function is always invoked asynchronously (its messages need the async
+        layer in Python)."""
+        return bool(self._async_functions)
+
+    @property
+    def runtime(self) -> _core.Runtime:
+        """The core (for the ingress server, which runs on its runtime)."""
+        return self._require_runtime()
+
+    def set_ingress_sink(self, sink: IngressSink | None) -> None:
+        """Where the completions of messages the ingress submitted itself go."""
+        self._ingress_sink = sink
 
     # -- the hot path ----------------------------------------------------------------------
 
@@ -489,11 +513,15 @@ class Dispatcher:
         records = runtime.drain()
         if not records:
             return
-        self._capacity.release(len(records))
         by_batch: dict[int, list[Outcome]] = {}
         batches = self._batches
         from_wire = Outcome._from_wire
-        for token, verdict_code, raw_results, key_held in records:
+        ingress: list[tuple[int, int, tuple[object, ...], bool]] = []
+        for record in records:
+            token, verdict_code, raw_results, key_held = record
+            if token & _INGRESS_TOKEN:
+                ingress.append(record)  # the ingress's own budget, not ours
+                continue
             batch_id = token >> _INDEX_BITS
             index = token & _INDEX_MASK
             batch = batches[batch_id]
@@ -505,6 +533,12 @@ class Dispatcher:
                 by_batch[batch_id] = [outcome]
             else:
                 group.append(outcome)
+        self._capacity.release(len(records) - len(ingress))
+        if ingress and self._ingress_sink is not None:
+            try:
+                self._ingress_sink(ingress)
+            except Exception:
+                log.exception("the ingress's outcome handler failed")
         for batch_id, outcomes in by_batch.items():
             batch = batches[batch_id]
             batch.remaining -= len(outcomes)

@@ -4,8 +4,9 @@ A source that needs a request handler of its own (an SNS subscription endpoint, 
 webhook shape) declares a :class:`Route` in ``register`` with ``ctx.add_route(route)``. The
 handler sees plain data (:class:`HttpRequest`, the body already read within the route's limit)
 and answers plain data (:class:`HttpResponse`): it never touches the server's objects, so the
-same handler runs behind today's aiohttp admin server and behind an ingress server in the Rust
-core that hands such requests to Python in batches.
+same handler runs behind the ingress server in the Rust core, which hands such requests to
+Python in batches (:mod:`fastconn.ingress`), and behind an aiohttp application
+(:func:`add_to_aiohttp`: tests, a bare dispatcher).
 
 What every route gets without writing it: the body limit (413 before and while reading), a
 method check (405), a 400 for a body that did not arrive whole, and a 500 without a traceback
@@ -15,6 +16,7 @@ answers, not crashes.
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +35,7 @@ __all__ = [
     "Route",
     "RouteHandler",
     "add_to_aiohttp",
+    "serve",
     "text_response",
 ]
 
@@ -55,6 +58,9 @@ class HttpRequest:
     body: bytes
     remote: str = ""
     """The peer's address (``host:port``), for logs."""
+    body_too_large: bool = False
+    """The body was over the route's limit and not read (only for routes with
+    ``oversized_to_handler``; the handler decides the answer)."""
     _index: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def header(self, name: str) -> str | None:
@@ -90,6 +96,11 @@ class Route:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     name: str = ""
     """Who serves it (the source's name), for logs and conflicts."""
+    prefix: bool = False
+    """``path`` is a prefix: the route serves every longer path under it (``/callback/``)."""
+    oversized_to_handler: bool = False
+    """A body over ``max_body_bytes`` reaches the handler (unread, ``body_too_large``) instead
+    of a 413 answered for it: for handlers that must act on it (fail a pending call at once)."""
 
 
 def text_response(status: int, text: str, *headers: tuple[str, str]) -> HttpResponse:
@@ -101,7 +112,8 @@ def text_response(status: int, text: str, *headers: tuple[str, str]) -> HttpResp
 _handler_errors = RateLimitedLog(log, interval=10.0)
 
 
-async def _serve(route: Route, request: HttpRequest) -> HttpResponse:
+async def serve(route: Route, request: HttpRequest) -> HttpResponse:
+    """``route``'s answer to ``request``; a handler that raises answers 500 (logged, rate-limited)."""
     try:
         return await route.handler(request)
     except Exception as exc:  # a bug in one handler answers 500; the server keeps serving
@@ -111,30 +123,50 @@ async def _serve(route: Route, request: HttpRequest) -> HttpResponse:
         return text_response(500, "internal error: the handler failed (see the daemon's log)")
 
 
-def add_to_aiohttp(app: web.Application, route: Route) -> None:
-    """Serves ``route`` on an aiohttp application (the admin server)."""
+def add_to_aiohttp(
+    app: web.Application,
+    route: Route,
+    *,
+    track_header: str = "",
+    receiving: collections.Counter[str] | None = None,
+) -> None:
+    """Serves ``route`` on an aiohttp application (the admin server). With ``track_header``,
+    the header's value is counted in ``receiving`` while the request's body is read."""
 
     async def handle(request: web.Request) -> web.StreamResponse:
-        if request.method != route.method:
+        if route.method not in (request.method, "*"):
             return _to_aiohttp(text_response(405, f"use {route.method}", ("Allow", route.method)))
+        tracked = request.headers.get(track_header, "") if track_header and receiving is not None else ""
+        if tracked and receiving is not None:
+            receiving[tracked] += 1
         try:
             body = await read_at_most(request, route.max_body_bytes)
         except IncompleteBody as exc:
             return _to_aiohttp(text_response(400, str(exc)))
-        if body is None:
-            return _to_aiohttp(text_response(413, f"the body is over {route.max_body_bytes} bytes"))
+        finally:
+            if tracked and receiving is not None:
+                receiving[tracked] -= 1
+                if receiving[tracked] <= 0:
+                    del receiving[tracked]
+        if body is None and not route.oversized_to_handler:
+            return _to_aiohttp(
+                text_response(413, f"the body is over {route.max_body_bytes} bytes (max_body_bytes)")
+            )
         peer = request.transport.get_extra_info("peername") if request.transport else None
         plain = HttpRequest(
             method=request.method,
             path=request.path,
             query=tuple(request.query.items()),
             headers=tuple(request.headers.items()),
-            body=body,
+            body=body or b"",
             remote=f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "",
+            body_too_large=body is None,
         )
-        return _to_aiohttp(await _serve(route, plain))
+        return _to_aiohttp(await serve(route, plain))
 
-    app.router.add_route("*", route.path, handle)
+    # [\s\S]: a prefix route serves any tail, newlines (percent-encoded) included.
+    path = route.path + r"{tail:[\s\S]+}" if route.prefix else route.path
+    app.router.add_route("*", path, handle)
 
 
 def _to_aiohttp(response: HttpResponse) -> web.Response:

@@ -40,6 +40,7 @@ from fastconn.supervise import Job, Supervisor
 if TYPE_CHECKING:
     from aiohttp import web
 
+    from fastconn.ingress import Ingress
     from fastconn.metrics import Metrics
 
 __all__ = [
@@ -100,6 +101,9 @@ class SourceContext:
     startup_wait: float = 30.0
     supervisor: Supervisor | None = None
     """Runs the sources' background tasks (the daemon's, which its readiness reports on)."""
+    ingress: Ingress | None = None
+    """The ingress server in the core (``[server] listen``); None in a bare context, where
+    routes go to ``app``."""
     _topic_listeners: list[TopicsListener] = field(default_factory=list)
     _function_listeners: list[FunctionsListener] = field(default_factory=list)
     _functions: tuple[FunctionTarget, ...] | None = None
@@ -144,8 +148,12 @@ class SourceContext:
 
     def add_route(self, route: Route) -> None:
         """Serves ``route`` (a source's own HTTP endpoint) on the server the daemon runs. Call it
-        in ``register``; the handler gets plain data (see :mod:`fastconn.http_routes`)."""
-        add_to_aiohttp(self.app, route)
+        in ``register``; the handler gets plain data (see :mod:`fastconn.http_routes`). The core
+        reads the request within the route's limit and hands it to Python in batches."""
+        if self.ingress is not None:
+            self.ingress.add_route(route)
+        else:
+            add_to_aiohttp(self.app, route)
 
     # -- background tasks ------------------------------------------------------------------
 
@@ -172,19 +180,20 @@ class SourceContext:
         if not messages:
             return
         self.count_received(source, messages)
-        if self.print_request_body:
-            log = logging.getLogger(f"fastconn.source.{source}")
-            for m in messages:
-                log.info("%s => %r", m.topic, m.payload[:4096])
         await self.dispatcher.submit(messages, on_outcomes, capture=capture, asynchronous=asynchronous)
 
     def count_received(self, source: str, messages: Sequence[Message]) -> None:
-        """Counts ``messages`` in ``fastconn_messages_received_total`` (``submit`` does it; a
-        source that hands messages elsewhere, such as a durable ingress store, calls it)."""
+        """Counts received messages per topic and logs them with ``print_request_body`` (done by
+        ``submit``; for messages dispatched elsewhere: by the ingress in the core, or stored by a
+        durable ingress store)."""
         counts = Counter(m.topic for m in messages)
         labels = self._topic_labels(list(counts))
         for topic, n in counts.items():
             self._received(source, labels[topic]).inc(n)
+        if self.print_request_body:
+            log = logging.getLogger(f"fastconn.source.{source}")
+            for m in messages:
+                log.info("%s => %r", m.topic, m.payload[:4096])
 
     def _topic_labels(self, topics: list[str]) -> dict[str, str]:
         """The ``topic`` label of each topic (see :data:`UNROUTED_TOPIC`)."""

@@ -1,19 +1,34 @@
-"""``type = "webhook"``: events POSTed over HTTP (GitHub, IFTTT, any service with webhooks).
+"""``type = "webhook"``: events POSTed over HTTP (GitHub, GitLab, Stripe, IFTTT, any service
+with webhooks).
 
-``POST /webhook/<topic>`` on the admin server. The body is the payload; the request's headers
-(except hop-by-hop and auth ones) pass through to the function. Answers:
+``POST /webhook/<topic>`` on the ingress server (``[server] listen``), served by the Rust core
+without Python per request (``rust/core/src/ingress/webhook.rs``): the body is the payload; the
+request's headers (except hop-by-hop, reserved, credential and signature ones) pass through to
+the function. Answers:
 
 * 202 + ``X-Message-Id`` once accepted for dispatch (the sender may forget it: fastconn retries);
 * 503 + ``Retry-After`` when the dispatcher is full (backpressure reaches the sender);
-* 413 over ``max_body_bytes``; 401 on a wrong bearer token or HMAC signature;
+* 413 over ``max_body_bytes`` (from ``Content-Length`` before reading, else while reading);
+* 401 on a wrong bearer token (``Authorization: Bearer`` or ``?key=``, as IFTTT's "Make a web
+  request" can send it) or a wrong HMAC signature (``signature_header`` carrying
+  ``signature_prefix`` + hex HMAC of the body, ``signature_algorithm`` sha256 or sha1), compared
+  in constant time;
 * 400 for a topic that is not a concrete one (wildcards, control characters): see
   :func:`topic_problem`;
 * 503 + ``Retry-After`` at once while there is no topic map yet (the sender retries; a request
   held open would only tie up a connection);
 * with ``?wait=true``: the first function's status and body once every function answered.
 
-After a 202 the sender has nothing to acknowledge: a message that fails for good is counted in
-``fastconn_messages_failed_total`` and logged, as for any at-most-once source.
+Delivery guarantee: at most once after the 202 (at least once with a ``store``). The sender has
+nothing to acknowledge: a message that fails for good is counted in
+``fastconn_messages_failed_total`` and logged. Python learns of accepted messages and of their
+outcomes in batches (metrics, ``print_request_body``).
+
+When a message needs the async-invocation layer (``asynchronous_invocation``, or functions marked
+asynchronous), a ``store`` (durable ingress: 202 only once a JetStream stream holds the event,
+:mod:`fastconn.ingress_store`) or a signature scheme other than a hex HMAC (Stripe, GitLab token,
+base64: :mod:`fastconn.signatures`), the core hands the requests to this module's Python handler
+instead, which gives the same answers (``?wait=true`` then waits for the callback).
 
 Malformed requests are the sender's problem, not the daemon's: they get a 4xx naming what is
 wrong and one rate-limited log line, never a traceback.
@@ -23,18 +38,20 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import Final, Literal, TypeVar
 
-from aiohttp import web
 from pydantic import ConfigDict, Field
 
 from fastconn.errors import DispatcherClosed
+from fastconn.functions import FunctionTarget
 from fastconn.headers import passthrough
 from fastconn.health import HEALTHY, SourceHealth
-from fastconn.http_body import IncompleteBody, read_at_most
+from fastconn.http_routes import HttpRequest, HttpResponse, Route
+from fastconn.ingress import WebhookRoute
 from fastconn.ingress_store import IngressStore, IngressStoreConfig, StoredEvent, StoreUnavailable
 from fastconn.message import Message, Outcome, Verdict
 from fastconn.ratelimit import RateLimitedLog
@@ -44,6 +61,8 @@ from fastconn.source import SourceContext
 log = logging.getLogger("fastconn.source.webhook")
 
 T = TypeVar("T")
+
+PREFIX: Final = "/webhook/"
 
 # Wildcards of the topic patterns functions subscribe with: MQTT's on "/" levels, NATS's on "."
 # tokens (inside a longer token they are literals, as in the router).
@@ -111,21 +130,68 @@ class WebhookSource:
         self._undelivered_log = RateLimitedLog(log, interval=10.0)
         self._store = IngressStore(config.store, config.name) if config.store is not None else None
 
+    @property
+    def asynchronous_invocation(self) -> bool:
+        return self.config.asynchronous_invocation
+
     def register(self, ctx: SourceContext) -> None:
         self._ctx = ctx
-        # The body is streamed by read_at_most (own limit, clear 413), so aiohttp's
-        # client_max_size, which only bounds request.read(), does not apply here.
-        # [\s\S], not ".": a topic with a (percent-encoded) newline must reach topic_problem and
-        # get its 400, not a bare 404.
-        ctx.app.router.add_post(r"/webhook/{topic:[\s\S]+}", self._handle)
+        c = self.config
+        route = Route(
+            "POST", PREFIX, self._handle, max_body_bytes=c.max_body_bytes, name=self.name, prefix=True
+        )
+        if ctx.ingress is None:
+            ctx.add_route(route)  # no ingress server (a bare context): the Python handler serves
+            return
+        ctx.ingress.add_webhook(
+            WebhookRoute(
+                name=self.name,
+                max_body_bytes=c.max_body_bytes,
+                auth_token=c.auth_token,
+                hmac_secret=c.hmac_secret,
+                signature_header=c.signature_header,
+                signature_prefix=c.signature_prefix,
+                signature_algorithm=c.signature_algorithm,
+                python_route=route,
+                on_accepted=self._on_accepted,
+                on_outcomes=self._on_outcomes,
+                record_payload=ctx.print_request_body,
+                python=self._served_in_python,
+            )
+        )
+        ctx.on_functions_changed(self._functions_changed)
+
+    @property
+    def _served_in_python(self) -> bool:
+        """Whether every request takes the Python handler rather than the core's: async
+        invocation (the async layer is Python), a store (durable ingress publishes from Python),
+        or a signature scheme the core's webhook route does not check (Stripe timestamps,
+        tokens, base64 digests: the shared checker in fastconn.signatures does)."""
+        c = self.config
+        return (
+            c.asynchronous_invocation
+            or c.store is not None
+            or c.signature_scheme != "hmac"
+            or c.signature_encoding != "hex"
+        )
+
+    def _functions_changed(self, targets: tuple[FunctionTarget, ...]) -> None:
+        # Functions invoked asynchronously need the async layer, which is in Python.
+        python = self._served_in_python or any(t.asynchronous and t.async_url for t in targets)
+        if self._ctx is not None and self._ctx.ingress is not None:
+            self._ctx.ingress.set_webhook_state(self.name, python=python)
 
     async def start(self) -> None:
         if self._store is not None:
             await self._store.open()
         self._accepting = True
+        if self._ctx is not None and self._ctx.ingress is not None:
+            self._ctx.ingress.set_webhook_state(self.name, accepting=True)
 
     async def stop(self) -> None:
         self._accepting = False
+        if self._ctx is not None and self._ctx.ingress is not None:
+            self._ctx.ingress.set_webhook_state(self.name, accepting=False)
 
     async def close(self) -> None:
         self._closed.set()
@@ -138,31 +204,39 @@ class WebhookSource:
             return HEALTHY
         return self._store.health.health()
 
-    # -- request handling ------------------------------------------------------------------
+    # -- messages the core accepted --------------------------------------------------------
 
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
+    def _on_accepted(self, messages: Sequence[Message]) -> None:
+        if self._ctx is not None:
+            self._ctx.count_received(self.name, messages)
+
+    def _on_outcomes(self, outcomes: list[Outcome]) -> None:
+        if self._ctx is None:
+            return
+        self._ctx.count_settled(self.name, outcomes)
+        for outcome in outcomes:
+            if not outcome.ok:
+                failure = outcome.first_failure()
+                self._undelivered_log.warning(
+                    "webhook message %s on %s not delivered: %s",
+                    outcome.message_id,
+                    outcome.message.topic,
+                    failure and f"{failure.function} -> {failure.status_label}",
+                )
+
+    # -- the Python handler (async invocation, or no ingress server) -------------------------
+
+    async def _handle(self, request: HttpRequest) -> HttpResponse:
         ctx = self._ctx
         if ctx is None or not self._accepting:
             return _error(503, "not accepting events (starting or shutting down)", retry_after=1)
         denied = self._check_token(request)
         if denied:
             return denied
-        if request.content_length is not None and request.content_length > self.config.max_body_bytes:
-            return _error(
-                413,
-                f"body of {request.content_length} bytes exceeds max_body_bytes "
-                f"({self.config.max_body_bytes})",
-            )
-        try:
-            body = await read_at_most(request, self.config.max_body_bytes)
-        except IncompleteBody as exc:
-            return self._malformed(request, str(exc))
-        if body is None:
-            return _error(413, f"body exceeds max_body_bytes ({self.config.max_body_bytes})")
-        denied = self._check_signature(request, body)
+        denied = self._check_signature(request)
         if denied:
             return denied
-        topic = request.match_info["topic"]
+        topic = request.path[len(PREFIX) :]
         problem = topic_problem(topic)
         if problem:
             return self._malformed(request, problem)
@@ -170,13 +244,13 @@ class WebhookSource:
             return _error(503, "dispatcher at capacity, retry later", retry_after=1)
         # The sender's credentials and signature authenticate it to fastconn, not to functions.
         headers = passthrough(
-            request.headers.items(),
+            request.headers,
             source_reserved=frozenset({self.config.signature_header.lower()}),
             drop_credentials=True,
         )
         # The id is made here so the 202 can carry it; it stays the same across retries.
-        message = Message(topic, body, headers, message_id=uuid.uuid4().hex)
-        wait = request.query.get("wait", "").lower() in ("1", "true", "yes")
+        message = Message(topic, request.body, headers, message_id=uuid.uuid4().hex)
+        wait = (request.query_value("wait") or "").lower() in ("1", "true", "yes")
         if self._store is not None:
             return await self._stored(message, wait)
         # No topic map yet: answer at once. Holding the request for startup_wait would keep a
@@ -187,16 +261,8 @@ class WebhookSource:
         settled: asyncio.Future[Outcome] = loop.create_future()
 
         def on_outcomes(outcomes: list[Outcome]) -> None:
-            ctx.count_settled(self.name, outcomes)
+            self._on_outcomes(outcomes)
             for outcome in outcomes:
-                if not outcome.ok:
-                    failure = outcome.first_failure()
-                    self._undelivered_log.warning(
-                        "webhook message %s on %s not delivered: %s",
-                        outcome.message_id,
-                        topic,
-                        failure and f"{failure.function} -> {failure.status_label}",
-                    )
                 if not settled.done():
                     settled.set_result(outcome)
 
@@ -215,9 +281,7 @@ class WebhookSource:
             # request is at fault, not the daemon.
             return self._malformed(request, f"message refused: {exc}")
         if not wait:
-            return web.Response(
-                status=202, text="accepted\n", headers={"X-Message-Id": message.message_id or ""}
-            )
+            return HttpResponse(202, (("X-Message-Id", message.message_id or ""),), b"accepted\n")
         # After close() the dispatcher is gone: an outcome still missing will never come.
         outcome = await _unless(settled, self._closed)
         if outcome is None:
@@ -226,7 +290,7 @@ class WebhookSource:
             )
         return _waited_response(outcome, outcome.message_id)
 
-    async def _stored(self, message: Message, wait: bool) -> web.Response:
+    async def _stored(self, message: Message, wait: bool) -> HttpResponse:
         """Durable ingress: 202 once the stream holds the event; its JetStream source delivers."""
         store = self._store
         if store is None or wait:
@@ -244,49 +308,50 @@ class WebhookSource:
         ctx = self._ctx
         if ctx is not None:
             ctx.count_received(self.name, [message])
-        return web.Response(status=202, text="stored\n", headers={"X-Message-Id": message_id})
+        return HttpResponse(202, (("X-Message-Id", message_id),), b"stored\n")
 
-    def _check_token(self, request: web.Request) -> web.Response | None:
+    def _check_token(self, request: HttpRequest) -> HttpResponse | None:
         token = self.config.auth_token
         if token is None:
             return None
-        given = request.headers.get("Authorization", "")
-        # surrogateescape: a header that is not UTF-8 is a wrong token, not an encoding error.
-        if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), f"Bearer {token}".encode()):
+        given = request.header("Authorization")
+        if given is not None:
+            # surrogateescape: a header that is not UTF-8 is a wrong token, not an encoding error.
+            ok = hmac.compare_digest(given.encode("utf-8", "surrogateescape"), f"Bearer {token}".encode())
+        else:
+            key = request.query_value("key") or ""
+            ok = hmac.compare_digest(key.encode("utf-8", "surrogateescape"), token.encode())
+        if not ok:
             return _error(401, "missing or wrong bearer token", www_authenticate='Bearer realm="fastconn"')
         return None
 
-    def _check_signature(self, request: web.Request, body: bytes) -> web.Response | None:
+    def _check_signature(self, request: HttpRequest) -> HttpResponse | None:
         if self.config.hmac_secret is None:
             return None
-        # Only the signature header is passed: a header value that is not UTF-8 elsewhere in the
-        # request must not turn into an encoding error here.
         wanted = self.config.signature_header
-        headers = [(wanted, value) for value in request.headers.getall(wanted, ())[:1]]
-        problem = signature_problem(self.config, headers, body)
+        value = request.header(wanted)
+        problem = signature_problem(self.config, [] if value is None else [(wanted, value)], request.body)
         return None if problem is None else _error(401, problem)
 
-    def _malformed(self, request: web.Request, problem: str) -> web.Response:
+    def _malformed(self, request: HttpRequest, problem: str) -> HttpResponse:
         self._malformed_log.warning(
             "source %s: bad request from %s: %s", self.name, request.remote or "?", problem
         )
         return _error(400, problem)
 
 
-def _waited_response(outcome: Outcome, message_id: str) -> web.Response:
-    headers = {"X-Message-Id": message_id}
+def _waited_response(outcome: Outcome, message_id: str) -> HttpResponse:
+    headers = [("X-Message-Id", message_id)]
     if outcome.verdict is Verdict.UNROUTED:
-        return web.Response(status=404, text="no function subscribes to this topic\n", headers=headers)
+        return HttpResponse(404, headers, b"no function subscribes to this topic\n")
     first = outcome.results[0]
-    headers["X-Function-Name"] = first.function
-    headers["X-Function-Status"] = first.status_label
+    headers += [("X-Function-Name", first.function), ("X-Function-Status", first.status_label)]
     if first.status == 0:
-        return web.Response(status=502, text=f"{first.function}: {first.error.label}\n", headers=headers)
+        return HttpResponse(502, headers, f"{first.function}: {first.error.label}\n".encode())
     content_type = next((v for k, v in first.headers or () if k.lower() == "content-type"), None)
-    response = web.Response(status=first.status, body=first.body or b"", headers=headers)
     if content_type:
-        response.headers["Content-Type"] = content_type
-    return response
+        headers.append(("Content-Type", content_type))
+    return HttpResponse(first.status, headers, first.body or b"")
 
 
 async def _unless(work: Awaitable[T], event: asyncio.Event) -> T | None:
@@ -309,12 +374,12 @@ def _error(
     retry_after: int | None = None,
     www_authenticate: str | None = None,
     message_id: str | None = None,
-) -> web.Response:
-    headers = {}
+) -> HttpResponse:
+    headers = [("Content-Type", "application/json; charset=utf-8")]
     if message_id is not None:
-        headers["X-Message-Id"] = message_id
+        headers.append(("X-Message-Id", message_id))
     if retry_after is not None:
-        headers["Retry-After"] = str(retry_after)
+        headers.append(("Retry-After", str(retry_after)))
     if www_authenticate is not None:
-        headers["WWW-Authenticate"] = www_authenticate
-    return web.json_response({"error": reason}, status=status, headers=headers)
+        headers.append(("WWW-Authenticate", www_authenticate))
+    return HttpResponse(status, headers, json.dumps({"error": reason}).encode())

@@ -66,6 +66,11 @@ impl Default for EngineConfig {
     }
 }
 
+/// The bit set in the tokens of messages the ingress server submits ([`Engine::reserve_ingress`]):
+/// they have a capacity budget of their own (the caller's budget is its own business), and
+/// their completions also reach the request waiting for them (`?wait=true`).
+pub const INGRESS_TOKEN: u64 = 1 << 63;
+
 /// The largest in-flight bound: tokio's semaphores refuse (panic on) more permits than this.
 pub const MAX_INFLIGHT: usize = 1 << 30;
 /// The most worker threads a runtime is given.
@@ -162,6 +167,23 @@ impl std::fmt::Display for SubmitError {
 
 impl std::error::Error for SubmitError {}
 
+/// Room for one ingress message, given back when dropped unused.
+pub struct IngressSlot<'a> {
+    engine: &'a Engine,
+    used: bool,
+}
+
+impl Drop for IngressSlot<'_> {
+    fn drop(&mut self) {
+        if !self.used {
+            self.engine
+                .shared
+                .ingress_queued
+                .fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
 /// A routable function with everything a call needs, built once per table.
 #[derive(Debug)]
 struct Target {
@@ -212,6 +234,10 @@ struct Shared {
     sink: Arc<dyn CompletionSink>,
     keys: KeyedQueue<(Message, Vec<Arc<Target>>)>,
     queued: AtomicUsize,
+    /// Ingress messages accepted and not yet completed (a budget of `max_queued` of their own).
+    ingress_queued: AtomicUsize,
+    /// Requests waiting for an ingress message's completion, by token.
+    waiters: Mutex<HashMap<u64, tokio::sync::oneshot::Sender<Completion>>>,
     inflight: AtomicUsize,
     closed: AtomicBool,
 }
@@ -244,6 +270,8 @@ impl Engine {
             sink,
             keys: KeyedQueue::default(),
             queued: AtomicUsize::new(0),
+            ingress_queued: AtomicUsize::new(0),
+            waiters: Mutex::new(HashMap::new()),
             inflight: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
             config,
@@ -322,6 +350,57 @@ impl Engine {
         Ok(())
     }
 
+    /// Takes room for one ingress message, or says why there is none. The room is used by
+    /// [`Engine::submit_reserved_ingress`], which cannot fail, so a request is answered 202
+    /// only for a message the engine took.
+    pub fn reserve_ingress(&self) -> Result<IngressSlot<'_>, SubmitError> {
+        if self.shared.closed.load(Ordering::Acquire) {
+            return Err(SubmitError::Closed);
+        }
+        let capacity = self.shared.config.max_queued;
+        let before = self.shared.ingress_queued.fetch_add(1, Ordering::AcqRel);
+        if before >= capacity {
+            self.shared.ingress_queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(SubmitError::Full {
+                queued: before,
+                capacity,
+            });
+        }
+        Ok(IngressSlot {
+            engine: self,
+            used: false,
+        })
+    }
+
+    /// Starts an ingress message in its reserved room (its token must carry [`INGRESS_TOKEN`]);
+    /// `waiter` receives its completion. Call it on the engine's runtime.
+    pub fn submit_reserved_ingress(
+        &self,
+        mut slot: IngressSlot<'_>,
+        message: Message,
+        waiter: Option<tokio::sync::oneshot::Sender<Completion>>,
+    ) {
+        slot.used = true;
+        debug_assert!(message.token & INGRESS_TOKEN != 0);
+        if let Some(waiter) = waiter {
+            self.shared
+                .waiters
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(message.token, waiter);
+        }
+        let table = self.shared.router.snapshot();
+        let targets: Vec<Arc<Target>> = table.lookup(&message.topic).into_iter().cloned().collect();
+        if let Some((message, targets)) = self.shared.admit(message, targets) {
+            Arc::clone(&self.shared).start(message, targets);
+        }
+    }
+
+    /// The runtime the engine runs on (the ingress server runs there too).
+    pub fn handle(&self) -> &tokio::runtime::Handle {
+        &self.handle
+    }
+
     /// Releases a key held by a `Retry` of a `hold_key_on_retry` message that will not be
     /// resubmitted (e.g. its partition was revoked): the key's next message starts.
     ///
@@ -363,6 +442,7 @@ impl Engine {
     /// Messages accepted and not yet completed.
     pub fn queued(&self) -> usize {
         self.shared.queued.load(Ordering::Acquire)
+            + self.shared.ingress_queued.load(Ordering::Acquire)
     }
 
     /// HTTP requests on the wire right now.
@@ -394,6 +474,19 @@ impl Engine {
             std::thread::sleep(Duration::from_millis(5));
         }
         let left = self.queued();
+        // Requests waiting for an ingress message that will not finish now hear so (their
+        // sender dropped: 503) and get a moment to be written before the runtime stops.
+        let waiters = std::mem::take(
+            &mut *self
+                .shared
+                .waiters
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        if !waiters.is_empty() {
+            drop(waiters);
+            std::thread::sleep(Duration::from_millis(100));
+        }
         let runtime = self
             .runtime
             .lock()
@@ -706,7 +799,20 @@ impl Shared {
         if let (Some(key), true) = (key, keep) {
             self.keys.hold(key);
         }
-        self.queued.fetch_sub(1, Ordering::AcqRel);
+        if message.token & INGRESS_TOKEN == 0 {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+        } else {
+            self.ingress_queued.fetch_sub(1, Ordering::AcqRel);
+            let waiter = self
+                .waiters
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&message.token);
+            if let Some(waiter) = waiter {
+                // The request may have gone (its sender hung up): nobody to tell then.
+                let _ = waiter.send(completion.clone());
+            }
+        }
         self.sink.complete(completion);
         if let (Some(key), false) = (key, keep) {
             self.release_key(key);

@@ -13,6 +13,7 @@ pub mod engine;
 mod framing;
 pub mod headers;
 mod http;
+pub mod ingress;
 pub mod message;
 pub mod ordering;
 pub mod panics;
@@ -24,7 +25,8 @@ mod stream;
 pub mod tls;
 
 pub use engine::{
-    check_url, Engine, EngineConfig, EngineError, SubmitError, TargetSpec, MAX_INFLIGHT,
+    check_url, Engine, EngineConfig, EngineError, IngressSlot, SubmitError, TargetSpec,
+    INGRESS_TOKEN, MAX_INFLIGHT,
 };
 pub use message::{Completion, CompletionSink, ErrorKind, Message, TargetResult, Verdict};
 pub use retry::RetryPolicy;

@@ -1,6 +1,6 @@
-//! The completion queue and its coalesced wake-up.
+//! The completion queue (and the ingress's request queue) with its coalesced wake-up.
 //!
-//! Tokio threads push completions and write the eventfd only when the Python side is *armed*
+//! Tokio threads push items and write the eventfd only when the Python side is *armed*
 //! (it has drained since the last wake-up), so a burst of thousands of completions costs one
 //! wake-up. The drain re-arms *before* taking the queue: a completion pushed after the take
 //! sees the flag and writes again, so no completion is ever left without a wake-up.
@@ -10,14 +10,17 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 
-pub struct CompletionQueue {
-    queue: Mutex<Vec<Completion>>,
+pub struct WakeQueue<T> {
+    queue: Mutex<Vec<T>>,
     armed: AtomicBool,
     fd: RawFd,
 }
 
-impl CompletionQueue {
-    pub fn new() -> std::io::Result<CompletionQueue> {
+/// The completion queue the engine reports to.
+pub type CompletionQueue = WakeQueue<Completion>;
+
+impl<T> WakeQueue<T> {
+    pub fn new() -> std::io::Result<WakeQueue<T>> {
         // CLOEXEC: a subprocess must not inherit the wake fd; NONBLOCK: the loop's reader and
         // the writers never block on it.
         // SAFETY: plain syscall with constant flags; the result is checked.
@@ -25,7 +28,7 @@ impl CompletionQueue {
         if fd < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        Ok(CompletionQueue {
+        Ok(WakeQueue {
             queue: Mutex::new(Vec::with_capacity(1024)),
             armed: AtomicBool::new(true),
             fd,
@@ -37,7 +40,7 @@ impl CompletionQueue {
     }
 
     /// Takes everything queued and re-arms the wake-up (see the module comment for the order).
-    pub fn take(&self) -> Vec<Completion> {
+    pub fn take(&self) -> Vec<T> {
         self.armed.store(true, Ordering::SeqCst);
         let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
         std::mem::take(&mut *queue)
@@ -53,19 +56,26 @@ impl CompletionQueue {
     }
 }
 
-impl CompletionSink for CompletionQueue {
-    fn complete(&self, completion: Completion) {
+impl<T> WakeQueue<T> {
+    /// Queues `item` and wakes the loop unless a wake-up is pending already.
+    pub fn push(&self, item: T) {
         self.queue
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .push(completion);
+            .push(item);
         if self.armed.swap(false, Ordering::SeqCst) {
             self.wake();
         }
     }
 }
 
-impl Drop for CompletionQueue {
+impl CompletionSink for CompletionQueue {
+    fn complete(&self, completion: Completion) {
+        self.push(completion);
+    }
+}
+
+impl<T> Drop for WakeQueue<T> {
     fn drop(&mut self) {
         // SAFETY: the fd is ours and closed exactly once.
         unsafe {

@@ -4,6 +4,7 @@
 
 mod cloudevents;
 mod completions;
+mod ingress;
 mod runtime;
 
 use fastconn_core::TlsSettings;

@@ -2,12 +2,14 @@
 //! engine), the completion queue and the PID it was created in: a forked child inherits the
 //! object but not the runtime's threads, so every entry point refuses to run there.
 
-use crate::completions::CompletionQueue;
+use crate::completions::{CompletionQueue, WakeQueue};
+use crate::ingress::{self, IngressQueue, PythonRoute, WebhookTuple};
 use bytes::Bytes;
+use fastconn_core::ingress::{Ingress, IngressConfig};
 use fastconn_core::{
     Engine, EngineConfig, EngineError, Message, RetryPolicy, SubmitError, TargetSpec, TlsSettings,
 };
-use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
 use std::collections::HashMap;
@@ -63,7 +65,10 @@ type StatsTuple = (
 
 #[pyclass(module = "fastconn._core", frozen)]
 pub struct Runtime {
-    engine: Engine,
+    engine: Arc<Engine>,
+    /// The ingress server, once started, and its queue towards Python.
+    ingress: Mutex<Option<Ingress>>,
+    ingress_queue: Arc<IngressQueue>,
     /// Interned function names for `drain` (bounded by the number of functions ever routed).
     names: Mutex<HashMap<Arc<str>, Py<PyString>>>,
     completions: Arc<CompletionQueue>,
@@ -158,7 +163,9 @@ impl Runtime {
             EngineError::Runtime(io) => PyErr::from(io),
         })?;
         Ok(Runtime {
-            engine,
+            engine: Arc::new(engine),
+            ingress: Mutex::new(None),
+            ingress_queue: Arc::new(IngressQueue(WakeQueue::new()?)),
             names: Mutex::new(HashMap::new()),
             completions,
             pid: std::process::id(),
@@ -353,6 +360,119 @@ impl Runtime {
             .collect()
     }
 
+    /// Starts the ingress HTTP server on the engine's runtime; returns the bound (host, port).
+    #[pyo3(signature = (*, listen, header_timeout, idle_timeout, max_connections, max_pending, max_head_bytes=65536))]
+    #[allow(clippy::too_many_arguments)]
+    fn start_ingress(
+        &self,
+        py: Python<'_>,
+        listen: String,
+        header_timeout: f64,
+        idle_timeout: f64,
+        max_connections: usize,
+        max_pending: usize,
+        max_head_bytes: usize,
+    ) -> PyResult<(String, u16)> {
+        self.check_process(py, "start the ingress of")?;
+        let config = IngressConfig {
+            listen,
+            header_timeout: seconds(header_timeout, "header_timeout")?,
+            idle_timeout: seconds(idle_timeout, "idle_timeout")?,
+            max_connections,
+            max_pending,
+            max_head_bytes,
+        };
+        let sink: Arc<dyn fastconn_core::ingress::IngressSink> = self.ingress_queue.clone();
+        let server = guard(py, || {
+            Ingress::start(Arc::clone(&self.engine), config, sink)
+        })?
+        // OSError(errno, text): callers tell "in use" from "not an address here" by errno.
+        .map_err(|e| match e.raw_os_error() {
+            Some(code) => PyOSError::new_err((code, e.to_string())),
+            None => PyErr::from(e),
+        })?;
+        let local = server.local_addr();
+        *self.ingress.lock().unwrap_or_else(PoisonError::into_inner) = Some(server);
+        Ok((local.ip().to_string(), local.port()))
+    }
+
+    /// The eventfd that becomes readable when the ingress has something for Python.
+    #[getter]
+    fn ingress_wake_fd(&self) -> i32 {
+        self.ingress_queue.0.fd()
+    }
+
+    /// Everything the ingress queued for Python: (requests, accepted, notices).
+    #[allow(clippy::type_complexity)]
+    fn ingress_drain<'py>(
+        &self,
+        py: Python<'py>,
+    ) -> PyResult<(Bound<'py, PyList>, Bound<'py, PyList>, Bound<'py, PyList>)> {
+        ingress::drain(py, self.ingress_queue.0.take())
+    }
+
+    /// Answers a batch of Python requests: [(id, status, headers, body)]; returns how many
+    /// clients were still waiting.
+    fn ingress_respond(
+        &self,
+        py: Python<'_>,
+        answers: Vec<ingress::AnswerTuple<'_>>,
+    ) -> PyResult<usize> {
+        let answers = ingress::answers(answers);
+        self.with_ingress(py, |server| server.respond(answers))
+    }
+
+    /// Replaces the ingress route table: Python routes [(method, path, prefix, max_body)] (a
+    /// request names its route by index in this list) and webhook sources.
+    fn ingress_routes(
+        &self,
+        py: Python<'_>,
+        python: Vec<PythonRoute>,
+        webhooks: Vec<WebhookTuple>,
+    ) -> PyResult<()> {
+        let table = ingress::route_table(python, webhooks)?;
+        self.with_ingress(py, |server| server.set_routes(table))
+    }
+
+    /// What `/readyz` answers, and whether webhooks may submit (a topic map is loaded).
+    fn ingress_ready(
+        &self,
+        py: Python<'_>,
+        ready: bool,
+        text: String,
+        routing: bool,
+    ) -> PyResult<()> {
+        self.with_ingress(py, |server| {
+            server.set_ready(ready, text);
+            server.set_routing_ready(routing);
+        })
+    }
+
+    /// Which of `values` (of a tracked header, e.g. call ids) a route is receiving now.
+    fn ingress_receiving(&self, py: Python<'_>, values: Vec<String>) -> PyResult<Vec<bool>> {
+        self.with_ingress(py, |server| server.receiving(&values))
+    }
+
+    /// (open, evicted, refused, timed_out) connections of the ingress.
+    fn ingress_connections(&self, py: Python<'_>) -> PyResult<(usize, u64, u64, u64)> {
+        self.with_ingress(py, |server| {
+            let c = server.connections();
+            (c.open, c.evicted, c.refused, c.timed_out)
+        })
+    }
+
+    /// Stops the ingress server (idempotent).
+    fn stop_ingress(&self) {
+        if let Some(server) = self
+            .ingress
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            server.stop();
+        }
+    }
+
     /// Stops intake and waits (without the GIL) up to `timeout` seconds for accepted messages;
     /// returns how many did not finish.
     fn close(&self, py: Python<'_>, timeout: f64) -> PyResult<usize> {
@@ -363,6 +483,15 @@ impl Runtime {
 }
 
 impl Runtime {
+    fn with_ingress<T>(&self, py: Python<'_>, f: impl FnOnce(&Ingress) -> T) -> PyResult<T> {
+        self.check_process(py, "use the ingress of")?;
+        let server = self.ingress.lock().unwrap_or_else(PoisonError::into_inner);
+        match server.as_ref() {
+            Some(server) => guard(py, || f(server)),
+            None => Err(PyRuntimeError::new_err("the ingress server is not running")),
+        }
+    }
+
     fn check_process(&self, py: Python<'_>, action: &str) -> PyResult<()> {
         let pid = std::process::id();
         if pid == self.pid {

@@ -1,0 +1,442 @@
+//! `POST /webhook/<topic>`: an event in, a message to every function subscribed to the topic,
+//! answered here without Python (see `sources/webhook.py` for the contract):
+//!
+//! * 202 + `X-Message-Id` once the engine took the message;
+//! * 503 + `Retry-After` when its capacity is spent, while there is no topic map yet, and while
+//!   the source is not accepting (starting, shutting down);
+//! * 413 over `max_body_bytes` (from `Content-Length` before reading, else while reading);
+//! * 401 on a wrong bearer token (`Authorization: Bearer` or `?key=`, as IFTTT sends it) or
+//!   signature (HMAC of the body in a configurable header, GitHub/GitLab/Stripe style);
+//! * 400 for a topic that is not concrete (wildcards, control characters) or not UTF-8;
+//! * with `?wait=true`: the first function's status and body once every function answered.
+//!
+//! A source whose messages need Python's async-invocation layer sets `python_fallback`: its
+//! requests then go to Python like any Python route.
+
+use super::body::{read_limited, BodyError};
+use super::service::text_response;
+use super::text::{
+    constant_time_eq, hex_lower, json_error, percent_decode, query_value, topic_problem,
+};
+use super::{Accepted, Notice, Shared};
+use crate::engine::{SubmitError, INGRESS_TOKEN};
+use crate::headers;
+use crate::message::{Completion, Message, Verdict};
+use bytes::Bytes;
+use http::header::{HeaderMap, HeaderValue, CONTENT_TYPE};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// The path every webhook route serves under.
+pub const PREFIX: &str = "/webhook/";
+
+/// Credentials of the sender *to fastconn*: never passed on to functions.
+const CREDENTIALS: &[&str] = &["authorization", "proxy-authorization", "cookie"];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignatureAlgorithm {
+    Sha256,
+    Sha1,
+}
+
+impl SignatureAlgorithm {
+    pub fn parse(name: &str) -> Option<SignatureAlgorithm> {
+        match name {
+            "sha256" => Some(SignatureAlgorithm::Sha256),
+            "sha1" => Some(SignatureAlgorithm::Sha1),
+            _ => None,
+        }
+    }
+
+    fn ring(self) -> ring::hmac::Algorithm {
+        match self {
+            SignatureAlgorithm::Sha256 => ring::hmac::HMAC_SHA256,
+            SignatureAlgorithm::Sha1 => ring::hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY,
+        }
+    }
+}
+
+/// The signature check of a webhook route: `header` carries `prefix` + lower-case hex of the
+/// HMAC of the body with `secret`.
+#[derive(Debug, Clone)]
+pub struct Signature {
+    pub header: String,
+    pub prefix: String,
+    pub key: ring::hmac::Key,
+}
+
+impl Signature {
+    pub fn new(
+        secret: &[u8],
+        header: String,
+        prefix: String,
+        algorithm: SignatureAlgorithm,
+    ) -> Signature {
+        Signature {
+            header,
+            prefix,
+            key: ring::hmac::Key::new(algorithm.ring(), secret),
+        }
+    }
+
+    /// Whether `given` (the header's value) signs `body`; constant time in the signature.
+    pub fn verify(&self, given: Option<&HeaderValue>, body: &[u8]) -> bool {
+        let Some(given) = given.and_then(|v| std::str::from_utf8(v.as_bytes()).ok()) else {
+            return false;
+        };
+        let Some(tag) = given.strip_prefix(self.prefix.as_str()).and_then(hex_lower) else {
+            return false;
+        };
+        ring::hmac::verify(&self.key, body, &tag).is_ok()
+    }
+}
+
+/// One webhook source's settings, as its Python source pushes them.
+#[derive(Debug)]
+pub struct WebhookRoute {
+    /// The source's name (metrics, logs).
+    pub name: Arc<str>,
+    pub max_body: usize,
+    /// `Bearer <token>` expected in `Authorization`, or the token in `?key=`.
+    pub auth_token: Option<String>,
+    pub signature: Option<Signature>,
+    /// Whether the source takes events now (not while starting or shutting down).
+    pub accepting: bool,
+    /// Hand requests to Python (index of its Python route) instead of serving them here.
+    pub python_fallback: Option<usize>,
+    /// Whether accepted messages carry their body to Python (`print_request_body`).
+    pub record_payload: bool,
+}
+
+fn error(status: StatusCode, reason: &str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(json_error(reason))));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=utf-8"),
+    );
+    response
+}
+
+fn with_header(
+    mut response: Response<Full<Bytes>>,
+    name: &'static str,
+    value: &str,
+) -> Response<Full<Bytes>> {
+    if let Ok(value) = HeaderValue::try_from(value) {
+        response.headers_mut().insert(name, value);
+    }
+    response
+}
+
+fn unavailable(reason: &str) -> Response<Full<Bytes>> {
+    with_header(
+        error(StatusCode::SERVICE_UNAVAILABLE, reason),
+        "retry-after",
+        "1",
+    )
+}
+
+impl Shared {
+    pub(crate) async fn webhook(
+        self: &Arc<Self>,
+        route: &Arc<WebhookRoute>,
+        request: Request<Incoming>,
+        remote: &str,
+    ) -> Response<Full<Bytes>> {
+        if !route.accepting {
+            return unavailable("not accepting events (starting or shutting down)");
+        }
+        if request.method() != Method::POST {
+            return with_header(
+                text_response(StatusCode::METHOD_NOT_ALLOWED, "405: Method Not Allowed\n"),
+                "allow",
+                "POST",
+            );
+        }
+        let query = request.uri().query().unwrap_or("").to_owned();
+        if !self.authorized(route, request.headers(), &query) {
+            return with_header(
+                error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token"),
+                "www-authenticate",
+                "Bearer realm=\"fastconn\"",
+            );
+        }
+        let raw_topic = request
+            .uri()
+            .path()
+            .get(PREFIX.len()..)
+            .unwrap_or("")
+            .to_owned();
+        let (parts, body) = request.into_parts();
+        let length = parts
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let body = match read_limited(body, length, route.max_body).await {
+            Ok(body) => body,
+            Err(BodyError::TooLarge(Some(n))) => {
+                return error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    &format!(
+                        "body of {n} bytes exceeds max_body_bytes ({})",
+                        route.max_body
+                    ),
+                );
+            }
+            Err(BodyError::TooLarge(None)) => {
+                return error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    &format!("body exceeds max_body_bytes ({})", route.max_body),
+                );
+            }
+            Err(BodyError::Incomplete(why)) => return self.bad_request(route, remote, &why),
+        };
+        if let Some(signature) = &route.signature {
+            if !signature.verify(parts.headers.get(signature.header.as_str()), &body) {
+                return error(
+                    StatusCode::UNAUTHORIZED,
+                    &format!("missing or wrong {} signature", signature.header),
+                );
+            }
+        }
+        let topic = match String::from_utf8(percent_decode(&raw_topic, false)) {
+            Ok(topic) => topic,
+            Err(_) => {
+                let why = format!(
+                    "topic {raw_topic:?} is not valid UTF-8 (after percent-decoding): encode it as UTF-8"
+                );
+                return self.bad_request(route, remote, &why);
+            }
+        };
+        if let Some(problem) = topic_problem(&topic) {
+            return self.bad_request(route, remote, &problem);
+        }
+        let slot = match self.engine.reserve_ingress() {
+            Ok(slot) => slot,
+            Err(SubmitError::Full { .. }) => {
+                return unavailable("dispatcher at capacity, retry later");
+            }
+            Err(_) => return unavailable("shutting down"),
+        };
+        if !self.routing_ready.load(Ordering::Acquire) {
+            return unavailable("topic map not loaded yet");
+        }
+        let wait = query_value(&query, "wait")
+            .is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes"));
+        let signature_header = route
+            .signature
+            .as_ref()
+            .map(|s| s.header.to_ascii_lowercase());
+        let token = INGRESS_TOKEN | self.next_token.fetch_add(1, Ordering::Relaxed);
+        let message_id = new_message_id();
+        let mut message = Message::new(token, topic.clone(), body.clone());
+        message.message_id = message_id.clone();
+        message.capture = wait;
+        message.headers = passthrough(&parts.headers, signature_header.as_deref());
+        // Python hears of the message before its completion can reach it.
+        self.sink.accepted(Accepted {
+            token,
+            source: Arc::clone(&route.name),
+            topic,
+            message_id: message_id.clone(),
+            payload: route.record_payload.then_some(body),
+        });
+        if !wait {
+            self.engine.submit_reserved_ingress(slot, message, None);
+            let response = text_response(StatusCode::ACCEPTED, "accepted\n");
+            return with_header(response, "x-message-id", &message_id);
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.engine.submit_reserved_ingress(slot, message, Some(tx));
+        match rx.await {
+            Ok(completion) => waited_response(&completion, &message_id),
+            Err(_) => with_header(
+                unavailable("shut down before every function answered"),
+                "x-message-id",
+                &message_id,
+            ),
+        }
+    }
+
+    fn authorized(&self, route: &WebhookRoute, headers: &HeaderMap, query: &str) -> bool {
+        let Some(token) = &route.auth_token else {
+            return true;
+        };
+        let expected = format!("Bearer {token}");
+        if let Some(given) = headers.get(http::header::AUTHORIZATION) {
+            return constant_time_eq(given.as_bytes(), expected.as_bytes());
+        }
+        // IFTTT's "Make a web request" and similar senders can only put the token in the URL.
+        query_value(query, "key")
+            .is_some_and(|key| constant_time_eq(key.as_bytes(), token.as_bytes()))
+    }
+
+    fn bad_request(
+        &self,
+        route: &WebhookRoute,
+        remote: &str,
+        problem: &str,
+    ) -> Response<Full<Bytes>> {
+        self.sink.notice(Notice {
+            kind: "bad_request",
+            source: Some(Arc::clone(&route.name)),
+            remote: remote.to_owned(),
+            text: problem.to_owned(),
+        });
+        error(StatusCode::BAD_REQUEST, problem)
+    }
+}
+
+/// The request's headers that go on to the functions: not reserved, not hop-by-hop, not
+/// credentials, not the signature, with values HTTP can carry as text (UTF-8, no controls).
+pub fn passthrough(headers: &HeaderMap, signature_header: Option<&str>) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .filter(|(name, _)| {
+            let name = name.as_str();
+            headers::forwardable(name)
+                && !CREDENTIALS.contains(&name)
+                && Some(name) != signature_header
+        })
+        .filter_map(|(name, value)| {
+            let text = std::str::from_utf8(value.as_bytes()).ok()?;
+            let clean = text.chars().all(|c| c == '\t' || !(c < ' ' || c == '\x7f'));
+            clean.then(|| (name.as_str().to_owned(), text.to_owned()))
+        })
+        .collect()
+}
+
+/// The answer of a `?wait=true` request: the first function's status and body.
+fn waited_response(completion: &Completion, message_id: &str) -> Response<Full<Bytes>> {
+    let Some(first) = completion
+        .results
+        .first()
+        .filter(|_| completion.verdict != Verdict::Unrouted)
+    else {
+        let response = text_response(
+            StatusCode::NOT_FOUND,
+            "no function subscribes to this topic\n",
+        );
+        return with_header(response, "x-message-id", message_id);
+    };
+    let status_label = if first.status == 0 {
+        first.error.label().to_owned()
+    } else {
+        first.status.to_string()
+    };
+    let mut response = match StatusCode::from_u16(first.status)
+        .ok()
+        .filter(|s| first.status >= 200 && s.as_u16() < 600)
+    {
+        None => text_response(
+            StatusCode::BAD_GATEWAY,
+            &format!("{}: {}\n", first.function, first.error.label()),
+        ),
+        Some(status) => {
+            let mut response = Response::new(Full::new(first.body.clone().unwrap_or_default()));
+            *response.status_mut() = status;
+            let content_type = first
+                .headers
+                .iter()
+                .flatten()
+                .find(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+                .and_then(|(_, v)| HeaderValue::try_from(v.as_str()).ok());
+            if let Some(content_type) = content_type {
+                response.headers_mut().insert(CONTENT_TYPE, content_type);
+            }
+            response
+        }
+    };
+    response = with_header(response, "x-message-id", message_id);
+    response = with_header(response, "x-function-name", &first.function);
+    with_header(response, "x-function-status", &status_label)
+}
+
+/// A random 128-bit id in hex, like Python's `uuid4().hex` (unique, not a secret).
+fn new_message_id() -> String {
+    format!("{:032x}", fastrand::u128(..))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signature(prefix: &str, algorithm: SignatureAlgorithm) -> Signature {
+        Signature::new(
+            b"shh",
+            "X-Hub-Signature-256".to_owned(),
+            prefix.to_owned(),
+            algorithm,
+        )
+    }
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    #[test]
+    fn hmac_signatures_are_checked_with_prefix_and_algorithm() {
+        let body = b"{\"action\": \"opened\"}";
+        for (prefix, algorithm) in [
+            ("sha256=", SignatureAlgorithm::Sha256),
+            ("sha1=", SignatureAlgorithm::Sha1),
+            ("", SignatureAlgorithm::Sha256),
+        ] {
+            let check = signature(prefix, algorithm);
+            let key = ring::hmac::Key::new(algorithm.ring(), b"shh");
+            let good = format!("{prefix}{}", hex(ring::hmac::sign(&key, body).as_ref()));
+            let value = |s: &str| HeaderValue::try_from(s).expect("value");
+            assert!(check.verify(Some(&value(&good)), body), "{prefix}");
+            assert!(!check.verify(Some(&value(&good)), b"tampered"));
+            assert!(!check.verify(Some(&value(&good.to_uppercase())), body));
+            assert!(!check.verify(None, body));
+            if !prefix.is_empty() {
+                let bare = good.trim_start_matches(prefix);
+                assert!(
+                    !check.verify(Some(&value(bare)), body),
+                    "the prefix is required"
+                );
+            }
+        }
+        let not_utf8 = HeaderValue::from_bytes(b"\xff").expect("value");
+        assert!(!signature("sha256=", SignatureAlgorithm::Sha256).verify(Some(&not_utf8), b""));
+    }
+
+    #[test]
+    fn passthrough_drops_credentials_reserved_framing_signature_and_bad_values() {
+        let mut headers = HeaderMap::new();
+        let mut add = |name: &'static str, value: &[u8]| {
+            headers.append(name, HeaderValue::from_bytes(value).expect("value"));
+        };
+        add("authorization", b"Bearer x");
+        add("cookie", b"a=b");
+        add("x-callback-url", b"http://evil/");
+        add("x-call-id", b"stolen");
+        add("content-length", b"3");
+        add("x-hub-signature-256", b"sha256=00");
+        add("x-bad", b"\xff\xfe");
+        add("x-good", b"yes");
+        add("x-utf8", "caf\u{e9}".as_bytes());
+        let kept = passthrough(&headers, Some("x-hub-signature-256"));
+        assert_eq!(
+            kept,
+            vec![
+                ("x-good".to_owned(), "yes".to_owned()),
+                ("x-utf8".to_owned(), "caf\u{e9}".to_owned())
+            ]
+        );
+    }
+
+    #[test]
+    fn message_ids_are_32_hex_digits_and_differ() {
+        let (a, b) = (new_message_id(), new_message_id());
+        assert_eq!(a.len(), 32);
+        assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+    }
+}

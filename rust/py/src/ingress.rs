@@ -1,0 +1,183 @@
+//! The binding of the ingress server: its queue towards Python (requests for Python routes,
+//! accepted webhook messages, notices to log), drained in one call per wake-up, and the
+//! conversions of route tables and answers.
+
+use crate::completions::WakeQueue;
+use bytes::Bytes;
+use fastconn_core::ingress::http_header::HeaderName;
+use fastconn_core::ingress::{
+    webhook::Signature, Accepted, Answer, IngressSink, Notice, PyRequest, RouteEntry, RouteKind,
+    SignatureAlgorithm, WebhookRoute,
+};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyList};
+use std::sync::Arc;
+
+pub enum Record {
+    Request(PyRequest),
+    Accepted(Accepted),
+    Notice(Notice),
+}
+
+pub struct IngressQueue(pub WakeQueue<Record>);
+
+impl IngressSink for IngressQueue {
+    fn request(&self, request: PyRequest) {
+        self.0.push(Record::Request(request));
+    }
+    fn accepted(&self, accepted: Accepted) {
+        self.0.push(Record::Accepted(accepted));
+    }
+    fn notice(&self, notice: Notice) {
+        self.0.push(Record::Notice(notice));
+    }
+}
+
+/// A Python route as Python passes it: (method, path, prefix, max_body, oversized, track)
+/// with track the name of the header listed as receiving ("" for none).
+pub type PythonRoute = (String, String, bool, usize, bool, String);
+
+/// A webhook source as Python passes it: (name, max_body, auth_token, hmac_secret,
+/// signature_header, signature_prefix, signature_algorithm, accepting, python_fallback,
+/// record_payload).
+pub type WebhookTuple = (
+    String,
+    usize,
+    Option<String>,
+    Option<String>,
+    String,
+    String,
+    String,
+    bool,
+    Option<usize>,
+    bool,
+);
+
+pub fn route_table(
+    python: Vec<PythonRoute>,
+    webhooks: Vec<WebhookTuple>,
+) -> PyResult<Vec<RouteEntry>> {
+    let mut table: Vec<RouteEntry> = python
+        .into_iter()
+        .map(|(method, path, prefix, max_body, oversized, track)| {
+            let track = if track.is_empty() {
+                None
+            } else {
+                Some(HeaderName::try_from(track.as_str()).map_err(|_| {
+                    PyValueError::new_err(format!("{track:?} is not a header name"))
+                })?)
+            };
+            Ok(RouteEntry {
+                path,
+                prefix,
+                kind: RouteKind::Python {
+                    method,
+                    max_body,
+                    oversized,
+                    track,
+                },
+            })
+        })
+        .collect::<PyResult<_>>()?;
+    for (
+        name,
+        max_body,
+        auth_token,
+        secret,
+        header,
+        prefix,
+        algorithm,
+        accepting,
+        fallback,
+        record,
+    ) in webhooks
+    {
+        let algorithm = SignatureAlgorithm::parse(&algorithm).ok_or_else(|| {
+            PyValueError::new_err(format!(
+                "signature_algorithm of {name} must be sha256 or sha1, got {algorithm:?}"
+            ))
+        })?;
+        let signature = secret.map(|s| Signature::new(s.as_bytes(), header, prefix, algorithm));
+        table.push(RouteEntry {
+            path: fastconn_core::ingress::webhook::PREFIX.to_owned(),
+            prefix: true,
+            kind: RouteKind::Webhook(Arc::new(WebhookRoute {
+                name: Arc::from(name.as_str()),
+                max_body,
+                auth_token,
+                signature,
+                accepting,
+                python_fallback: fallback,
+                record_payload: record,
+            })),
+        });
+    }
+    Ok(table)
+}
+
+/// Everything queued, as three lists: requests (id, route, method, path, query, headers,
+/// body, remote, too_large), accepted messages (token, source, topic, message_id, payload) and notices
+/// (kind, source, remote, text).
+pub fn drain<'py>(
+    py: Python<'py>,
+    records: Vec<Record>,
+) -> PyResult<(Bound<'py, PyList>, Bound<'py, PyList>, Bound<'py, PyList>)> {
+    let requests = PyList::empty(py);
+    let accepted = PyList::empty(py);
+    let notices = PyList::empty(py);
+    for record in records {
+        match record {
+            Record::Request(r) => {
+                let headers: Vec<(String, Bound<'py, PyBytes>)> = r
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (k.clone(), PyBytes::new(py, v)))
+                    .collect();
+                requests.append((
+                    r.id,
+                    r.route,
+                    r.method,
+                    r.path,
+                    r.query,
+                    headers,
+                    PyBytes::new(py, &r.body),
+                    r.remote,
+                    r.too_large,
+                ))?;
+            }
+            Record::Accepted(a) => {
+                accepted.append((
+                    a.token,
+                    a.source.as_ref(),
+                    a.topic,
+                    a.message_id,
+                    a.payload.as_ref().map(|p| PyBytes::new(py, p)),
+                ))?;
+            }
+            Record::Notice(n) => {
+                notices.append((n.kind, n.source.as_deref(), n.remote, n.text))?;
+            }
+        }
+    }
+    Ok((requests, accepted, notices))
+}
+
+/// An answer as Python passes it: (id, status, headers, body).
+pub type AnswerTuple<'py> = (u64, u16, Vec<(String, String)>, Bound<'py, PyBytes>);
+
+pub fn answers(items: Vec<AnswerTuple<'_>>) -> Vec<(u64, Answer)> {
+    items
+        .into_iter()
+        .map(|(id, status, headers, body)| {
+            (
+                id,
+                Answer {
+                    status,
+                    headers,
+                    body: Bytes::copy_from_slice(body.as_bytes()),
+                },
+            )
+        })
+        .collect()
+}
