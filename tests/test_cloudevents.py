@@ -18,8 +18,8 @@ from cloudevents.core.v1.event import CloudEvent
 from pydantic import ValidationError
 
 from fastconn import _core
-from fastconn.cloudevents_route import CloudEventsConfig
 from fastconn.signatures import SignatureKeys, signature_problem
+from fastconn.sources.cloudevents import CloudEventsConfig
 
 BATCH = "application/cloudevents-batch+json"
 

@@ -7,7 +7,7 @@ The core serves every request; Python is involved only in batches:
   burst (an eventfd, as for completions), drains every queued request in one call, runs their
   handlers concurrently (a slow handler holds up only its own request), and answers everything
   finished in one loop iteration in one call.
-* **Webhook routes** are served by the core alone: it submits the message straight into the
+* **Webhook and CloudEvents routes** are served by the core alone: it submits the message straight into the
   dispatcher and answers. Python hears of accepted messages in the same drain (metrics,
   ``print_request_body``) and of their outcomes through the dispatcher's completion queue.
 * **Readiness**: ``/readyz`` answers what Python last pushed (:meth:`Ingress.set_ready`), set on
@@ -31,12 +31,34 @@ from fastconn.http_routes import HttpRequest, HttpResponse, Route, serve
 from fastconn.message import Message, Outcome, OutcomeCallback
 from fastconn.ratelimit import RateLimitedLog
 
-__all__ = ["INGRESS_TOKEN", "Ingress", "IngressLimits", "WebhookRoute"]
+__all__ = [
+    "INGRESS_TOKEN",
+    "CloudEventsRoute",
+    "Ingress",
+    "IngressLimits",
+    "WebhookRoute",
+    "warn_undelivered",
+]
 
 log = logging.getLogger("fastconn.ingress")
 
 INGRESS_TOKEN = 1 << 63
 """The bit the core sets in the tokens of messages the ingress submits itself."""
+
+
+def warn_undelivered(lines: RateLimitedLog, kind: str, outcomes: Sequence[Outcome]) -> None:
+    """One rate-limited line per failed message of an ingress source (``kind``: "webhook
+    message", "cloudevent"): the sender had its 202, so the log is where a loss shows."""
+    for outcome in outcomes:
+        if not outcome.ok:
+            failure = outcome.first_failure()
+            lines.warning(
+                "%s %s on %s not delivered: %s",
+                kind,
+                outcome.message_id,
+                outcome.message.topic,
+                failure and f"{failure.function} -> {failure.status_label}",
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,8 +94,28 @@ class WebhookRoute:
 
 
 @dataclass(slots=True)
+class CloudEventsRoute:
+    """A ``type = "cloudevents"`` source served by the core (``POST <path>``)."""
+
+    name: str
+    path: str
+    max_body_bytes: int
+    max_batch: int
+    route_by: str
+    delivery: str
+    reply: bool
+    auth_token: str | None
+    signature: tuple[str, str, str, str, str, str, int] | None
+    """(header, scheme, secret, prefix, algorithm, encoding, tolerance_secs), or no check."""
+    on_accepted: Callable[[Sequence[Message]], None]
+    on_outcomes: OutcomeCallback
+    record_payload: bool = False
+    accepting: bool = False
+
+
+@dataclass(slots=True)
 class _Accepted:
-    route: WebhookRoute
+    route: WebhookRoute | CloudEventsRoute
     message: Message
 
 
@@ -86,6 +128,7 @@ class Ingress:
     port: int = 0
     _routes: list[Route] = field(default_factory=list)
     _webhooks: list[WebhookRoute] = field(default_factory=list)
+    _cloudevents: list[CloudEventsRoute] = field(default_factory=list)
     _table: list[Route] = field(default_factory=list)
     _runtime: _core.Runtime | None = None
     _accepted: dict[int, _Accepted] = field(default_factory=dict)
@@ -123,6 +166,15 @@ class Ingress:
         self._webhooks.append(webhook)
         self._push_routes()
 
+    def add_cloudevents(self, route: CloudEventsRoute) -> None:
+        taken = [r.path for r in self._routes] + [c.path for c in self._cloudevents]
+        if route.path in taken:
+            raise ValueError(
+                f"cloudevents source {route.name}: path {route.path} is served already; give it its own path"
+            )
+        self._cloudevents.append(route)
+        self._push_routes()
+
     def set_webhook_state(
         self, name: str, *, accepting: bool | None = None, python: bool | None = None
     ) -> None:
@@ -133,6 +185,9 @@ class Ingress:
                     webhook.accepting = accepting
                 if python is not None:
                     webhook.python = python
+        for route in self._cloudevents:
+            if route.name == name and accepting is not None:
+                route.accepting = accepting
         self._push_routes()
 
     def set_ready(self, ready: bool, text: str, routing: bool) -> None:
@@ -223,7 +278,23 @@ class Ingress:
             for r in self._routes
         ]
         python += [(r.method, "", False, r.max_body_bytes, False, "") for r in table[len(self._routes) :]]
-        self._runtime.ingress_routes(python, webhooks)
+        cloudevents = [
+            (
+                c.name,
+                c.path,
+                c.max_body_bytes,
+                c.max_batch,
+                c.route_by,
+                c.delivery,
+                c.reply,
+                c.auth_token,
+                c.signature,
+                c.accepting,
+                c.record_payload,
+            )
+            for c in self._cloudevents
+        ]
+        self._runtime.ingress_routes(python, webhooks, cloudevents)
 
     # -- batches from the core -------------------------------------------------------------
 
@@ -243,7 +314,8 @@ class Ingress:
 
     def _on_accepted(self, records: list[tuple[int, str, str, str, bytes | None]]) -> None:
         by_route: dict[str, list[Message]] = {}
-        routes = {w.name: w for w in self._webhooks}
+        routes: dict[str, WebhookRoute | CloudEventsRoute] = {w.name: w for w in self._webhooks}
+        routes.update((c.name, c) for c in self._cloudevents)
         for token, source, topic, message_id, payload in records:
             route = routes.get(source)
             if route is None:
@@ -263,7 +335,7 @@ class Ingress:
             # Accepted before submitted, so the record is queued here already: take it now.
             self._on_wake()
         verdicts = Dispatcher.VERDICTS
-        grouped: dict[str, tuple[WebhookRoute, list[Outcome]]] = {}
+        grouped: dict[str, tuple[WebhookRoute | CloudEventsRoute, list[Outcome]]] = {}
         for token, verdict_code, raw_results, key_held in records:
             accepted = self._accepted.pop(token, None)
             if accepted is None:

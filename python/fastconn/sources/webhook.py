@@ -51,7 +51,7 @@ from fastconn.functions import FunctionTarget
 from fastconn.headers import passthrough
 from fastconn.health import HEALTHY, SourceHealth
 from fastconn.http_routes import HttpRequest, HttpResponse, Route
-from fastconn.ingress import WebhookRoute
+from fastconn.ingress import WebhookRoute, warn_undelivered
 from fastconn.ingress_store import IngressStore, IngressStoreConfig, StoredEvent, StoreUnavailable
 from fastconn.message import Message, Outcome, Verdict
 from fastconn.ratelimit import RateLimitedLog
@@ -214,15 +214,7 @@ class WebhookSource:
         if self._ctx is None:
             return
         self._ctx.count_settled(self.name, outcomes)
-        for outcome in outcomes:
-            if not outcome.ok:
-                failure = outcome.first_failure()
-                self._undelivered_log.warning(
-                    "webhook message %s on %s not delivered: %s",
-                    outcome.message_id,
-                    outcome.message.topic,
-                    failure and f"{failure.function} -> {failure.status_label}",
-                )
+        warn_undelivered(self._undelivered_log, "webhook message", outcomes)
 
     # -- the Python handler (async invocation, or no ingress server) -------------------------
 

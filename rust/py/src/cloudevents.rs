@@ -42,12 +42,7 @@ pub fn cloudevents_calls<'py>(
     max_body_bytes: usize,
     max_batch: usize,
 ) -> PyResult<Vec<Call<'py>>> {
-    let by = RouteBy::parse(route_by).ok_or_else(|| {
-        PyValueError::new_err(format!(
-            "route_by {route_by:?}: use \"type\", \"source\" or \"subject\""
-        ))
-    })?;
-    let delivery = mode(delivery)?;
+    let (by, delivery) = route_settings(route_by, delivery)?;
     let limits = Limits {
         max_body_bytes,
         max_batch,
@@ -123,6 +118,33 @@ pub fn verify_signature(
     tolerance_secs: u64,
     now: Option<i64>,
 ) -> PyResult<Option<String>> {
+    let rule = signature_rule(
+        header,
+        scheme,
+        secret,
+        prefix,
+        algorithm,
+        encoding,
+        tolerance_secs,
+    )?;
+    let now = now.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+    });
+    Ok(rule.verify(&headers, body, now).err().map(|e| e.message()))
+}
+
+/// The core's check for a route's signature keys (`fastconn.signatures.SignatureKeys`).
+pub fn signature_rule(
+    header: &str,
+    scheme: &str,
+    secret: &[u8],
+    prefix: &str,
+    algorithm: &str,
+    encoding: &str,
+    tolerance_secs: u64,
+) -> PyResult<SignatureRule> {
     let algorithm = Algorithm::parse(algorithm).ok_or_else(|| {
         PyValueError::new_err(format!(
             "algorithm {algorithm:?}: use \"sha256\" or \"sha1\""
@@ -147,11 +169,15 @@ pub fn verify_signature(
             )))
         }
     };
-    let now = now.unwrap_or_else(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-    });
-    let rule = SignatureRule::new(header, scheme, algorithm, secret);
-    Ok(rule.verify(&headers, body, now).err().map(|e| e.message()))
+    Ok(SignatureRule::new(header, scheme, algorithm, secret))
+}
+
+/// A route's `route_by` and `delivery` as the core's values.
+pub fn route_settings(route_by: &str, delivery: &str) -> PyResult<(RouteBy, Mode)> {
+    let by = RouteBy::parse(route_by).ok_or_else(|| {
+        PyValueError::new_err(format!(
+            "route_by {route_by:?}: use \"type\", \"source\" or \"subject\""
+        ))
+    })?;
+    Ok((by, mode(delivery)?))
 }

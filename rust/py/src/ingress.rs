@@ -6,8 +6,8 @@ use crate::completions::WakeQueue;
 use bytes::Bytes;
 use fastconn_core::ingress::http_header::HeaderName;
 use fastconn_core::ingress::{
-    webhook::Signature, Accepted, Answer, IngressSink, Notice, PyRequest, RouteEntry, RouteKind,
-    SignatureAlgorithm, WebhookRoute,
+    webhook::Signature, Accepted, Answer, CloudEventsRoute, IngressSink, Notice, PyRequest,
+    RouteEntry, RouteKind, SignatureAlgorithm, WebhookRoute,
 };
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -54,9 +54,81 @@ pub type WebhookTuple = (
     bool,
 );
 
+/// A signature check as Python passes it: (header, scheme, secret, prefix, algorithm,
+/// encoding, tolerance_secs).
+pub type SignatureTuple = (String, String, String, String, String, String, u64);
+
+/// A CloudEvents source as Python passes it: (name, path, max_body, max_batch, route_by,
+/// delivery, reply, auth_token, signature, accepting, record_payload).
+pub type CloudEventsTuple = (
+    String,
+    String,
+    usize,
+    usize,
+    String,
+    String,
+    bool,
+    Option<String>,
+    Option<SignatureTuple>,
+    bool,
+    bool,
+);
+
+fn cloudevents_entry(
+    (
+        name,
+        path,
+        max_body,
+        max_batch,
+        route_by,
+        delivery,
+        reply,
+        auth_token,
+        signature,
+        accepting,
+        record,
+    ): CloudEventsTuple,
+) -> PyResult<RouteEntry> {
+    let (route_by, delivery) = crate::cloudevents::route_settings(&route_by, &delivery)?;
+    let signature = signature
+        .map(
+            |(header, scheme, secret, prefix, algorithm, encoding, tolerance)| {
+                crate::cloudevents::signature_rule(
+                    &header,
+                    &scheme,
+                    secret.as_bytes(),
+                    &prefix,
+                    &algorithm,
+                    &encoding,
+                    tolerance,
+                )
+            },
+        )
+        .transpose()?;
+    Ok(RouteEntry {
+        path,
+        prefix: false,
+        kind: RouteKind::CloudEvents(Arc::new(CloudEventsRoute {
+            name: Arc::from(name.as_str()),
+            limits: fastconn_core::cloudevents::Limits {
+                max_body_bytes: max_body,
+                max_batch,
+            },
+            route_by,
+            delivery,
+            reply,
+            auth_token,
+            signature,
+            accepting,
+            record_payload: record,
+        })),
+    })
+}
+
 pub fn route_table(
     python: Vec<PythonRoute>,
     webhooks: Vec<WebhookTuple>,
+    cloudevents: Vec<CloudEventsTuple>,
 ) -> PyResult<Vec<RouteEntry>> {
     let mut table: Vec<RouteEntry> = python
         .into_iter()
@@ -112,6 +184,9 @@ pub fn route_table(
                 record_payload: record,
             })),
         });
+    }
+    for route in cloudevents {
+        table.push(cloudevents_entry(route)?);
     }
     Ok(table)
 }

@@ -3,7 +3,7 @@
 //! object but not the runtime's threads, so every entry point refuses to run there.
 
 use crate::completions::{CompletionQueue, WakeQueue};
-use crate::ingress::{self, IngressQueue, PythonRoute, WebhookTuple};
+use crate::ingress::{self, CloudEventsTuple, IngressQueue, PythonRoute, WebhookTuple};
 use bytes::Bytes;
 use fastconn_core::ingress::{Ingress, IngressConfig};
 use fastconn_core::{
@@ -423,14 +423,15 @@ impl Runtime {
     }
 
     /// Replaces the ingress route table: Python routes [(method, path, prefix, max_body)] (a
-    /// request names its route by index in this list) and webhook sources.
+    /// request names its route by index in this list), webhook and CloudEvents sources.
     fn ingress_routes(
         &self,
         py: Python<'_>,
         python: Vec<PythonRoute>,
         webhooks: Vec<WebhookTuple>,
+        cloudevents: Vec<CloudEventsTuple>,
     ) -> PyResult<()> {
-        let table = ingress::route_table(python, webhooks)?;
+        let table = ingress::route_table(python, webhooks, cloudevents)?;
         self.with_ingress(py, |server| server.set_routes(table))
     }
 

@@ -8,6 +8,8 @@
 //! * Python routes (the metrics page, async callbacks, a source's own `Route`) are read here
 //!   within their body limit, queued for Python ([`IngressSink::request`]), which drains them in
 //!   batches and answers a batch at once ([`Ingress::respond`]).
+//! * CloudEvents routes ([`cloudevents`]) decode, route and submit every event of a request
+//!   here, as webhooks do.
 //! * Anything else is a 404 here.
 //!
 //! Connection limits ([`conns`]): a deadline for a new connection's first request head, an
@@ -15,6 +17,7 @@
 //! oldest connection still waiting for its first head (else the oldest idle one).
 
 mod body;
+pub mod cloudevents;
 mod conns;
 mod service;
 pub mod text;
@@ -30,6 +33,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::sync::{oneshot, watch};
 
+pub use cloudevents::CloudEventsRoute;
 pub use conns::ConnectionCounts;
 /// Header names as route tables name them.
 pub use http::header as http_header;
@@ -125,6 +129,8 @@ pub enum RouteKind {
         track: Option<http::header::HeaderName>,
     },
     Webhook(Arc<WebhookRoute>),
+    /// A `type = "cloudevents"` source ([`cloudevents`]).
+    CloudEvents(Arc<CloudEventsRoute>),
 }
 
 #[derive(Debug, Clone)]

@@ -210,6 +210,7 @@ impl Shared {
                 }
                 _ => self.webhook(webhook, request, remote).await,
             },
+            RouteKind::CloudEvents(route) => self.cloudevents(route, request, remote).await,
             RouteKind::Python {
                 method,
                 max_body,
@@ -368,7 +369,7 @@ fn find<'a>(routes: &'a [RouteEntry], method: &Method, path: &str) -> Option<&'a
     matching
         .find(|r| match &r.kind {
             RouteKind::Python { method: m, .. } => m == method.as_str() || m == "*",
-            RouteKind::Webhook(_) => true,
+            RouteKind::Webhook(_) | RouteKind::CloudEvents(_) => true,
         })
         .or(first)
 }

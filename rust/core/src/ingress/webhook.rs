@@ -21,7 +21,7 @@ use super::text::{
 use super::{Accepted, Notice, Shared};
 use crate::engine::{SubmitError, INGRESS_TOKEN};
 use crate::headers;
-use crate::message::{Completion, Message, Verdict};
+use crate::message::{Completion, Message, TargetResult, Verdict};
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderValue, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
@@ -111,7 +111,7 @@ pub struct WebhookRoute {
     pub record_payload: bool,
 }
 
-fn error(status: StatusCode, reason: &str) -> Response<Full<Bytes>> {
+pub(super) fn error(status: StatusCode, reason: &str) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(json_error(reason))));
     *response.status_mut() = status;
     response.headers_mut().insert(
@@ -121,7 +121,7 @@ fn error(status: StatusCode, reason: &str) -> Response<Full<Bytes>> {
     response
 }
 
-fn with_header(
+pub(super) fn with_header(
     mut response: Response<Full<Bytes>>,
     name: &'static str,
     value: &str,
@@ -132,7 +132,7 @@ fn with_header(
     response
 }
 
-fn unavailable(reason: &str) -> Response<Full<Bytes>> {
+pub(super) fn unavailable(reason: &str) -> Response<Full<Bytes>> {
     with_header(
         error(StatusCode::SERVICE_UNAVAILABLE, reason),
         "retry-after",
@@ -171,30 +171,12 @@ impl Shared {
             .get(PREFIX.len()..)
             .unwrap_or("")
             .to_owned();
-        let (parts, body) = request.into_parts();
-        let length = parts
-            .headers
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        let body = match read_limited(body, length, route.max_body).await {
-            Ok(body) => body,
-            Err(BodyError::TooLarge(Some(n))) => {
-                return error(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    &format!(
-                        "body of {n} bytes exceeds max_body_bytes ({})",
-                        route.max_body
-                    ),
-                );
-            }
-            Err(BodyError::TooLarge(None)) => {
-                return error(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    &format!("body exceeds max_body_bytes ({})", route.max_body),
-                );
-            }
-            Err(BodyError::Incomplete(why)) => return self.bad_request(route, remote, &why),
+        let (parts, body) = match self
+            .read_body(&route.name, request, route.max_body, remote)
+            .await
+        {
+            Ok(read) => read,
+            Err(refused) => return refused,
         };
         if let Some(signature) = &route.signature {
             if !signature.verify(parts.headers.get(signature.header.as_str()), &body) {
@@ -210,11 +192,11 @@ impl Shared {
                 let why = format!(
                     "topic {raw_topic:?} is not valid UTF-8 (after percent-decoding): encode it as UTF-8"
                 );
-                return self.bad_request(route, remote, &why);
+                return self.bad_request(&route.name, remote, &why);
             }
         };
         if let Some(problem) = topic_problem(&topic) {
-            return self.bad_request(route, remote, &problem);
+            return self.bad_request(&route.name, remote, &problem);
         }
         let slot = match self.engine.reserve_ingress() {
             Ok(slot) => slot,
@@ -263,33 +245,69 @@ impl Shared {
         }
     }
 
+    /// The request's parts and its body read within `max_body` (shared by the routes that
+    /// submit into the engine), or the 413 / 400 to answer.
+    pub(super) async fn read_body(
+        &self,
+        source: &Arc<str>,
+        request: Request<Incoming>,
+        max_body: usize,
+        remote: &str,
+    ) -> Result<(http::request::Parts, Bytes), Response<Full<Bytes>>> {
+        let (parts, body) = request.into_parts();
+        let length = parts
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        match read_limited(body, length, max_body).await {
+            Ok(body) => Ok((parts, body)),
+            Err(BodyError::TooLarge(Some(n))) => Err(error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!("body of {n} bytes exceeds max_body_bytes ({max_body})"),
+            )),
+            Err(BodyError::TooLarge(None)) => Err(error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!("body exceeds max_body_bytes ({max_body})"),
+            )),
+            Err(BodyError::Incomplete(why)) => Err(self.bad_request(source, remote, &why)),
+        }
+    }
+
     fn authorized(&self, route: &WebhookRoute, headers: &HeaderMap, query: &str) -> bool {
         let Some(token) = &route.auth_token else {
             return true;
         };
-        let expected = format!("Bearer {token}");
-        if let Some(given) = headers.get(http::header::AUTHORIZATION) {
-            return constant_time_eq(given.as_bytes(), expected.as_bytes());
+        if let Some(bearer) = bearer_matches(headers, token) {
+            return bearer;
         }
         // IFTTT's "Make a web request" and similar senders can only put the token in the URL.
         query_value(query, "key")
             .is_some_and(|key| constant_time_eq(key.as_bytes(), token.as_bytes()))
     }
 
-    fn bad_request(
+    /// A 400 naming `problem`, logged by Python (rate-limited) under the source's name.
+    pub(super) fn bad_request(
         &self,
-        route: &WebhookRoute,
+        source: &Arc<str>,
         remote: &str,
         problem: &str,
     ) -> Response<Full<Bytes>> {
         self.sink.notice(Notice {
             kind: "bad_request",
-            source: Some(Arc::clone(&route.name)),
+            source: Some(Arc::clone(source)),
             remote: remote.to_owned(),
             text: problem.to_owned(),
         });
         error(StatusCode::BAD_REQUEST, problem)
     }
+}
+
+/// Whether `Authorization` is `Bearer <token>` (constant time); None when the header is absent.
+pub(super) fn bearer_matches(headers: &HeaderMap, token: &str) -> Option<bool> {
+    let given = headers.get(http::header::AUTHORIZATION)?;
+    let expected = format!("Bearer {token}");
+    Some(constant_time_eq(given.as_bytes(), expected.as_bytes()))
 }
 
 /// The request's headers that go on to the functions: not reserved, not hop-by-hop, not
@@ -311,18 +329,27 @@ pub fn passthrough(headers: &HeaderMap, signature_header: Option<&str>) -> Vec<(
         .collect()
 }
 
-/// The answer of a `?wait=true` request: the first function's status and body.
-fn waited_response(completion: &Completion, message_id: &str) -> Response<Full<Bytes>> {
-    let Some(first) = completion
+/// The answer of a waiting request when no function subscribes to its topic.
+pub(super) fn unrouted(message_id: &str) -> Response<Full<Bytes>> {
+    let response = text_response(
+        StatusCode::NOT_FOUND,
+        "no function subscribes to this topic\n",
+    );
+    with_header(response, "x-message-id", message_id)
+}
+
+/// The first function's result of a waited message, if it was routed.
+pub(super) fn first_result(completion: &Completion) -> Option<&TargetResult> {
+    completion
         .results
         .first()
         .filter(|_| completion.verdict != Verdict::Unrouted)
-    else {
-        let response = text_response(
-            StatusCode::NOT_FOUND,
-            "no function subscribes to this topic\n",
-        );
-        return with_header(response, "x-message-id", message_id);
+}
+
+/// The answer of a `?wait=true` request: the first function's status and body.
+pub(super) fn waited_response(completion: &Completion, message_id: &str) -> Response<Full<Bytes>> {
+    let Some(first) = first_result(completion) else {
+        return unrouted(message_id);
     };
     let status_label = if first.status == 0 {
         first.error.label().to_owned()
@@ -358,7 +385,7 @@ fn waited_response(completion: &Completion, message_id: &str) -> Response<Full<B
 }
 
 /// A random 128-bit id in hex, like Python's `uuid4().hex` (unique, not a secret).
-fn new_message_id() -> String {
+pub(super) fn new_message_id() -> String {
     format!("{:032x}", fastrand::u128(..))
 }
 

@@ -1,0 +1,160 @@
+"""``type = "cloudevents"``: CloudEvents 1.0 POSTed over HTTP (binary, structured and batched
+modes) to ``path`` on the ingress server (``[server] listen``).
+
+The route is served by the Rust core without Python per request
+(``rust/core/src/ingress/cloudevents.rs``): it checks the bearer token and signature, decodes the
+request with ``fastconn_core::cloudevents``, publishes each event to the topic of its ``route_by``
+attribute and submits it straight into the dispatcher. Functions receive each event in
+``delivery`` mode (``ce-*`` headers + data, or one JSON object), with ``X-Message-Id`` = the
+event ``id``; the request's own headers (credentials, signature) never reach them. Answers: 202 +
+``X-Message-Id`` (the first event's id), 400 naming the missing or invalid attribute, 401, 413,
+415, 503 + ``Retry-After`` under backpressure or before the topic map. With ``reply = true``, a
+single event sent with ``Prefer: reply`` gets the first function's reply event back (in the mode
+it came in).
+
+Delivery guarantee: as for webhooks, at most once after the ``202`` (the sender retries on
+``503``); a batch is reserved whole before anything is submitted, so it is accepted whole or
+refused whole and a ``202`` covers every event in it. Python hears of accepted events and their
+outcomes in batches (metrics, logs of undelivered events).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Literal
+
+from pydantic import ConfigDict, Field, field_validator
+
+from fastconn.health import HEALTHY, SourceHealth
+from fastconn.ingress import CloudEventsRoute, warn_undelivered
+from fastconn.message import Message, Outcome
+from fastconn.ratelimit import RateLimitedLog
+from fastconn.signatures import SignatureKeys
+from fastconn.source import SourceContext
+
+__all__ = ["CONFIG_MODEL", "CloudEventsConfig", "CloudEventsSource", "create"]
+
+log = logging.getLogger("fastconn.source.cloudevents")
+
+
+class CloudEventsConfig(SignatureKeys):
+    """``[[sources]] type = "cloudevents"``: CloudEvents POSTed to ``path``.
+
+    Signature keys (``hmac_secret``, ``signature_*``) are :class:`SignatureKeys`.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["cloudevents"] = "cloudevents"
+    name: str = "cloudevents"
+    path: str = "/cloudevents"
+    """URL path of the route (exact match)."""
+    route_by: Literal["type", "source", "subject"] = "type"
+    """The attribute whose value is the topic (``com.github.push`` → subscribe ``com.github.*``)."""
+    delivery: Literal["binary", "structured"] = "binary"
+    """How functions receive the event: ``ce-*`` headers + data, or one JSON object."""
+    reply: bool = False
+    """Return a function's reply event to senders that ask with ``Prefer: reply``."""
+    max_body_bytes: int = Field(default=1048576, ge=1)
+    max_batch: int = Field(default=100, ge=1, le=10000)
+    """Most events in one ``application/cloudevents-batch+json`` request (more → 413)."""
+    auth_token: str | None = None
+    """Bearer token required in ``Authorization: Bearer <token>``; None disables the check."""
+    # A CloudEvents sender is rarely GitHub: no signature header is assumed unless configured.
+    signature_header: str = Field(default="X-Signature", min_length=1)
+
+    @field_validator("path")
+    @classmethod
+    def _path_is_a_plain_absolute_path(cls, path: str) -> str:
+        if not path.startswith("/"):
+            raise ValueError(f"path {path!r} must start with '/', e.g. /cloudevents")
+        bad = next((c for c in path if c in "?#" or c <= " " or c == "\x7f"), None)
+        if bad is not None:
+            raise ValueError(
+                f"path {path!r} contains {bad!r}: give the path alone, without query, fragment or spaces"
+            )
+        if path == "/webhook" or path.startswith("/webhook/") or path in ("/healthz", "/readyz", "/metrics"):
+            raise ValueError(
+                f"path {path!r} is taken by fastconn's own routes: choose another, e.g. /cloudevents"
+            )
+        return path
+
+
+CONFIG_MODEL = CloudEventsConfig
+
+
+def create(config: CloudEventsConfig) -> CloudEventsSource:
+    return CloudEventsSource(config)
+
+
+class CloudEventsSource:
+    def __init__(self, config: CloudEventsConfig) -> None:
+        self.config = config
+        self.name = config.name
+        self._ctx: SourceContext | None = None
+        # Per-function detail is in fastconn.functions' aggregated lines; this says which events.
+        self._undelivered_log = RateLimitedLog(log, interval=10.0)
+
+    def register(self, ctx: SourceContext) -> None:
+        self._ctx = ctx
+        if ctx.ingress is None:
+            raise ValueError(
+                f'source {self.name}: type = "cloudevents" is served by the ingress server; '
+                "set [server] listen"
+            )
+        c = self.config
+        signature = None
+        if c.hmac_secret is not None:
+            signature = (
+                c.signature_header,
+                c.signature_scheme,
+                c.hmac_secret,
+                c.signature_prefix,
+                c.signature_algorithm,
+                c.signature_encoding,
+                c.signature_tolerance,
+            )
+        ctx.ingress.add_cloudevents(
+            CloudEventsRoute(
+                name=self.name,
+                path=c.path,
+                max_body_bytes=c.max_body_bytes,
+                max_batch=c.max_batch,
+                route_by=c.route_by,
+                delivery=c.delivery,
+                reply=c.reply,
+                auth_token=c.auth_token,
+                signature=signature,
+                on_accepted=self._on_accepted,
+                on_outcomes=self._on_outcomes,
+                record_payload=ctx.print_request_body,
+            )
+        )
+
+    async def start(self) -> None:
+        self._set_accepting(True)
+
+    async def stop(self) -> None:
+        self._set_accepting(False)
+
+    async def close(self) -> None:
+        return None
+
+    def health(self) -> SourceHealth:
+        """Nothing to lose: the sender holds an event until it has its 202."""
+        return HEALTHY
+
+    def _set_accepting(self, accepting: bool) -> None:
+        if self._ctx is not None and self._ctx.ingress is not None:
+            self._ctx.ingress.set_webhook_state(self.name, accepting=accepting)
+
+    def _on_accepted(self, messages: Sequence[Message]) -> None:
+        if self._ctx is not None:
+            self._ctx.count_received(self.name, messages)
+
+    def _on_outcomes(self, outcomes: list[Outcome]) -> None:
+        if self._ctx is None:
+            return
+        self._ctx.count_settled(self.name, outcomes)
+        warn_undelivered(self._undelivered_log, "cloudevent", outcomes)
