@@ -15,6 +15,7 @@ from cloudevents.core.bindings.http import HTTPMessage, from_http_event, to_bina
 from cloudevents.core.v1.event import CloudEvent
 
 from fastconn.testing import FunctionDouble, wait_for
+from gateway_double import FunctionSpec, GatewayDouble
 
 if TYPE_CHECKING:
     from conftest import DaemonFactory
@@ -177,3 +178,71 @@ async def test_a_prefer_reply_sender_gets_the_functions_reply_event(
     function_double.script("/pushes", headers={"Content-Type": "text/plain"})
     async with http.post(url, data=binary.body, headers={**binary.headers, "Prefer": "reply"}) as r:
         assert r.status == 202
+
+
+async def test_a_malformed_reply_event_is_a_502_naming_the_function(
+    daemon_factory: DaemonFactory, function_double: FunctionDouble, http: aiohttp.ClientSession
+) -> None:
+    # Binary delivery: the double echoes the data alone, which as a structured event has no id.
+    function_double.script("/pushes", headers={"Content-Type": "application/cloudevents+json"})
+    daemon = await daemon_factory(_config(function_double, reply=True))
+    binary = to_binary_event(sdk_event({"n": 7}, id="ask-2"))
+    async with http.post(
+        f"{daemon.url}/cloudevents", data=binary.body, headers={**binary.headers, "Prefer": "reply"}
+    ) as r:
+        text = await r.text()
+        assert r.status == 502 and "pushes" in text and "malformed reply" in text, text
+        assert r.headers["X-Message-Id"] == "ask-2"
+    assert len(function_double.calls_to("/pushes")) == 1, "the event itself was delivered"
+
+
+async def test_a_batch_over_the_capacity_left_is_refused_whole_with_503(
+    daemon_factory: DaemonFactory, function_double: FunctionDouble, http: aiohttp.ClientSession
+) -> None:
+    # One call on the wire at a time and room for 2 accepted messages; each call takes 1 s.
+    function_double.script("/pushes", delay=1.0)
+    config = _config(function_double)
+    config["dispatch"] = {"max_inflight": 1, "max_inflight_per_function": 1, "batch_size": 1}
+    daemon = await daemon_factory(config)
+    url = f"{daemon.url}/cloudevents"
+    headers = {"Content-Type": BATCH}
+
+    def batch(*ids: str) -> str:
+        return json.dumps([json.loads(to_structured_event(sdk_event(id=i)).body) for i in ids])
+
+    async with http.post(url, data=batch("x-1", "x-2", "x-3"), headers=headers) as r:
+        assert r.status == 503 and r.headers["Retry-After"] == "1"
+        assert "capacity" in await r.text()
+    async with http.post(url, data=batch("y-1", "y-2"), headers=headers) as r:
+        assert r.status == 202
+    single = to_binary_event(sdk_event(id="z-1"))
+    async with http.post(url, data=single.body, headers=dict(single.headers)) as r:
+        assert r.status == 503, "both rooms are taken by the batch"
+    await wait_for(lambda: len(function_double.calls_to("/pushes")) == 2, timeout=10)
+    assert sorted(e.get_id() for e in _seen(function_double)) == ["y-1", "y-2"]
+
+
+async def test_before_the_topic_map_a_request_gets_503_at_once(
+    gateway: GatewayDouble, daemon_factory: DaemonFactory, http: aiohttp.ClientSession
+) -> None:
+    gateway.set_functions([FunctionSpec("early", topic="com.github.push")])
+    gateway.set_down()  # no topic map until it recovers
+    config = {
+        "gateway": {"url": gateway.url, "rebuild_interval": "200ms", "startup_wait": "20s"},
+        "sources": [{"type": "cloudevents"}],
+    }
+    daemon = await daemon_factory(config, wait="health")
+    binary = to_binary_event(sdk_event(id="early-1"))
+    async with http.post(f"{daemon.url}/cloudevents", data=binary.body, headers=dict(binary.headers)) as r:
+        assert r.status == 503 and r.headers["Retry-After"] == "1"
+        assert "topic map not loaded" in await r.text()
+    gateway.set_down(False)
+
+    async def accepted() -> bool:
+        async with http.post(
+            f"{daemon.url}/cloudevents", data=binary.body, headers=dict(binary.headers)
+        ) as r:
+            return r.status == 202
+
+    await wait_for(accepted, 10, what="a 202 once the topic map is loaded")
+    await wait_for(lambda: gateway.calls("early") == 1, 10, what="the event dispatched")
