@@ -9,7 +9,7 @@ import contextlib
 import json
 import shutil
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +19,7 @@ _SCRIPT = """\
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "text/plain"
 wrk.body = string.rep("x", {payload})
+{request}
 local stop_after = {stop_after}
 local ok = 0
 {response}
@@ -71,6 +72,8 @@ async def run_wrk(
     seconds: float,
     stop_after: int | None = None,
     until: Callable[[], Awaitable[bool]] | None = None,
+    headers: Mapping[str, str] | None = None,
+    body: bytes | None = None,
 ) -> WrkResult:
     """``wrk`` POSTing ``payload`` bytes for ``seconds`` or, with ``stop_after``, until that
     many 2xx answers (spread over its threads; wrk may finish a few more in flight).
@@ -80,9 +83,12 @@ async def run_wrk(
     few ms), wrk is interrupted as soon as it returns true."""
     threads = min(2, connections)
     per_thread = -(-stop_after // threads) if stop_after else 0
-    script = workdir / f"wrk-{payload}-{per_thread}.lua"
+    request = _request_lines(workdir, headers or {}, body)
+    script = workdir / f"wrk-{payload}-{per_thread}-{abs(hash(request))}.lua"
     script.write_text(
-        _SCRIPT.format(payload=payload, stop_after=per_thread, response=_STOP if stop_after else "")
+        _SCRIPT.format(
+            payload=payload, stop_after=per_thread, response=_STOP if stop_after else "", request=request
+        )
     )
     process = await asyncio.create_subprocess_exec(
         wrk_binary(),
@@ -114,6 +120,18 @@ async def run_wrk(
     return WrkResult(
         int(data["requests"]), data["duration_us"] / 1e6, data["p50_us"] / 1e3, data["p99_us"] / 1e3, errors
     )
+
+
+def _request_lines(workdir: Path, headers: Mapping[str, str], body: bytes | None) -> str:
+    """Lua setting the request's own headers and body (read from a file: any bytes, no escaping)."""
+    lines = [f"wrk.headers[{json.dumps(name)}] = {json.dumps(value)}" for name, value in headers.items()]
+    if body is not None:
+        path = workdir / f"wrk-body-{abs(hash(body))}.bin"
+        path.write_bytes(body)
+        lines.append(f'local body_file = io.open({json.dumps(str(path))}, "rb")')
+        lines.append("wrk.body = body_file:read('*a')")
+        lines.append("body_file:close()")
+    return "\n".join(lines)
 
 
 _MEASURED: dict[tuple[int, int], list[WrkResult]] = {}

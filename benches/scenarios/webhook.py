@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -39,12 +40,19 @@ class WebhookFeed:
     fanout: int = 1
     url: str = ""
     refused: list[int] = field(default_factory=list)
+    path: str = f"/webhook/{TOPIC}"
+    encode: Callable[[bytes], tuple[dict[str, str], bytes]] | None = None
+    """The request for a payload (headers, body); None: the payload as the body."""
+
+    def request(self, payload: bytes) -> tuple[dict[str, str], bytes]:
+        return ({}, payload) if self.encode is None else self.encode(payload)
 
     async def prepare_round(self, ctx: Context, round_id: int) -> None:
         pass
 
-    async def _post(self, body: bytes) -> None:
-        async with aiohttp.ClientSession() as http, http.post(self.url, data=body) as r:
+    async def _post(self, payload: bytes) -> None:
+        headers, body = self.request(payload)
+        async with aiohttp.ClientSession() as http, http.post(self.url, data=body, headers=headers) as r:
             await r.read()
 
     @staticmethod
@@ -52,7 +60,8 @@ class WebhookFeed:
         return await ctx.sink.count() >= n
 
     async def throughput(self, ctx: Context, process: Running) -> tuple[Window, int]:
-        self.url = f"{process.url}/webhook/{TOPIC}"
+        self.url = f"{process.url}{self.path}"
+        headers, body = self.request(b"x" * self.payload)
         await warm_up(ctx, lambda: self._post(b"warm-up"))
         before = await process.accepted()
         n = http_bound_messages(ctx.options.messages)
@@ -67,6 +76,8 @@ class WebhookFeed:
             seconds=delivery_timeout(n),
             stop_after=n,
             until=lambda: self._delivered(ctx, n),
+            headers=headers,
+            body=body if self.encode is not None else None,
         )
         accepted = await process.accepted() - before
         deadline = time.monotonic() + 30
@@ -86,7 +97,8 @@ class WebhookFeed:
         async with aiohttp.ClientSession() as http:
 
             async def post() -> None:
-                async with http.post(self.url, data=stamped_payload(self.payload)) as r:
+                headers, body = self.request(stamped_payload(self.payload))
+                async with http.post(self.url, data=body, headers=headers) as r:
                     await r.read()
 
             started = time.perf_counter()
