@@ -1,5 +1,5 @@
 """Webhook signature settings, shared by every HTTP route that checks one (``type = "webhook"``
-today, the ingress server's routes next). The check itself is the core's
+and ``type = "cloudevents"``). The check itself is the core's
 (``rust/core/src/signature.rs``: constant time, one implementation for Python and Rust routes);
 this module only holds the config keys and calls it.
 
