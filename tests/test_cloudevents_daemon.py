@@ -171,10 +171,12 @@ async def test_a_prefer_reply_sender_gets_the_functions_reply_event(
         assert r.status == 200
         assert r.headers["Content-Type"].startswith("application/cloudevents+json")
         assert json.loads(await r.read())["id"] == "ask-1"
-    # Without Prefer: reply, or for a batch, a 202 and no waiting.
+    # Without Prefer: reply, or for a batch of several events, a 202 and no waiting.
     async with http.post(url, data=binary.body, headers=dict(binary.headers)) as r:
         assert r.status == 202
-    batch = json.dumps([json.loads(structured.body)])
+    batch = json.dumps(
+        [json.loads(structured.body), json.loads(to_structured_event(sdk_event(id="ask-3")).body)]
+    )
     async with http.post(url, data=batch, headers={"Content-Type": BATCH, "Prefer": "reply"}) as r:
         assert r.status == 202 and r.headers["X-Message-Id"] == "ask-1"
     # A function answering something that is not an event: 202, no reply.
