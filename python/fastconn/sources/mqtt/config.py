@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated, Any, Final, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from fastconn.durations import Duration
-from fastconn.errors import SourceError
+from fastconn.secrets import read_secret as shared_read_secret
 
 __all__ = ["Broker", "MqttConfig", "check_filter", "read_secret"]
 
@@ -96,13 +95,7 @@ def _protocol(value: Any) -> Any:
 
 
 def read_secret(path: str, what: str) -> str:
-    try:
-        text = Path(path).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SourceError(f"mqtt: cannot read {what} from {path!r}: {exc}") from None
-    if not text:
-        raise SourceError(f"mqtt: {what} file {path!r} is empty")
-    return text
+    return shared_read_secret(path, what, "mqtt")
 
 
 class MqttConfig(BaseModel):
