@@ -196,6 +196,10 @@ class VcenterSession:
         return spec
 
     def _collector(self, spec: Any, page_size: int) -> Any:
+        # The page size goes in the filter as well: govmomi's simulator sizes the page from it
+        # at creation (its SetCollectorPageSize re-slices the page wrongly when it shrinks);
+        # vCenter takes SetCollectorPageSize, which with the same size changes nothing there.
+        spec.maxCount = page_size
         collector = self._content.eventManager.CreateCollectorForEvents(filter=spec)
         collector.SetCollectorPageSize(page_size)
         return collector

@@ -304,8 +304,9 @@ class VcenterSource:
                 return [], False, True, False
             new = [e for e in page if e.key > key]
             caught_up = False
-            if len(page) >= page_size and len(new) == len(page):
-                # The whole page is new: more may have come than a page holds.
+            if new and len(new) == len(page):
+                # Nothing on the page was seen before: more may have come than the page holds
+                # (the simulator's page can be smaller than page_size, so no size test).
                 new = session.read_since(since, key, _CATCH_UP_PAGE)
                 caught_up = True
             if floor is not None:
