@@ -291,12 +291,13 @@ async def test_kill_9_mid_stream_loses_no_event(
     vcsim: Vcsim, function_double: FunctionDouble, daemon_factory: DaemonFactory, tmp_path: Path
 ) -> None:
     """kill -9 of the daemon while events stream in and calls are in flight, then a restart:
-    every event reaches the function once or more, none is skipped (counted per event key)."""
+    every event reaches the function once or more, none is skipped (counted per event key), and
+    what had settled before the kill is not sent again."""
     source = vcenter_source(vcsim, tmp_path, event_types=["EventEx"])
     function_double.script("/stream", [200], delay=0.05)  # calls in flight at the kill
     config = daemon_config(function_double, {"stream": ["com.example.stream"]}, [source])
     daemon = await daemon_factory(config)
-    total = 300
+    total = 600  # the simulator keeps its newest 1000 events
     done = threading.Event()
 
     def produce(d: VcsimDriver) -> None:
@@ -306,9 +307,14 @@ async def test_kill_9_mid_stream_loses_no_event(
             done.set()
 
     producer = asyncio.create_task(drive(vcsim, produce))
-    await wait_for(lambda: len(function_double.calls_to("/stream")) >= 60, timeout=30, what="60 calls")
+    start_key = _checkpoint(tmp_path)["key"]
+    # Kill once the checkpoint moved (the restart must resume after it, not from the start)
+    # while the stream still runs and calls are in flight.
+    await wait_for(lambda: _checkpoint(tmp_path)["key"] > start_key + 10, timeout=30, what="checkpoint moved")
     daemon.kill()
+    at_kill = _checkpoint(tmp_path)["key"]
     killed_at = len(function_double.calls_to("/stream"))
+    assert not done.is_set(), "the stream should still be running at the kill (make it longer)"
     await producer
     await daemon_factory(config)
     await wait_for(
@@ -316,7 +322,13 @@ async def test_kill_9_mid_stream_loses_no_event(
         timeout=60,
         what=f"all {total} events",
     )
-    counts = Counter(json.loads(c.body)["message"] for c in function_double.calls_to("/stream"))
+    calls = function_double.calls_to("/stream")
+    counts = Counter(json.loads(c.body)["message"] for c in calls)
     assert set(counts) == {f"test {i}" for i in range(total)}, "an event was skipped"
+    per_key = Counter(int(c.headers["X-Vcenter-Event-Key"]) for c in calls)
+    assert all(n == 1 for k, n in per_key.items() if k <= at_kill), "settled before the kill: not resent"
     duplicates = sum(n - 1 for n in counts.values())
-    print(f"\nvcenter kill -9 after {killed_at} calls: lost 0 of {total}, delivered twice: {duplicates}")
+    print(
+        f"\nvcenter kill -9 after {killed_at} calls (checkpoint at key {at_kill}): lost 0 of {total}, "
+        f"delivered twice: {duplicates}"
+    )

@@ -7,10 +7,10 @@ Reading new events, so that the real vCenter and govmomi's simulator behave the 
 
 * the **tail**: the ``latestPage`` of one collector (the newest ``page_size`` events matching
   the filter), read each poll; events above the cursor key are new;
-* a **gap** is possible only when that page is full and holds nothing at or below the cursor:
-  more than a page arrived between two polls (or fastconn was down). Then a **catch-up**
-  collector filtered to events created since the cursor's time is read forward to its end
-  (``ReadNextEvents``) and destroyed.
+* a **gap** is possible when nothing on that page is at or below the cursor: more than a page
+  arrived between two polls. Then (and after every login) a **catch-up** reads the events
+  created since the cursor's time: one ``QueryEvents``, or, when that comes back full, a
+  collector read forward to its end (``ReadNextEvents``) and destroyed.
 
 Event keys grow on one vCenter; they restart when the server's event store does (a restored
 vCenter, a simulator restart). :func:`keys_restarted` spots it, so the source does not skip
@@ -161,26 +161,38 @@ class VcenterSession:
 
     def read_since(self, since: datetime | None, after_key: int, window: int) -> list[Any]:
         """Every retained matching event above ``after_key`` created from ``since`` (minus the
-        clock slack) on, by key: a collector (page size ``window``) read forward to its end,
-        then destroyed."""
+        clock slack) on, by key.
+
+        First one ``QueryEvents`` (the newest ``window`` matching events in one answer); when it
+        comes back full there may be more, and a collector is read forward to its end instead
+        (``ReadNextEvents``, then destroyed). Not a collector first: govmomi's simulator evicts
+        the oldest event of a fresh collector's page on every new event, so a burst arriving
+        during the read would cost the very events being caught up."""
         from pyVmomi import vim
 
-        def read() -> list[Any]:
+        def spec() -> Any:
             spec = self._filter()
+            spec.maxCount = window
             if since is not None:
                 spec.time = vim.event.EventFilterSpec.ByTime(beginTime=since - CLOCK_SLACK)
-            collector = self._collector(spec, window)
+            return spec
+
+        def read() -> list[Any]:
             found: dict[int, Any] = {}
-            try:
-                for _ in range(_CATCH_UP_PAGES):
-                    page = collector.ReadNextEvents(self.config.page_size)
-                    if not page:
-                        break
-                    for event in page:
-                        if event.key > after_key:
-                            found[event.key] = event
-            finally:
-                collector.DestroyCollector()
+            answer = self._content.eventManager.QueryEvents(filter=spec()) or []
+            if len(answer) >= window:
+                collector = self._collector(spec(), window)
+                try:
+                    for _ in range(_CATCH_UP_PAGES):
+                        page = collector.ReadNextEvents(window)
+                        if not page:
+                            break
+                        answer.extend(page)
+                finally:
+                    collector.DestroyCollector()
+            for event in answer:
+                if event.key > after_key:
+                    found[event.key] = event
             return [found[k] for k in sorted(found)]
 
         return self._call(read)

@@ -97,6 +97,9 @@ class VcenterSource:
         self._floor: datetime | None = None
         """While keys restarted and nothing was read since: events up to this time are old."""
         self._rebase_pending = False
+        self._catch_up_next = True
+        """Read with a catch-up collector next: after every login, before trusting the tail page
+        (govmomi's simulator fills a new collector's page with its oldest events, not its newest)."""
         self._stored: Cursor | None = None
         self._stopping = False
         self._wake = asyncio.Event()
@@ -186,6 +189,7 @@ class VcenterSource:
             return False
         self.stats.logins += 1
         self._connected = True
+        self._catch_up_next = True
         self._health.restored()
         await self._position(info)
         return True
@@ -295,10 +299,15 @@ class VcenterSource:
         more may be waiting (a full page)."""
         session = self._require_session()
         key, since, floor = self._read_key, self._read_time, self._floor
-        page_size = self.config.page_size
+        page_size, catch_up = self.config.page_size, self._catch_up_next
         style, headers = self.config.topic_style, self._base_headers()
 
         def read() -> tuple[list[_Event], bool, bool, bool]:
+            if catch_up:
+                new = session.read_since(since, key, _CATCH_UP_PAGE)
+                if floor is not None:
+                    new = [e for e in new if created_time(e) > floor]
+                return [_convert(e, style, headers) for e in new], True, False, True
             page = session.latest_page()
             if keys_restarted(page, key, since):
                 return [], False, True, False
@@ -314,6 +323,7 @@ class VcenterSource:
             return [_convert(e, style, headers) for e in new], len(new) >= page_size, False, caught_up
 
         events, more, restarted, caught_up = await self._blocking(read)
+        self._catch_up_next = False
         if restarted:
             self._keys_restarted(f"event keys at or below {key} now carry times after {since}")
             return [], True
