@@ -332,3 +332,32 @@ async def test_kill_9_mid_stream_loses_no_event(
         f"\nvcenter kill -9 after {killed_at} calls (checkpoint at key {at_kill}): lost 0 of {total}, "
         f"delivered twice: {duplicates}"
     )
+
+
+async def test_ended_session_logs_in_again_without_losing_events(
+    vcsim: Vcsim, function_double: FunctionDouble, daemon_factory: DaemonFactory, tmp_path: Path
+) -> None:
+    """An administrator ends fastconn's session (as an expiry would): the next call fails
+    (vCenter says NotAuthenticated; the simulator that the session's collector is gone), the
+    source logs in again and reads on from its cursor: the event made meanwhile arrives."""
+    source = vcenter_source(vcsim, tmp_path, event_types=["VmPoweredOffEvent", "VmPoweredOnEvent"])
+    daemon = await daemon_factory(daemon_config(function_double, {"power": ["vm.powered.*"]}, [source]))
+    await drive(vcsim, lambda d: d.power_off("DC0_H0_VM0"))
+    await wait_for(lambda: len(function_double.calls_to("/power")) == 1, what="the first event")
+
+    def end_fastconns_session(d: VcsimDriver) -> int:
+        manager = d.content.sessionManager
+        mine = manager.currentSession.key
+        others = [s.key for s in manager.sessionList if s.key != mine]
+        manager.TerminateSession(sessionId=others)
+        d.power_on("DC0_H0_VM0")  # made while fastconn has no session
+        return len(others)
+
+    assert await drive(vcsim, end_fastconns_session) >= 1
+    await drive(vcsim, lambda d: d.power_off("DC0_H0_VM1"))
+    await wait_for(lambda: len(function_double.calls_to("/power")) == 3, what="both later events")
+    names = [(b["class"], b["vm"]["name"]) for b in _bodies(_by_key(function_double.calls_to("/power")))]
+    assert names[1:] == [("VmPoweredOnEvent", "DC0_H0_VM0"), ("VmPoweredOffEvent", "DC0_H0_VM1")]
+    out = daemon.output()
+    assert "lost vCenter" in out and "logging in again" in out
+    assert "event keys restarted" not in out
