@@ -154,6 +154,7 @@ class VcenterSession:
 
     def latest_page(self) -> list[Any]:
         """The tail collector's page (newest ``page_size`` matching events), by key."""
+
         def read() -> list[Any]:
             return sorted(self._tail.latestPage or [], key=lambda e: e.key)
 
