@@ -220,15 +220,10 @@ class VcsimDriver:
         )
 
     def newest_key(self) -> int:
-        """The newest event's key (any type)."""
+        """The newest event's key (any type): one ``QueryEvents`` of one event."""
         from pyVmomi import vim
 
-        collector = self.content.eventManager.CreateCollectorForEvents(filter=vim.event.EventFilterSpec())
-        try:
-            collector.SetCollectorPageSize(1)
-            page = collector.latestPage or []
-        finally:
-            collector.DestroyCollector()
+        page = self.content.eventManager.QueryEvents(filter=vim.event.EventFilterSpec(maxCount=1)) or []
         return max((int(e.key) for e in page), default=0)
 
 

@@ -308,6 +308,8 @@ class VcenterSource:
                 if floor is not None:
                     new = [e for e in new if created_time(e) > floor]
                 return [_convert(e, style, headers) for e in new], True, False, True
+            if session.newest_key() <= key:
+                return [], False, False, False  # nothing new (the usual idle poll)
             page = session.latest_page()
             if keys_restarted(page, key, since):
                 return [], False, True, False
