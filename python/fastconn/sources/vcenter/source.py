@@ -92,6 +92,9 @@ class VcenterSource:
         """The checkpoint loaded at start (None: none, or ``begin = now``)."""
         self._progress: Progress | None = None
         self._instance = ""
+        """The vCenter the current watermark's keys belong to."""
+        self._server = ""
+        """The instanceUuid of the vCenter logged in to now (a rebase moves to it)."""
         self._read_key = 0
         self._read_time: datetime | None = None
         self._floor: datetime | None = None
@@ -197,6 +200,7 @@ class VcenterSource:
     async def _position(self, info: ServerInfo) -> None:
         """Where reading starts after this login (see :mod:`.progress` for the cursor)."""
         newest = Cursor(info.instance, info.newest_key, info.newest_time)
+        self._server = info.instance
         if self._progress is None:
             saved = self._saved
             if saved is None:
@@ -291,7 +295,7 @@ class VcenterSource:
 
     def _rebase(self) -> None:
         self._rebase_pending = False
-        self._start_reading(Cursor(self._instance, 0, self._read_time))
+        self._start_reading(Cursor(self._server or self._instance, 0, self._read_time))
         self._dirty.set()
 
     async def _read(self) -> tuple[list[_Event], bool]:
