@@ -361,3 +361,28 @@ async def test_ended_session_logs_in_again_without_losing_events(
     out = daemon.output()
     assert "lost vCenter" in out and "logging in again" in out
     assert "event keys restarted" not in out
+
+
+async def test_tls_untrusted_certificate_fails_clearly_and_insecure_connects(
+    tmp_path_factory: pytest.TempPathFactory,
+    function_double: FunctionDouble,
+    daemon_factory: DaemonFactory,
+    tmp_path: Path,
+) -> None:
+    sim = Vcsim(tmp_path_factory.mktemp("vcsim"), tls=True)
+    try:
+        config = daemon_config(function_double, {"f": ["vm.powered.off"]}, [vcenter_source(sim, tmp_path)])
+        daemon = await daemon_factory(config, wait=None)
+        assert daemon.process is not None
+        code = await asyncio.to_thread(daemon.process.wait, 30)
+        out = daemon.output()
+        assert code != 0
+        assert "presented a certificate that is not trusted" in out, out
+        assert "set tls_ca to the PEM file of the CA" in out and "Traceback" not in out
+
+        source = vcenter_source(sim, tmp_path, insecure=True, event_types=["VmPoweredOffEvent"])
+        await daemon_factory(daemon_config(function_double, {"f": ["vm.powered.off"]}, [source]))
+        await drive(sim, lambda d: d.power_off("DC0_H0_VM0"))
+        await wait_for(lambda: function_double.calls_to("/f"), what="the power-off over https")
+    finally:
+        sim.stop()

@@ -80,21 +80,30 @@ class Vcsim(ServerProcess):
     store, keys from 1 again) on the same port; ``kill()`` is kill -9."""
 
     def __init__(
-        self, workdir: Path, port: int | None = None, username: str = "", password: str = ""
+        self,
+        workdir: Path,
+        port: int | None = None,
+        username: str = "",
+        password: str = "",
+        *,
+        tls: bool = False,
     ) -> None:
         self.workdir = workdir
         self.username = username
         self.password = password
+        self.tls = tls
         port = port if port is not None else free_port()
         argv = [str(vcsim_binary()), "-l", f"127.0.0.1:{port}"]
         if username:
             argv += ["-username", username, "-password", password]
+        if tls:
+            argv.append("-tls")  # httptest's self-signed certificate
         self._argv = argv
         super().__init__("vcsim", argv, port, workdir / "vcsim.log")
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/sdk"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}/sdk"
 
     def restart(self) -> None:
         self.stop()
@@ -122,6 +131,8 @@ class VcsimDriver:
             path=parts.path,
             user=username,
             pwd=password,
+            # the simulator's -tls certificate is httptest's self-signed one: trusted knowingly
+            disableSslCertValidation=parts.scheme == "https",
         )
         self.content: Any = self.si.RetrieveContent()
 

@@ -33,6 +33,7 @@ from fastconn.sources.vcenter.config import VcenterConfig
 from fastconn.sources.vcenter.events import created_time
 
 __all__ = [
+    "BadCertificate",
     "BadLogin",
     "Disconnected",
     "ServerInfo",
@@ -54,6 +55,10 @@ _CATCH_UP_PAGES: Final = 1000
 
 class BadLogin(Exception):
     """vCenter refused the username/password (``InvalidLogin``)."""
+
+
+class BadCertificate(Exception):
+    """vCenter's TLS certificate is not trusted (``tls_ca`` or ``insecure`` needed)."""
 
 
 class Disconnected(Exception):
@@ -258,8 +263,10 @@ class VcenterSession:
         else is a bug or an unexpected answer and stays what it is."""
         from pyVmomi import vim, vmodl
 
-        if isinstance(exc, Disconnected | BadLogin):
+        if isinstance(exc, Disconnected | BadLogin | BadCertificate):
             return exc
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            return BadCertificate(exc.verify_message or str(exc))
         if isinstance(exc, vim.fault.NotAuthenticated):
             return Disconnected("session expired or vCenter restarted (NotAuthenticated)")
         if _connection_error(exc):

@@ -23,6 +23,7 @@ from fastconn.health import ConnectionHealth, SourceHealth
 from fastconn.message import Message, Outcome, Verdict
 from fastconn.source import SourceContext, wait_or_stop
 from fastconn.sources.vcenter.client import (
+    BadCertificate,
     BadLogin,
     Disconnected,
     ServerInfo,
@@ -185,6 +186,16 @@ class VcenterSource:
             if first:
                 raise SourceError(f"source {self.name}: {reason}") from None
             self._health.failing("login refused")
+            log.error("source %s: %s", self.name, reason)
+            return False
+        except BadCertificate as exc:
+            reason = (
+                f"vCenter {self.config.url} presented a certificate that is not trusted ({exc}): set "
+                "tls_ca to the PEM file of the CA that signed it (or insecure = true for a lab vCenter)"
+            )
+            if first:
+                raise SourceError(f"source {self.name}: {reason}") from None
+            self._health.failing("certificate not trusted")
             log.error("source %s: %s", self.name, reason)
             return False
         except Disconnected as exc:
