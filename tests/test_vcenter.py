@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 
 from conftest import DaemonFactory
-from fastconn.testing import FunctionDouble, RecordedCall, wait_for
+from fastconn.testing import FunctionDouble, RecordedCall, free_port, wait_for
 from fastconn.testing_vcsim import Vcsim, VcsimDriver
-from vcsim_fixtures import daemon_config, drive, vcenter_source, vcsim  # noqa: F401
+from vcsim_fixtures import daemon_config, drive, vcenter_source, vcenter_source_at, vcsim  # noqa: F401
 
 
 def _bodies(calls: list[RecordedCall]) -> list[dict[str, Any]]:
@@ -384,5 +384,30 @@ async def test_tls_untrusted_certificate_fails_clearly_and_insecure_connects(
         await daemon_factory(daemon_config(function_double, {"f": ["vm.powered.off"]}, [source]))
         await drive(sim, lambda d: d.power_off("DC0_H0_VM0"))
         await wait_for(lambda: function_double.calls_to("/f"), what="the power-off over https")
+    finally:
+        sim.stop()
+
+
+async def test_vcenter_down_at_start_is_waited_for(
+    tmp_path_factory: pytest.TempPathFactory,
+    function_double: FunctionDouble,
+    daemon_factory: DaemonFactory,
+    tmp_path: Path,
+) -> None:
+    """Unreachable at start is not a configuration error: the daemon runs, reports the outage
+    once, and connects when vCenter comes up."""
+    port = free_port()
+    source = {
+        **vcenter_source_at(f"http://127.0.0.1:{port}/sdk", tmp_path),
+        "event_types": ["VmPoweredOffEvent"],
+    }
+    daemon = await daemon_factory(daemon_config(function_double, {"f": ["vm.powered.off"]}, [source]))
+    await wait_for(lambda: "unreachable since" in daemon.output(), what="the outage in the log")
+    sim = await asyncio.to_thread(Vcsim, tmp_path_factory.mktemp("vcsim"), port)
+    try:
+        await wait_for(lambda: "reachable again" in daemon.output(), timeout=20, what="the connection")
+        await drive(sim, lambda d: d.power_off("DC0_H0_VM0"))
+        await wait_for(lambda: function_double.calls_to("/f"), what="the power-off")
+        assert daemon.output().count("unreachable since") == 1, "the outage is logged once"
     finally:
         sim.stop()

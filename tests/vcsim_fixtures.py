@@ -44,11 +44,17 @@ async def drive(sim: Vcsim, action: Callable[[VcsimDriver], T]) -> T:
 
 def vcenter_source(sim: Vcsim, state: Path, **keys: Any) -> dict[str, Any]:
     """A ``[[sources]]`` table for ``sim`` with its checkpoint file in ``state``."""
+    return vcenter_source_at(sim.url, state, sim.username or "user", sim.password or "pass", **keys)
+
+
+def vcenter_source_at(
+    url: str, state: Path, username: str = "user", password: str = "pass", **keys: Any
+) -> dict[str, Any]:
     return {
         "type": "vcenter",
-        "url": sim.url,
-        "username": sim.username or "user",
-        "password": sim.password or "pass",
+        "url": url,
+        "username": username,
+        "password": password,
         "poll_interval": "100ms",
         "retry_initial": "100ms",
         "retry_max": "1s",
