@@ -44,7 +44,7 @@ async def drive(sim: Vcsim, action: Callable[[VcsimDriver], T]) -> T:
 
 def vcenter_source(sim: Vcsim, state: Path, **keys: Any) -> dict[str, Any]:
     """A ``[[sources]]`` table for ``sim`` with its checkpoint file in ``state``."""
-    return vcenter_source_at(sim.url, state, sim.username or "user", sim.password or "pass", **keys)
+    return {**vcenter_source_at(sim.url, state, sim.username or "user", sim.password or "pass"), **keys}
 
 
 def vcenter_source_at(

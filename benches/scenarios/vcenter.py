@@ -180,7 +180,7 @@ def _breakdown(sim: Vcsim, n: int) -> dict[str, float]:
         reads, converts = [], []
         for _ in range(3):
             t0 = time.perf_counter()
-            events = session.read_since(None, before, 1000)
+            events = session.read_since(None, before, 1000, 1000)
             t1 = time.perf_counter()
             bodies = [orjson.dumps(event_json(e)) for e in events]
             t2 = time.perf_counter()

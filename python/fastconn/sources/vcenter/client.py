@@ -49,8 +49,6 @@ CLOCK_SLACK: Final = timedelta(seconds=2)
 """Catch-up reads start this long before the cursor's time: events are stamped by vCenter, and
 one created in the same second as the cursor's must not fall outside the window (the keys drop
 what was already seen)."""
-_CATCH_UP_PAGES: Final = 1000
-"""Pages one catch-up reads at most; the rest waits for the next poll (bounded memory)."""
 
 
 class BadLogin(Exception):
@@ -181,15 +179,16 @@ class VcenterSession:
 
         return self._call(read)
 
-    def read_since(self, since: datetime | None, after_key: int, window: int) -> list[Any]:
-        """Every retained matching event above ``after_key`` created from ``since`` (minus the
-        clock slack) on, by key.
+    def read_since(self, since: datetime | None, after_key: int, window: int, limit: int) -> list[Any]:
+        """The retained matching events above ``after_key`` created from ``since`` (minus the
+        clock slack) on, oldest first, about ``limit`` at most (the rest on a later call).
 
-        First one ``QueryEvents`` (the newest ``window`` matching events in one answer); when it
-        comes back full there may be more, and a collector is read forward to its end instead
-        (``ReadNextEvents``, then destroyed). Not a collector first: govmomi's simulator evicts
-        the oldest event of a fresh collector's page on every new event, so a burst arriving
-        during the read would cost the very events being caught up."""
+        First one ``QueryEvents`` (the newest ``window`` matching events in one answer). When it
+        comes back full there may be more than it holds: its answer is dropped and a collector
+        is read forward from the oldest (``ReadNextEvents``) until its end or ``limit``, then
+        destroyed, so what is returned has no hole. Not a collector first: govmomi's simulator
+        evicts the oldest event of a fresh collector's page on every new event, so a burst
+        arriving during the read would cost the very events being caught up."""
         from pyVmomi import vim
 
         def spec() -> Any:
@@ -200,21 +199,19 @@ class VcenterSession:
             return spec
 
         def read() -> list[Any]:
-            found: dict[int, Any] = {}
-            answer = self._content.eventManager.QueryEvents(filter=spec()) or []
+            answer = list(self._content.eventManager.QueryEvents(filter=spec()) or [])
             if len(answer) >= window:
+                answer = []
                 collector = self._collector(spec(), window)
                 try:
-                    for _ in range(_CATCH_UP_PAGES):
+                    while len(answer) < limit:
                         page = collector.ReadNextEvents(window)
                         if not page:
                             break
                         answer.extend(page)
                 finally:
                     collector.DestroyCollector()
-            for event in answer:
-                if event.key > after_key:
-                    found[event.key] = event
+            found = {event.key: event for event in answer if event.key > after_key}
             return [found[k] for k in sorted(found)]
 
         return self._call(read)

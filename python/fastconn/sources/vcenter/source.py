@@ -315,11 +315,13 @@ class VcenterSource:
         session = self._require_session()
         key, since, floor = self._read_key, self._read_time, self._floor
         page_size, catch_up = self.config.page_size, self._catch_up_next
+        # What one catch-up may read: the room left under max_pending (at least a page).
+        limit = max(page_size, self.config.max_pending - self._require_progress().outstanding)
         style, headers = self.config.topic_style, self._base_headers()
 
         def read() -> tuple[list[_Event], bool, bool, bool]:
             if catch_up:
-                new = session.read_since(since, key, _CATCH_UP_PAGE)
+                new = session.read_since(since, key, _CATCH_UP_PAGE, limit)
                 if floor is not None:
                     new = [e for e in new if created_time(e) > floor]
                 return [_convert(e, style, headers) for e in new], True, False, True
@@ -333,7 +335,7 @@ class VcenterSource:
             if new and len(new) == len(page):
                 # Nothing on the page was seen before: more may have come than the page holds
                 # (the simulator's page can be smaller than page_size, so no size test).
-                new = session.read_since(since, key, _CATCH_UP_PAGE)
+                new = session.read_since(since, key, _CATCH_UP_PAGE, limit)
                 caught_up = True
             if floor is not None:
                 new = [e for e in new if created_time(e) > floor]
