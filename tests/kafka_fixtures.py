@@ -26,10 +26,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from fastconn import testing
-from fastconn.dispatcher import Dispatcher, DispatchOptions
+from fastconn.dispatcher import DispatchOptions
 from fastconn.functions import FunctionTarget
-from fastconn.metrics import Metrics
-from fastconn.source import SourceContext
 from fastconn.sources.kafka import KafkaConfig, KafkaSource
 from fastconn.testing import FunctionDouble, RecordedCall, free_port
 
@@ -62,12 +60,13 @@ class Broker:
     def output(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    async def create_topic(self, name: str, partitions: int = 1) -> str:
+    async def create_topic(self, name: str, partitions: int = 1, *, exist_ok: bool = False) -> str:
         admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
         await admin.start()
         try:
             response = await admin.create_topics([NewTopic(name, partitions, 1)])
-            errors = [e for e in response.topic_errors if e[1] != 0]
+            ignored = {0, 36} if exist_ok else {0}  # 36: TOPIC_ALREADY_EXISTS
+            errors = [e for e in response.topic_errors if e[1] not in ignored]
             assert not errors, f"creating {name}: {errors}"
         finally:
             await admin.close()
@@ -233,46 +232,14 @@ class KafkaFunction(FunctionDouble):
 # -- the source in process ------------------------------------------------------------------------
 
 
-@dataclass
-class SourceHarness:
-    source: KafkaSource
-    ctx: SourceContext
-    dispatcher: Dispatcher
-    metrics: Metrics
-
-    def sample(self, name: str, **labels: str) -> float:
-        value = self.metrics.registry.get_sample_value(name, labels)
-        return 0.0 if value is None else float(value)
-
-    def set_functions(self, targets: Sequence[FunctionTarget]) -> None:
-        self.dispatcher.set_functions(targets)
-        self.ctx.publish_topics(tuple(sorted({t for f in targets for t in f.topics})))
+SourceHarness = testing.SourceHarness
 
 
 @contextlib.asynccontextmanager
 async def running_source(
     config: Mapping[str, Any], functions: Sequence[FunctionTarget], options: DispatchOptions | None = None
 ) -> AsyncIterator[SourceHarness]:
-    """One Kafka source wired to a real dispatcher as the daemon does it, shut down in the
-    daemon's order (stop intake, drain the dispatcher, close the source)."""
-    dispatcher = Dispatcher(
-        options or DispatchOptions(max_attempts=2, backoff_initial=0.01, backoff_max=0.05, timeout=10.0)
-    )
-    await dispatcher.start()
-    metrics = Metrics()
-    metrics.bind_core(dispatcher.stats, lambda: dispatcher.inflight, lambda: dispatcher.queued)
-
-    async def ready(_seconds: float) -> bool:
-        return True
-
-    ctx = SourceContext(dispatcher=dispatcher, metrics=metrics, app=web.Application(), wait_ready=ready)
-    harness = SourceHarness(KafkaSource(KafkaConfig.model_validate(dict(config))), ctx, dispatcher, metrics)
-    harness.set_functions(functions)
-    harness.source.register(ctx)
-    await harness.source.start()
-    try:
+    """One Kafka source in process (:func:`fastconn.testing.running_source`)."""
+    source = KafkaSource(KafkaConfig.model_validate(dict(config)))
+    async with testing.running_source(source, functions, options) as harness:
         yield harness
-    finally:
-        await harness.source.stop()
-        await dispatcher.close(5.0)
-        await harness.source.close()

@@ -16,12 +16,11 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from fastconn.dispatcher import Dispatcher, DispatchOptions
+from fastconn.dispatcher import DispatchOptions
 from fastconn.functions import FunctionTarget
-from fastconn.metrics import Metrics
-from fastconn.source import SourceContext
 from fastconn.sources.postgres import PostgresConfig, create
-from fastconn.testing import FunctionDouble, RecordedCall
+from fastconn.testing import FunctionDouble, RecordedCall, SourceHarness
+from fastconn.testing import running_source as run_in_process
 from fastconn.testing_pg import Cluster
 
 _NAMES = itertools.count()
@@ -63,51 +62,17 @@ async def connection(cluster: Cluster) -> AsyncIterator[Any]:
 # -- the source in process ------------------------------------------------------------------------
 
 
-@dataclass
-class Harness:
-    source: Any
-    ctx: SourceContext
-    dispatcher: Dispatcher
-    metrics: Metrics
-
-    def sample(self, name: str, **labels: str) -> float:
-        value = self.metrics.registry.get_sample_value(name, labels)
-        return 0.0 if value is None else float(value)
+Harness = SourceHarness
 
 
 @contextlib.asynccontextmanager
 async def running_source(
     config: Mapping[str, Any], functions: Sequence[FunctionTarget], options: DispatchOptions | None = None
 ) -> AsyncIterator[Harness]:
-    """One postgres source wired to a real dispatcher as the daemon does it, shut down in the
-    daemon's order (stop intake, drain the dispatcher, close the source)."""
-    dispatcher = Dispatcher(
-        options or DispatchOptions(max_attempts=2, backoff_initial=0.01, backoff_max=0.05, timeout=10.0)
-    )
-    await dispatcher.start()
-    metrics = Metrics()
-    metrics.bind_core(dispatcher.stats, lambda: dispatcher.inflight, lambda: dispatcher.queued)
-
-    async def ready(_seconds: float) -> bool:
-        return True
-
-    ctx = SourceContext(dispatcher=dispatcher, metrics=metrics, app=web.Application(), wait_ready=ready)
+    """One postgres source in process (:func:`fastconn.testing.running_source`)."""
     source = create(PostgresConfig.model_validate(dict(config)))
-    harness = Harness(source, ctx, dispatcher, metrics)
-    dispatcher.set_functions(functions)
-    ctx.publish_topics(tuple(sorted({t for f in functions for t in f.topics})))
-    source.register(ctx)
-    try:
-        await source.start()
-    except BaseException:
-        await dispatcher.close(1.0)
-        raise
-    try:
+    async with run_in_process(source, functions, options) as harness:
         yield harness
-    finally:
-        await source.stop()
-        await dispatcher.close(5.0)
-        await source.close()
 
 
 @dataclass

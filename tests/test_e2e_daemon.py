@@ -636,6 +636,46 @@ async def test_webhook_hmac_signature(
     assert "X-Hub-Signature-256" not in call.headers
 
 
+async def test_webhook_stripe_and_gitlab_signatures(
+    gateway: GatewayDouble, daemon_factory: DaemonFactory, http: aiohttp.ClientSession, fast_dispatch: dict
+) -> None:
+    """The configurable schemes on the live daemon: Stripe's timestamped ``v1=`` (a replay an
+    hour old is refused even with a valid HMAC) and GitLab's plain token; neither header reaches
+    the function."""
+    gateway.set_functions([FunctionSpec("pay", topic="stripe")])
+    stripe = {
+        "hmac_secret": "whsec_x",
+        "signature_header": "Stripe-Signature",
+        "signature_scheme": "stripe",
+        "signature_prefix": "v1=",
+    }
+    daemon = await daemon_factory(gw_config(gateway, fast_dispatch, source=stripe))
+    body = b'{"id": "evt_1", "type": "charge.succeeded"}'
+
+    def signed(at: int) -> dict[str, str]:
+        digest = hmac.new(b"whsec_x", f"{at}.".encode() + body, hashlib.sha256).hexdigest()
+        return {"Stripe-Signature": f"t={at},v1={digest}"}
+
+    replay = await post(http, daemon, "stripe", body, headers=signed(int(time.time()) - 3600))
+    assert replay.status == 401 and b"tolerance" in replay.body, replay
+    tampered = await post(http, daemon, "stripe", body + b" ", headers=signed(int(time.time())))
+    assert tampered.status == 401, tampered
+    assert (await post(http, daemon, "stripe", body, headers=signed(int(time.time())))).status == 202
+    await settled(daemon, 1)
+    [call] = gateway.requests_for("pay")
+    assert call.body == body and "Stripe-Signature" not in call.headers
+    await daemon.stop()
+
+    gateway.set_functions([FunctionSpec("ci", topic="gitlab")])
+    gitlab = {"hmac_secret": "tok", "signature_header": "X-Gitlab-Token", "signature_scheme": "token"}
+    daemon = await daemon_factory(gw_config(gateway, fast_dispatch, source=gitlab))
+    assert (await post(http, daemon, "gitlab", b"{}", headers={"X-Gitlab-Token": "nope"})).status == 401
+    assert (await post(http, daemon, "gitlab", b"{}", headers={"X-Gitlab-Token": "tok"})).status == 202
+    await settled(daemon, 1)
+    [call] = gateway.requests_for("ci")
+    assert "X-Gitlab-Token" not in call.headers
+
+
 async def test_webhook_413_over_max_body_bytes(
     gateway: GatewayDouble, daemon_factory: DaemonFactory, http: aiohttp.ClientSession, fast_dispatch: dict
 ) -> None:

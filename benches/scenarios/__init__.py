@@ -4,6 +4,7 @@ Modules starting with ``_`` are shared plumbing."""
 SCENARIOS: dict[str, str] = {
     "dispatch": "scenarios.dispatch",
     "webhook": "scenarios.webhook",
+    "webhook-durable": "scenarios.webhook_durable",
     "nats": "scenarios.nats",
     "jetstream": "scenarios.jetstream",
     "kafka": "scenarios.kafka",

@@ -38,15 +38,25 @@ class Running(Protocol):
 
 
 class RunningDaemon:
-    def __init__(self, daemon: DaemonProcess) -> None:
+    def __init__(self, daemon: DaemonProcess, intake: str = "") -> None:
         self.daemon = daemon
         assert daemon.process is not None
         self.pid = daemon.process.pid
         self.url = daemon.url
+        self.intake = intake
+        """Count only this source's received messages (one event passes through two sources
+        when a webhook stores it and a JetStream source dispatches it)."""
 
     async def accepted(self) -> int:
         samples = await self.daemon.metrics()
-        return int(sum(v for k, v in samples.items() if k.startswith("fastconn_messages_received_total")))
+        want = f'source="{self.intake}"' if self.intake else ""
+        return int(
+            sum(
+                v
+                for k, v in samples.items()
+                if k.startswith("fastconn_messages_received_total") and want in k
+            )
+        )
 
     async def stop(self) -> None:
         code = await self.daemon.stop(timeout=20)
@@ -54,10 +64,11 @@ class RunningDaemon:
             raise RuntimeError(f"fastconn exited with {code}:\n{self.daemon.output()[-3000:]}")
 
 
-async def start_daemon(ctx: Context, config: dict[str, Any]) -> RunningDaemon:
+async def start_daemon(ctx: Context, config: dict[str, Any], intake: str = "") -> RunningDaemon:
+    """The daemon, started; ``intake``: the source whose received count is "accepted"."""
     daemon = DaemonProcess(config, ctx.options.workdir)
     await daemon.start(timeout=30)
-    return RunningDaemon(daemon)
+    return RunningDaemon(daemon, intake)
 
 
 def daemon_config(

@@ -12,7 +12,10 @@ __all__ = [
     "__version__",
     "build_profile",
     "check_tls",
+    "cloudevents_calls",
+    "cloudevents_reply",
     "validate_url",
+    "verify_signature",
 ]
 
 __version__: str
@@ -80,3 +83,36 @@ def validate_url(url: str) -> str | None: ...
 def check_tls(
     *, ca: str | None = None, cert: str | None = None, key: str | None = None
 ) -> tuple[str, str] | None: ...
+
+# CloudEvents and webhook signatures (tests and the Python webhook; the ingress server calls the
+# core directly). Refusals raise ValueError((status, message)).
+def cloudevents_calls(
+    headers: list[tuple[str, str]],
+    body: bytes,
+    *,
+    route_by: str = "type",
+    delivery: str = "binary",
+    max_body_bytes: int = 1048576,
+    max_batch: int = 100,
+) -> list[tuple[str, str, list[tuple[str, str]], bytes]]: ...
+def cloudevents_reply(
+    status: int,
+    headers: list[tuple[str, str]],
+    body: bytes,
+    *,
+    mode: str = "binary",
+    max_body_bytes: int = 1048576,
+) -> tuple[int, list[tuple[str, str]], bytes] | None: ...
+def verify_signature(
+    headers: list[tuple[str, str]],
+    body: bytes,
+    *,
+    header: str,
+    scheme: str,
+    secret: bytes,
+    prefix: str = "",
+    algorithm: str = "sha256",
+    encoding: str = "hex",
+    tolerance_secs: int = 300,
+    now: int | None = None,
+) -> str | None: ...

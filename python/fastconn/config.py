@@ -589,11 +589,13 @@ def _cross_field_errors(data: Mapping[str, Any]) -> list[InitErrorDetails]:
 
 def _source_clash_errors(sources: Any) -> list[InitErrorDetails]:
     """Two sources with one name share metrics and log lines; two webhook sources would share
-    the one route ``POST /webhook/{topic}`` (only the first would ever get a request)."""
+    the one route ``POST /webhook/{topic}`` (only the first would ever get a request), two sns
+    sources one path."""
     if not isinstance(sources, Sequence) or isinstance(sources, str):
         return []
     errors: list[InitErrorDetails] = []
     names: dict[str, int] = {}
+    sns_paths: dict[str, int] = {}
     first_webhook: int | None = None
     for index, source in enumerate(sources):
         if not isinstance(source, Mapping) or not isinstance(source.get("type"), str):
@@ -608,6 +610,17 @@ def _source_clash_errors(sources: Any) -> list[InitErrorDetails]:
                     "POST /webhook/{topic}; use one webhook source"
                 )
                 errors.append(_error(message, ("sources", index, "type"), type_name))
+        if type_name == "sns":
+            path = source.get("path", "/sns")
+            if not isinstance(path, str):
+                pass  # the model reports the type
+            elif path in sns_paths:
+                message = (
+                    f"another sns source (sources[{sns_paths[path]}]) serves this path: give each its own"
+                )
+                errors.append(_error(message, ("sources", index, "path"), path))
+            else:
+                sns_paths[path] = index
         # Each source type defaults its name to the type.
         name = source.get("name", type_name)
         if not isinstance(name, str):

@@ -171,15 +171,20 @@ class SourceContext:
         the dispatcher is full: a source awaiting this should not fetch more."""
         if not messages:
             return
-        counts = Counter(m.topic for m in messages)
-        labels = self._topic_labels(list(counts))
-        for topic, n in counts.items():
-            self._received(source, labels[topic]).inc(n)
+        self.count_received(source, messages)
         if self.print_request_body:
             log = logging.getLogger(f"fastconn.source.{source}")
             for m in messages:
                 log.info("%s => %r", m.topic, m.payload[:4096])
         await self.dispatcher.submit(messages, on_outcomes, capture=capture, asynchronous=asynchronous)
+
+    def count_received(self, source: str, messages: Sequence[Message]) -> None:
+        """Counts ``messages`` in ``fastconn_messages_received_total`` (``submit`` does it; a
+        source that hands messages elsewhere, such as a durable ingress store, calls it)."""
+        counts = Counter(m.topic for m in messages)
+        labels = self._topic_labels(list(counts))
+        for topic, n in counts.items():
+            self._received(source, labels[topic]).inc(n)
 
     def _topic_labels(self, topics: list[str]) -> dict[str, str]:
         """The ``topic`` label of each topic (see :data:`UNROUTED_TOPIC`)."""

@@ -17,7 +17,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,10 +31,12 @@ __all__ = [
     "FunctionDouble",
     "RecordedCall",
     "ServerProcess",
+    "SourceHarness",
     "free_port",
     "mosquitto_command",
     "moto_command",
     "nats_server_command",
+    "running_source",
     "tansu_binary",
     "tansu_command",
     "to_toml",
@@ -422,3 +424,67 @@ def tansu_command(port: int) -> list[str]:
         "--storage-engine",
         "memory://tansu/",
     ]
+
+
+# -- a source in process ---------------------------------------------------------------------
+
+
+@dataclass
+class SourceHarness:
+    """A source wired to a real dispatcher as the daemon does it (see :func:`running_source`)."""
+
+    source: Any
+    ctx: Any
+    """The :class:`fastconn.source.SourceContext` the source registered with."""
+    dispatcher: Any
+    metrics: Any
+
+    def sample(self, name: str, **labels: str) -> float:
+        """A metric's current value (0 when the series does not exist)."""
+        value = self.metrics.registry.get_sample_value(name, labels)
+        return 0.0 if value is None else float(value)
+
+    def set_functions(self, targets: Sequence[Any]) -> None:
+        """A new function table, as the registry would publish it."""
+        self.dispatcher.set_functions(targets)
+        self.ctx.publish_topics(tuple(sorted({t for f in targets for t in f.topics})))
+        self.ctx.publish_functions(targets)
+
+
+@contextlib.asynccontextmanager
+async def running_source(
+    source: Any, functions: Sequence[Any], options: Any = None
+) -> AsyncIterator[SourceHarness]:
+    """Runs ``source`` (a created, unregistered source) in this process against a real
+    dispatcher routing to ``functions`` (:class:`fastconn.functions.FunctionTarget`), and shuts
+    it down in the daemon's order: stop intake, drain the dispatcher, close the source.
+    ``options``: :class:`fastconn.dispatcher.DispatchOptions` (short retries by default)."""
+    from fastconn.dispatcher import Dispatcher, DispatchOptions
+    from fastconn.metrics import Metrics
+    from fastconn.source import SourceContext
+
+    dispatcher = Dispatcher(
+        options or DispatchOptions(max_attempts=2, backoff_initial=0.01, backoff_max=0.05, timeout=10.0)
+    )
+    await dispatcher.start()
+    metrics = Metrics()
+    metrics.bind_core(dispatcher.stats, lambda: dispatcher.inflight, lambda: dispatcher.queued)
+
+    async def ready(_seconds: float) -> bool:
+        return True
+
+    ctx = SourceContext(dispatcher=dispatcher, metrics=metrics, app=web.Application(), wait_ready=ready)
+    harness = SourceHarness(source, ctx, dispatcher, metrics)
+    harness.set_functions(functions)
+    source.register(ctx)
+    try:
+        await source.start()
+    except BaseException:
+        await dispatcher.close(1.0)
+        raise
+    try:
+        yield harness
+    finally:
+        await source.stop()
+        await dispatcher.close(5.0)
+        await source.close()

@@ -22,7 +22,6 @@ wrong and one rate-limited log line, never a traceback.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 import logging
 import uuid
@@ -30,13 +29,16 @@ from collections.abc import Awaitable
 from typing import Final, Literal, TypeVar
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from fastconn.errors import DispatcherClosed
 from fastconn.headers import passthrough
+from fastconn.health import HEALTHY, SourceHealth
 from fastconn.http_body import IncompleteBody, read_at_most
+from fastconn.ingress_store import IngressStore, IngressStoreConfig, StoredEvent, StoreUnavailable
 from fastconn.message import Message, Outcome, Verdict
 from fastconn.ratelimit import RateLimitedLog
+from fastconn.signatures import SignatureKeys, signature_problem
 from fastconn.source import SourceContext
 
 log = logging.getLogger("fastconn.source.webhook")
@@ -70,8 +72,9 @@ def topic_problem(topic: str) -> str | None:
     return None
 
 
-class WebhookConfig(BaseModel):
-    """``[[sources]] type = "webhook"``: accept events POSTed to the built-in HTTP server."""
+class WebhookConfig(SignatureKeys):
+    """``[[sources]] type = "webhook"``: accept events POSTed to the built-in HTTP server. The
+    signature keys (``hmac_secret``, ``signature_*``) are :class:`SignatureKeys`."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -80,11 +83,11 @@ class WebhookConfig(BaseModel):
     max_body_bytes: int = Field(default=1048576, ge=1)
     auth_token: str | None = None
     """Bearer token required in ``Authorization: Bearer <token>``; None disables the check."""
-    hmac_secret: str | None = None
-    """Shared secret for GitHub-style ``X-Hub-Signature-256`` HMAC verification; None disables it."""
-    signature_header: str = "X-Hub-Signature-256"
     asynchronous_invocation: bool = False
     """Invoke functions through ``/async-function/``; ``?wait=true`` waits for the callback."""
+    store: IngressStoreConfig | None = None
+    """Durable ingress: answer 202 only once the event is stored in this JetStream stream, and
+    dispatch it from there (see :mod:`fastconn.ingress_store`)."""
 
 
 CONFIG_MODEL = WebhookConfig
@@ -106,6 +109,7 @@ class WebhookSource:
         self._malformed_log = RateLimitedLog(log, interval=10.0)
         # Per-function detail is in fastconn.functions' aggregated lines; this says which messages.
         self._undelivered_log = RateLimitedLog(log, interval=10.0)
+        self._store = IngressStore(config.store, config.name) if config.store is not None else None
 
     def register(self, ctx: SourceContext) -> None:
         self._ctx = ctx
@@ -116,6 +120,8 @@ class WebhookSource:
         ctx.app.router.add_post(r"/webhook/{topic:[\s\S]+}", self._handle)
 
     async def start(self) -> None:
+        if self._store is not None:
+            await self._store.open()
         self._accepting = True
 
     async def stop(self) -> None:
@@ -123,6 +129,14 @@ class WebhookSource:
 
     async def close(self) -> None:
         self._closed.set()
+        if self._store is not None:
+            await self._store.close()
+
+    def health(self) -> SourceHealth:
+        """The store's connection (a webhook without a store has nothing to lose)."""
+        if self._store is None or self._store.health is None:
+            return HEALTHY
+        return self._store.health.health()
 
     # -- request handling ------------------------------------------------------------------
 
@@ -163,6 +177,8 @@ class WebhookSource:
         # The id is made here so the 202 can carry it; it stays the same across retries.
         message = Message(topic, body, headers, message_id=uuid.uuid4().hex)
         wait = request.query.get("wait", "").lower() in ("1", "true", "yes")
+        if self._store is not None:
+            return await self._stored(message, wait)
         # No topic map yet: answer at once. Holding the request for startup_wait would keep a
         # connection (and a sender) waiting for a table that may be minutes away.
         if not await ctx.wait_ready(0):
@@ -210,6 +226,26 @@ class WebhookSource:
             )
         return _waited_response(outcome, outcome.message_id)
 
+    async def _stored(self, message: Message, wait: bool) -> web.Response:
+        """Durable ingress: 202 once the stream holds the event; its JetStream source delivers."""
+        store = self._store
+        if store is None or wait:
+            return _error(
+                400,
+                "?wait=true is not available on a webhook with a store: the event is dispatched "
+                "later from the stream (drop ?wait, or use a webhook without a store)",
+            )
+        message_id = message.message_id or ""
+        try:
+            await store.put([StoredEvent(message.topic, message.payload, message.headers, message_id)])
+        except StoreUnavailable as exc:
+            self._undelivered_log.warning("webhook %s: event not stored: %s", self.name, exc)
+            return _error(503, "event store unavailable, retry later", retry_after=1)
+        ctx = self._ctx
+        if ctx is not None:
+            ctx.count_received(self.name, [message])
+        return web.Response(status=202, text="stored\n", headers={"X-Message-Id": message_id})
+
     def _check_token(self, request: web.Request) -> web.Response | None:
         token = self.config.auth_token
         if token is None:
@@ -221,14 +257,14 @@ class WebhookSource:
         return None
 
     def _check_signature(self, request: web.Request, body: bytes) -> web.Response | None:
-        secret = self.config.hmac_secret
-        if secret is None:
+        if self.config.hmac_secret is None:
             return None
-        given = request.headers.get(self.config.signature_header, "")
-        expected = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-        if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode()):
-            return _error(401, f"missing or wrong {self.config.signature_header} signature")
-        return None
+        # Only the signature header is passed: a header value that is not UTF-8 elsewhere in the
+        # request must not turn into an encoding error here.
+        wanted = self.config.signature_header
+        headers = [(wanted, value) for value in request.headers.getall(wanted, ())[:1]]
+        problem = signature_problem(self.config, headers, body)
+        return None if problem is None else _error(401, problem)
 
     def _malformed(self, request: web.Request, problem: str) -> web.Response:
         self._malformed_log.warning(

@@ -8,6 +8,7 @@
 //! Everything here is plain data: bytes, strings and integers. The binding crate converts and
 //! wakes; it makes no decisions.
 
+pub mod cloudevents;
 pub mod engine;
 mod framing;
 pub mod headers;
@@ -17,6 +18,7 @@ pub mod ordering;
 pub mod panics;
 pub mod retry;
 pub mod router;
+pub mod signature;
 pub mod stats;
 mod stream;
 pub mod tls;

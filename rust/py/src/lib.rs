@@ -2,6 +2,7 @@
 //! Python values into core messages, and turns completions back into tuples on the event loop
 //! thread. It makes no decisions and never calls Python from a tokio thread.
 
+mod cloudevents;
 mod completions;
 mod runtime;
 
@@ -20,6 +21,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<runtime::Runtime>()?;
     m.add_function(wrap_pyfunction!(validate_url, m)?)?;
     m.add_function(wrap_pyfunction!(check_tls, m)?)?;
+    m.add_function(wrap_pyfunction!(cloudevents::cloudevents_calls, m)?)?;
+    m.add_function(wrap_pyfunction!(cloudevents::cloudevents_reply, m)?)?;
+    m.add_function(wrap_pyfunction!(cloudevents::verify_signature, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add(
         "build_profile",

@@ -49,6 +49,9 @@ class JetStreamConfig(NatsSourceOptions):
     ordering: Literal["none", "key"] = "none"
     ordering_key: str = "subject"
     """With ``ordering = "key"``: ``subject``, or the name of a header holding the key."""
+    stored_events: bool = False
+    """The stream holds events a webhook with a ``store`` accepted (durable ingress): route
+    each by the topic it was posted to, with the ``X-Message-Id`` its 202 carried."""
     strict_order_on_restart: bool = True
     """With ``ordering = "key"``: when the durable has unacknowledged messages at start (a
     crash left them), new messages wait until those come back (at most ``ack_wait``), so no

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
-import itertools
 import json
 import logging
 import time
@@ -15,8 +13,10 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from fastconn.deadletter import DLT_PREFIX, DLT_RESPONSE, RESPONSE_EXCERPT, failure_context, response_excerpt
+from fastconn.delay_queue import DelayQueue
 from fastconn.errors import DispatcherClosed
 from fastconn.health import SourceHealth
+from fastconn.ingress_store import MESSAGE_ID_HEADER, TOPIC_HEADER, unwrap
 from fastconn.message import Message, Outcome
 from fastconn.responses import response_messages
 from fastconn.source import SourceContext
@@ -59,6 +59,8 @@ _DEAD_LETTER_CONCURRENCY: Final = 32
 _RESERVED: Final = frozenset(
     {"x-nats-stream", "x-nats-sequence", "x-message-id", "x-topic", "x-delivery-attempt", "x-connector"}
 )
+# A stored event's envelope (fastconn.ingress_store) is fastconn's, not the sender's.
+_RESERVED_STORED: Final = _RESERVED | {TOPIC_HEADER.lower(), MESSAGE_ID_HEADER.lower()}
 
 # The source's own coordinates on dead letters (the rest of the context is fastconn.deadletter's).
 DLT_SUBJECT: Final = "fastconn-dlt-original-subject"
@@ -116,9 +118,7 @@ class JetStreamSource:
         self._settle_queue: deque[list[Outcome]] = deque()
         self._settle_ready = asyncio.Event()
         self._settle_closed = False
-        self._retries: list[tuple[float, int, Message]] = []
-        self._retry_order = itertools.count()
-        self._retry_wake = asyncio.Event()
+        self._retries: DelayQueue[Message] = DelayQueue()
         self._dead_letters: set[asyncio.Task[None]] = set()
         self._dead_letter_slots = asyncio.Semaphore(_DEAD_LETTER_CONCURRENCY)
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -183,11 +183,10 @@ class JetStreamSource:
         self._buffer_ready.set()
         await _finish(self._tasks.get("submit"), _STOP_TIMEOUT)
         await _finish(self._tasks.get("retry"), 0)
-        for _, _, message in self._retries:
+        for message in self._retries.drain():
             delivery: _Delivery = message.handle
             self._nak(delivery, self.config.nak_delay)
             self._release_held_key(message)
-        self._retries.clear()
         await self._acks.flush()
 
     async def close(self) -> None:
@@ -467,15 +466,21 @@ class JetStreamSource:
     def _to_message(self, d: _Delivery) -> Message:
         msg = d.msg
         d.parse_reply()
-        headers = http_headers(msg.headers, _RESERVED) if msg.headers else []
+        topic, message_id = msg.subject, f"{d.stream}/{d.seq}"
+        stored = unwrap(msg.headers) if self.config.stored_events else None
+        if stored is not None:
+            # Routed by the topic it was accepted on; the id is the one its 202 carried.
+            topic, message_id = stored
+        reserved = _RESERVED_STORED if self.config.stored_events else _RESERVED
+        headers = http_headers(msg.headers, reserved) if msg.headers else []
         headers.append(("X-Nats-Stream", d.stream))
         headers.append(("X-Nats-Sequence", str(d.seq)))
         key = self._key(msg) if self.config.ordering == "key" else None
         return Message(
-            msg.subject,
+            topic,
             msg.data,
             headers,
-            message_id=f"{d.stream}/{d.seq}",
+            message_id=message_id,
             key=key,
             delivery_attempt=d.deliveries,
             hold_key_on_retry=key is not None,
@@ -669,7 +674,7 @@ class JetStreamSource:
         headers = {k: v for k, v in original.items() if not k.lower().startswith(("nats-", DLT_PREFIX))}
         headers["Nats-Msg-Id"] = f"dlq:{delivery.stream}/{delivery.seq}"
         origin = [
-            (DLT_SUBJECT, outcome.message.topic),
+            (DLT_SUBJECT, delivery.msg.subject),
             (DLT_STREAM, delivery.stream),
             (DLT_SEQUENCE, str(delivery.seq)),
         ]
@@ -687,25 +692,12 @@ class JetStreamSource:
         delivery.deliveries += 1
         message.delivery_attempt = delivery.deliveries
         message.resume = True
-        heapq.heappush(self._retries, (time.monotonic() + delay, next(self._retry_order), message))
-        self._retry_wake.set()
+        self._retries.push(message, delay)
 
     async def _retry_loop(self) -> None:
         dispatcher = self._require_ctx().dispatcher
         while True:
-            self._retry_wake.clear()
-            if not self._retries:
-                await self._retry_wake.wait()
-                continue
-            wait = self._retries[0][0] - time.monotonic()
-            if wait > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._retry_wake.wait(), wait)
-                continue
-            now = time.monotonic()
-            due: list[Message] = []
-            while self._retries and self._retries[0][0] <= now:
-                due.append(heapq.heappop(self._retries)[2])
+            due = await self._retries.next_due()
             try:
                 await dispatcher.submit(
                     due,

@@ -2,25 +2,22 @@
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
+
+from fastconn.scrape import SourceCollector, collector_for
 
 if TYPE_CHECKING:
-    from fastconn.sources.kafka.source import KafkaSource
+    from fastconn.sources.kafka.source import KafkaSource  # noqa: F401 (the base class names it)
 
 __all__ = ["kafka_collector"]
 
 
-class _KafkaCollector(Collector):
+class _KafkaCollector(SourceCollector["KafkaSource"]):
     """Kafka metrics of every Kafka source sharing one registry, read at scrape time."""
-
-    def __init__(self) -> None:
-        self.sources: list[KafkaSource] = []
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         stuck = GaugeMetricFamily(
@@ -113,12 +110,6 @@ class _KafkaCollector(Collector):
         )
 
 
-_COLLECTORS: weakref.WeakKeyDictionary[CollectorRegistry, _KafkaCollector] = weakref.WeakKeyDictionary()
-
-
 def kafka_collector(registry: CollectorRegistry) -> _KafkaCollector:
-    collector = _COLLECTORS.get(registry)
-    if collector is None:
-        collector = _COLLECTORS[registry] = _KafkaCollector()
-        registry.register(collector)
-    return collector
+    """The registry's collector (registered on first use)."""
+    return collector_for(registry, _KafkaCollector)

@@ -358,6 +358,9 @@ class KafkaSource:
                 part = self._partition(tp)
             elif part.revoking:
                 continue  # being revoked: not ours to start any more
+            last = part.mark.last_tracked
+            if records and last is not None and records[0].offset <= last:
+                part = self._rewound(part, records[0].offset)
             self._take(part, records, messages)
             if part.should_pause(budget):
                 part.paused = True
@@ -607,6 +610,47 @@ class KafkaSource:
         while True:
             await asyncio.sleep(self.config.commit_interval)
             await self._commit()
+            await self._follow_shrunk_logs()
+
+    async def _follow_shrunk_logs(self) -> None:
+        """A partition whose log end (high watermark) stays below the position we fetch from
+        lost its log (see :meth:`_rewound`). Kafka answers such a fetch with
+        OFFSET_OUT_OF_RANGE and the consumer resets itself; some Kafka-protocol brokers answer
+        an empty fetch instead, and the partition would wait forever for offsets that will never
+        exist. Seen on two checks in a row (a commit interval apart), it is reset here the way
+        ``initial_offset`` says."""
+        consumer = self._consumer
+        if consumer is None or self._closing:
+            return
+        for part in list(self._partitions.values()):
+            if part.revoking or part.paused:
+                continue
+            end = consumer.highwater(part.tp)
+            try:
+                position = await consumer.position(part.tp)
+            except (KafkaError, IllegalStateError):
+                continue
+            behind = end is not None and end < position
+            if not behind:
+                part.shrunk_checks = 0
+                continue
+            part.shrunk_checks += 1
+            if part.shrunk_checks < 2:
+                continue
+            part.shrunk_checks = 0
+            log.warning(
+                "kafka %s[%d]: the log ends at offset %d, below the position %d: resetting to the %s",
+                part.tp.topic,
+                part.tp.partition,
+                end,
+                position,
+                "start" if self.config.initial_offset == "earliest" else "end",
+            )
+            with contextlib.suppress(KafkaError, IllegalStateError):
+                if self.config.initial_offset == "earliest":
+                    await consumer.seek_to_beginning(part.tp)
+                else:
+                    await consumer.seek_to_end(part.tp)
 
     async def _commit(self, parts: Sequence[Partition] | None = None) -> bool:
         """Commits the watermarks that moved. Returns False when the commit failed."""
@@ -697,6 +741,28 @@ class KafkaSource:
         part.retrying.clear()
         if self._partitions.get(part.tp) is part:
             del self._partitions[part.tp]
+
+    def _rewound(self, part: Partition, offset: int) -> Partition:
+        """The consumer returned an offset it had returned before. fastconn never seeks, so the
+        log itself went back: the broker lost or truncated it (a topic deleted and created
+        again, a broker restored without its data) and the consumer's position, now out of
+        range, was reset by ``initial_offset``. The old offsets mean nothing any more: follow
+        the new log from ``offset`` with a fresh watermark (late outcomes of the old one are
+        ignored, as after a revoke) rather than dropping every record below the old position."""
+        last = part.mark.last_tracked
+        self.counters["duplicates"] += part.mark.outstanding
+        self._forget(part)
+        self._error("log_reset")
+        log.warning(
+            "kafka %s[%d]: the log went back from offset %s to %d (the broker lost or truncated it, "
+            "or the topic was created again): following it from %d",
+            part.tp.topic,
+            part.tp.partition,
+            last,
+            offset,
+            offset,
+        )
+        return self._partition(part.tp)
 
     def _partition(self, tp: Any) -> Partition:
         part = self._partitions.get(tp)

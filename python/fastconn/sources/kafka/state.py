@@ -32,6 +32,8 @@ class Partition:
     retrying: dict[int, Record] = dataclasses.field(default_factory=dict)
     """Messages waiting for their redelivery backoff, by offset."""
     paused: bool = False
+    shrunk_checks: int = 0
+    """Consecutive commit ticks that found the log's end below the fetch position."""
     revoking: bool = False
     revoked: bool = False
 

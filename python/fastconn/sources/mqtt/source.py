@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
-import itertools
 import logging
-import time
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -17,6 +14,7 @@ from paho.mqtt.properties import Properties
 
 from fastconn.backoff import doubling
 from fastconn.deadletter import DLT_PREFIX, DLT_RESPONSE, RESPONSE_EXCERPT, failure_context, response_excerpt
+from fastconn.delay_queue import DelayQueue
 from fastconn.errors import DispatcherClosed
 from fastconn.headers import passthrough
 from fastconn.health import ConnectionHealth, SourceHealth
@@ -60,9 +58,7 @@ class MqttSource:
         self._has_data = asyncio.Event()
         self._stopping = False
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._retries: list[tuple[float, int, Message]] = []
-        self._retry_order = itertools.count()
-        self._retry_wake = asyncio.Event()
+        self._retries: DelayQueue[Message] = DelayQueue()
         self._side_tasks: set[asyncio.Task[None]] = set()
         self._failed_log = RateLimitedLog(log)
         self._drop_log = RateLimitedLog(log)
@@ -112,16 +108,16 @@ class MqttSource:
         self._has_data.set()
         await _finish(self._tasks.get("intake"), _STOP_TIMEOUT)
         await _finish(self._tasks.get("retry"), 0)
-        for _, _, message in self._retries:
+        waiting = self._retries.drain()
+        for message in waiting:
             self._release_held_key(message)
-        if self._retries:
+        if waiting:
             log.info(
                 "source %s: %d message(s) waiting for a retry left unacknowledged (the broker "
                 "delivers them again with a persistent session)",
                 self.name,
-                len(self._retries),
+                len(waiting),
             )
-        self._retries.clear()
 
     async def close(self) -> None:
         """After the dispatcher drained: finishes dead letters and responses, sends the last
@@ -293,25 +289,12 @@ class MqttSource:
         pending.attempts += 1
         message.delivery_attempt += 1
         message.resume = outcome.key_held
-        heapq.heappush(self._retries, (time.monotonic() + delay, next(self._retry_order), message))
-        self._retry_wake.set()
+        self._retries.push(message, delay)
 
     async def _retry_loop(self) -> None:
         ctx = self._require_ctx()
         while True:
-            self._retry_wake.clear()
-            if not self._retries:
-                await self._retry_wake.wait()
-                continue
-            wait = self._retries[0][0] - time.monotonic()
-            if wait > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._retry_wake.wait(), wait)
-                continue
-            now = time.monotonic()
-            due: list[Message] = []
-            while self._retries and self._retries[0][0] <= now:
-                due.append(heapq.heappop(self._retries)[2])
+            due = await self._retries.next_due()
             plain = [m for m in due if not _response_topic(m.handle.msg)]
             requests = [m for m in due if _response_topic(m.handle.msg)]
             try:

@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
+
+from fastconn.scrape import SourceCollector, collector_for
 
 if TYPE_CHECKING:
-    from fastconn.sources.postgres.wal import WalSource
+    from fastconn.sources.postgres.wal import WalSource  # noqa: F401 (the base class names it)
 
 __all__ = ["postgres_collector"]
 
 
-class _PostgresCollector(Collector):
-    def __init__(self) -> None:
-        self.sources: list[WalSource] = []
-
+class _PostgresCollector(SourceCollector["WalSource"]):
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         lag = GaugeMetricFamily(
             "fastconn_postgres_slot_lag_bytes",
@@ -58,13 +55,6 @@ class _PostgresCollector(Collector):
         yield from (lag, oldest, stuck, pending, holder, dead)
 
 
-_COLLECTORS: weakref.WeakKeyDictionary[CollectorRegistry, _PostgresCollector] = weakref.WeakKeyDictionary()
-
-
 def postgres_collector(registry: CollectorRegistry) -> _PostgresCollector:
     """The registry's collector (registered on first use)."""
-    collector = _COLLECTORS.get(registry)
-    if collector is None:
-        collector = _COLLECTORS[registry] = _PostgresCollector()
-        registry.register(collector)
-    return collector
+    return collector_for(registry, _PostgresCollector)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterator
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
+
+from fastconn.scrape import SourceCollector, collector_for
 
 __all__ = ["rabbitmq_collector"]
 
@@ -20,11 +20,8 @@ class _Reporting(Protocol):
     def stuck_messages(self) -> int: ...
 
 
-class _RabbitMQCollector(Collector):
+class _RabbitMQCollector(SourceCollector["_Reporting"]):
     """Metrics of every RabbitMQ source sharing one registry."""
-
-    def __init__(self) -> None:
-        self.sources: list[_Reporting] = []
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         stuck = GaugeMetricFamily(
@@ -38,12 +35,6 @@ class _RabbitMQCollector(Collector):
         yield stuck
 
 
-_COLLECTORS: weakref.WeakKeyDictionary[CollectorRegistry, _RabbitMQCollector] = weakref.WeakKeyDictionary()
-
-
 def rabbitmq_collector(registry: CollectorRegistry) -> _RabbitMQCollector:
-    collector = _COLLECTORS.get(registry)
-    if collector is None:
-        collector = _COLLECTORS[registry] = _RabbitMQCollector()
-        registry.register(collector)
-    return collector
+    """The registry's collector (registered on first use)."""
+    return collector_for(registry, _RabbitMQCollector)
