@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from aiokafka.helpers import create_ssl_context
@@ -21,6 +20,7 @@ from pydantic import (
 
 from fastconn.durations import Duration
 from fastconn.errors import SourceError
+from fastconn.secrets import read_secret
 
 __all__ = [
     "KafkaConfig",
@@ -237,13 +237,7 @@ class KafkaConfig(BaseModel):
 
 
 def _read_secret(path: str, what: str) -> str:
-    try:
-        text = Path(path).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SourceError(f"kafka: cannot read {what} from {path!r}: {exc}") from None
-    if not text:
-        raise SourceError(f"kafka: {what} file {path!r} is empty")
-    return text
+    return read_secret(path, what, "kafka")
 
 
 def client_options(config: KafkaConfig) -> dict[str, Any]:
