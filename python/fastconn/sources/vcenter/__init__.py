@@ -22,8 +22,8 @@ subscribed to their topic, through pyvmomi and an event history collector.
   simulator restart), the events created after the last one read are taken as new.
 * **No ordering** between events: they are dispatched concurrently.
 
-Modules: :mod:`.config`, :mod:`.events` (topics, JSON), :mod:`.client` (blocking pyvmomi),
-:mod:`.progress` (watermark, checkpoint), :mod:`.source`.
+Modules: :mod:`.config`, :mod:`.events` (topics, JSON), :mod:`.messages` (event → message parts),
+:mod:`.client` (blocking pyvmomi), :mod:`.progress` (watermark, checkpoint), :mod:`.source`.
 """
 
 from __future__ import annotations

@@ -8,10 +8,8 @@ import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Final, TypeVar
-
-import orjson
 
 from fastconn.backoff import doubling
 from fastconn.checkpoint import checkpoint_store
@@ -31,31 +29,18 @@ from fastconn.sources.vcenter.client import (
     keys_restarted,
 )
 from fastconn.sources.vcenter.config import VcenterConfig
-from fastconn.sources.vcenter.events import class_name, created_time, event_json, topic_of
+from fastconn.sources.vcenter.events import created_time
+from fastconn.sources.vcenter.messages import PendingEvent, cloudevent_headers, convert
 from fastconn.sources.vcenter.progress import Cursor, Progress
 
-__all__ = ["CLOUDEVENTS_TYPE", "VcenterSource", "VcenterStats"]
+__all__ = ["VcenterSource", "VcenterStats"]
 
 log = logging.getLogger("fastconn.source.vcenter")
 
 T = TypeVar("T")
 
-CLOUDEVENTS_TYPE: Final = "com.vmware.event.router/event"
-"""``ce-type`` of the CloudEvents output (the VMware Event Router's)."""
 _CATCH_UP_PAGE: Final = 1000
 """Page size of the catch-up collector (vCenter's maximum): how much history it can reach."""
-
-
-@dataclass(slots=True)
-class _Event:
-    """One event read and not settled yet (a message's ``handle``)."""
-
-    key: int
-    created: datetime
-    topic: str
-    payload: bytes
-    headers: tuple[tuple[str, str], ...]
-    deliveries: int = 1
 
 
 @dataclass(slots=True)
@@ -309,7 +294,7 @@ class VcenterSource:
         self._start_reading(Cursor(self._server or self._instance, 0, self._read_time))
         self._dirty.set()
 
-    async def _read(self) -> tuple[list[_Event], bool]:
+    async def _read(self) -> tuple[list[PendingEvent], bool]:
         """New events above the cursor, by key, converted on the worker thread; and whether
         more may be waiting (a full page)."""
         session = self._require_session()
@@ -319,12 +304,12 @@ class VcenterSource:
         limit = max(page_size, self.config.max_pending - self._require_progress().outstanding)
         style, headers = self.config.topic_style, self._base_headers()
 
-        def read() -> tuple[list[_Event], bool, bool, bool]:
+        def read() -> tuple[list[PendingEvent], bool, bool, bool]:
             if catch_up:
                 new = session.read_since(since, key, _CATCH_UP_PAGE, limit)
                 if floor is not None:
                     new = [e for e in new if created_time(e) > floor]
-                return [_convert(e, style, headers) for e in new], True, False, True
+                return [convert(e, style, headers) for e in new], True, False, True
             if session.newest_key() <= key:
                 return [], False, False, False  # nothing new (the usual idle poll)
             page = session.latest_page()
@@ -339,7 +324,7 @@ class VcenterSource:
                 caught_up = True
             if floor is not None:
                 new = [e for e in new if created_time(e) > floor]
-            return [_convert(e, style, headers) for e in new], len(new) >= page_size, False, caught_up
+            return [convert(e, style, headers) for e in new], len(new) >= page_size, False, caught_up
 
         events, more, restarted, caught_up = await self._blocking(read)
         self._catch_up_next = False
@@ -355,7 +340,7 @@ class VcenterSource:
 
     # -- dispatch --------------------------------------------------------------------------
 
-    async def _dispatch(self, events: Sequence[_Event]) -> None:
+    async def _dispatch(self, events: Sequence[PendingEvent]) -> None:
         ctx = self._require_ctx()
         progress = self._require_progress()
         messages: list[Message] = []
@@ -371,11 +356,11 @@ class VcenterSource:
         except DispatcherClosed:
             log.info("source %s: %d event(s) not dispatched: shutting down", self.name, len(messages))
 
-    def _message(self, event: _Event) -> Message:
+    def _message(self, event: PendingEvent) -> Message:
         message_id = f"{self._instance}:{event.key}"
         headers = event.headers
         if self.config.cloudevents:
-            headers = (*headers, *self._cloudevent_headers(event, message_id))
+            headers = (*headers, *cloudevent_headers(event, message_id, self.config.url))
         return Message(
             event.topic,
             event.payload,
@@ -385,24 +370,12 @@ class VcenterSource:
             handle=event,
         )
 
-    def _cloudevent_headers(self, event: _Event, message_id: str) -> tuple[tuple[str, str], ...]:
-        subject = dict(event.headers)["X-Vcenter-Event-Class"]
-        when = event.created.astimezone(UTC).isoformat().replace("+00:00", "Z")
-        return (
-            ("ce-specversion", "1.0"),
-            ("ce-id", message_id),
-            ("ce-source", self.config.url),
-            ("ce-type", CLOUDEVENTS_TYPE),
-            ("ce-subject", subject),
-            ("ce-time", when),
-        )
-
     # -- outcomes --------------------------------------------------------------------------
 
     def _settled(self, outcomes: list[Outcome]) -> None:
         ctx = self._require_ctx()
         for outcome in outcomes:
-            event: _Event = outcome.message.handle
+            event: PendingEvent = outcome.message.handle
             if outcome.verdict in (Verdict.OK, Verdict.UNROUTED):
                 ctx.count_settled(self.name, [outcome])
                 self.stats.delivered += 1
@@ -412,7 +385,7 @@ class VcenterSource:
             else:
                 self._spawn(self._retry(event, outcome))
 
-    def _done(self, event: _Event) -> None:
+    def _done(self, event: PendingEvent) -> None:
         progress = self._progress
         # Events of a vCenter whose keys restarted belong to the old watermark, settled already
         # when the new one started: nothing to record.
@@ -425,7 +398,7 @@ class VcenterSource:
         self._pending_tasks.add(task)
         task.add_done_callback(self._pending_tasks.discard)
 
-    async def _retry(self, event: _Event, outcome: Outcome) -> None:
+    async def _retry(self, event: PendingEvent, outcome: Outcome) -> None:
         """Sends the event again after a backoff: a retryable failure, or a final one with no
         dead-letter destination (the checkpoint holds meanwhile)."""
         ctx = self._require_ctx()
@@ -453,7 +426,7 @@ class VcenterSource:
         except DispatcherClosed:
             return
 
-    async def _dead_letter(self, event: _Event, outcome: Outcome) -> None:
+    async def _dead_letter(self, event: PendingEvent, outcome: Outcome) -> None:
         """Stores a failed event with its context, then counts it settled; retried until the
         destination takes it (the checkpoint holds meanwhile)."""
         ctx = self._require_ctx()
@@ -556,21 +529,3 @@ class VcenterSource:
         if self._progress is None:
             raise RuntimeError(f"source {self.name}: not connected yet")
         return self._progress
-
-
-def _convert(event: Any, style: str, base: tuple[tuple[str, str], ...]) -> _Event:
-    """A pyvmomi event as the message parts (on the worker thread: it walks the object)."""
-    name = class_name(event)
-    headers = (
-        *base,
-        ("X-Vcenter-Event-Key", str(event.key)),
-        ("X-Vcenter-Event-Class", name),
-        ("X-Vcenter-Chain-Id", str(event.chainId)),
-    )
-    return _Event(
-        event.key,
-        created_time(event),
-        topic_of(event, style),
-        orjson.dumps(event_json(event)),
-        headers,
-    )
