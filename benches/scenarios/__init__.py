@@ -19,5 +19,6 @@ SCENARIOS: dict[str, str] = {
     "https": "scenarios.https",
     "bridge": "scenarios.bridge",
     "cron": "scenarios.cron",
+    "vcenter": "scenarios.vcenter",
 }
 """Scenario name → module, in the order a full run goes."""
