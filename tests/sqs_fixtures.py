@@ -1,0 +1,143 @@
+"""Helpers for the SQS source's tests: an aiobotocore client on the test's moto server
+(:mod:`aws_fixtures`) to create queues, send, peek and count, and daemon configs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from aiobotocore.session import get_session
+
+from aws_fixtures import REGION, MotoServer
+from fastconn.testing import FunctionDouble, wait_for
+
+
+@dataclass
+class Sqs:
+    """A client on the test's moto server."""
+
+    client: Any
+    s3: Any
+    endpoint_url: str
+
+    async def queue(self, label: str = "q", *, fifo: bool = False, **attributes: str) -> str:
+        name = f"{label}-{uuid.uuid4().hex[:6]}" + (".fifo" if fifo else "")
+        if fifo:
+            attributes = {"FifoQueue": "true", "ContentBasedDeduplication": "true", **attributes}
+        response = await self.client.create_queue(QueueName=name, Attributes=attributes)
+        return str(response["QueueUrl"])
+
+    async def arn(self, url: str) -> str:
+        response = await self.client.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])
+        return str(response["Attributes"]["QueueArn"])
+
+    async def send(self, url: str, body: str, attributes: Mapping[str, str] | None = None, **extra: Any) -> str:
+        kwargs: dict[str, Any] = {"QueueUrl": url, "MessageBody": body, **extra}
+        if attributes:
+            kwargs["MessageAttributes"] = {
+                k: {"DataType": "String", "StringValue": v} for k, v in attributes.items()
+            }
+        response = await self.client.send_message(**kwargs)
+        return str(response["MessageId"])
+
+    async def send_many(self, url: str, bodies: Sequence[str], concurrency: int = 16) -> None:
+        batches = [bodies[i : i + 10] for i in range(0, len(bodies), 10)]
+        slots = asyncio.Semaphore(concurrency)
+
+        async def one(batch: Sequence[str]) -> None:
+            async with slots:
+                entries = [{"Id": str(i), "MessageBody": b} for i, b in enumerate(batch)]
+                response = await self.client.send_message_batch(QueueUrl=url, Entries=entries)
+                assert not response.get("Failed"), response["Failed"]
+
+        await asyncio.gather(*(one(b) for b in batches))
+
+    async def counts(self, url: str) -> tuple[int, int]:
+        """(visible, in flight) messages of the queue."""
+        response = await self.client.get_queue_attributes(
+            QueueUrl=url,
+            AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+        )
+        a = response["Attributes"]
+        return int(a["ApproximateNumberOfMessages"]), int(a["ApproximateNumberOfMessagesNotVisible"])
+
+    async def drained(self, url: str, timeout: float = 20.0) -> None:
+        async def empty() -> bool:
+            return await self.counts(url) == (0, 0)
+
+        await wait_for(empty, timeout, 0.1, f"{url} empty")
+
+    async def receive_all(self, url: str, wait: float = 0) -> list[dict[str, Any]]:
+        """Takes every message now visible (the test as a competing consumer)."""
+        out: list[dict[str, Any]] = []
+        while True:
+            response = await self.client.receive_message(
+                QueueUrl=url,
+                MaxNumberOfMessages=10,
+                WaitTimeSeconds=round(wait),
+                AttributeNames=["All"],
+                MessageAttributeNames=["All"],
+            )
+            messages = response.get("Messages") or []
+            if not messages:
+                return out
+            out.extend(messages)
+
+
+@pytest.fixture
+async def sqs(moto_server: MotoServer) -> AsyncIterator[Sqs]:
+    session = get_session()
+    kwargs = {"region_name": REGION, "endpoint_url": moto_server.endpoint_url}
+    async with session.create_client("sqs", **kwargs) as client, session.create_client("s3", **kwargs) as s3:
+        yield Sqs(client, s3, moto_server.endpoint_url)
+
+
+def sqs_source(sqs: Sqs, queue_urls: Sequence[str] | str, **options: Any) -> dict[str, Any]:
+    return {
+        "type": "sqs",
+        "queue_urls": queue_urls if isinstance(queue_urls, str) else list(queue_urls),
+        "endpoint_url": sqs.endpoint_url,
+        "region": REGION,
+        "wait_time": "1s",
+        "retry_delay": "1s",
+        "backoff_max": "4s",
+        **options,
+    }
+
+
+def daemon_config(
+    double: FunctionDouble,
+    functions: Mapping[str, Sequence[str]],
+    sources: Sequence[Mapping[str, Any]],
+    **dispatch: Any,
+) -> dict[str, Any]:
+    """Static functions ``name -> topics`` served by ``double`` at ``/<name>``; one attempt per
+    call unless asked (the source's redelivery is what these tests look at)."""
+    return {
+        "log_level": "info",
+        "dispatch": {
+            "backoff_initial": "10ms",
+            "backoff_max": "50ms",
+            "max_attempts": 1,
+            "shutdown_timeout": "5s",
+            **dispatch,
+        },
+        "functions": [
+            {"name": name, "url": double.url(f"/{name}"), "topics": list(topics)}
+            for name, topics in functions.items()
+        ],
+        "sources": list(sources),
+    }
+
+
+def attributes_of(message: Mapping[str, Any]) -> dict[str, str]:
+    return {k: v.get("StringValue", "") for k, v in (message.get("MessageAttributes") or {}).items()}
+
+
+def json_body(message: Mapping[str, Any]) -> Any:
+    return json.loads(message["Body"])
