@@ -72,21 +72,33 @@ class Sqs:
 
         await wait_for(empty, timeout, 0.1, f"{url} empty")
 
-    async def receive_all(self, url: str, wait: float = 0) -> list[dict[str, Any]]:
+    async def receive_all(self, url: str) -> list[dict[str, Any]]:
         """Takes every message now visible (the test as a competing consumer)."""
         out: list[dict[str, Any]] = []
-        while True:
-            response = await self.client.receive_message(
-                QueueUrl=url,
-                MaxNumberOfMessages=10,
-                WaitTimeSeconds=round(wait),
-                AttributeNames=["All"],
-                MessageAttributeNames=["All"],
-            )
-            messages = response.get("Messages") or []
-            if not messages:
-                return out
+        while messages := await self._receive(url, 0):
             out.extend(messages)
+        return out
+
+    async def receive_n(self, url: str, n: int, timeout: float = 15.0) -> list[dict[str, Any]]:
+        """Takes messages until ``n`` arrived (long polls; fails after ``timeout``)."""
+        out: list[dict[str, Any]] = []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while len(out) < n:
+            if loop.time() > deadline:
+                raise TimeoutError(f"{len(out)} of {n} messages arrived in {url} within {timeout}s")
+            out.extend(await self._receive(url, 1))
+        return out
+
+    async def _receive(self, url: str, wait: int) -> list[dict[str, Any]]:
+        response = await self.client.receive_message(
+            QueueUrl=url,
+            MaxNumberOfMessages=10,
+            WaitTimeSeconds=wait,
+            AttributeNames=["All"],
+            MessageAttributeNames=["All"],
+        )
+        return list(response.get("Messages") or [])
 
 
 @pytest.fixture
@@ -114,10 +126,13 @@ def daemon_config(
     double: FunctionDouble,
     functions: Mapping[str, Sequence[str]],
     sources: Sequence[Mapping[str, Any]],
+    *,
+    function_timeout: str | None = None,
     **dispatch: Any,
 ) -> dict[str, Any]:
     """Static functions ``name -> topics`` served by ``double`` at ``/<name>``; one attempt per
     call unless asked (the source's redelivery is what these tests look at)."""
+    extra = {"timeout": function_timeout} if function_timeout else {}
     return {
         "log_level": "info",
         "dispatch": {
@@ -128,7 +143,7 @@ def daemon_config(
             **dispatch,
         },
         "functions": [
-            {"name": name, "url": double.url(f"/{name}"), "topics": list(topics)}
+            {"name": name, "url": double.url(f"/{name}"), "topics": list(topics), **extra}
             for name, topics in functions.items()
         ],
         "sources": list(sources),

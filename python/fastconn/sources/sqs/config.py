@@ -67,7 +67,8 @@ class SqsConfig(BaseModel):
     max_messages: int = Field(default=10, ge=1, le=10)
     """Messages asked for per receive (1-10)."""
     pollers: int | None = Field(default=None, ge=1, le=256)
-    """Concurrent receives per queue; default: sized to the dispatcher's capacity."""
+    """Concurrent receives per queue; default: sized to the dispatcher's capacity (1 for a FIFO
+    queue: its receives then return its groups in order whatever the server)."""
     visibility_timeout: Duration = Field(default=30.0, ge=1, le=MAX_VISIBILITY)
     """How long a received message stays hidden; calls running longer get it extended."""
     message_attribute_names: tuple[str, ...] = ("All",)

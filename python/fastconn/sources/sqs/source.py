@@ -15,7 +15,7 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 
 from fastconn.backoff import doubling
-from fastconn.errors import DispatcherClosed
+from fastconn.errors import DispatcherClosed, SourceError
 from fastconn.health import ConnectionHealth, SourceHealth, describe_error
 from fastconn.message import Message, Outcome, Verdict
 from fastconn.ratelimit import RateLimitedLog
@@ -78,7 +78,8 @@ class SqsSource:
         """Receives in progress times the messages each may return."""
         self._room = asyncio.Event()
         self._limit = 1
-        self._in_place: dict[Message, asyncio.TimerHandle] = {}
+        self._in_place: dict[int, tuple[Message, asyncio.TimerHandle]] = {}
+        """In-place retries waiting for their delay, by ``id(message)`` (messages are not hashable)."""
         self._stopping = asyncio.Event()
         self._error_log = RateLimitedLog(log)
         self._health = ConnectionHealth(self.name, config.endpoint_url or f"SQS {config.client_region}", log)
@@ -98,6 +99,10 @@ class SqsSource:
     async def start(self) -> None:
         ctx = self._require_ctx()
         pollers = self.config.pollers or _default_pollers(ctx.dispatcher.capacity, self.config.max_messages)
+        # FIFO: one receive at a time per queue by default, so messages reach the core in the
+        # queue's order even where the server does not hide a group while it is in flight (SQS
+        # does; moto can hand one group to two concurrent receives).
+        fifo_pollers = self.config.pollers or 1
         self._limit = max(self.config.max_messages, ctx.dispatcher.capacity)
         session = get_session()
         timeout = self.config.wait_time + 20
@@ -128,7 +133,7 @@ class SqsSource:
         self._tasks.append(ctx.supervise(f"{self.name}.settle", self._batch.run))
         self._tasks.append(ctx.supervise(f"{self.name}.visibility", self._keep_hidden))
         for queue in self._queues:
-            for i in range(pollers):
+            for i in range(fifo_pollers if queue.fifo else pollers):
                 self._tasks.append(ctx.supervise(f"{self.name}.poll.{queue.name}.{i}", self._poller(queue)))
         log.info(
             "source %s: receiving from %s (%d poller(s) per queue, up to %d messages in hand)",
@@ -148,7 +153,7 @@ class SqsSource:
                     self.config.startup_timeout,
                 )
             except Exception as exc:
-                raise RuntimeError(f"source {self.name}: cannot use queue {url}: {describe_error(exc)}") from exc
+                raise SourceError(f"source {self.name}: cannot use queue {url}: {describe_error(exc)}") from None
 
     async def stop(self) -> None:
         """Stops receiving (a long poll in progress is abandoned: what it would return stays in
@@ -158,9 +163,9 @@ class SqsSource:
         for task in pollers:
             task.cancel()
         await asyncio.gather(*pollers, return_exceptions=True)
-        for message, timer in list(self._in_place.items()):
+        for message, timer in list(self._in_place.values()):
             timer.cancel()
-            self._in_place.pop(message, None)
+            self._in_place.pop(id(message), None)
             self._release_key(message)
             received: _Received = message.handle
             self._part_settled(received, None, handed_back=True)
@@ -473,10 +478,11 @@ class SqsSource:
         message.resume = True
         self._count("retry")
         loop = asyncio.get_running_loop()
-        self._in_place[message] = loop.call_later(seconds, lambda: self._spawn(self._resubmit(message)))
+        timer = loop.call_later(seconds, lambda: self._spawn(self._resubmit(message)))
+        self._in_place[id(message)] = (message, timer)
 
     async def _resubmit(self, message: Message) -> None:
-        self._in_place.pop(message, None)
+        self._in_place.pop(id(message), None)
         try:
             await self._require_ctx().dispatcher.submit([message], self._on_outcomes)
         except DispatcherClosed:
