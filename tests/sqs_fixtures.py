@@ -36,7 +36,9 @@ class Sqs:
         response = await self.client.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])
         return str(response["Attributes"]["QueueArn"])
 
-    async def send(self, url: str, body: str, attributes: Mapping[str, str] | None = None, **extra: Any) -> str:
+    async def send(
+        self, url: str, body: str, attributes: Mapping[str, str] | None = None, **extra: Any
+    ) -> str:
         kwargs: dict[str, Any] = {"QueueUrl": url, "MessageBody": body, **extra}
         if attributes:
             kwargs["MessageAttributes"] = {

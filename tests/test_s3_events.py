@@ -12,7 +12,9 @@ from fastconn import Dispatcher, DispatchOptions, FunctionTarget
 from fastconn.s3_events import S3EventError, decode_notification, event_topic, record_id
 
 
-def aws_record(bucket: str = "img.example.com", key: str = "photos/my+cat%2B1.jpg", **obj: Any) -> dict[str, Any]:
+def aws_record(
+    bucket: str = "img.example.com", key: str = "photos/my+cat%2B1.jpg", **obj: Any
+) -> dict[str, Any]:
     """A record as AWS documents it ("Event message structure")."""
     return {
         "eventVersion": "2.1",
@@ -22,12 +24,26 @@ def aws_record(bucket: str = "img.example.com", key: str = "photos/my+cat%2B1.jp
         "eventName": "ObjectCreated:Put",
         "userIdentity": {"principalId": "AWS:EXAMPLE"},
         "requestParameters": {"sourceIPAddress": "127.0.0.1"},
-        "responseElements": {"x-amz-request-id": "C3D13FE58DE4C810", "x-amz-id-2": "FMyUVURIY8/IgAtTv8xRjskZQpcIZ9KG4V5Wp6S7S/JRWeUWerMUE5JgHvANOjpD"},
+        "responseElements": {
+            "x-amz-request-id": "C3D13FE58DE4C810",
+            "x-amz-id-2": "FMyUVURIY8/IgAtTv8xRjskZQpcIZ9KG4V5Wp6S7S/JRWeUWerMUE5JgHvANOjpD",
+        },
         "s3": {
             "s3SchemaVersion": "1.0",
             "configurationId": "cfg",
-            "bucket": {"name": bucket, "ownerIdentity": {"principalId": "A3NL1KOZZKExample"}, "arn": f"arn:aws:s3:::{bucket}"},
-            "object": {"key": key, "size": 1024, "eTag": "d41d8cd98f00b204e9800998ecf8427e", "versionId": "v1", "sequencer": "0055AED6DCD90281E5", **obj},
+            "bucket": {
+                "name": bucket,
+                "ownerIdentity": {"principalId": "A3NL1KOZZKExample"},
+                "arn": f"arn:aws:s3:::{bucket}",
+            },
+            "object": {
+                "key": key,
+                "size": 1024,
+                "eTag": "d41d8cd98f00b204e9800998ecf8427e",
+                "versionId": "v1",
+                "sequencer": "0055AED6DCD90281E5",
+                **obj,
+            },
         },
     }
 
@@ -45,13 +61,31 @@ def minio_body() -> dict[str, Any]:
                 "eventTime": "2026-12-03T10:00:00.000Z",
                 "eventName": "s3:ObjectCreated:Put",
                 "userIdentity": {"principalId": "minioadmin"},
-                "requestParameters": {"principalId": "minioadmin", "region": "", "sourceIPAddress": "127.0.0.1"},
-                "responseElements": {"x-minio-deployment-id": "d", "x-minio-origin-endpoint": "http://127.0.0.1:9000"},
+                "requestParameters": {
+                    "principalId": "minioadmin",
+                    "region": "",
+                    "sourceIPAddress": "127.0.0.1",
+                },
+                "responseElements": {
+                    "x-minio-deployment-id": "d",
+                    "x-minio-origin-endpoint": "http://127.0.0.1:9000",
+                },
                 "s3": {
                     "s3SchemaVersion": "1.0",
                     "configurationId": "Config",
-                    "bucket": {"name": "images", "ownerIdentity": {"principalId": "minioadmin"}, "arn": "arn:aws:s3:::images"},
-                    "object": {"key": "a+b.png", "size": 3, "eTag": "abc", "contentType": "image/png", "userMetadata": {}, "sequencer": "17A"},
+                    "bucket": {
+                        "name": "images",
+                        "ownerIdentity": {"principalId": "minioadmin"},
+                        "arn": "arn:aws:s3:::images",
+                    },
+                    "object": {
+                        "key": "a+b.png",
+                        "size": 3,
+                        "eTag": "abc",
+                        "contentType": "image/png",
+                        "userMetadata": {},
+                        "sequencer": "17A",
+                    },
                 },
                 "source": {"host": "127.0.0.1", "port": "", "userAgent": "MinIO"},
             }
@@ -101,7 +135,14 @@ def test_sns_envelope_is_unwrapped() -> None:
 
 
 def test_test_event_has_no_records() -> None:
-    body = {"Service": "Amazon S3", "Event": "s3:TestEvent", "Time": "t", "Bucket": "b", "RequestId": "r", "HostId": "h"}
+    body = {
+        "Service": "Amazon S3",
+        "Event": "s3:TestEvent",
+        "Time": "t",
+        "Bucket": "b",
+        "RequestId": "r",
+        "HostId": "h",
+    }
     assert decode_notification(json.dumps(body)) == ()
 
 
@@ -109,7 +150,9 @@ def test_message_ids_are_stable_and_tell_events_apart() -> None:
     a = decode_notification({"Records": [aws_record()]})[0].message_id
     again = decode_notification({"Records": [aws_record()]})[0].message_id
     other_version = decode_notification({"Records": [aws_record(versionId="v2")]})[0].message_id
-    other_sequencer = decode_notification({"Records": [aws_record(sequencer="0055AED6DCD90281E6")]})[0].message_id
+    other_sequencer = decode_notification({"Records": [aws_record(sequencer="0055AED6DCD90281E6")]})[
+        0
+    ].message_id
     assert a == again
     assert len({a, other_version, other_sequencer}) == 3
     # The parts are length-prefixed: moving a character between them changes the id.
@@ -149,8 +192,14 @@ async def test_router_wildcards_select_bucket_and_event() -> None:
         (b'{"Records": [1]}', "Records[0]: expected an object"),
         (b'{"Records": [{"s3": {}}]}', "Records[0].eventName: missing"),
         (b'{"Records": [{"eventName": "ObjectCreated:Put"}]}', "Records[0].s3: missing"),
-        (b'{"Records": [{"eventName": "x", "s3": {"bucket": {"name": "a/b"}, "object": {"key": "k"}}}]}', "contains '/'"),
-        (b'{"Records": [{"eventName": "x", "s3": {"bucket": {"name": "b"}, "object": {}}}]}', "Records[0].s3.object.key"),
+        (
+            b'{"Records": [{"eventName": "x", "s3": {"bucket": {"name": "a/b"}, "object": {"key": "k"}}}]}',
+            "contains '/'",
+        ),
+        (
+            b'{"Records": [{"eventName": "x", "s3": {"bucket": {"name": "b"}, "object": {}}}]}',
+            "Records[0].s3.object.key",
+        ),
         (b'{"Type": "Notification", "Message": "nope"}', "SNS envelope: 'Message' is not JSON"),
         (b"\xff\xfe", "not JSON"),
     ],

@@ -72,7 +72,9 @@ def test_queue_urls_list_comma_form_env_and_region(monkeypatch: pytest.MonkeyPat
         ({"queue_urls": ["http://127.0.0.1:5000/123/q"]}, "region: required"),
     ],
 )
-def test_bad_config_names_the_problem(table: dict[str, object], message: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_config_names_the_problem(
+    table: dict[str, object], message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
     monkeypatch.delenv("AWS_REGION", raising=False)
     monkeypatch.delenv("queue_url", raising=False)
@@ -98,14 +100,20 @@ def test_decisions() -> None:
     assert decide(None, attempts=1, dead_letters=True, **common) == Delete()
     assert decide(outcome(Verdict.OK), attempts=1, dead_letters=True, **common) == Delete()
     assert decide(outcome(Verdict.UNROUTED), attempts=1, dead_letters=False, **common) == Delete()
-    assert [decide(outcome(Verdict.RETRY), attempts=a, dead_letters=False, **common) for a in (1, 2, 3, 9)] == [
+    assert [
+        decide(outcome(Verdict.RETRY), attempts=a, dead_letters=False, **common) for a in (1, 2, 3, 9)
+    ] == [
         Delay(1.0),
         Delay(2.0),
         Delay(4.0),
         Delay(8.0),
     ]
-    assert decide(outcome(Verdict.RETRY, retry_after=5.0), attempts=1, dead_letters=False, **common) == Delay(5.0)
-    assert decide(outcome(Verdict.RETRY, retry_after=50.0), attempts=1, dead_letters=False, **common) == Delay(8.0)
+    assert decide(outcome(Verdict.RETRY, retry_after=5.0), attempts=1, dead_letters=False, **common) == Delay(
+        5.0
+    )
+    assert decide(
+        outcome(Verdict.RETRY, retry_after=50.0), attempts=1, dead_letters=False, **common
+    ) == Delay(8.0)
     assert decide(outcome(Verdict.RETRY), attempts=3, dead_letters=True, **common) == DeadLetter(
         "max_deliver (3) reached"
     )

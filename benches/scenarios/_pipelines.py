@@ -277,7 +277,9 @@ async def sqs(args: argparse.Namespace, fwd: Forwarder, stop: asyncio.Event) -> 
 
         async def poll() -> None:
             while not stop.is_set():
-                response = await client.receive_message(QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=1)
+                response = await client.receive_message(
+                    QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=1
+                )
                 messages = response.get("Messages") or []
                 if not messages:
                     continue
@@ -285,7 +287,12 @@ async def sqs(args: argparse.Namespace, fwd: Forwarder, stop: asyncio.Event) -> 
                 done: list[dict[str, str]] = []
                 for m in messages:
 
-                    async def settle(ok: bool, m: Any = m) -> None:
+                    async def settle(
+                        ok: bool,
+                        m: Any = m,
+                        done: list[dict[str, str]] = done,
+                        tracker: BatchTracker = tracker,
+                    ) -> None:
                         if ok:
                             done.append({"Id": str(len(done)), "ReceiptHandle": m["ReceiptHandle"]})
                         await tracker.settle(ok)

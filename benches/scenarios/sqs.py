@@ -67,7 +67,8 @@ class QueueFeed:
         async def batch(count: int) -> None:
             async with slots:
                 entries = [
-                    {"Id": str(i), "MessageBody": stamped_payload(self.payload).decode()} for i in range(count)
+                    {"Id": str(i), "MessageBody": stamped_payload(self.payload).decode()}
+                    for i in range(count)
                 ]
                 response = await self.client.send_message_batch(QueueUrl=self.url, Entries=entries)
                 if response.get("Failed"):
@@ -136,12 +137,24 @@ def _notification(i: int) -> str:
         "eventName": "ObjectCreated:Put",
         "userIdentity": {"principalId": "AWS:EXAMPLE"},
         "requestParameters": {"sourceIPAddress": "127.0.0.1"},
-        "responseElements": {"x-amz-request-id": "C3D13FE58DE4C810", "x-amz-id-2": "FMyUVURIY8/IgAtTv8xRjskZQpcIZ9KG4V5Wp6S7S"},
+        "responseElements": {
+            "x-amz-request-id": "C3D13FE58DE4C810",
+            "x-amz-id-2": "FMyUVURIY8/IgAtTv8xRjskZQpcIZ9KG4V5Wp6S7S",
+        },
         "s3": {
             "s3SchemaVersion": "1.0",
             "configurationId": "uploads",
-            "bucket": {"name": "img.example.com", "ownerIdentity": {"principalId": "A3NL1KOZZKExample"}, "arn": "arn:aws:s3:::img.example.com"},
-            "object": {"key": f"photos/cat+{i}.jpg", "size": 1024, "eTag": "d41d8cd98f00b204e9800998ecf8427e", "sequencer": f"{i:018X}"},
+            "bucket": {
+                "name": "img.example.com",
+                "ownerIdentity": {"principalId": "A3NL1KOZZKExample"},
+                "arn": "arn:aws:s3:::img.example.com",
+            },
+            "object": {
+                "key": f"photos/cat+{i}.jpg",
+                "size": 1024,
+                "eTag": "d41d8cd98f00b204e9800998ecf8427e",
+                "sequencer": f"{i:018X}",
+            },
         },
     }
     return json.dumps({"Records": [record]})
@@ -157,7 +170,11 @@ async def run(ctx: Context) -> list[ScenarioResult]:
         targets=[Target("≥ 3x aiobotocore + aiohttp (issue 14)", "ratio_baseline", 3.0)],
     )
     decode = ScenarioResult("sqs-decode", 'decode = "s3" and settlement, no server (records/s)', {})
-    for name, value in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": REGION}.items():
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench",
+        "AWS_DEFAULT_REGION": REGION,
+    }.items():
         os.environ.setdefault(name, value)
     port = free_port()
     moto = ServerProcess("moto", moto_command(port), port, o.workdir / "moto.log", timeout=30.0)
@@ -167,7 +184,13 @@ async def run(ctx: Context) -> list[ScenarioResult]:
             feed = QueueFeed(client, o.payload, messages)
 
             async def fastconn(ctx: Context, _round: int) -> Running:
-                source = {"type": "sqs", "queue_urls": [feed.url], "endpoint_url": endpoint, "region": REGION, "wait_time": "1s"}
+                source = {
+                    "type": "sqs",
+                    "queue_urls": [feed.url],
+                    "endpoint_url": endpoint,
+                    "region": REGION,
+                    "wait_time": "1s",
+                }
                 topic = feed.url.rpartition("/")[2]
                 return await start_daemon(ctx, daemon_config(ctx, [topic], [source]))
 

@@ -196,4 +196,3 @@ def _text(parent: Mapping[str, Any], name: str, where: str) -> str:
 def _optional_text(parent: Mapping[str, Any], name: str) -> str:
     value = parent.get(name)
     return value if isinstance(value, str) else ""
-

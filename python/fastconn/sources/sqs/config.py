@@ -28,7 +28,9 @@ def queue_name(url: str) -> str:
 def _check_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError(f"{url!r}: expected a queue URL such as https://sqs.<region>.amazonaws.com/<account>/<name>")
+        raise ValueError(
+            f"{url!r}: expected a queue URL such as https://sqs.<region>.amazonaws.com/<account>/<name>"
+        )
     name = queue_name(url)
     if not _QUEUE_NAME.fullmatch(name):
         raise ValueError(
@@ -126,10 +128,12 @@ class SqsConfig(BaseModel):
                     "queue a standard one; split the queues into two sources"
                 )
         if not self.region and not any(_region_in(url) for url in self.queue_urls):
-            raise ValueError("region: required (or env AWS_DEFAULT_REGION), e.g. region = \"eu-west-1\"")
+            raise ValueError('region: required (or env AWS_DEFAULT_REGION), e.g. region = "eu-west-1"')
         for name in self.message_attribute_names:
             if not _ATTRIBUTE.fullmatch(name):
-                raise ValueError(f"message_attribute_names: {name!r} is not an attribute name, 'All' or 'prefix.*'")
+                raise ValueError(
+                    f"message_attribute_names: {name!r} is not an attribute name, 'All' or 'prefix.*'"
+                )
         if self.backoff_max < self.retry_delay:
             raise ValueError(f"backoff_max must be >= retry_delay ({self.retry_delay:g}s)")
         return self

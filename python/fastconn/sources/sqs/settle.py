@@ -14,7 +14,13 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from fastconn.backoff import doubling
-from fastconn.deadletter import DLT_HEADERS_DROPPED, DLT_PREFIX, DLT_RESPONSE, failure_context, response_excerpt
+from fastconn.deadletter import (
+    DLT_HEADERS_DROPPED,
+    DLT_PREFIX,
+    DLT_RESPONSE,
+    failure_context,
+    response_excerpt,
+)
 from fastconn.message import Outcome, Verdict
 
 __all__ = [
@@ -127,7 +133,7 @@ def dead_letter_attributes(
     deliveries: int,
     reason: str,
     original: Mapping[str, Any] | None,
-) -> dict[str, dict[str, str]]:
+) -> dict[str, Any]:
     """The message attributes of a dead letter: the context entries readers filter on, each on
     its own, the whole context as JSON in :data:`DLT_CONTEXT`, then as many of the message's own
     attributes as fit in SQS's ten (the count left out in ``fastconn-dlt-headers-dropped``)."""
@@ -136,13 +142,17 @@ def dead_letter_attributes(
         context = failure_context(outcome, origin, deliveries=deliveries, reason=reason)
         excerpt = response_excerpt(outcome)
     else:  # the message never reached a function (it could not be decoded)
-        context = [*origin, ("fastconn-dlt-message-id", message_id), ("fastconn-dlt-deliveries", str(deliveries)),
-                   ("fastconn-dlt-reason", reason)]
+        context = [
+            *origin,
+            ("fastconn-dlt-message-id", message_id),
+            ("fastconn-dlt-deliveries", str(deliveries)),
+            ("fastconn-dlt-reason", reason),
+        ]
         excerpt = None
     full = dict(context)
     if excerpt is not None:
         full[DLT_RESPONSE] = excerpt.decode("utf-8", "replace")
-    attributes = {name: _string(full[name]) for name in _SEPARATE if name in full}
+    attributes: dict[str, Any] = {name: _string(full[name]) for name in _SEPARATE if name in full}
     attributes[DLT_CONTEXT] = _string(json.dumps(full, separators=(",", ":")))
     own = [(k, v) for k, v in (original or {}).items() if not k.lower().startswith(DLT_PREFIX)]
     room = MAX_ATTRIBUTES - len(attributes)
@@ -162,5 +172,3 @@ def _copyable(value: Mapping[str, Any]) -> Any:
     """A received attribute as SendMessage takes it (receive adds no fields send refuses, but
     list values are reserved and must not be sent)."""
     return {k: v for k, v in value.items() if k in ("DataType", "StringValue", "BinaryValue")}
-
-

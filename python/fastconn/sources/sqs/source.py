@@ -11,8 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from aiobotocore.config import AioConfig
-from aiobotocore.session import get_session
+from aiobotocore.config import AioConfig  # type: ignore[import-untyped]
+from aiobotocore.session import get_session  # type: ignore[import-untyped]
 
 from fastconn.backoff import doubling
 from fastconn.errors import DispatcherClosed, SourceError
@@ -24,7 +24,15 @@ from fastconn.source import SourceContext, wait_or_stop
 from fastconn.sources.sqs.batch import BatchCalls
 from fastconn.sources.sqs.config import MAX_VISIBILITY, SqsConfig, queue_name
 from fastconn.sources.sqs.headers import MESSAGE_ID, QUEUE_URL, attribute_headers
-from fastconn.sources.sqs.settle import DeadLetter, Delay, Delete, Redrive, dead_letter_attributes, decide, worse
+from fastconn.sources.sqs.settle import (
+    DeadLetter,
+    Delay,
+    Delete,
+    Redrive,
+    dead_letter_attributes,
+    decide,
+    worse,
+)
 
 log = logging.getLogger("fastconn.source.sqs")
 
@@ -65,7 +73,9 @@ class SqsSource:
     def __init__(self, config: SqsConfig) -> None:
         self.config = config
         self.name = config.name
-        self._queues = tuple(_Queue(url, queue_name(url), queue_name(url).endswith(".fifo")) for url in config.queue_urls)
+        self._queues = tuple(
+            _Queue(url, queue_name(url), queue_name(url).endswith(".fifo")) for url in config.queue_urls
+        )
         self._ctx: SourceContext | None = None
         self._exit = contextlib.AsyncExitStack()
         self._client: Any = None
@@ -128,7 +138,9 @@ class SqsSource:
             await self._exit.aclose()
             raise
         while not await ctx.wait_ready(max(ctx.startup_wait, 1.0)):
-            log.warning("source %s: waiting for the topic map before receiving (messages stay queued)", self.name)
+            log.warning(
+                "source %s: waiting for the topic map before receiving (messages stay queued)", self.name
+            )
         self._batch = BatchCalls(self._client, self.name, log, self._count)
         self._tasks.append(ctx.supervise(f"{self.name}.settle", self._batch.run))
         self._tasks.append(ctx.supervise(f"{self.name}.visibility", self._keep_hidden))
@@ -153,7 +165,9 @@ class SqsSource:
                     self.config.startup_timeout,
                 )
             except Exception as exc:
-                raise SourceError(f"source {self.name}: cannot use queue {url}: {describe_error(exc)}") from None
+                raise SourceError(
+                    f"source {self.name}: cannot use queue {url}: {describe_error(exc)}"
+                ) from None
 
     async def stop(self) -> None:
         """Stops receiving (a long poll in progress is abandoned: what it would return stays in
@@ -289,14 +303,17 @@ class SqsSource:
         headers += [(MESSAGE_ID, received.message_id), (QUEUE_URL, queue.url)]
         key = received.group.encode() if received.group is not None else None
         if self.config.decode == "none":
-            return [self._message(received, queue.name, received.body.encode(), headers, received.message_id, key)]
+            return [
+                self._message(received, queue.name, received.body.encode(), headers, received.message_id, key)
+            ]
         try:
             records = decode_notification(received.body)
         except S3EventError as exc:
             self._undecodable(received, str(exc))
             return None
         return [
-            self._message(received, r.topic, r.body, [*headers, *r.headers], r.message_id, key) for r in records
+            self._message(received, r.topic, r.body, [*headers, *r.headers], r.message_id, key)
+            for r in records
         ]
 
     def _message(
@@ -329,7 +346,8 @@ class SqsSource:
             reason,
             "moving it to the dead-letter queue"
             if self.config.dead_letter_queue_url
-            else "handing it back for the queue's redrive policy (set dead_letter_queue_url to move such messages aside)",
+            else "handing it back for the queue's redrive policy "
+            "(set dead_letter_queue_url to move such messages aside)",
         )
         reason = f"cannot decode: {reason}"
         decision = DeadLetter(reason) if self.config.dead_letter_queue_url else Redrive(reason)
@@ -356,7 +374,9 @@ class SqsSource:
     def _in_place_limit(self) -> int:
         return self.config.max_deliver
 
-    def _part_settled(self, received: _Received, outcome: Outcome | None, *, handed_back: bool = False) -> None:
+    def _part_settled(
+        self, received: _Received, outcome: Outcome | None, *, handed_back: bool = False
+    ) -> None:
         if outcome is not None:
             received.worst = worse(received.worst, outcome)
         received.pending -= 1
@@ -399,7 +419,8 @@ class SqsSource:
             metrics.messages_failed.labels(source=self.name).inc()
             failure = received.worst.first_failure() if received.worst is not None else None
             self._error_log.warning(
-                "source %s: message %s on %s failed for good (%s%s); visible again for the queue's redrive policy",
+                "source %s: message %s on %s failed for good (%s%s); "
+                "visible again for the queue's redrive policy",
                 self.name,
                 received.message_id,
                 received.queue.name,
@@ -411,7 +432,9 @@ class SqsSource:
     def _visibility(self, received: _Received, seconds: float) -> None:
         """Hides the message ``seconds`` from now (0: visible at once), within SQS's 12 h."""
         left = MAX_VISIBILITY - (time.monotonic() - received.received_at) - _CEILING_MARGIN
-        self._require_batch().change_visibility(received.queue.url, received.receipt, max(0.0, min(seconds, left)))
+        self._require_batch().change_visibility(
+            received.queue.url, received.receipt, max(0.0, min(seconds, left))
+        )
 
     async def _dead_letter(self, received: _Received, reason: str) -> None:
         url = self.config.dead_letter_queue_url
@@ -424,7 +447,11 @@ class SqsSource:
             reason=reason,
             original=received.message_attributes,
         )
-        send: dict[str, Any] = {"QueueUrl": url, "MessageBody": received.body, "MessageAttributes": attributes}
+        send: dict[str, Any] = {
+            "QueueUrl": url,
+            "MessageBody": received.body,
+            "MessageAttributes": attributes,
+        }
         if received.queue.fifo:
             send["MessageGroupId"] = received.group or "fastconn-dlt"
             send["MessageDeduplicationId"] = received.message_id
