@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +58,17 @@ class Sqs:
                 assert not response.get("Failed"), response["Failed"]
 
         await asyncio.gather(*(one(b) for b in batches))
+
+    async def stream(
+        self, url: str, bodies: Sequence[str], delivered: Callable[[], int], depth: int = 1000
+    ) -> None:
+        """Sends ``bodies`` while at most ``depth`` of them are not delivered yet: moto's cost
+        per call grows with the messages in the queue (it scans them all), so a 20,000 backlog
+        would take it many minutes to even accept."""
+        for start in range(0, len(bodies), 100):
+            while start - delivered() > depth:
+                await asyncio.sleep(0.02)
+            await self.send_many(url, bodies[start : start + 100])
 
     async def counts(self, url: str) -> tuple[int, int]:
         """(visible, in flight) messages of the queue."""

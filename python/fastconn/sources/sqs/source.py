@@ -108,12 +108,15 @@ class SqsSource:
 
     async def start(self) -> None:
         ctx = self._require_ctx()
-        pollers = self.config.pollers or _default_pollers(ctx.dispatcher.capacity, self.config.max_messages)
+        dispatcher = ctx.dispatcher
+        # Enough in hand to keep every call slot busy while the next receives return; more
+        # would only hide messages from other replicas (and cost moto-like servers per message).
+        self._limit = max(self.config.max_messages, min(dispatcher.capacity, 2 * dispatcher.options.max_inflight))
+        pollers = self.config.pollers or _default_pollers(self._limit, self.config.max_messages)
         # FIFO: one receive at a time per queue by default, so messages reach the core in the
         # queue's order even where the server does not hide a group while it is in flight (SQS
         # does; moto can hand one group to two concurrent receives).
         fifo_pollers = self.config.pollers or 1
-        self._limit = max(self.config.max_messages, ctx.dispatcher.capacity)
         session = get_session()
         timeout = self.config.wait_time + 20
         aio_config = AioConfig(
@@ -563,11 +566,10 @@ class SqsSource:
         return self._ctx
 
 
-def _default_pollers(capacity: int, max_messages: int) -> int:
-    """Enough concurrent receives to keep the dispatcher's room filled: a receive returns at
-    most ``max_messages`` and takes a round trip, so a few per batch the dispatcher can hold,
-    within a pool a server can take."""
-    return max(1, min(16, capacity // (max_messages * 8)))
+def _default_pollers(limit: int, max_messages: int) -> int:
+    """Enough concurrent receives to refill the messages in hand (``limit``) within a couple of
+    round trips: a receive returns at most ``max_messages``."""
+    return max(1, min(16, limit // (max_messages * 2)))
 
 
 def _int(value: object, default: int) -> int:
