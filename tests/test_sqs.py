@@ -318,7 +318,7 @@ async def test_a_missing_queue_fails_the_start_naming_it(
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(1200)
 async def test_kill_9_mid_stream_then_restart_loses_nothing(
     sqs: Sqs, function_double: FunctionDouble, tmp_path: Path
 ) -> None:
@@ -336,7 +336,7 @@ async def test_kill_9_mid_stream_then_restart_loses_nothing(
         await daemon.start()
         started = time.monotonic()
         try:
-            await wait_for(lambda: len(function_double.calls) >= n // 3, 300, 0.01, "a third delivered")
+            await wait_for(lambda: len(function_double.calls) >= n // 3, 400, 0.01, "a third delivered")
         finally:
             daemon.kill()
         before = len(function_double.calls)
