@@ -60,7 +60,7 @@ class Sqs:
         await asyncio.gather(*(one(b) for b in batches))
 
     async def stream(
-        self, url: str, bodies: Sequence[str], delivered: Callable[[], int], depth: int = 200
+        self, url: str, bodies: Sequence[str], delivered: Callable[[], int], depth: int = 50
     ) -> None:
         """Sends ``bodies`` while at most ``depth`` of them are not delivered yet: moto's cost
         per call grows with the messages in the queue (it scans them all), so a 20,000 backlog
