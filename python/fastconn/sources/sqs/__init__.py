@@ -2,10 +2,11 @@
 
 Each queue has ``pollers`` concurrent receives (``max_messages`` per receive, long polls of
 ``wait_time``); a receive is only made while this replica holds fewer messages than twice the
-dispatcher's in-flight bound (what keeps every call slot busy), so a slow or stalled function leaves the backlog in SQS, where other
-replicas (competing consumers, as SQS intends) can take it. The topic of a message is its
-queue's name (the OpenFaaS annotation form); with ``decode = "s3"`` each record of an S3/MinIO
-bucket notification is a message of its own (:mod:`fastconn.s3_events`).
+dispatcher's in-flight bound (what keeps every call slot busy), so a slow or stalled function
+leaves the backlog in SQS, where other replicas (competing consumers, as SQS intends) can take
+it. The topic of a message is its queue's name (the OpenFaaS annotation form); with
+``decode = "s3"`` each record of an S3/MinIO bucket notification is a message of its own
+(:mod:`fastconn.s3_events`).
 
 Settling, once every part of a received message has a final result:
 

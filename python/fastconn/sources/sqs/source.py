@@ -111,7 +111,9 @@ class SqsSource:
         dispatcher = ctx.dispatcher
         # Enough in hand to keep every call slot busy while the next receives return; more
         # would only hide messages from other replicas (and cost moto-like servers per message).
-        self._limit = max(self.config.max_messages, min(dispatcher.capacity, 2 * dispatcher.options.max_inflight))
+        self._limit = max(
+            self.config.max_messages, min(dispatcher.capacity, 2 * dispatcher.options.max_inflight)
+        )
         pollers = self.config.pollers or _default_pollers(self._limit, self.config.max_messages)
         # FIFO: one receive at a time per queue by default, so messages reach the core in the
         # queue's order even where the server does not hide a group while it is in flight (SQS
