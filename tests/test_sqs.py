@@ -318,13 +318,14 @@ async def test_a_missing_queue_fails_the_start_naming_it(
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1200)
+@pytest.mark.timeout(1800)
 async def test_kill_9_mid_stream_then_restart_loses_nothing(
     sqs: Sqs, function_double: FunctionDouble, tmp_path: Path
 ) -> None:
     """20,000 messages streamed into the queue; the daemon is killed (SIGKILL) a third of the way
     through and started again: every message reaches the function. What the killed daemon held
-    comes back after its visibility timeout (5s here): duplicates, counted, never losses."""
+    comes back after its visibility timeout (5s here): duplicates, counted, never losses. moto
+    is the slow part (30-150 messages/s on the shared machine): the waits are long."""
     url = await sqs.queue()
     n = 20_000
     source = sqs_source(sqs, [url], visibility_timeout="5s")
@@ -343,7 +344,7 @@ async def test_kill_9_mid_stream_then_restart_loses_nothing(
         print(f"{before} calls in {time.monotonic() - started:.1f}s, then kill -9")
         async with DaemonProcess(config, tmp_path):
             await wait_for(
-                lambda: len({c.body for c in function_double.calls}) >= n, 400, 0.2, "every message"
+                lambda: len({c.body for c in function_double.calls}) >= n, 900, 0.2, "every message"
             )
             await producer
             await sqs.drained(url, timeout=60)
