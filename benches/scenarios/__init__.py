@@ -9,6 +9,7 @@ SCENARIOS: dict[str, str] = {
     "jetstream": "scenarios.jetstream",
     "kafka": "scenarios.kafka",
     "rabbitmq": "scenarios.rabbitmq",
+    "sqs": "scenarios.sqs",
     "mqtt": "scenarios.mqtt",
     "postgres": "scenarios.postgres",
     "pushbullet": "scenarios.pushbullet",
