@@ -392,7 +392,17 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument(
         "kind",
-        choices=["webhook", "nats", "jetstream", "kafka", "rabbitmq", "mqtt", "postgres", "pushbullet", "sqs"],
+        choices=[
+            "webhook",
+            "nats",
+            "jetstream",
+            "kafka",
+            "rabbitmq",
+            "mqtt",
+            "postgres",
+            "pushbullet",
+            "sqs",
+        ],
     )
     parser.add_argument("--sink", required=True)
     parser.add_argument("--inflight", type=int, default=64)
