@@ -39,6 +39,8 @@ class WebhookFeed:
     fanout: int = 1
     url: str = ""
     refused: list[int] = field(default_factory=list)
+    answer_times: list[float] = field(default_factory=list)
+    """Seconds each probe request waited for its answer (the 202), from the last probe."""
 
     async def prepare_round(self, ctx: Context, round_id: int) -> None:
         pass
@@ -86,9 +88,12 @@ class WebhookFeed:
         async with aiohttp.ClientSession() as http:
 
             async def post() -> None:
+                t0 = time.perf_counter()
                 async with http.post(self.url, data=stamped_payload(self.payload)) as r:
                     await r.read()
+                self.answer_times.append(time.perf_counter() - t0)
 
+            self.answer_times = []
             started = time.perf_counter()
             tasks: list[asyncio.Task[None]] = []
             while len(tasks) < n:
