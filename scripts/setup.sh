@@ -17,6 +17,10 @@ command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need_apt+=(nginx)
 # The postgres source's tests start throw-away clusters with initdb/pg_ctl (PostgreSQL 15 or later).
 { command -v pg_config >/dev/null && [ -x "$(pg_config --bindir)/initdb" ]; } \
   || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt+=(postgresql)
+# The vcenter tests build govmomi's simulator (tests/vcsim/main.go) offline with Debian's Go
+# against Debian's govmomi sources.
+command -v go >/dev/null || need_apt+=(golang-go)
+[ -d /usr/share/gocode/src/github.com/vmware/govmomi/simulator ] || need_apt+=(golang-github-vmware-govmomi-dev)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}"
   if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi

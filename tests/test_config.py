@@ -534,9 +534,9 @@ BROKEN = [
     pytest.param(
         GATEWAY + '[[sources]]\ntype = "webhook"\nnope = true\n',
         "sources[0].nope",
-        "unknown key (allowed: asynchronous_invocation, auth_token, hmac_secret, max_body_bytes, name, "
-        "signature_algorithm, signature_encoding, signature_header, signature_prefix, signature_scheme, "
-        "signature_tolerance, store, type)",
+        "unknown key (allowed: asynchronous_invocation, auth_token, decode, hmac_secret, max_body_bytes, "
+        "name, signature_algorithm, signature_encoding, signature_header, signature_prefix, "
+        "signature_scheme, signature_tolerance, store, type)",
         True,
         id="unknown-webhook-key",
     ),

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import pytest
 from aiobotocore.session import get_session  # type: ignore[import-untyped]
+from multidict import CIMultiDict
 
 from aws_fixtures import REGION, MotoServer, aws_env, moto_server  # noqa: F401
 from fastconn.functions import FunctionTarget
@@ -94,7 +95,7 @@ async def post(
         aiohttp.ClientSession() as http,
         http.post(f"{daemon.url}/sns{query}", data=body, headers=headers) as r,
     ):
-        return r.status, await r.text(), dict(r.headers)
+        return r.status, await r.text(), CIMultiDict(r.headers)  # hyper sends lower-case names
 
 
 async def errors(daemon: DaemonProcess, kind: str) -> float:

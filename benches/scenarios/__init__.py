@@ -10,6 +10,7 @@ SCENARIOS: dict[str, str] = {
     "jetstream": "scenarios.jetstream",
     "kafka": "scenarios.kafka",
     "rabbitmq": "scenarios.rabbitmq",
+    "sqs": "scenarios.sqs",
     "mqtt": "scenarios.mqtt",
     "postgres": "scenarios.postgres",
     "pushbullet": "scenarios.pushbullet",
@@ -20,5 +21,6 @@ SCENARIOS: dict[str, str] = {
     "https": "scenarios.https",
     "bridge": "scenarios.bridge",
     "cron": "scenarios.cron",
+    "vcenter": "scenarios.vcenter",
 }
 """Scenario name → module, in the order a full run goes."""

@@ -320,6 +320,7 @@ async def delivery_window(
     start: Callable[[], Coroutine[Any, Any, None]] | None = None,
     per_message: int = 1,
     poll: float = 0.005,
+    timeout: float | None = None,
 ) -> Window:
     """Measures how long the sink takes to receive ``expected`` requests, and the CPU ``pid``
     spends meanwhile.
@@ -330,7 +331,7 @@ async def delivery_window(
     requests per source message (fan-out), so the window counts messages.
     """
     sink = ctx.sink
-    deadline = time.monotonic() + delivery_timeout(expected)
+    deadline = time.monotonic() + (timeout or delivery_timeout(expected))
     publisher: asyncio.Task[None] | None = None
     first = 0
     if start is None:

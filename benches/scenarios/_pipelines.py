@@ -12,6 +12,9 @@ prints ``ready`` once it consumes, runs until SIGTERM.
 * ``rabbitmq``: an aio-pika consumer (prefetch = the in-flight bound), ack after success.
 * ``mqtt``: paho-mqtt 2 with manual acknowledgement (aiomqtt 2 cannot acknowledge after the
   call), its network thread handing each message to the loop; PUBACK after the call succeeded.
+* ``sqs``: aiobotocore long polls (10 messages per receive, enough pollers to keep the
+  in-flight bound busy), a call per message, ``DeleteMessageBatch`` of a receive's messages
+  once their calls succeeded (failed ones reappear after the visibility timeout).
 * ``postgres``: asyncpg peeks a batch of a logical replication slot (pgoutput), decodes it with
   fastconn's decoder (the naive part is the pipeline, not the parsing), calls every change and
   advances the slot after the batch succeeded.
@@ -271,6 +274,47 @@ async def postgres(args: argparse.Namespace, fwd: Forwarder, stop: asyncio.Event
         await conn.close()
 
 
+async def sqs(args: argparse.Namespace, fwd: Forwarder, stop: asyncio.Event) -> None:
+    from aiobotocore.session import get_session
+
+    async with get_session().create_client("sqs", endpoint_url=args.server) as client:
+        url = args.subject
+
+        async def poll() -> None:
+            while not stop.is_set():
+                response = await client.receive_message(
+                    QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=1
+                )
+                messages = response.get("Messages") or []
+                if not messages:
+                    continue
+                tracker = BatchTracker(len(messages))
+                done: list[dict[str, str]] = []
+                for m in messages:
+
+                    async def settle(
+                        ok: bool,
+                        m: Any = m,
+                        done: list[dict[str, str]] = done,
+                        tracker: BatchTracker = tracker,
+                    ) -> None:
+                        if ok:
+                            done.append({"Id": str(len(done)), "ReceiptHandle": m["ReceiptHandle"]})
+                        await tracker.settle(ok)
+
+                    await fwd.start(url.rpartition("/")[2], m["Body"].encode(), settle)
+                await tracker.finished.wait()
+                if done:
+                    await client.delete_message_batch(QueueUrl=url, Entries=done)
+
+        pollers = [asyncio.create_task(poll()) for _ in range(max(1, args.inflight // 10))]
+        ready()
+        await stop.wait()
+        for task in pollers:
+            task.cancel()
+        await asyncio.gather(*pollers, return_exceptions=True)
+
+
 class BatchTracker:
     """Counts a fetched batch's calls down; the batch is committed once all succeeded."""
 
@@ -335,6 +379,7 @@ async def main(args: argparse.Namespace) -> None:
         "mqtt": mqtt,
         "postgres": postgres,
         "pushbullet": pushbullet,
+        "sqs": sqs,
     }[args.kind]
     try:
         await run(args, fwd, stop)
@@ -347,7 +392,17 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument(
         "kind",
-        choices=["webhook", "nats", "jetstream", "kafka", "rabbitmq", "mqtt", "postgres", "pushbullet"],
+        choices=[
+            "webhook",
+            "nats",
+            "jetstream",
+            "kafka",
+            "rabbitmq",
+            "mqtt",
+            "postgres",
+            "pushbullet",
+            "sqs",
+        ],
     )
     parser.add_argument("--sink", required=True)
     parser.add_argument("--inflight", type=int, default=64)

@@ -40,6 +40,8 @@ class WebhookFeed:
     fanout: int = 1
     url: str = ""
     refused: list[int] = field(default_factory=list)
+    answer_times: list[float] = field(default_factory=list)
+    """Seconds each probe request waited for its answer (the 202), from the last probe."""
     path: str = f"/webhook/{TOPIC}"
     encode: Callable[[bytes], tuple[dict[str, str], bytes]] | None = None
     """The request for a payload (headers, body); None: the payload as the body."""
@@ -98,9 +100,12 @@ class WebhookFeed:
 
             async def post() -> None:
                 headers, body = self.request(stamped_payload(self.payload))
+                t0 = time.perf_counter()
                 async with http.post(self.url, data=body, headers=headers) as r:
                     await r.read()
+                self.answer_times.append(time.perf_counter() - t0)
 
+            self.answer_times = []
             started = time.perf_counter()
             tasks: list[asyncio.Task[None]] = []
             while len(tasks) < n:

@@ -9,13 +9,9 @@ of durability as the sender sees it."""
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
-
-from _common import stamped_payload
 from scenarios._base import Context, ScenarioResult, System, Window, alternate, http_bound_messages
 from scenarios._brokers import nats_server
 from scenarios._process import ProcessSystem, Running, daemon_config, start_daemon, start_pipeline
@@ -37,26 +33,9 @@ class TimedWebhookFeed(WebhookFeed):
         return window, excess
 
     async def probe(self, n: int, rate: float) -> None:
-        import asyncio
-
-        answers: list[float] = []
-        async with aiohttp.ClientSession() as http:
-
-            async def post() -> None:
-                t0 = time.perf_counter()
-                async with http.post(self.url, data=stamped_payload(self.payload)) as r:
-                    await r.read()
-                answers.append(time.perf_counter() - t0)
-
-            started = time.perf_counter()
-            tasks: list[asyncio.Task[None]] = []
-            while len(tasks) < n:
-                due = min(n, int((time.perf_counter() - started) * rate) + 1)
-                tasks.extend(asyncio.create_task(post()) for _ in range(due - len(tasks)))
-                await asyncio.sleep(0.002)
-            await asyncio.gather(*tasks)
-        if len(answers) >= 2:
-            cuts = statistics.quantiles(answers, n=100)
+        await super().probe(n, rate)
+        if len(self.answer_times) >= 2:
+            cuts = statistics.quantiles(self.answer_times, n=100)
             self._extras["ack_p50_ms"] = cuts[49] * 1000
             self._extras["ack_p99_ms"] = cuts[98] * 1000
 

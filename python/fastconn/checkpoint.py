@@ -30,7 +30,7 @@ from typing import Annotated, Any, Final, Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from fastconn.errors import SourceError
-from fastconn.sources._nats_common import NatsConnectionConfig, connect, connection_health
+from fastconn.sources._nats_common import NatsConnectionConfig, connect, connection_health, key_value_bucket
 
 __all__ = [
     "DEFAULT_STATE_DIR",
@@ -202,7 +202,6 @@ class JetStreamCheckpoint:
         self._kv: Any = None
 
     async def open(self) -> None:
-        from nats.js.errors import BucketNotFoundError
 
         name = f"{self.key}-checkpoint"
 
@@ -211,17 +210,16 @@ class JetStreamCheckpoint:
 
         health = connection_health(self.config, name, log)
         self._client = await connect(self.config, name=name, log=log, error_cb=on_error, health=health)
-        js = self._client.jetstream()
         try:
-            self._kv = await js.key_value(self.config.bucket)
-        except BucketNotFoundError:
-            if not self.config.create_bucket:
-                await self.close()
-                raise SourceError(
-                    f"checkpoint bucket {self.config.bucket!r} does not exist: create it or set "
-                    "checkpoint.create_bucket = true"
-                ) from None
-            self._kv = await js.create_key_value(bucket=self.config.bucket, history=1)
+            self._kv = await key_value_bucket(
+                self._client,
+                self.config.bucket,
+                create=self.config.create_bucket,
+                key_name="checkpoint.create_bucket",
+            )
+        except SourceError:
+            await self.close()
+            raise
 
     async def load(self) -> str | None:
         from nats.js.errors import KeyNotFoundError

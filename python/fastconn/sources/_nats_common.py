@@ -334,6 +334,22 @@ async def connect(
     raise SourceError(f"source {name!r}: cannot connect to NATS at {servers}: {why}{last}")
 
 
+async def key_value_bucket(client: Any, bucket: str, *, create: bool, key_name: str) -> Any:
+    """The JetStream key-value bucket ``bucket``, created (one revision kept) when missing and
+    ``create``; else :class:`SourceError` naming ``key_name`` (the config key that allows it)."""
+    from nats.js.errors import BucketNotFoundError
+
+    js = client.jetstream()
+    try:
+        return await js.key_value(bucket)
+    except BucketNotFoundError:
+        if not create:
+            raise SourceError(
+                f"key-value bucket {bucket!r} does not exist: create it or set {key_name} = true"
+            ) from None
+        return await js.create_key_value(bucket=bucket, history=1)
+
+
 def connection_health(config: NatsConnectionConfig, name: str, log: logging.Logger) -> ConnectionHealth:
     """The :class:`ConnectionHealth` of a NATS source (its servers, without credentials)."""
     return ConnectionHealth(name, display_servers(config.servers), log)

@@ -55,6 +55,7 @@ from fastconn.ingress import WebhookRoute, warn_undelivered
 from fastconn.ingress_store import IngressStore, IngressStoreConfig, StoredEvent, StoreUnavailable
 from fastconn.message import Message, Outcome, Verdict
 from fastconn.ratelimit import RateLimitedLog
+from fastconn.s3_events import S3EventError, decode_notification
 from fastconn.signatures import SignatureKeys, signature_problem
 from fastconn.source import SourceContext
 
@@ -104,6 +105,9 @@ class WebhookConfig(SignatureKeys):
     """Bearer token required in ``Authorization: Bearer <token>``; None disables the check."""
     asynchronous_invocation: bool = False
     """Invoke functions through ``/async-function/``; ``?wait=true`` waits for the callback."""
+    decode: Literal["none", "s3"] = "none"
+    """``s3``: the body is an S3/MinIO bucket notification (MinIO's webhook target): each record
+    becomes its own message, routed by bucket and event (see :mod:`fastconn.s3_events`)."""
     store: IngressStoreConfig | None = None
     """Durable ingress: answer 202 only once the event is stored in this JetStream stream, and
     dispatch it from there (see :mod:`fastconn.ingress_store`)."""
@@ -171,6 +175,7 @@ class WebhookSource:
         return (
             c.asynchronous_invocation
             or c.store is not None
+            or c.decode != "none"
             or c.signature_scheme != "hmac"
             or c.signature_encoding != "hex"
         )
@@ -240,11 +245,13 @@ class WebhookSource:
             source_reserved=frozenset({self.config.signature_header.lower()}),
             drop_credentials=True,
         )
+        wait = (request.query_value("wait") or "").lower() in ("1", "true", "yes")
+        if self.config.decode == "s3":
+            return await self._s3_records(request, headers, wait)
         # The id is made here so the 202 can carry it; it stays the same across retries.
         message = Message(topic, request.body, headers, message_id=uuid.uuid4().hex)
-        wait = (request.query_value("wait") or "").lower() in ("1", "true", "yes")
         if self._store is not None:
-            return await self._stored(message, wait)
+            return await self._stored([message], wait)
         # No topic map yet: answer at once. Holding the request for startup_wait would keep a
         # connection (and a sender) waiting for a table that may be minutes away.
         if not await ctx.wait_ready(0):
@@ -282,8 +289,43 @@ class WebhookSource:
             )
         return _waited_response(outcome, outcome.message_id)
 
-    async def _stored(self, message: Message, wait: bool) -> HttpResponse:
-        """Durable ingress: 202 once the stream holds the event; its JetStream source delivers."""
+    async def _s3_records(
+        self, request: HttpRequest, headers: list[tuple[str, str]], wait: bool
+    ) -> HttpResponse:
+        """``decode = "s3"`` (MinIO's webhook target, or any S3-style notification): one
+        message per record, routed by bucket and event (the URL's topic is not used), each with
+        its stable record id; 202 once all are accepted (or stored)."""
+        ctx = self._ctx
+        if ctx is None:
+            return _error(503, "not accepting events (starting or shutting down)", retry_after=1)
+        if wait:
+            return _error(400, "?wait=true is not available with decode = s3 (one request, many records)")
+        try:
+            records = decode_notification(request.body)
+        except S3EventError as exc:
+            return self._malformed(request, f"not an S3 event notification: {exc}")
+        own = frozenset(name.lower() for name, _ in records[0].headers) if records else frozenset()
+        forwarded = [(name, value) for name, value in headers if name.lower() not in own]
+        messages = [
+            Message(r.topic, r.body, [*r.headers, *forwarded], message_id=r.message_id) for r in records
+        ]
+        ids = ", ".join(m.message_id or "" for m in messages)
+        if not messages:  # s3:TestEvent: nothing to deliver
+            return HttpResponse(202, (), b"no records\n")
+        if self._store is not None:
+            return await self._stored(messages, wait)
+        if not await ctx.wait_ready(0):
+            return _error(503, "topic map not loaded yet", retry_after=1)
+        try:
+            await ctx.submit(self.name, messages, self._on_outcomes)
+        except DispatcherClosed:
+            return _error(503, "shutting down", retry_after=1)
+        except ValueError as exc:
+            return self._malformed(request, f"message refused: {exc}")
+        return HttpResponse(202, (("X-Message-Id", ids),), b"accepted\n")
+
+    async def _stored(self, messages: list[Message], wait: bool) -> HttpResponse:
+        """Durable ingress: 202 once the stream holds the events; its JetStream source delivers."""
         store = self._store
         if store is None or wait:
             return _error(
@@ -291,16 +333,17 @@ class WebhookSource:
                 "?wait=true is not available on a webhook with a store: the event is dispatched "
                 "later from the stream (drop ?wait, or use a webhook without a store)",
             )
-        message_id = message.message_id or ""
+        events = [StoredEvent(m.topic, m.payload, m.headers, m.message_id or "") for m in messages]
         try:
-            await store.put([StoredEvent(message.topic, message.payload, message.headers, message_id)])
+            await store.put(events)
         except StoreUnavailable as exc:
             self._undelivered_log.warning("webhook %s: event not stored: %s", self.name, exc)
             return _error(503, "event store unavailable, retry later", retry_after=1)
         ctx = self._ctx
         if ctx is not None:
-            ctx.count_received(self.name, [message])
-        return HttpResponse(202, (("X-Message-Id", message_id),), b"stored\n")
+            ctx.count_received(self.name, messages)
+        ids = ", ".join(e.message_id for e in events)
+        return HttpResponse(202, (("X-Message-Id", ids),), b"stored\n")
 
     def _check_token(self, request: HttpRequest) -> HttpResponse | None:
         token = self.config.auth_token

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
 
 from fastconn.errors import SourceError
 from fastconn.health import ConnectionHealth
-from fastconn.sources._nats_common import connect, connection_health
+from fastconn.sources._nats_common import connect, connection_health, key_value_bucket
 
 if TYPE_CHECKING:
     from fastconn.sources.cron.config import JetStreamKVStoreConfig
@@ -188,7 +188,6 @@ class JetStreamKVStore:
         self.health: ConnectionHealth | None = None
 
     async def open(self, source: str) -> None:
-        from nats.js.errors import BucketNotFoundError
 
         name = f"{source}-store"
         self.health = connection_health(self.config, name, log)
@@ -197,17 +196,16 @@ class JetStreamKVStore:
             log.warning("source %s: NATS error: %r", name, exc)
 
         self._client = await connect(self.config, name=name, log=log, error_cb=on_error, health=self.health)
-        js = self._client.jetstream()
         try:
-            self._kv = await js.key_value(self.config.bucket)
-        except BucketNotFoundError:
-            if not self.config.create_bucket:
-                await self.close()
-                raise SourceError(
-                    f"source {source!r}: store bucket {self.config.bucket!r} does not exist; "
-                    "create it or set store.create_bucket = true"
-                ) from None
-            self._kv = await js.create_key_value(bucket=self.config.bucket, history=1)
+            self._kv = await key_value_bucket(
+                self._client,
+                self.config.bucket,
+                create=self.config.create_bucket,
+                key_name="store.create_bucket",
+            )
+        except SourceError as exc:
+            await self.close()
+            raise SourceError(f"source {source!r}: {exc}") from None
 
     async def close(self) -> None:
         client, self._client = self._client, None

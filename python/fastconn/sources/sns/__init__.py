@@ -36,7 +36,12 @@ and the signed string), :mod:`.signature`, :mod:`.certs` (fetching and the certi
 """
 
 from fastconn.sources.sns.config import SnsConfig
-from fastconn.sources.sns.messages import Notification, NotificationDecoder, notification_messages
+from fastconn.sources.sns.messages import (
+    Notification,
+    NotificationDecoder,
+    notification_messages,
+    s3_record_messages,
+)
 from fastconn.sources.sns.source import SnsSource
 
 __all__ = [
@@ -53,4 +58,4 @@ CONFIG_MODEL = SnsConfig
 
 
 def create(config: SnsConfig) -> SnsSource:
-    return SnsSource(config)
+    return SnsSource(config, decode=s3_record_messages if config.decode == "s3" else notification_messages)

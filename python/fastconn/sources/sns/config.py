@@ -80,6 +80,10 @@ class SnsConfig(BaseModel):
 
     type: Literal["sns"] = "sns"
     name: str = "sns"
+    decode: Literal["none", "s3"] = "none"
+    """``s3``: the published message is an S3 event notification (a bucket notifying this topic):
+    each record becomes a message of its own (see :mod:`fastconn.s3_events`), and SNS gets its
+    200 once all of them are accepted."""
     path: str = "/sns"
     """Where SNS posts, on the admin server."""
     topic_arns: tuple[str, ...] = ()

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 from fastconn.headers import passthrough
 from fastconn.message import Message
+from fastconn.s3_events import decode_notification
 
-__all__ = ["Notification", "NotificationDecoder", "notification_messages"]
+__all__ = ["Notification", "NotificationDecoder", "notification_messages", "s3_record_messages"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,4 +64,16 @@ def notification_messages(notification: Notification) -> list[Message]:
             passthrough(headers),
             message_id=notification.message_id,
         )
+    ]
+
+
+def s3_record_messages(notification: Notification) -> list[Message]:
+    """``decode = "s3"``: one message per S3 record of the published notification, routed by
+    bucket and event (``s3/<bucket>/<category>/<detail>``), with the SNS message id kept as
+    ``X-Sns-Message-Id``. Raises :class:`fastconn.s3_events.S3EventError` (a 400 naming the
+    problem) for a message that is not an S3 notification."""
+    sns = (("X-Sns-Message-Id", notification.message_id), ("X-Sns-Arn", notification.topic_arn))
+    return [
+        Message(record.topic, record.body, [*record.headers, *sns], message_id=record.message_id)
+        for record in decode_notification(notification.message)
     ]

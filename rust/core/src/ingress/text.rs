@@ -116,26 +116,6 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     std::hint::black_box(diff) == 0
 }
 
-/// Lower-case hex digits → bytes; None on anything else (upper case included: the senders
-/// this serves all sign in lower case, and accepting both would accept a second spelling).
-pub fn hex_lower(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) {
-        return None;
-    }
-    let digit = |c: u8| match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        _ => None,
-    };
-    text.as_bytes()
-        .chunks(2)
-        .map(|pair| match pair {
-            [hi, lo] => Some(digit(*hi)? << 4 | digit(*lo)?),
-            _ => None,
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,10 +177,7 @@ mod tests {
     }
 
     #[test]
-    fn hex_and_constant_time_comparison() {
-        assert_eq!(hex_lower("00ff10"), Some(vec![0, 255, 16]));
-        assert_eq!(hex_lower("00FF"), None);
-        assert_eq!(hex_lower("abc"), None);
+    fn constant_time_comparison() {
         assert!(constant_time_eq(b"abc", b"abc"));
         assert!(!constant_time_eq(b"abc", b"abd"));
         assert!(!constant_time_eq(b"abc", b"abcd"));

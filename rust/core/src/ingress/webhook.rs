@@ -15,9 +15,7 @@
 
 use super::body::{read_limited, BodyError};
 use super::service::text_response;
-use super::text::{
-    constant_time_eq, hex_lower, json_error, percent_decode, query_value, topic_problem,
-};
+use super::text::{constant_time_eq, json_error, percent_decode, query_value, topic_problem};
 use super::{Accepted, Notice, Shared};
 use crate::engine::{SubmitError, INGRESS_TOKEN};
 use crate::headers;
@@ -36,36 +34,15 @@ pub const PREFIX: &str = "/webhook/";
 /// Credentials of the sender *to fastconn*: never passed on to functions.
 const CREDENTIALS: &[&str] = &["authorization", "proxy-authorization", "cookie"];
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SignatureAlgorithm {
-    Sha256,
-    Sha1,
-}
+pub use crate::signature::Algorithm as SignatureAlgorithm;
+use crate::signature::{Encoding, Scheme, SignatureRule};
 
-impl SignatureAlgorithm {
-    pub fn parse(name: &str) -> Option<SignatureAlgorithm> {
-        match name {
-            "sha256" => Some(SignatureAlgorithm::Sha256),
-            "sha1" => Some(SignatureAlgorithm::Sha1),
-            _ => None,
-        }
-    }
-
-    fn ring(self) -> ring::hmac::Algorithm {
-        match self {
-            SignatureAlgorithm::Sha256 => ring::hmac::HMAC_SHA256,
-            SignatureAlgorithm::Sha1 => ring::hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY,
-        }
-    }
-}
-
-/// The signature check of a webhook route: `header` carries `prefix` + lower-case hex of the
-/// HMAC of the body with `secret`.
+/// The signature check of a webhook route: `header` carries `prefix` + hex of the HMAC of the
+/// body with `secret`. One implementation with every other route's: [`SignatureRule`].
 #[derive(Debug, Clone)]
 pub struct Signature {
     pub header: String,
-    pub prefix: String,
-    pub key: ring::hmac::Key,
+    rule: SignatureRule,
 }
 
 impl Signature {
@@ -75,22 +52,22 @@ impl Signature {
         prefix: String,
         algorithm: SignatureAlgorithm,
     ) -> Signature {
-        Signature {
-            header,
+        let scheme = Scheme::Hmac {
             prefix,
-            key: ring::hmac::Key::new(algorithm.ring(), secret),
+            encoding: Encoding::Hex,
+        };
+        Signature {
+            rule: SignatureRule::new(&header, scheme, algorithm, secret),
+            header,
         }
     }
 
     /// Whether `given` (the header's value) signs `body`; constant time in the signature.
     pub fn verify(&self, given: Option<&HeaderValue>, body: &[u8]) -> bool {
-        let Some(given) = given.and_then(|v| std::str::from_utf8(v.as_bytes()).ok()) else {
-            return false;
-        };
-        let Some(tag) = given.strip_prefix(self.prefix.as_str()).and_then(hex_lower) else {
-            return false;
-        };
-        ring::hmac::verify(&self.key, body, &tag).is_ok()
+        // An HMAC scheme has no timestamp: "now" is not consulted.
+        self.rule
+            .verify_value(given.map(HeaderValue::as_bytes), body, 0)
+            .is_ok()
     }
 }
 
@@ -415,12 +392,22 @@ mod tests {
             ("", SignatureAlgorithm::Sha256),
         ] {
             let check = signature(prefix, algorithm);
-            let key = ring::hmac::Key::new(algorithm.ring(), b"shh");
+            let ring_algorithm = match algorithm {
+                SignatureAlgorithm::Sha256 => ring::hmac::HMAC_SHA256,
+                SignatureAlgorithm::Sha1 => ring::hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY,
+            };
+            let key = ring::hmac::Key::new(ring_algorithm, b"shh");
             let good = format!("{prefix}{}", hex(ring::hmac::sign(&key, body).as_ref()));
             let value = |s: &str| HeaderValue::try_from(s).expect("value");
             assert!(check.verify(Some(&value(&good)), body), "{prefix}");
             assert!(!check.verify(Some(&value(&good)), b"tampered"));
-            assert!(!check.verify(Some(&value(&good.to_uppercase())), body));
+            // The digest's case does not matter (signature.rs, every route's rule); the prefix is
+            // exact.
+            let upper_digest = format!("{prefix}{}", good[prefix.len()..].to_uppercase());
+            assert!(check.verify(Some(&value(&upper_digest)), body));
+            if !prefix.is_empty() {
+                assert!(!check.verify(Some(&value(&good.to_uppercase())), body));
+            }
             assert!(!check.verify(None, body));
             if !prefix.is_empty() {
                 let bare = good.trim_start_matches(prefix);
