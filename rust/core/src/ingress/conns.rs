@@ -81,12 +81,12 @@ pub(crate) struct Tracker {
 }
 
 /// Removes its connection from the tracker when the connection's task ends.
-pub(crate) struct Admitted<'a> {
-    tracker: &'a Tracker,
+pub(crate) struct Admitted {
+    tracker: Arc<Tracker>,
     pub(crate) conn: Arc<Conn>,
 }
 
-impl Drop for Admitted<'_> {
+impl Drop for Admitted {
     fn drop(&mut self) {
         self.tracker
             .open
@@ -109,7 +109,8 @@ impl Tracker {
     }
 
     /// Admits a new connection, evicting one at the cap; None when every connection is busy.
-    pub(crate) fn admit(&self) -> Option<Admitted<'_>> {
+    /// Called by the accept loop, in accept order, so "oldest" means first accepted.
+    pub(crate) fn admit(self: &Arc<Self>) -> Option<Admitted> {
         let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
         if open.len() >= self.max {
             // Ids grow with time, so the map's order is oldest first.
@@ -140,7 +141,7 @@ impl Tracker {
         });
         open.insert(conn.id, Arc::clone(&conn));
         Some(Admitted {
-            tracker: self,
+            tracker: Arc::clone(self),
             conn,
         })
     }
@@ -165,7 +166,7 @@ mod tests {
 
     #[test]
     fn at_the_cap_the_oldest_waiting_connection_goes_first_then_the_oldest_idle() {
-        let tracker = Tracker::new(3);
+        let tracker = Arc::new(Tracker::new(3));
         let a = tracker.admit().expect("a");
         let b = tracker.admit().expect("b");
         let c = tracker.admit().expect("c");

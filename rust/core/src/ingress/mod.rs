@@ -170,7 +170,7 @@ pub(crate) struct Shared {
     receiving: Mutex<HashMap<Bytes, usize>>,
     next_request: AtomicU64,
     next_token: AtomicU64,
-    conns: conns::Tracker,
+    conns: Arc<conns::Tracker>,
     stop: watch::Receiver<bool>,
 }
 
@@ -195,7 +195,7 @@ impl Ingress {
         let local = listener.local_addr()?;
         let (stop_tx, stop_rx) = watch::channel(false);
         let shared = Arc::new(Shared {
-            conns: conns::Tracker::new(config.max_connections.max(1)),
+            conns: Arc::new(conns::Tracker::new(config.max_connections.max(1))),
             engine: Arc::clone(&engine),
             config,
             sink,

@@ -2,6 +2,7 @@
 //! each request: answered here, by a webhook route, or by Python.
 
 use super::body::{read_limited, BodyError};
+use super::conns::Admitted;
 use super::{Answer, Notice, PyRequest, RouteEntry, RouteKind, Shared};
 use crate::panics::CatchPanic;
 use bytes::Bytes;
@@ -53,18 +54,20 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                 continue;
             }
         };
+        // Admitted here, in accept order: spawned tasks may start in any order, and the cap
+        // must evict the connection that came first.
+        let Some(admitted) = shared.conns.admit() else {
+            continue; // every connection busy: dropping the stream closes it at once
+        };
         let shared = Arc::clone(&shared);
         tokio::spawn(async move {
             // A panic in hyper or in our code costs this connection only.
-            let _ = CatchPanic::new(serve(shared, stream, peer)).await;
+            let _ = CatchPanic::new(serve(shared, admitted, stream, peer)).await;
         });
     }
 }
 
-async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
-    let Some(admitted) = shared.conns.admit() else {
-        return; // every connection busy: closed at once
-    };
+async fn serve(shared: Arc<Shared>, admitted: Admitted, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
     let conn = Arc::clone(&admitted.conn);
     let remote = peer.to_string();
