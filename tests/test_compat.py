@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from fastconn._compat import nats_can_write_raw, nats_write_raw
+from fastconn._compat import asyncpg_connect_params, nats_can_write_raw, nats_write_raw
 from nats_fixtures import NatsServer, connected, nats_server, unique
 
 __all__ = ["nats_server"]  # the fixture is used by name
@@ -30,3 +30,13 @@ async def test_nats_raw_write_delivers_each_publish(nats_server: NatsServer) -> 
 
 def test_raw_write_needs_the_command_buffer() -> None:
     assert not nats_can_write_raw(object())
+
+
+def test_asyncpg_connect_params_reads_the_dsn_as_asyncpg_does() -> None:
+    addrs, params = asyncpg_connect_params("postgresql://alice:s%20cret@db.example:6543/app?sslmode=disable")
+    assert addrs == [("db.example", 6543)]
+    assert (params.user, params.password, params.database) == ("alice", "s cret", "app")
+    assert not params.ssl
+    assert params.sslmode.name == "disable"
+    _, preferred = asyncpg_connect_params("postgresql://alice@db.example/app")
+    assert preferred.ssl and preferred.sslmode.name == "prefer"

@@ -43,7 +43,10 @@ def _bodies(fn: FunctionDouble, path: str) -> list[dict[str, Any]]:
     return [orjson.loads(c.body) for c in fn.calls_to(path) if c.status == 200]
 
 
-async def test_every_action_reaches_its_function_with_typed_body_and_headers(pg_cluster: Cluster) -> None:
+@pytest.mark.parametrize("read", ["stream", "peek"])
+async def test_every_action_reaches_its_function_with_typed_body_and_headers(
+    pg_cluster: Cluster, read: str
+) -> None:
     table = unique("customer")
     await pg_cluster.execute(
         f"CREATE TABLE {table} (id int PRIMARY KEY, name text, balance numeric, meta jsonb, raw bytea, "
@@ -53,7 +56,7 @@ async def test_every_action_reaches_its_function_with_typed_body_and_headers(pg_
     topics = [f"{table}:insert", f"{table}:update", f"{table}:delete"]
     async with FunctionDouble() as fn:
         targets = [FunctionTarget(t.split(":")[1], (t,), fn.url("/" + t.split(":")[1])) for t in topics]
-        config = _source(pg_cluster, table)
+        config = _source(pg_cluster, table, read=read)
         async with running_source(config, targets):
             big = "x" * 10_000  # TOASTed out of line (storage external)
             async with connection(pg_cluster) as conn:
@@ -158,11 +161,12 @@ async def test_changes_to_one_row_arrive_in_commit_order_while_rows_run_in_paral
     assert Slow.most > 1, "different rows ran in parallel"
 
 
-async def test_a_transaction_of_5000_rows_is_delivered_and_confirmed(pg_cluster: Cluster) -> None:
+@pytest.mark.parametrize("read", ["stream", "peek"])
+async def test_a_transaction_of_5000_rows_is_delivered_and_confirmed(pg_cluster: Cluster, read: str) -> None:
     table = unique("bulk")
     await pg_cluster.execute(f"CREATE TABLE {table} (id int PRIMARY KEY)")
     async with FunctionDouble() as fn:
-        config = _source(pg_cluster, table, batch_size=500)
+        config = _source(pg_cluster, table, batch_size=500, read=read)
         async with running_source(config, [FunctionTarget("fn", (f"{table}:insert",), fn.url("/fn"))]):
             await pg_cluster.execute(f"INSERT INTO {table} SELECT generate_series(1, 5000)")
             end = int((await pg_cluster.fetch("SELECT (pg_current_wal_lsn() - '0/0')::bigint AS l"))[0]["l"])
@@ -176,7 +180,10 @@ async def test_a_transaction_of_5000_rows_is_delivered_and_confirmed(pg_cluster:
     assert ids == list(range(1, 5001))
 
 
-async def test_a_retrying_row_holds_only_its_key_and_the_slot_never_passes_it(pg_cluster: Cluster) -> None:
+@pytest.mark.parametrize("read", ["stream", "peek"])
+async def test_a_retrying_row_holds_only_its_key_and_the_slot_never_passes_it(
+    pg_cluster: Cluster, read: str
+) -> None:
     table = unique("flaky")
     await pg_cluster.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, v int)")
 
@@ -191,7 +198,7 @@ async def test_a_retrying_row_holds_only_its_key_and_the_slot_never_passes_it(pg
             return await super()._handle(request)
 
     async with FailRowOne() as fn:
-        config = _source(pg_cluster, table)
+        config = _source(pg_cluster, table, read=read)
         topics = (f"{table}:insert", f"{table}:update")
         async with running_source(config, [FunctionTarget("fn", topics, fn.url("/fn"))]) as h:
             async with connection(pg_cluster) as conn:
@@ -432,7 +439,13 @@ async def test_slot_lag_is_measured_and_logged_loudly_over_the_limit(
                 0.1,
                 "the loud log",
             )
-            assert h.sample("fastconn_postgres_oldest_pending_seconds", source="postgres") > 0
+            # The first lag reading may come before the insert is read (set-up writes WAL too).
+            await wait_for(
+                lambda: h.sample("fastconn_postgres_oldest_pending_seconds", source="postgres") > 0,
+                10,
+                0.05,
+                "the stuck transaction's age",
+            )
 
 
 async def test_a_dropped_slot_is_a_clear_log_line_not_a_crash_loop(
@@ -443,21 +456,31 @@ async def test_a_dropped_slot_is_a_clear_log_line_not_a_crash_loop(
     async with ChangeFunction() as fn:
         config = _source(pg_cluster, table)
         async with running_source(config, [FunctionTarget("fn", (f"{table}:insert",), fn.url("/fn"))]) as h:
-            # An administrator drops the slot under the running source (its session releases it
-            # between peeks; retry until the drop finds it idle).
+            # An administrator drops the slot under the running source: ends the session that
+            # streams it, then drops it (retried: the source reconnects at once).
             async def dropped() -> bool:
                 try:
+                    await pg_cluster.execute(
+                        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+                        "WHERE slot_name = $1 AND active_pid IS NOT NULL",
+                        config["slot"],
+                    )
                     await pg_cluster.execute("SELECT pg_drop_replication_slot($1)", config["slot"])
                 except asyncpg.ObjectInUseError:
                     return False
                 return True
 
+            async def streaming() -> bool:
+                rows = await pg_cluster.fetch(
+                    "SELECT active FROM pg_replication_slots WHERE slot_name = $1", config["slot"]
+                )
+                return bool(rows and rows[0]["active"])
+
+            await wait_for(streaming, 10, 0.02, "the source streaming the slot")
             await wait_for(dropped, 10, 0.01, "the slot dropped")
             # The drop itself may race a read ("is active for PID ..."), logged first; the missing
             # slot follows once the rate-limited log allows (5 s, reads back off 1 s, 2 s, 4 s).
-            await wait_for(
-                lambda: "does not exist" in caplog.text, 20, 0.05, "the missing slot logged"
-            )
+            await wait_for(lambda: "does not exist" in caplog.text, 20, 0.05, "the missing slot logged")
             assert "cannot read slot" in caplog.text
             assert h.sample("fastconn_source_errors_total", source="postgres", kind="read") >= 1
             assert "Traceback" not in caplog.text

@@ -1,7 +1,7 @@
-"""``postgres``: row inserts → function through a logical replication slot (pgoutput, peek then
-advance after success), fastconn's postgres source against an asyncpg + aiohttp pipeline reading
-the same kind of slot (peek a batch, 64 calls in flight, advance after the batch), in the same
-run on a throw-away PostgreSQL cluster.
+"""``postgres``: row inserts → function through a logical replication slot (pgoutput; fastconn
+streams it and confirms after success), fastconn's postgres source against an asyncpg + aiohttp
+pipeline reading the same kind of slot (peek a batch, 64 calls in flight, advance after the
+batch), in the same run on a throw-away PostgreSQL cluster.
 
 Each system has its own table, publication and slot, and one process for all its rounds. A round
 inserts N single-row changes committed 1,000 per transaction; the window runs from the first

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["nats_can_write_raw", "nats_write_raw"]
+__all__ = ["asyncpg_connect_params", "nats_can_write_raw", "nats_write_raw"]
 
 
 # -- nats-py: one socket write for a batch of acknowledgements -------------------------------
@@ -31,3 +31,37 @@ async def nats_write_raw(client: Any, commands: bytes) -> None:
     """Queues raw protocol ``commands`` (complete ``PUB`` lines) and flushes them."""
     await client._send_command(commands)
     await client._flush_pending()
+
+
+# -- asyncpg: connection parameters for a connection asyncpg cannot make ----------------------
+#
+# The postgres source streams its slot over the replication protocol, which asyncpg does not
+# speak. That connection must reach the same server as the same role as the source's asyncpg
+# connection: the same DSN forms, PG* variables, passfile and TLS modes. asyncpg's parser is
+# the only implementation of exactly those rules at hand.
+
+
+def asyncpg_connect_params(dsn: str | None) -> tuple[list[Any], Any]:
+    """``(addresses, parameters)`` as asyncpg would connect with ``dsn``: addresses are
+    ``(host, port)`` pairs or unix socket paths; parameters have ``user``, ``password``,
+    ``database``, ``ssl`` (an SSL context or None) and ``sslmode``."""
+    from asyncpg import connect_utils
+
+    addrs, params = connect_utils._parse_connect_dsn_and_args(
+        dsn=dsn,
+        host=None,
+        port=None,
+        user=None,
+        password=None,
+        passfile=None,
+        database=None,
+        ssl=None,
+        service=None,
+        servicefile=None,
+        direct_tls=None,
+        server_settings=None,
+        target_session_attrs=None,
+        krbsrvname=None,
+        gsslib=None,
+    )
+    return list(addrs), params

@@ -3,15 +3,17 @@ the functions subscribed to ``<table>:<action>``.
 
 Write-ahead-log mode (``mode = "wal"``, the default)
 ----------------------------------------------------
-* **Reading.** asyncpg has no streaming replication protocol, so the source polls a logical
-  replication slot (``pgoutput``, protocol 1) over SQL:
+* **Reading.** ``read = "stream"`` (the default) streams the slot over the replication
+  protocol (:mod:`.replication`: each change decoded once by the server, pushed at commit,
+  confirmed with standby status updates). ``read = "peek"`` polls it over SQL:
   ``pg_logical_slot_peek_binary_changes(slot, NULL, n, 'proto_version', '1',
-  'publication_names', pub)``. A peek always starts at the slot's confirmed position, so it
-  re-reads what is still in flight; transactions already handed out are skipped by commit LSN.
-* **At least once, never past an undelivered change.** The slot is confirmed with
-  ``pg_replication_slot_advance(slot, lsn)`` only to the end of the newest transaction below
-  which every change is done (succeeded, unrouted, filtered out or dead-lettered): the gap-free
-  watermark of :mod:`fastconn.watermark`, on transaction boundaries. After a crash the slot
+  'publication_names', pub)``, confirmed with ``pg_replication_slot_advance``. Either way
+  reading starts at the slot's confirmed position, so it re-reads what is still in flight;
+  transactions already handed out are skipped by commit LSN.
+* **At least once, never past an undelivered change.** The slot is confirmed only to the end
+  of the newest transaction below which every change is done (succeeded, unrouted, filtered out
+  or dead-lettered): the gap-free watermark of :mod:`fastconn.watermark`, on transaction
+  boundaries. After a crash the slot
   redelivers from there; each change's id (``<commit LSN>:<n>``, also ``X-Message-Id``) is the
   same on redelivery, so functions can drop duplicates.
 * **Ordering** (``ordering``): ``key`` runs changes to the same row (its primary key, else the
@@ -31,10 +33,10 @@ LISTEN/NOTIFY mode (``mode = "notify"``): the payload of each notification on ``
 the body, the channel the topic. At most once: NOTIFY is not stored, so notifications sent while
 fastconn is disconnected are lost.
 
-Modules: :mod:`.pgoutput` (the decoder), :mod:`.values` (column typing), :mod:`.changes`
-(transactions → change events), :mod:`.config`, :mod:`.server` (set-up, checks, errors),
-:mod:`.state` (confirmation state), :mod:`.wal` and :mod:`.notify` (the two sources),
-:mod:`.metrics`.
+Modules: :mod:`.replication` (the streaming protocol client), :mod:`.pgoutput` (the decoder),
+:mod:`.values` (column typing), :mod:`.changes` (transactions → change events), :mod:`.config`,
+:mod:`.server` (set-up, checks, errors), :mod:`.state` (confirmation state), :mod:`.wal` and
+:mod:`.notify` (the two sources), :mod:`.metrics`.
 """
 
 from __future__ import annotations

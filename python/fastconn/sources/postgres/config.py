@@ -63,11 +63,17 @@ class PostgresConfig(BaseModel):
     filters: _List = ()
     """Topics to deliver, ``table:action`` (``schema.table:action`` outside ``public``); empty:
     every change of the published tables. Other changes are confirmed without a call."""
+    read: Literal["stream", "peek"] = "stream"
+    """``stream``: the streaming replication protocol (each change decoded once on the server
+    and pushed as it commits; needs a ``replication`` line in ``pg_hba.conf`` for the role).
+    ``peek``: SQL peeks of the slot (no replication connection; every peek decodes again what is
+    not confirmed yet, so it is slower and later)."""
     batch_size: Annotated[int, Field(ge=1, le=100_000)] = 4000
-    """Rows asked for per peek (a transaction is never split, so a peek may return more); also
-    how many changes may be read and not yet confirmed before the next peek waits."""
+    """How many changes may be read and not yet confirmed before reading waits; with ``peek``
+    also the rows asked for per peek (a transaction is never split, so a peek may return more)."""
     poll_interval: _PositiveDuration = 0.2
-    """Wait between peeks when the last one found nothing new."""
+    """Wait between peeks when the last one found nothing new; with ``stream``, how long reading
+    waits for data before it confirms and checks the slot's lag again."""
     ordering: Literal["key", "transaction", "none"] = "key"
     """``key``: changes to the same row (its primary key, else its replica identity) in commit
     order, other rows in parallel; ``transaction``: one change at a time in commit order;

@@ -15,11 +15,13 @@ from fastconn.backoff import doubling
 from fastconn.errors import SourceError
 from fastconn.redact import redact_text
 from fastconn.sources.postgres.config import PostgresConfig
+from fastconn.sources.postgres.replication import ReplicationError, ReplicationStream
 
 __all__ = [
     "CONNECTION_ERRORS",
     "PEEK",
     "SESSION_SETTINGS",
+    "check_replication_login",
     "connect",
     "ensure_dead_letter_table",
     "ensure_publication",
@@ -216,3 +218,25 @@ async def slot_lag(conn: Any, slot: str) -> int | None:
         slot,
     )
     return None if value is None else int(value)
+
+
+async def check_replication_login(config: PostgresConfig, dsn: str | None) -> None:
+    """``read = "stream"`` opens a replication connection next to the ordinary one. pg_hba.conf
+    treats it like an ordinary connection to its database (the ``replication`` keyword is for
+    physical replication only), and the role's REPLICATION attribute is checked already; what
+    else can refuse it (``max_wal_senders`` taken) is a set-up error naming the fixes."""
+    try:
+        stream = await ReplicationStream.open(dsn, SESSION_SETTINGS, timeout=10)
+    except ReplicationError as exc:
+        raise SourceError(
+            f"postgres source {config.name!r}: the server refuses the replication connection: {exc} "
+            f"(SQLSTATE {exc.sqlstate or '-'}); check that the role may log in (pg_hba.conf) and that "
+            'max_wal_senders leaves a sender free, or set read = "peek" to read the slot over SQL '
+            "(slower)"
+        ) from None
+    except (TimeoutError, OSError) as exc:
+        raise SourceError(
+            f"postgres source {config.name!r}: cannot open a replication connection: "
+            f"{exc or type(exc).__name__}"
+        ) from None
+    await stream.close()

@@ -1,5 +1,6 @@
-"""The write-ahead-log mode: read a logical replication slot with SQL peeks, deliver each row
-change, confirm the slot only below changes that are done (see the package docstring)."""
+"""The write-ahead-log mode: read a logical replication slot (streamed, or with SQL peeks),
+deliver each row change, confirm the slot only below changes that are done (see the package
+docstring)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from fastconn.sources.postgres.changes import Assembler, Change, Transaction
 from fastconn.sources.postgres.config import PostgresConfig, read_dsn
 from fastconn.sources.postgres.metrics import postgres_collector
 from fastconn.sources.postgres.pgoutput import Column, PgOutputError, Relation, decode, format_lsn, parse_lsn
+from fastconn.sources.postgres.replication import ReplicationError, ReplicationStream, XLogData
 from fastconn.sources.postgres.state import InFlight, Pending, TxnState
 
 __all__ = ["WalSource"]
@@ -47,6 +49,8 @@ class WalSource:
         self._dsn: str | None = None
         self._conn: Any = None
         """The reader's connection (holds the advisory lock, peeks, advances)."""
+        self._stream: ReplicationStream | None = None
+        """With ``read = "stream"``: the replication connection (confirms the slot)."""
         self._dlt_conn: Any = None
         self._dlt_lock = asyncio.Lock()
         self._assembler = Assembler()
@@ -89,6 +93,8 @@ class WalSource:
             await server.ensure_slot(conn, self.config)
             if self.config.dead_letter_table:
                 await server.ensure_dead_letter_table(conn, self.config.dead_letter_table)
+            if self.config.read == "stream":
+                await server.check_replication_login(self.config, self._dsn)
         except asyncpg.PostgresError as exc:
             await conn.close()
             raise SourceError(f"postgres source {self.name!r}: set-up failed: {exc}") from None
@@ -134,8 +140,11 @@ class WalSource:
     async def close(self) -> None:
         """After the dispatcher drained: confirm what is done, release the slot, disconnect."""
         if self._conn is not None and self.holds_lock:
-            with contextlib.suppress(*server.CONNECTION_ERRORS, asyncpg.PostgresError):
+            with contextlib.suppress(*server.CONNECTION_ERRORS, asyncpg.PostgresError, ReplicationError):
                 await self._confirm(self._conn)
+        if self._stream is not None:
+            stream, self._stream = self._stream, None
+            await stream.close()
         for conn in (self._conn, self._dlt_conn):
             if conn is not None:
                 with contextlib.suppress(Exception):
@@ -167,14 +176,18 @@ class WalSource:
                     return
                 self._health.restored()
                 attempt = 0
-                await self._read(self._conn)
+                if self.config.read == "stream":
+                    await self._read_stream(self._conn)
+                else:
+                    await self._read(self._conn)
             except server.CONNECTION_ERRORS as exc:
                 attempt += 1
                 self._lost(exc)
                 delay = doubling(attempt, 0.2, self.config.reconnect_max)
                 if await wait_or_stop(self._stop, delay):
                     return
-            except (asyncpg.PostgresError, PgOutputError) as exc:
+            except (asyncpg.PostgresError, PgOutputError, ReplicationError) as exc:
+                self._drop_stream()
                 # The slot was dropped, a query refused, a change not decodable: nothing was
                 # confirmed past it, so waiting and reading again loses nothing.
                 attempt += 1
@@ -192,8 +205,14 @@ class WalSource:
                 if await wait_or_stop(self._stop, delay):
                     return
 
+    def _drop_stream(self) -> None:
+        if self._stream is not None:
+            stream, self._stream = self._stream, None
+            stream.abort()
+
     def _lost(self, exc: BaseException) -> None:
         self.holds_lock = False
+        self._drop_stream()
         self._error("connection")
         self._health.failing(redact_text(str(exc)) or type(exc).__name__)
         conn, self._conn = self._conn, None
@@ -251,6 +270,50 @@ class WalSource:
                 await self._deliver(conn, transactions)
             except DispatcherClosed:
                 return
+
+    async def _read_stream(self, conn: Any) -> None:
+        """Streams the slot: the server pushes each change once as it commits. A new stream
+        starts at the slot's confirmed position; what was handed out already is skipped by
+        commit LSN, as after a peek."""
+        cfg = self.config
+        self._drop_stream()
+        stream = await ReplicationStream.open(self._dsn, server.SESSION_SETTINGS, timeout=10)
+        self._stream = stream
+        await stream.start(cfg.slot, cfg.publication)
+        self._assembler.reset()
+        while not self._stop.is_set():
+            await self._confirm(conn)
+            await self._watch_lag(conn)
+            if self._full():
+                # Not reading holds the server back (TCP); status updates keep the stream alive.
+                self._progress.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._progress.wait(), cfg.poll_interval)
+                await stream.tick()
+                continue
+            batch = await stream.read(cfg.batch_size, cfg.poll_interval)
+            if not batch:
+                continue
+            await self._learn_keys(conn, [(None, item.data) for item in batch])
+            transactions = self._assemble_stream(batch)
+            if transactions:
+                try:
+                    await self._deliver(conn, transactions)
+                except DispatcherClosed:
+                    return
+
+    def _assemble_stream(self, batch: list[XLogData]) -> list[tuple[Transaction, int]]:
+        """The transactions a streamed batch completes (a batch may end inside a transaction:
+        the assembler keeps it open for the next)."""
+        out: list[tuple[Transaction, int]] = []
+        skip = self.pending.read_through
+        feed = self._assembler.feed
+        for item in batch:
+            txn = feed(item.start, item.data, skip)
+            if txn is not None:
+                out.append((txn, 0))
+                skip = txn.commit_lsn
+        return out
 
     def _full(self) -> bool:
         """Whether to wait before the next peek: the dispatcher is full, or a batch is already
@@ -511,9 +574,13 @@ class WalSource:
             await self._advance(conn, lsn)
 
     async def _advance(self, conn: Any, lsn: int) -> None:
-        await conn.execute(
-            "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)", self.config.slot, format_lsn(lsn)
-        )
+        if self._stream is not None:
+            # The streaming connection holds the slot: SQL cannot advance it meanwhile.
+            await self._stream.confirm(lsn)
+        else:
+            await conn.execute(
+                "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)", self.config.slot, format_lsn(lsn)
+            )
         self.pending.confirmed_through(lsn)
         self.counters["confirms"] += 1
 
