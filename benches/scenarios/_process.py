@@ -19,7 +19,16 @@ import aiohttp
 
 from _common import proc_peak_rss_mb
 from fastconn.testing import DaemonProcess, free_port
-from scenarios._base import Context, Role, Sample, Window, latency_probe
+from scenarios._base import (
+    Context,
+    Role,
+    Sample,
+    Window,
+    delivery_window,
+    latency_probe,
+    verify_exact,
+    warm_up,
+)
 
 BENCHES = Path(__file__).resolve().parent.parent
 _round_ids = itertools.count(1)
@@ -162,6 +171,44 @@ class Feed(Protocol):
         ...
 
     async def probe(self, n: int, rate: float) -> None: ...
+
+
+class Publisher(Protocol):
+    """A raw-protocol publisher of a broker scenario (NATS, MQTT)."""
+
+    async def burst(self, subject: str, n: int, size: int) -> None: ...
+
+    async def paced(self, subject: str, n: int, size: int, rate: float) -> None: ...
+
+
+@dataclass
+class PublisherFeed:
+    """A broker that drops what nobody subscribes to yet: warm up until the process receives,
+    then a burst of ``messages`` (each reaching ``fanout`` functions) and a paced probe."""
+
+    publisher: Publisher
+    subject: str
+    payload: int
+    messages: int
+    fanout: int = 1
+
+    async def prepare_round(self, ctx: Context, round_id: int) -> None:
+        pass
+
+    async def throughput(self, ctx: Context, process: Running) -> tuple[Window, int]:
+        await warm_up(ctx, lambda: self.publisher.burst(self.subject, 1, self.payload))
+        n = self.messages
+        window = await delivery_window(
+            ctx,
+            n * self.fanout,
+            process.pid,
+            start=lambda: self.publisher.burst(self.subject, n, self.payload),
+            per_message=self.fanout,
+        )
+        return window, await verify_exact(ctx, n * self.fanout)
+
+    async def probe(self, n: int, rate: float) -> None:
+        await self.publisher.paced(self.subject, n, self.payload, rate)
 
 
 Launcher = Callable[[Context, int], Awaitable[Running]]

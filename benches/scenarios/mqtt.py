@@ -12,7 +12,6 @@ import contextlib
 import struct
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -23,14 +22,17 @@ from scenarios._base import (
     ScenarioResult,
     System,
     Target,
-    Window,
     alternate,
-    delivery_window,
-    verify_exact,
 )
-from scenarios._base import warm_up as _warm_up
 from scenarios._brokers import watched
-from scenarios._process import ProcessSystem, Running, daemon_config, start_daemon, start_pipeline
+from scenarios._process import (
+    ProcessSystem,
+    PublisherFeed,
+    Running,
+    daemon_config,
+    start_daemon,
+    start_pipeline,
+)
 
 TOPIC = "bench/events"
 
@@ -155,28 +157,6 @@ class RawMqttPublisher:
         await self._confirmed()
 
 
-@dataclass
-class MqttFeed:
-    publisher: RawMqttPublisher
-    payload: int
-    messages: int
-    fanout: int = 1
-
-    async def prepare_round(self, ctx: Context, round_id: int) -> None:
-        pass
-
-    async def throughput(self, ctx: Context, process: Running) -> tuple[Window, int]:
-        await _warm_up(ctx, lambda: self.publisher.burst(TOPIC, 1, self.payload))
-        n = self.messages
-        window = await delivery_window(
-            ctx, n, process.pid, start=lambda: self.publisher.burst(TOPIC, n, self.payload)
-        )
-        return window, await verify_exact(ctx, n)
-
-    async def probe(self, n: int, rate: float) -> None:
-        await self.publisher.paced(TOPIC, n, self.payload, rate)
-
-
 async def run(ctx: Context) -> list[ScenarioResult]:
     o = ctx.options
     result = ScenarioResult(
@@ -187,7 +167,7 @@ async def run(ctx: Context) -> list[ScenarioResult]:
     )
     with mosquitto_broker(o.workdir, ctx.watch) as (url, port):
         async with RawMqttPublisher(port) as publisher:
-            feed = MqttFeed(publisher, o.payload, o.messages)
+            feed = PublisherFeed(publisher, TOPIC, o.payload, o.messages)
 
             async def fastconn(ctx: Context, round_id: int) -> Running:
                 source = {

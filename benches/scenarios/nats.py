@@ -5,50 +5,25 @@ ceiling. ``fanout`` reuses this with one message going to 3 functions."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from scenarios._base import (
     Context,
     ScenarioResult,
     System,
     Target,
-    Window,
     alternate,
-    delivery_window,
-    verify_exact,
 )
-from scenarios._base import warm_up as _warm_up
 from scenarios._brokers import RawNatsPublisher, nats_server
-from scenarios._process import ProcessSystem, Running, daemon_config, start_daemon, start_pipeline
+from scenarios._process import (
+    ProcessSystem,
+    PublisherFeed,
+    Running,
+    daemon_config,
+    start_daemon,
+    start_pipeline,
+)
 from scenarios._wrk import WrkCeiling
 
 SUBJECT = "bench.events"
-
-
-@dataclass
-class NatsFeed:
-    publisher: RawNatsPublisher
-    payload: int
-    messages: int
-    fanout: int = 1
-
-    async def prepare_round(self, ctx: Context, round_id: int) -> None:
-        pass
-
-    async def throughput(self, ctx: Context, process: Running) -> tuple[Window, int]:
-        await _warm_up(ctx, lambda: self.publisher.burst(SUBJECT, 1, self.payload))
-        n = self.messages
-        window = await delivery_window(
-            ctx,
-            n * self.fanout,
-            process.pid,
-            start=lambda: self.publisher.burst(SUBJECT, n, self.payload),
-            per_message=self.fanout,
-        )
-        return window, await verify_exact(ctx, n * self.fanout)
-
-    async def probe(self, n: int, rate: float) -> None:
-        await self.publisher.paced(SUBJECT, n, self.payload, rate)
 
 
 async def run_nats(ctx: Context, name: str, title: str, fanout: int, targets: list[Target]) -> ScenarioResult:
@@ -63,7 +38,7 @@ async def run_nats(ctx: Context, name: str, title: str, fanout: int, targets: li
     )
     with nats_server(o.workdir, ctx.watch) as url:
         async with RawNatsPublisher(url) as publisher:
-            feed = NatsFeed(publisher, o.payload, messages, fanout)
+            feed = PublisherFeed(publisher, SUBJECT, o.payload, messages, fanout)
             source = {"type": "nats", "servers": [url], "subjects": [SUBJECT]}
 
             async def fastconn(ctx: Context, _round: int) -> Running:
