@@ -10,7 +10,6 @@ transaction below which everything is done: the slot may be advanced to it, neve
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import dataclasses
 import time
@@ -43,7 +42,6 @@ class InFlight:
     deliveries: int = 1
     held: bool = False
     stuck: bool = False
-    timer: asyncio.TimerHandle | None = None
 
 
 class Pending:

@@ -17,6 +17,7 @@ import orjson
 
 from fastconn.backoff import doubling
 from fastconn.deadletter import failure_context, response_excerpt
+from fastconn.delay_queue import DelayQueue
 from fastconn.errors import DispatcherClosed, SourceError
 from fastconn.health import ConnectionHealth, SourceHealth
 from fastconn.message import Message, Outcome, Verdict
@@ -57,9 +58,7 @@ class WalSource:
         self.pending = Pending()
         self._stop = asyncio.Event()
         self._progress = asyncio.Event()
-        self._due: list[InFlight] = []
-        self._due_event = asyncio.Event()
-        self._retrying: set[InFlight] = set()
+        self._retries: DelayQueue[InFlight] = DelayQueue()
         self._tasks: list[asyncio.Task[None]] = []
         self._in_core = 0
         self._filters = config.topic_filter
@@ -131,11 +130,7 @@ class WalSource:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        for item in list(self._retrying):
-            if item.timer is not None:
-                item.timer.cancel()
-        self._retrying.clear()
-        self._due.clear()
+        self._retries.drain()  # not confirmed: read again after a restart
 
     async def close(self) -> None:
         """After the dispatcher drained: confirm what is done, release the slot, disconnect."""
@@ -481,36 +476,24 @@ class WalSource:
         )
         if self._stop.is_set():
             return  # not confirmed: read again after the restart
-        self._retrying.add(item)
-        item.timer = asyncio.get_running_loop().call_later(delay, self._due_now, item)
-
-    def _due_now(self, item: InFlight) -> None:
-        item.timer = None
-        if item not in self._retrying:
-            return
-        self._retrying.discard(item)
-        self._due.append(item)
-        self._due_event.set()
+        self._retries.push(item, delay)
 
     async def _redeliver(self) -> None:
         while True:
-            await self._due_event.wait()
-            self._due_event.clear()
-            while self._due:
-                batch, self._due = self._due, []
-                messages = []
-                for item in batch:
-                    item.deliveries += 1
-                    item.message = dataclasses.replace(
-                        item.message, delivery_attempt=item.deliveries, resume=item.held
-                    )
-                    item.held = False
-                    messages.append(item.message)
-                try:
-                    await self._submit(messages)
-                except DispatcherClosed:
-                    return
-                self.counters["redeliveries"] += len(messages)
+            batch = await self._retries.next_due()
+            messages = []
+            for item in batch:
+                item.deliveries += 1
+                item.message = dataclasses.replace(
+                    item.message, delivery_attempt=item.deliveries, resume=item.held
+                )
+                item.held = False
+                messages.append(item.message)
+            try:
+                await self._submit(messages)
+            except DispatcherClosed:
+                return
+            self.counters["redeliveries"] += len(messages)
 
     def _dead_letter_job(self, item: InFlight, outcome: Outcome) -> Callable[[], Coroutine[Any, Any, None]]:
         return lambda: self._dead_letter(item, outcome)

@@ -17,6 +17,7 @@ from fastconn.backoff import doubling
 from fastconn.checkpoint import CheckpointStore, checkpoint_store
 from fastconn.dead_letter_sink import DeadLetterError, DeadLetterSink, dead_letter_sink
 from fastconn.deadletter import failure_context
+from fastconn.delay_queue import DelayQueue
 from fastconn.errors import DispatcherClosed, SourceError
 from fastconn.health import ConnectionHealth, SourceHealth
 from fastconn.message import Message, Outcome, Verdict
@@ -46,7 +47,6 @@ class InFlight:
     deliveries: int = 1
     held: bool = False
     stuck: bool = False
-    timer: asyncio.TimerHandle | None = None
 
 
 class PushbulletSource:
@@ -64,9 +64,7 @@ class PushbulletSource:
         self._sync_wanted = asyncio.Event()
         self._save_wanted = asyncio.Event()
         self._ephemerals: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=10_000)
-        self._due: list[InFlight] = []
-        self._due_event = asyncio.Event()
-        self._retrying: set[InFlight] = set()
+        self._retries: DelayQueue[InFlight] = DelayQueue()
         self._letters: asyncio.Queue[tuple[InFlight, Outcome]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -199,10 +197,7 @@ class PushbulletSource:
         for task in self._tasks:
             if not task.get_name().endswith(("dead-letters", "checkpoint")):
                 task.cancel()
-        for item in list(self._retrying):
-            if item.timer is not None:
-                item.timer.cancel()
-        self._retrying.clear()
+        self._retries.drain()  # not checkpointed: synced again after the restart
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -401,30 +396,19 @@ class PushbulletSource:
         )
         if self._stopping:
             return  # not checkpointed: synced again after the restart
-        self._retrying.add(item)
-        item.timer = asyncio.get_running_loop().call_later(delay, self._due_now, item)
-
-    def _due_now(self, item: InFlight) -> None:
-        item.timer = None
-        if item in self._retrying:
-            self._retrying.discard(item)
-            self._due.append(item)
-            self._due_event.set()
+        self._retries.push(item, delay)
 
     async def _redeliver_loop(self) -> None:
         while True:
-            await self._due_event.wait()
-            self._due_event.clear()
-            while self._due:
-                batch, self._due = self._due, []
-                for item in batch:
-                    item.deliveries += 1
-                    item.message = dataclasses.replace(item.message, delivery_attempt=item.deliveries)
-                try:
-                    await self._require_ctx().submit(self.name, [i.message for i in batch], self._on_outcomes)
-                except DispatcherClosed:
-                    return
-                self._counts["redeliveries"] += len(batch)
+            batch = await self._retries.next_due()
+            for item in batch:
+                item.deliveries += 1
+                item.message = dataclasses.replace(item.message, delivery_attempt=item.deliveries)
+            try:
+                await self._require_ctx().submit(self.name, [i.message for i in batch], self._on_outcomes)
+            except DispatcherClosed:
+                return
+            self._counts["redeliveries"] += len(batch)
 
     async def _dead_letter_loop(self) -> None:
         while True:
