@@ -4,6 +4,7 @@ These fail when a library update renames or drops what fastconn relies on."""
 from __future__ import annotations
 
 import asyncio
+import collections
 
 from fastconn._compat import asyncpg_connect_params, nats_can_write_raw, nats_write_raw
 from nats_fixtures import NatsServer, connected, nats_server, unique
@@ -40,3 +41,32 @@ def test_asyncpg_connect_params_reads_the_dsn_as_asyncpg_does() -> None:
     assert params.sslmode.name == "disable"
     _, preferred = asyncpg_connect_params("postgresql://alice@db.example/app")
     assert preferred.ssl and preferred.sslmode.name == "prefer"
+
+
+def test_paho_keeps_what_the_mqtt_client_overrides() -> None:
+    """sources/mqtt/client.py's ``_Client`` reads 64 KiB per recv (``_sock_recv``, reset in
+    ``_sock_close``), builds its own records of QoS 0/1 PUBLISHes (``_handle_publish`` with
+    ``_packet.decode_publish`` on ``_in_packet``) and queues PUBACKs as one blob
+    (``_out_packet`` + ``_call_socket_register_write``)."""
+    import inspect
+
+    import paho.mqtt._packet as paho_packet
+    import paho.mqtt.client as paho
+
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2)
+    for name in (
+        "_sock_recv",
+        "_sock_close",
+        "_handle_publish",
+        "_call_socket_register_write",
+        "_send_puback",
+    ):
+        assert callable(getattr(client, name)), name
+    assert isinstance(client._out_packet, collections.deque)
+    assert {"command", "packet"} <= set(client._in_packet)
+    assert list(inspect.signature(paho_packet.decode_publish).parameters) == ["header", "packet", "protocol"]
+    decoded = paho_packet.decode_publish(0x32, b"\x00\x01t\x00\x07payload", paho.MQTTv311)
+    assert (decoded.topic, decoded.mid, decoded.qos, decoded.payload) == (b"t", 7, 1, b"payload")
+    assert (decoded.dup, decoded.retain, decoded.properties) == (False, False, None)
+    source = inspect.getsource(paho.Client._packet_write)
+    assert 'packet["packet"]' in source or "packet['packet']" in source

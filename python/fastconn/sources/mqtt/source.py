@@ -53,6 +53,8 @@ class MqttSource:
         self._ctx: SourceContext | None = None
         self._bridge: MqttBridge | None = None
         self._window = AckWindow()
+        self._acks: list[Delivery] = []
+        """Acknowledgements due, written together at the end of the loop's turn."""
         self._health = ConnectionHealth(self.name, config.endpoint.display, log)
         self._static: tuple[str, ...] | None = None
         self._has_data = asyncio.Event()
@@ -256,9 +258,20 @@ class MqttSource:
         """Acknowledges ``pending`` and whatever finished behind it, in arrival order."""
         if pending.delivery is None:
             return
-        bridge = self._require_bridge()
-        for delivery in self._window.finished(pending.delivery):
-            bridge.ack(delivery.mid, delivery.qos)
+        ready = self._window.finished(pending.delivery)
+        if not ready:
+            return
+        if not self._acks:
+            # Acknowledgements of one turn of the loop (a settled batch) go out in one write.
+            asyncio.get_running_loop().call_soon(self._flush_acks)
+        self._acks.extend(ready)
+
+    def _flush_acks(self) -> None:
+        ready, self._acks = self._acks, []
+        # A packet id is only meaningful on the connection it came in on: after a reconnect
+        # the broker sends those messages again (and may reuse the ids for others).
+        generation = self._window.generation
+        self._require_bridge().ack_many([(d.mid, d.qos) for d in ready if d.generation == generation])
 
     def _give_up(self, outcome: Outcome, reason: str) -> None:
         """A final failure without a dead-letter topic: logged, counted, acknowledged."""
