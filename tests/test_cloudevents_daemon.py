@@ -283,6 +283,8 @@ async def test_async_invocation_answers_as_the_core_does_and_settles_on_the_call
         return (await daemon.metrics()).get(acked, 0.0) == 1
 
     await wait_for(settled, 15, 0.05, "the event settled by the second callback")
+    # The double records a callback once its answer is read: after the daemon acted on it.
+    await wait_for(lambda: len(gateway.callbacks) == 2, what="both callbacks recorded")
     assert [c.function_status for c in gateway.callbacks] == [503, 200]
     requests = gateway.requests_for("pushes")
     assert [r.path for r in requests] == ["/async-function/pushes.openfaas-fn"] * 2
@@ -312,4 +314,5 @@ async def test_functions_invoked_asynchronously_move_the_route_to_python_and_rep
     assert isinstance(reply, CloudEvent)
     assert (reply.get_type(), reply.get_data()) == ("com.github.push", {"n": 7})
     assert [r.path for r in gateway.requests_for("pushes")] == ["/async-function/pushes.openfaas-fn"]
+    await wait_for(lambda: gateway.callbacks, what="the callback recorded")
     assert [c.response_status for c in gateway.callbacks] == [200]

@@ -336,6 +336,7 @@ async def test_async_invocation_confirms_the_slot_only_after_a_good_callback(
         await wait_for(lambda: gateway.calls("fn") == 1, 15, what="the async call")
         assert (await pg_cluster.confirmed(source["slot"]) or 0) < end, "confirmed before the callback"
         await wait_for(lambda: gateway.calls("fn") == 2, 15, what="the retry after the failed callback")
+        await wait_for(lambda: gateway.callbacks, what="the failed callback recorded")
         assert gateway.callbacks[0].function_status == 503
         assert (await pg_cluster.confirmed(source["slot"]) or 0) < end, "confirmed after a failed callback"
 
@@ -343,6 +344,8 @@ async def test_async_invocation_confirms_the_slot_only_after_a_good_callback(
             return (await pg_cluster.confirmed(source["slot"]) or 0) >= end
 
         await wait_for(confirmed, 15, 0.05, "the slot past the change after the good callback")
+    # The double records a callback once its answer is read: after the daemon acted on it.
+    await wait_for(lambda: len(gateway.callbacks) == 2, what="both callbacks recorded")
     assert [c.function_status for c in gateway.callbacks] == [503, 200]
     requests = gateway.requests_for("fn")
     assert [r.path for r in requests] == ["/async-function/fn.openfaas-fn"] * 2
@@ -368,6 +371,8 @@ async def test_notify_mode_async_invocation_settles_on_the_callback(
             return (await daemon.metrics()).get(acked, 0.0) == 1
 
         await wait_for(settled, 15, 0.05, "the notification settled by the second callback")
+    # The double records a callback once its answer is read: after the daemon acted on it.
+    await wait_for(lambda: len(gateway.callbacks) == 2, what="both callbacks recorded")
     assert [c.function_status for c in gateway.callbacks] == [503, 200]
     assert [r.body for r in gateway.requests_for("fn")] == [b'{"n": 1}'] * 2
 

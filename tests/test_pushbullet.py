@@ -555,9 +555,12 @@ async def test_async_invocation_moves_the_checkpoint_only_after_a_good_callback(
     await wait_for(lambda: gateway.calls("fn") == 1, 10, what="the async call")
     assert behind(), "the checkpoint passed the push before its callback"
     await wait_for(lambda: gateway.calls("fn") == 2, 10, what="the push again after the failed callback")
+    await wait_for(lambda: gateway.callbacks, what="the failed callback recorded")
     assert gateway.callbacks[0].function_status == 503
     assert behind(), "the checkpoint passed a push whose callback failed"
     await wait_for(lambda: not behind(), 10, what="the checkpoint at the push after the good callback")
+    # The double records a callback once its answer is read: after the daemon acted on it.
+    await wait_for(lambda: len(gateway.callbacks) == 2, what="both callbacks recorded")
     assert [c.function_status for c in gateway.callbacks] == [503, 200]
     requests = gateway.requests_for("fn")
     assert [r.path for r in requests] == ["/async-function/fn.openfaas-fn"] * 2

@@ -113,6 +113,8 @@ async def test_async_invocation_deletes_only_after_the_callback_and_keeps_the_me
         assert await sqs.counts(url) == (0, 1), "deleted before its callback"
         await wait_for(lambda: gateway.calls("fn") == 2, 15, 0.05, "the retry after the failed callback")
         await sqs.drained(url, timeout=15)
+        # The double records a callback once its answer is read: after the daemon acted on it.
+        await wait_for(lambda: len(gateway.callbacks) == 2, what="both callbacks recorded")
         assert [c.function_status for c in gateway.callbacks] == [503, 200]
     requests = gateway.requests_for("fn")
     assert [r.path for r in requests] == ["/async-function/fn.openfaas-fn"] * 2

@@ -256,11 +256,14 @@ async def test_async_invocation_moves_the_checkpoint_only_after_a_good_callback(
     await wait_for(lambda: gateway.calls("off") == 1, what="the async call")
     assert _checkpoint(tmp_path)["key"] == start, "the checkpoint moved before the callback"
     await wait_for(lambda: gateway.calls("off") == 2, what="the event sent again after the failed callback")
+    await wait_for(lambda: gateway.callbacks, what="the failed callback recorded")
     assert gateway.callbacks[0].function_status == 503
     assert _checkpoint(tmp_path)["key"] == start, "the checkpoint moved past a failed callback"
     [first, second] = gateway.requests_for("off")
     key = int(first.headers["X-Vcenter-Event-Key"])
     await wait_for(lambda: _checkpoint(tmp_path)["key"] >= key, what="the checkpoint past the event")
+    # The double records a callback once its answer is read: after the daemon acted on it.
+    await wait_for(lambda: len(gateway.callbacks) == 2, what="both callbacks recorded")
     assert [c.function_status for c in gateway.callbacks] == [503, 200]
     assert first.path == second.path == "/async-function/off.openfaas-fn"
     assert first.headers["X-Message-Id"] == second.headers["X-Message-Id"]
