@@ -260,14 +260,20 @@ async def test_async_invocation_answers_as_the_core_does_and_settles_on_the_call
     daemon_factory: DaemonFactory, gateway: GatewayDouble, http: aiohttp.ClientSession
 ) -> None:
     """The source's asynchronous_invocation hands the route to Python: same answers (202 + id,
-    401, 400 naming the attribute), each event settles when its callback arrives, and a failed
-    callback (503) is re-invoked through /async-function/."""
+    401 for a token or signature, 400 naming the attribute), each event settles when its callback
+    arrives, and a failed callback (503) is re-invoked through /async-function/."""
     gateway.set_functions([FunctionSpec("pushes", topic="com.github.*")])
     gateway.script("pushes", statuses=[503, 200], callback_delay=1.0)
-    source = {"type": "cloudevents", "auth_token": "s3cret"}
+    source = {"type": "cloudevents", "auth_token": "s3cret", "hmac_secret": "shh"}
     daemon = await daemon_factory(async_daemon_config(gateway, source))
-    url, auth = f"{daemon.url}/cloudevents", {"Authorization": "Bearer s3cret"}
+    url = f"{daemon.url}/cloudevents"
     good = to_binary_event(sdk_event({"n": 1}, id="a-1"))
+    signature = "sha256=" + hmac.new(b"shh", good.body, hashlib.sha256).hexdigest()
+    auth = {"Authorization": "Bearer s3cret", "X-Signature": signature}
+    async with http.post(
+        url, data=good.body, headers={**good.headers, **auth, "X-Signature": "sha256=00"}
+    ) as r:
+        assert r.status == 401 and "X-Signature" in await r.text()
     async with http.post(url, data=good.body, headers={**good.headers, "Authorization": "Bearer no"}) as r:
         assert r.status == 401 and "bearer token" in await r.text()
     headers = {k: v for k, v in good.headers.items() if k.lower() != "ce-source"}
@@ -288,7 +294,8 @@ async def test_async_invocation_answers_as_the_core_does_and_settles_on_the_call
     assert [c.function_status for c in gateway.callbacks] == [503, 200]
     requests = gateway.requests_for("pushes")
     assert [r.path for r in requests] == ["/async-function/pushes.openfaas-fn"] * 2
-    assert all(r.headers["ce-id"] == "a-1" and "Authorization" not in r.headers for r in requests)
+    assert all(r.headers["ce-id"] == "a-1" for r in requests)
+    assert all("Authorization" not in r.headers and "X-Signature" not in r.headers for r in requests)
 
 
 async def test_functions_invoked_asynchronously_move_the_route_to_python_and_reply_waits_for_the_callback(
