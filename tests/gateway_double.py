@@ -41,6 +41,7 @@ __all__ = [
     "GatewayDouble",
     "RecordedRequest",
     "SentCallback",
+    "async_daemon_config",
 ]
 
 DEFAULT_NAMESPACE = "openfaas-fn"
@@ -587,3 +588,16 @@ def _is_http_url(value: str) -> bool:
     except ValueError:
         return False
     return url.scheme in ("http", "https") and bool(url.host)
+
+
+def async_daemon_config(
+    gateway: GatewayDouble, *sources: Mapping[str, Any], **dispatch: Any
+) -> dict[str, Any]:
+    """A daemon configuration invoking ``gateway``'s functions asynchronously for ``sources``
+    (each sets ``asynchronous_invocation``), with fast retries; ``dispatch`` adds to or overrides
+    the ``[dispatch]`` table (``max_attempts=1`` leaves a failed callback to the source)."""
+    return {
+        "gateway": {"url": gateway.url, "rebuild_interval": "200ms"},
+        "dispatch": {"backoff_initial": "10ms", "backoff_max": "50ms", "shutdown_timeout": "5s", **dispatch},
+        "sources": [{**source, "asynchronous_invocation": True} for source in sources],
+    }

@@ -15,7 +15,7 @@ from cloudevents.core.bindings.http import HTTPMessage, from_http_event, to_bina
 from cloudevents.core.v1.event import CloudEvent
 
 from fastconn.testing import FunctionDouble, wait_for
-from gateway_double import FunctionSpec, GatewayDouble
+from gateway_double import FunctionSpec, GatewayDouble, async_daemon_config
 
 if TYPE_CHECKING:
     from conftest import DaemonFactory
@@ -251,3 +251,75 @@ async def test_before_the_topic_map_a_request_gets_503_at_once(
 
     await wait_for(accepted, 10, what="a 202 once the topic map is loaded")
     await wait_for(lambda: gateway.calls("early") == 1, 10, what="the event dispatched")
+
+
+# -- async invocation: the route is served in Python ------------------------------------------------
+
+
+async def test_async_invocation_answers_as_the_core_does_and_settles_on_the_callback(
+    daemon_factory: DaemonFactory, gateway: GatewayDouble, http: aiohttp.ClientSession
+) -> None:
+    """The source's asynchronous_invocation hands the route to Python: same answers (202 + id,
+    401 for a token or signature, 400 naming the attribute), each event settles when its callback
+    arrives, and a failed callback (503) is re-invoked through /async-function/."""
+    gateway.set_functions([FunctionSpec("pushes", topic="com.github.*")])
+    gateway.script("pushes", statuses=[503, 200], callback_delay=1.0)
+    source = {"type": "cloudevents", "auth_token": "s3cret", "hmac_secret": "shh"}
+    daemon = await daemon_factory(async_daemon_config(gateway, source))
+    url = f"{daemon.url}/cloudevents"
+    good = to_binary_event(sdk_event({"n": 1}, id="a-1"))
+    signature = "sha256=" + hmac.new(b"shh", good.body, hashlib.sha256).hexdigest()
+    auth = {"Authorization": "Bearer s3cret", "X-Signature": signature}
+    async with http.post(
+        url, data=good.body, headers={**good.headers, **auth, "X-Signature": "sha256=00"}
+    ) as r:
+        assert r.status == 401 and "X-Signature" in await r.text()
+    async with http.post(url, data=good.body, headers={**good.headers, "Authorization": "Bearer no"}) as r:
+        assert r.status == 401 and "bearer token" in await r.text()
+    headers = {k: v for k, v in good.headers.items() if k.lower() != "ce-source"}
+    async with http.post(url, data=good.body, headers={**headers, **auth}) as r:
+        assert r.status == 400 and "source" in await r.text()
+    async with http.post(url, data=good.body, headers={**good.headers, **auth}) as r:
+        assert (r.status, r.headers["X-Message-Id"]) == (202, "a-1"), await r.text()
+    await wait_for(lambda: gateway.calls("pushes") == 1, what="the async call")
+    acked = 'fastconn_messages_acked_total{source="cloudevents"}'
+    assert (await daemon.metrics()).get(acked, 0.0) == 0, "settled before its callback"
+
+    async def settled() -> bool:
+        return (await daemon.metrics()).get(acked, 0.0) == 1
+
+    await wait_for(settled, 15, 0.05, "the event settled by the second callback")
+    # The double records a callback once its answer is read: after the daemon acted on it.
+    await wait_for(lambda: len(gateway.callbacks) == 2, what="both callbacks recorded")
+    assert [c.function_status for c in gateway.callbacks] == [503, 200]
+    requests = gateway.requests_for("pushes")
+    assert [r.path for r in requests] == ["/async-function/pushes.openfaas-fn"] * 2
+    assert all(r.headers["ce-id"] == "a-1" for r in requests)
+    assert all("Authorization" not in r.headers and "X-Signature" not in r.headers for r in requests)
+
+
+async def test_functions_invoked_asynchronously_move_the_route_to_python_and_reply_waits_for_the_callback(
+    daemon_factory: DaemonFactory, gateway: GatewayDouble, http: aiohttp.ClientSession
+) -> None:
+    """[dispatch] asynchronous_invocation (every function async) without the source's key: the
+    route still needs the async layer, and a Prefer: reply sender gets the callback's reply event."""
+    gateway.set_functions([FunctionSpec("pushes", topic="com.github.*")])
+    gateway.script("pushes", statuses=200, callback_delay=0.3)
+    config = {
+        "gateway": {"url": gateway.url, "rebuild_interval": "200ms"},
+        "dispatch": {"asynchronous_invocation": True},
+        "sources": [{"type": "cloudevents", "reply": True, "delivery": "structured"}],
+    }
+    daemon = await daemon_factory(config)
+    binary = to_binary_event(sdk_event({"n": 7}, id="ask-1"))
+    async with http.post(
+        f"{daemon.url}/cloudevents", data=binary.body, headers={**binary.headers, "Prefer": "reply"}
+    ) as r:
+        assert r.status == 200, await r.text()
+        assert r.headers["ce-id"] == "ask-1" and r.headers["X-Message-Id"] == "ask-1"
+        reply = from_http_event(HTTPMessage(dict(r.headers.items()), await r.read()))
+    assert isinstance(reply, CloudEvent)
+    assert (reply.get_type(), reply.get_data()) == ("com.github.push", {"n": 7})
+    assert [r.path for r in gateway.requests_for("pushes")] == ["/async-function/pushes.openfaas-fn"]
+    await wait_for(lambda: gateway.callbacks, what="the callback recorded")
+    assert [c.response_status for c in gateway.callbacks] == [200]

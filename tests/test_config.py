@@ -884,3 +884,38 @@ def test_async_callbacks_with_a_wildcard_listen_need_a_public_url(listen: str) -
     validate_config({**data, "server": {"listen": listen, "public_url": "http://fastconn:8081"}})
     validate_config({**data, "dispatch": {"asynchronous_invocation": True, "async_ack": "on_accept"}})
     validate_config({**data, "dispatch": {}})
+
+
+ASYNC_CAPABLE_SOURCES = {
+    "postgres (wal)": {"type": "postgres", "dsn": "postgresql://fastconn@db/app", "tables": ["orders"]},
+    "postgres (notify)": {
+        "type": "postgres",
+        "mode": "notify",
+        "dsn": "postgresql://fastconn@db/app",
+        "channels": ["events"],
+    },
+    "sqs": {"type": "sqs", "queue_urls": ["https://sqs.eu-west-1.amazonaws.com/123456789012/orders"]},
+    "sns": {"type": "sns", "topic_arns": ["arn:aws:sns:eu-west-1:123456789012:orders"]},
+    "vcenter": {"type": "vcenter", "url": "https://vc.example/sdk", "username": "u", "password": "p"},
+    "pushbullet": {"type": "pushbullet", "access_token": "o.token"},
+    "cloudevents": {"type": "cloudevents"},
+}
+
+
+@pytest.mark.parametrize("source", ASYNC_CAPABLE_SOURCES.values(), ids=ASYNC_CAPABLE_SOURCES.keys())
+def test_every_source_takes_asynchronous_invocation_and_the_public_url_rule_sees_it(
+    source: dict[str, Any],
+) -> None:
+    data = {
+        "gateway": {"url": "http://gateway:8080"},
+        "server": {"listen": "0.0.0.0:8081"},
+        "sources": [{**source, "asynchronous_invocation": True}],
+    }
+    with pytest.raises(ConfigError) as info:
+        validate_config(data)
+    assert list(problems_of(info)) == ["server.public_url"]
+    config = validate_config({**data, "server": {"listen": "0.0.0.0:8081", "public_url": "http://fc:8081"}})
+    assert getattr(config.sources[0], "asynchronous_invocation", None) is True
+    # Off by default.
+    plain = validate_config({"gateway": {"url": "http://gateway:8080"}, "sources": [source]})
+    assert getattr(plain.sources[0], "asynchronous_invocation", None) is False

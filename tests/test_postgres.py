@@ -19,7 +19,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from fastconn.errors import SourceError
 from fastconn.functions import FunctionTarget
-from fastconn.testing import FunctionDouble, RecordedCall, to_toml, wait_for
+from fastconn.testing import DaemonProcess, FunctionDouble, RecordedCall, to_toml, wait_for
+from gateway_double import FunctionSpec, GatewayDouble, async_daemon_config
 from postgres_fixtures import ChangeFunction, Cluster, connection, pg_cluster, running_source, unique
 
 __all__ = ["pg_cluster"]
@@ -322,6 +323,65 @@ async def test_notify_mode_delivers_payloads_and_listens_again_after_the_connect
                 return any(c.body == b"again" for c in fn.calls)
 
             await wait_for(delivered_again, 15, 0.3, "a notification after the reconnection")
+
+
+async def test_async_invocation_confirms_the_slot_only_after_a_good_callback(
+    pg_cluster: Cluster, gateway: GatewayDouble, tmp_path: Path
+) -> None:
+    """The change's async call is accepted at once; the slot stays behind it while the callback
+    is awaited and after a failed one (503, one attempt: the source retries it), and passes it
+    once the second call's callback reports success."""
+    table = unique("later")
+    await pg_cluster.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, v int)")
+    gateway.set_functions([FunctionSpec("fn", topic=f"{table}:insert")])
+    gateway.script("fn", statuses=[503, 200], callback_delay=[1.0, 1.0])
+    source = _source(pg_cluster, table)
+    async with DaemonProcess(async_daemon_config(gateway, source, max_attempts=1), tmp_path):
+        async with connection(pg_cluster) as conn:
+            await conn.execute(f"INSERT INTO {table} VALUES (1, 0)")
+            end = await conn.fetchval("SELECT (pg_current_wal_lsn() - '0/0')::bigint")
+        await wait_for(lambda: gateway.calls("fn") == 1, 15, what="the async call")
+        assert (await pg_cluster.confirmed(source["slot"]) or 0) < end, "confirmed before the callback"
+        await wait_for(lambda: gateway.calls("fn") == 2, 15, what="the retry after the failed callback")
+        await wait_for(lambda: gateway.callbacks, what="the failed callback recorded")
+        assert gateway.callbacks[0].function_status == 503
+        assert (await pg_cluster.confirmed(source["slot"]) or 0) < end, "confirmed after a failed callback"
+
+        async def confirmed() -> bool:
+            return (await pg_cluster.confirmed(source["slot"]) or 0) >= end
+
+        await wait_for(confirmed, 15, 0.05, "the slot past the change after the good callback")
+    # The double records a callback once its answer is read: after the daemon acted on it.
+    await wait_for(lambda: len(gateway.callbacks) == 2, what="both callbacks recorded")
+    assert [c.function_status for c in gateway.callbacks] == [503, 200]
+    requests = gateway.requests_for("fn")
+    assert [r.path for r in requests] == ["/async-function/fn.openfaas-fn"] * 2
+    assert len({r.headers["X-Message-Id"] for r in requests}) == 1
+
+
+async def test_notify_mode_async_invocation_settles_on_the_callback(
+    pg_cluster: Cluster, gateway: GatewayDouble, tmp_path: Path
+) -> None:
+    """NOTIFY has nothing to acknowledge: the notification counts as delivered only once a
+    callback reports success; a failed callback is re-invoked like a failed call."""
+    channel = unique("async_events")
+    gateway.set_functions([FunctionSpec("fn", topic=channel)])
+    gateway.script("fn", statuses=[503, 200], callback_delay=1.0)
+    source = {"type": "postgres", "mode": "notify", "dsn": pg_cluster.dsn, "channels": [channel]}
+    acked = 'fastconn_messages_acked_total{source="postgres"}'
+    async with DaemonProcess(async_daemon_config(gateway, source), tmp_path) as daemon:
+        await pg_cluster.execute("SELECT pg_notify($1, $2)", channel, '{"n": 1}')
+        await wait_for(lambda: gateway.calls("fn") == 1, 15, what="the async call")
+        assert (await daemon.metrics()).get(acked, 0.0) == 0, "settled before its callback"
+
+        async def settled() -> bool:
+            return (await daemon.metrics()).get(acked, 0.0) == 1
+
+        await wait_for(settled, 15, 0.05, "the notification settled by the second callback")
+    # The double records a callback once its answer is read: after the daemon acted on it.
+    await wait_for(lambda: len(gateway.callbacks) == 2, what="both callbacks recorded")
+    assert [c.function_status for c in gateway.callbacks] == [503, 200]
+    assert [r.body for r in gateway.requests_for("fn")] == [b'{"n": 1}'] * 2
 
 
 def _cli(tmp_path: Path, config: dict[str, Any], *args: str) -> subprocess.CompletedProcess[str]:

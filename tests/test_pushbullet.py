@@ -27,6 +27,7 @@ from fastconn.source import SourceContext
 from fastconn.sources.pushbullet import PushbulletConfig, PushbulletSource
 from fastconn.sources.pushbullet.progress import Boundary, Progress
 from fastconn.testing import DaemonProcess, FunctionDouble, RecordedCall, wait_for
+from gateway_double import FunctionSpec, GatewayDouble, async_daemon_config
 from nats_fixtures import NatsServer, nats_server, unique  # noqa: F401
 from pushbullet_double import PushbulletDouble
 
@@ -524,6 +525,46 @@ async def test_daemon_delivers_a_push(
     assert metrics.get(skipped) == 1
     assert await daemon.stop() == 0, daemon.output()
     assert saved(tmp_path).modified == push["modified"], "the checkpoint is saved at shutdown at the latest"
+
+
+async def test_async_invocation_moves_the_checkpoint_only_after_a_good_callback(
+    pushbullet: PushbulletDouble, gateway: GatewayDouble, tmp_path: Path, daemon_factory: DaemonFactory
+) -> None:
+    """The checkpoint stays behind the push while its callback is awaited and after a failed
+    one (503, one attempt: the source delivers it again), and reaches it after the good one."""
+    pushbullet.add_channel("alerts")
+    gateway.set_functions([FunctionSpec("fn", topic="alerts")])
+    gateway.script("fn", statuses=[503, 200], callback_delay=[1.0, 1.0])
+    source = {
+        "type": "pushbullet",
+        "access_token": pushbullet.token,
+        "api_url": pushbullet.api_url,
+        "stream_url": pushbullet.stream_url,
+        "checkpoint": {"path": str(tmp_path / "pushbullet.checkpoint")},
+        "retry_backoff_initial": "50ms",
+        "retry_backoff_max": "200ms",
+    }
+    await daemon_factory(async_daemon_config(gateway, source, max_attempts=1))
+    await wait_for(lambda: pushbullet.stream_connections == 1, 10, what="the stream")
+    push = pushbullet.create_push("alerts")
+
+    def behind() -> bool:
+        path = tmp_path / "pushbullet.checkpoint"
+        return not path.exists() or saved(tmp_path).modified < push["modified"]
+
+    await wait_for(lambda: gateway.calls("fn") == 1, 10, what="the async call")
+    assert behind(), "the checkpoint passed the push before its callback"
+    await wait_for(lambda: gateway.calls("fn") == 2, 10, what="the push again after the failed callback")
+    await wait_for(lambda: gateway.callbacks, what="the failed callback recorded")
+    assert gateway.callbacks[0].function_status == 503
+    assert behind(), "the checkpoint passed a push whose callback failed"
+    await wait_for(lambda: not behind(), 10, what="the checkpoint at the push after the good callback")
+    # The double records a callback once its answer is read: after the daemon acted on it.
+    await wait_for(lambda: len(gateway.callbacks) == 2, what="both callbacks recorded")
+    assert [c.function_status for c in gateway.callbacks] == [503, 200]
+    requests = gateway.requests_for("fn")
+    assert [r.path for r in requests] == ["/async-function/fn.openfaas-fn"] * 2
+    assert [r.headers["X-Message-Id"] for r in requests] == [push["iden"]] * 2
 
 
 async def test_daemon_with_a_bad_token_exits_with_a_clear_message(

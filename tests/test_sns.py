@@ -22,6 +22,7 @@ from fastconn.http_routes import HttpRequest, HttpResponse
 from fastconn.message import Message
 from fastconn.sources.sns import Notification, SnsConfig, SnsSource
 from fastconn.testing import DaemonProcess, FunctionDouble, free_port, running_source, wait_for
+from gateway_double import FunctionSpec, GatewayDouble, async_daemon_config
 from sns_fixtures import (  # noqa: F401
     FOREIGN_TOPIC,
     OTHER_TOPIC,
@@ -144,6 +145,39 @@ async def test_valid_v1_and_v2_notifications_are_dispatched_with_their_headers(
     assert [status for status, _, _ in answers] == [200] * 8
     assert sns_host.fetches("/SimpleNotificationService-burst.pem") == 1
     assert await errors(daemon, "signature") == 0
+
+
+async def test_async_invocation_settles_on_the_callback_and_reinvokes_a_failed_one(
+    daemon_factory: DaemonFactory,
+    gateway: GatewayDouble,
+    sns_host: SnsHost,
+    ca_file: str,
+    key: SigningKey,
+    cert_url: str,
+) -> None:
+    """SNS has its 200 on acceptance; the message settles when the callback arrives, and a
+    failed callback (503) is re-invoked through /async-function/ like a failed call."""
+    gateway.set_functions([FunctionSpec("orders", topic=TOPIC)])
+    gateway.script("orders", statuses=[503, 200], callback_delay=1.0)
+    source = {"type": "sns", "topic_arns": [TOPIC], "signing_cert_hosts": [sns_host.host_pattern]}
+    daemon = await daemon_factory(async_daemon_config(gateway, {**source, "cert_ca_file": ca_file}))
+    envelope = notification(key, cert_url, message="async order")
+    status, text, _ = await post(daemon, envelope)
+    assert status == 200, text
+    await wait_for(lambda: gateway.calls("orders") == 1, what="the first async call")
+    acked = 'fastconn_messages_acked_total{source="sns"}'
+    assert (await daemon.metrics()).get(acked, 0.0) == 0, "settled before its callback"
+    await wait_for(lambda: len(gateway.callbacks) == 2, 20, what="the failed callback, then the good one")
+
+    async def settled() -> bool:
+        return (await daemon.metrics()).get(acked, 0.0) == 1
+
+    await wait_for(settled, 10, what="the message settled by the second callback")
+    requests = gateway.requests_for("orders")
+    assert [r.path for r in requests] == ["/async-function/orders.openfaas-fn"] * 2
+    assert {r.headers["X-Message-Id"] for r in requests} == {envelope["MessageId"]}
+    assert [c.function_status for c in gateway.callbacks] == [503, 200]
+    assert all(c.response_status == 200 for c in gateway.callbacks)
 
 
 # -- forgeries -------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import pytest
 from aws_fixtures import aws_env, moto_server
 from fastconn.sources.sqs import DLT_CONTEXT, DLT_QUEUE_URL
 from fastconn.testing import DaemonProcess, FunctionDouble, wait_for
+from gateway_double import FunctionSpec, GatewayDouble, async_daemon_config
 from sqs_fixtures import Sqs, attributes_of, daemon_config, sqs, sqs_source
 
 __all__ = ["aws_env", "moto_server", "sqs"]  # fixtures, used by name
@@ -88,6 +89,37 @@ async def test_visibility_extended_for_a_slow_function(
         assert stolen == []
         await sqs.drained(url, timeout=15)
     assert len(function_double.calls) == 1
+
+
+async def test_async_invocation_deletes_only_after_the_callback_and_keeps_the_message_hidden(
+    sqs: Sqs, gateway: GatewayDouble, tmp_path: Path
+) -> None:
+    """The callback comes 4s after the call, with a 2s visibility timeout: the message stays
+    hidden throughout and in the queue until the callback. A failed callback (503, one attempt)
+    hands it back for a retry per retry_delay; the good callback of the second call deletes it."""
+    url = await sqs.queue()
+    gateway.set_functions([FunctionSpec("fn", topic=url.rpartition("/")[2])])
+    gateway.script("fn", statuses=[503, 200], callback_delay=[4.0, 0.2])
+    source = sqs_source(sqs, [url], visibility_timeout="2s")
+    async with DaemonProcess(async_daemon_config(gateway, source, max_attempts=1), tmp_path):
+        message_id = await sqs.send(url, "later")
+        await wait_for(lambda: gateway.calls("fn") == 1, 15, 0.05, "the async call")
+        stolen = []
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:  # the callback is 4s away: past the visibility timeout
+            stolen += await sqs.receive_all(url)
+            await asyncio.sleep(0.25)
+        assert stolen == []
+        assert await sqs.counts(url) == (0, 1), "deleted before its callback"
+        await wait_for(lambda: gateway.calls("fn") == 2, 15, 0.05, "the retry after the failed callback")
+        await sqs.drained(url, timeout=15)
+        # The double records a callback once its answer is read: after the daemon acted on it.
+        await wait_for(lambda: len(gateway.callbacks) == 2, what="both callbacks recorded")
+        assert [c.function_status for c in gateway.callbacks] == [503, 200]
+    requests = gateway.requests_for("fn")
+    assert [r.path for r in requests] == ["/async-function/fn.openfaas-fn"] * 2
+    assert [r.headers["X-Delivery-Attempt"] for r in requests] == ["1", "2"]
+    assert {r.headers["X-Message-Id"] for r in requests} == {message_id}
 
 
 async def test_final_failure_goes_to_the_queues_redrive_policy(

@@ -15,6 +15,7 @@ import pytest
 from conftest import DaemonFactory
 from fastconn.testing import FunctionDouble, RecordedCall, free_port, wait_for
 from fastconn.testing_vcsim import Vcsim, VcsimDriver
+from gateway_double import FunctionSpec, GatewayDouble, async_daemon_config
 from vcsim_fixtures import daemon_config, drive, vcenter_source, vcenter_source_at, vcsim  # noqa: F401
 
 
@@ -239,6 +240,34 @@ async def test_failure_without_dead_letter_holds_the_checkpoint_until_delivered(
     offs = function_double.calls_to("/off")
     assert len({c.headers["X-Message-Id"] for c in offs}) == 1, "one event, sent again with the same id"
     assert [c.headers["X-Delivery-Attempt"] for c in offs][-1] != "1"
+
+
+async def test_async_invocation_moves_the_checkpoint_only_after_a_good_callback(
+    vcsim: Vcsim, gateway: GatewayDouble, daemon_factory: DaemonFactory, tmp_path: Path
+) -> None:
+    """The checkpoint holds while the callback is awaited and after a failed one (503, one
+    attempt: the source sends the event again), and passes the event after the good callback."""
+    gateway.set_functions([FunctionSpec("off", topic="vm.powered.off")])
+    gateway.script("off", statuses=[503, 200], callback_delay=[1.0, 1.0])
+    source = vcenter_source(vcsim, tmp_path, event_types=["VmPoweredOffEvent"])
+    await daemon_factory(async_daemon_config(gateway, source, max_attempts=1))
+    start = _checkpoint(tmp_path)["key"]
+    await drive(vcsim, lambda d: (d.power_off("DC0_H0_VM0"), d.power_on("DC0_H0_VM0")))
+    await wait_for(lambda: gateway.calls("off") == 1, what="the async call")
+    assert _checkpoint(tmp_path)["key"] == start, "the checkpoint moved before the callback"
+    await wait_for(lambda: gateway.calls("off") == 2, what="the event sent again after the failed callback")
+    await wait_for(lambda: gateway.callbacks, what="the failed callback recorded")
+    assert gateway.callbacks[0].function_status == 503
+    assert _checkpoint(tmp_path)["key"] == start, "the checkpoint moved past a failed callback"
+    [first, second] = gateway.requests_for("off")
+    key = int(first.headers["X-Vcenter-Event-Key"])
+    await wait_for(lambda: _checkpoint(tmp_path)["key"] >= key, what="the checkpoint past the event")
+    # The double records a callback once its answer is read: after the daemon acted on it.
+    await wait_for(lambda: len(gateway.callbacks) == 2, what="both callbacks recorded")
+    assert [c.function_status for c in gateway.callbacks] == [503, 200]
+    assert first.path == second.path == "/async-function/off.openfaas-fn"
+    assert first.headers["X-Message-Id"] == second.headers["X-Message-Id"]
+    assert second.headers["X-Delivery-Attempt"] == "2"
 
 
 async def test_restart_resumes_after_the_checkpoint_and_begin_now_skips(

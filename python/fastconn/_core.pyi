@@ -48,8 +48,10 @@ _WebhookTuple = tuple[str, int, str | None, str | None, str, str, str, bool, int
 # (header, scheme, secret, prefix, algorithm, encoding, tolerance_secs)
 _SignatureTuple = tuple[str, str, str, str, str, str, int]
 # (name, path, max_body, max_batch, route_by, delivery, reply, auth_token, signature, accepting,
-#  record_payload)
-_CloudEventsTuple = tuple[str, str, int, int, str, str, bool, str | None, _SignatureTuple | None, bool, bool]
+#  record_payload, python fallback route index)
+_CloudEventsTuple = tuple[
+    str, str, int, int, str, str, bool, str | None, _SignatureTuple | None, bool, bool, int | None
+]
 
 @final
 class Runtime:

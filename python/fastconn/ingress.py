@@ -10,6 +10,9 @@ The core serves every request; Python is involved only in batches:
 * **Webhook and CloudEvents routes** are served by the core alone: it submits the message straight into the
   dispatcher and answers. Python hears of accepted messages in the same drain (metrics,
   ``print_request_body``) and of their outcomes through the dispatcher's completion queue.
+  While their messages need the async-invocation layer (:func:`invokes_asynchronously`, or the
+  source's ``asynchronous_invocation``) the core hands their requests to the source's Python
+  handler instead, like any Python route.
 * **Readiness**: ``/readyz`` answers what Python last pushed (:meth:`Ingress.set_ready`), set on
   change, not asked per request.
 * **Notices**: malformed requests and refused ones are logged here, rate-limited.
@@ -22,11 +25,12 @@ import contextlib
 import logging
 import os
 import urllib.parse
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from fastconn import _core
 from fastconn.dispatcher import Dispatcher
+from fastconn.functions import FunctionTarget
 from fastconn.http_routes import HttpRequest, HttpResponse, Route, serve
 from fastconn.message import Message, Outcome, OutcomeCallback
 from fastconn.ratelimit import RateLimitedLog
@@ -37,6 +41,7 @@ __all__ = [
     "Ingress",
     "IngressLimits",
     "WebhookRoute",
+    "invokes_asynchronously",
     "warn_undelivered",
 ]
 
@@ -44,6 +49,13 @@ log = logging.getLogger("fastconn.ingress")
 
 INGRESS_TOKEN = 1 << 63
 """The bit the core sets in the tokens of messages the ingress submits itself."""
+
+
+def invokes_asynchronously(targets: Iterable[FunctionTarget]) -> bool:
+    """Whether some function is always invoked asynchronously: an ingress route's messages then
+    need the async-invocation layer, which is in Python (the core's routes cannot wait for a
+    callback), so the route hands its requests to its Python handler."""
+    return any(t.asynchronous and t.async_url for t in targets)
 
 
 def warn_undelivered(lines: RateLimitedLog, kind: str, outcomes: Sequence[Outcome]) -> None:
@@ -109,8 +121,12 @@ class CloudEventsRoute:
     """(header, scheme, secret, prefix, algorithm, encoding, tolerance_secs), or no check."""
     on_accepted: Callable[[Sequence[Message]], None]
     on_outcomes: OutcomeCallback
+    python_route: Route | None = None
+    """The same endpoint in Python, served instead while ``python`` is set (events that need
+    the async-invocation layer)."""
     record_payload: bool = False
     accepting: bool = False
+    python: bool = False
 
 
 @dataclass(slots=True)
@@ -186,8 +202,11 @@ class Ingress:
                 if python is not None:
                     webhook.python = python
         for route in self._cloudevents:
-            if route.name == name and accepting is not None:
-                route.accepting = accepting
+            if route.name == name:
+                if accepting is not None:
+                    route.accepting = accepting
+                if python is not None:
+                    route.python = python
         self._push_routes()
 
     def set_ready(self, ready: bool, text: str, routing: bool) -> None:
@@ -261,6 +280,28 @@ class Ingress:
                     w.record_payload,
                 )
             )
+        cloudevents = []
+        for c in self._cloudevents:
+            handler: int | None = None
+            if c.python_route is not None:
+                handler = len(table)
+                table.append(c.python_route)
+            cloudevents.append(
+                (
+                    c.name,
+                    c.path,
+                    c.max_body_bytes,
+                    c.max_batch,
+                    c.route_by,
+                    c.delivery,
+                    c.reply,
+                    c.auth_token,
+                    c.signature,
+                    c.accepting,
+                    c.record_payload,
+                    handler if c.python else None,
+                )
+            )
         self._table = table
         if self._runtime is None:
             return
@@ -278,22 +319,6 @@ class Ingress:
             for r in self._routes
         ]
         python += [(r.method, "", False, r.max_body_bytes, False, "") for r in table[len(self._routes) :]]
-        cloudevents = [
-            (
-                c.name,
-                c.path,
-                c.max_body_bytes,
-                c.max_batch,
-                c.route_by,
-                c.delivery,
-                c.reply,
-                c.auth_token,
-                c.signature,
-                c.accepting,
-                c.record_payload,
-            )
-            for c in self._cloudevents
-        ]
         self._runtime.ingress_routes(python, webhooks, cloudevents)
 
     # -- batches from the core -------------------------------------------------------------

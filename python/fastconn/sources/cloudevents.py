@@ -16,22 +16,30 @@ Delivery guarantee: as for webhooks, at most once after the ``202`` (the sender 
 ``503``); a batch is reserved whole before anything is submitted, so it is accepted whole or
 refused whole and a ``202`` covers every event in it. Python hears of accepted events and their
 outcomes in batches (metrics, logs of undelivered events).
+
+Async invocation (``asynchronous_invocation``, or functions marked asynchronous): the core then
+hands the requests to the same endpoint in Python (:mod:`._cloudevents_python`), which gives the
+same answers; the 202 still means accepted, each event settles when its callback arrives (a
+failed callback is re-invoked like a failed call), and ``Prefer: reply`` waits for the callback.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from typing import Literal
 
 from pydantic import ConfigDict, Field, field_validator
 
+from fastconn.functions import FunctionTarget
 from fastconn.health import HEALTHY, SourceHealth
-from fastconn.ingress import CloudEventsRoute, warn_undelivered
+from fastconn.ingress import CloudEventsRoute, invokes_asynchronously, warn_undelivered
 from fastconn.message import Message, Outcome
 from fastconn.ratelimit import RateLimitedLog
 from fastconn.signatures import SignatureKeys
 from fastconn.source import SourceContext
+from fastconn.sources._cloudevents_python import PythonCloudEvents
 
 __all__ = ["CONFIG_MODEL", "CloudEventsConfig", "CloudEventsSource", "create"]
 
@@ -63,6 +71,9 @@ class CloudEventsConfig(SignatureKeys):
     """Bearer token required in ``Authorization: Bearer <token>``; None disables the check."""
     # A CloudEvents sender is rarely GitHub: no signature header is assumed unless configured.
     signature_header: str = Field(default="X-Signature", min_length=1)
+    asynchronous_invocation: bool = False
+    """Invoke functions through ``/async-function/`` (the Python handler then serves the path);
+    ``Prefer: reply`` waits for the callback."""
 
     @field_validator("path")
     @classmethod
@@ -95,6 +106,13 @@ class CloudEventsSource:
         self._ctx: SourceContext | None = None
         # Per-function detail is in fastconn.functions' aggregated lines; this says which events.
         self._undelivered_log = RateLimitedLog(log, interval=10.0)
+        # Set by close(): a Prefer: reply request still waiting gets a 503, not a hang.
+        self._closed = asyncio.Event()
+        self._python = PythonCloudEvents(config, lambda: self._ctx, self._on_outcomes, self._closed)
+
+    @property
+    def asynchronous_invocation(self) -> bool:
+        return self.config.asynchronous_invocation
 
     def register(self, ctx: SourceContext) -> None:
         self._ctx = ctx
@@ -128,9 +146,17 @@ class CloudEventsSource:
                 signature=signature,
                 on_accepted=self._on_accepted,
                 on_outcomes=self._on_outcomes,
+                python_route=self._python.route(),
                 record_payload=ctx.print_request_body,
+                python=c.asynchronous_invocation,
             )
         )
+        ctx.on_functions_changed(self._functions_changed)
+
+    def _functions_changed(self, targets: tuple[FunctionTarget, ...]) -> None:
+        python = self.config.asynchronous_invocation or invokes_asynchronously(targets)
+        if self._ctx is not None and self._ctx.ingress is not None:
+            self._ctx.ingress.set_webhook_state(self.name, python=python)
 
     async def start(self) -> None:
         self._set_accepting(True)
@@ -139,13 +165,14 @@ class CloudEventsSource:
         self._set_accepting(False)
 
     async def close(self) -> None:
-        return None
+        self._closed.set()
 
     def health(self) -> SourceHealth:
         """Nothing to lose: the sender holds an event until it has its 202."""
         return HEALTHY
 
     def _set_accepting(self, accepting: bool) -> None:
+        self._python.accepting = accepting
         if self._ctx is not None and self._ctx.ingress is not None:
             self._ctx.ingress.set_webhook_state(self.name, accepting=accepting)
 

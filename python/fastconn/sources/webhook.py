@@ -38,11 +38,10 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import uuid
-from collections.abc import Awaitable, Sequence
-from typing import Final, Literal, TypeVar
+from collections.abc import Sequence
+from typing import Final, Literal
 
 from pydantic import ConfigDict, Field
 
@@ -51,17 +50,16 @@ from fastconn.functions import FunctionTarget
 from fastconn.headers import passthrough
 from fastconn.health import HEALTHY, SourceHealth
 from fastconn.http_routes import HttpRequest, HttpResponse, Route
-from fastconn.ingress import WebhookRoute, warn_undelivered
+from fastconn.ingress import WebhookRoute, invokes_asynchronously, warn_undelivered
+from fastconn.ingress_answers import json_error, unless, waited_response
 from fastconn.ingress_store import IngressStore, IngressStoreConfig, StoredEvent, StoreUnavailable
-from fastconn.message import Message, Outcome, Verdict
+from fastconn.message import Message, Outcome
 from fastconn.ratelimit import RateLimitedLog
 from fastconn.s3_events import S3EventError, decode_notification
 from fastconn.signatures import SignatureKeys, signature_problem
 from fastconn.source import SourceContext
 
 log = logging.getLogger("fastconn.source.webhook")
-
-T = TypeVar("T")
 
 PREFIX: Final = "/webhook/"
 
@@ -181,8 +179,7 @@ class WebhookSource:
         )
 
     def _functions_changed(self, targets: tuple[FunctionTarget, ...]) -> None:
-        # Functions invoked asynchronously need the async layer, which is in Python.
-        python = self._served_in_python or any(t.asynchronous and t.async_url for t in targets)
+        python = self._served_in_python or invokes_asynchronously(targets)
         if self._ctx is not None and self._ctx.ingress is not None:
             self._ctx.ingress.set_webhook_state(self.name, python=python)
 
@@ -226,7 +223,7 @@ class WebhookSource:
     async def _handle(self, request: HttpRequest) -> HttpResponse:
         ctx = self._ctx
         if ctx is None or not self._accepting:
-            return _error(503, "not accepting events (starting or shutting down)", retry_after=1)
+            return json_error(503, "not accepting events (starting or shutting down)", retry_after=1)
         denied = self._check_token(request)
         if denied:
             return denied
@@ -238,7 +235,7 @@ class WebhookSource:
         if problem:
             return self._malformed(request, problem)
         if not ctx.dispatcher.has_capacity:
-            return _error(503, "dispatcher at capacity, retry later", retry_after=1)
+            return json_error(503, "dispatcher at capacity, retry later", retry_after=1)
         # The sender's credentials and signature authenticate it to fastconn, not to functions.
         headers = passthrough(
             request.headers,
@@ -255,7 +252,7 @@ class WebhookSource:
         # No topic map yet: answer at once. Holding the request for startup_wait would keep a
         # connection (and a sender) waiting for a table that may be minutes away.
         if not await ctx.wait_ready(0):
-            return _error(503, "topic map not loaded yet", retry_after=1)
+            return json_error(503, "topic map not loaded yet", retry_after=1)
         loop = asyncio.get_running_loop()
         settled: asyncio.Future[Outcome] = loop.create_future()
 
@@ -274,7 +271,7 @@ class WebhookSource:
                 asynchronous=self.config.asynchronous_invocation,
             )
         except DispatcherClosed:
-            return _error(503, "shutting down", retry_after=1)
+            return json_error(503, "shutting down", retry_after=1)
         except ValueError as exc:
             # The core refused the message (something validation above did not foresee): the
             # request is at fault, not the daemon.
@@ -282,12 +279,12 @@ class WebhookSource:
         if not wait:
             return HttpResponse(202, (("X-Message-Id", message.message_id or ""),), b"accepted\n")
         # After close() the dispatcher is gone: an outcome still missing will never come.
-        outcome = await _unless(settled, self._closed)
+        outcome = await unless(settled, self._closed)
         if outcome is None:
-            return _error(
+            return json_error(
                 503, "shut down before every function answered", retry_after=1, message_id=message.message_id
             )
-        return _waited_response(outcome, outcome.message_id)
+        return waited_response(outcome, outcome.message_id)
 
     async def _s3_records(
         self, request: HttpRequest, headers: list[tuple[str, str]], wait: bool
@@ -297,9 +294,9 @@ class WebhookSource:
         its stable record id; 202 once all are accepted (or stored)."""
         ctx = self._ctx
         if ctx is None:
-            return _error(503, "not accepting events (starting or shutting down)", retry_after=1)
+            return json_error(503, "not accepting events (starting or shutting down)", retry_after=1)
         if wait:
-            return _error(400, "?wait=true is not available with decode = s3 (one request, many records)")
+            return json_error(400, "?wait=true is not available with decode = s3 (one request, many records)")
         try:
             records = decode_notification(request.body)
         except S3EventError as exc:
@@ -315,11 +312,11 @@ class WebhookSource:
         if self._store is not None:
             return await self._stored(messages, wait)
         if not await ctx.wait_ready(0):
-            return _error(503, "topic map not loaded yet", retry_after=1)
+            return json_error(503, "topic map not loaded yet", retry_after=1)
         try:
             await ctx.submit(self.name, messages, self._on_outcomes)
         except DispatcherClosed:
-            return _error(503, "shutting down", retry_after=1)
+            return json_error(503, "shutting down", retry_after=1)
         except ValueError as exc:
             return self._malformed(request, f"message refused: {exc}")
         return HttpResponse(202, (("X-Message-Id", ids),), b"accepted\n")
@@ -328,7 +325,7 @@ class WebhookSource:
         """Durable ingress: 202 once the stream holds the events; its JetStream source delivers."""
         store = self._store
         if store is None or wait:
-            return _error(
+            return json_error(
                 400,
                 "?wait=true is not available on a webhook with a store: the event is dispatched "
                 "later from the stream (drop ?wait, or use a webhook without a store)",
@@ -338,7 +335,7 @@ class WebhookSource:
             await store.put(events)
         except StoreUnavailable as exc:
             self._undelivered_log.warning("webhook %s: event not stored: %s", self.name, exc)
-            return _error(503, "event store unavailable, retry later", retry_after=1)
+            return json_error(503, "event store unavailable, retry later", retry_after=1)
         ctx = self._ctx
         if ctx is not None:
             ctx.count_received(self.name, messages)
@@ -357,7 +354,9 @@ class WebhookSource:
             key = request.query_value("key") or ""
             ok = hmac.compare_digest(key.encode("utf-8", "surrogateescape"), token.encode())
         if not ok:
-            return _error(401, "missing or wrong bearer token", www_authenticate='Bearer realm="fastconn"')
+            return json_error(
+                401, "missing or wrong bearer token", www_authenticate='Bearer realm="fastconn"'
+            )
         return None
 
     def _check_signature(self, request: HttpRequest) -> HttpResponse | None:
@@ -366,55 +365,10 @@ class WebhookSource:
         wanted = self.config.signature_header
         value = request.header(wanted)
         problem = signature_problem(self.config, [] if value is None else [(wanted, value)], request.body)
-        return None if problem is None else _error(401, problem)
+        return None if problem is None else json_error(401, problem)
 
     def _malformed(self, request: HttpRequest, problem: str) -> HttpResponse:
         self._malformed_log.warning(
             "source %s: bad request from %s: %s", self.name, request.remote or "?", problem
         )
-        return _error(400, problem)
-
-
-def _waited_response(outcome: Outcome, message_id: str) -> HttpResponse:
-    headers = [("X-Message-Id", message_id)]
-    if outcome.verdict is Verdict.UNROUTED:
-        return HttpResponse(404, headers, b"no function subscribes to this topic\n")
-    first = outcome.results[0]
-    headers += [("X-Function-Name", first.function), ("X-Function-Status", first.status_label)]
-    if first.status == 0:
-        return HttpResponse(502, headers, f"{first.function}: {first.error.label}\n".encode())
-    content_type = next((v for k, v in first.headers or () if k.lower() == "content-type"), None)
-    if content_type:
-        headers.append(("Content-Type", content_type))
-    return HttpResponse(first.status, headers, first.body or b"")
-
-
-async def _unless(work: Awaitable[T], event: asyncio.Event) -> T | None:
-    """``work``'s result, or None (``work`` cancelled) when ``event`` is set first."""
-    task = asyncio.ensure_future(work)
-    interrupt = asyncio.ensure_future(event.wait())
-    try:
-        await asyncio.wait({task, interrupt}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        interrupt.cancel()
-        if not task.done():
-            task.cancel()
-    return task.result() if task.done() and not task.cancelled() else None
-
-
-def _error(
-    status: int,
-    reason: str,
-    *,
-    retry_after: int | None = None,
-    www_authenticate: str | None = None,
-    message_id: str | None = None,
-) -> HttpResponse:
-    headers = [("Content-Type", "application/json; charset=utf-8")]
-    if message_id is not None:
-        headers.append(("X-Message-Id", message_id))
-    if retry_after is not None:
-        headers.append(("Retry-After", str(retry_after)))
-    if www_authenticate is not None:
-        headers.append(("WWW-Authenticate", www_authenticate))
-    return HttpResponse(status, headers, json.dumps({"error": reason}).encode())
+        return json_error(400, problem)

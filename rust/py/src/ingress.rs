@@ -59,7 +59,7 @@ pub type WebhookTuple = (
 pub type SignatureTuple = (String, String, String, String, String, String, u64);
 
 /// A CloudEvents source as Python passes it: (name, path, max_body, max_batch, route_by,
-/// delivery, reply, auth_token, signature, accepting, record_payload).
+/// delivery, reply, auth_token, signature, accepting, record_payload, python_fallback).
 pub type CloudEventsTuple = (
     String,
     String,
@@ -72,6 +72,7 @@ pub type CloudEventsTuple = (
     Option<SignatureTuple>,
     bool,
     bool,
+    Option<usize>,
 );
 
 fn cloudevents_entry(
@@ -87,6 +88,7 @@ fn cloudevents_entry(
         signature,
         accepting,
         record,
+        fallback,
     ): CloudEventsTuple,
 ) -> PyResult<RouteEntry> {
     let (route_by, delivery) = crate::cloudevents::route_settings(&route_by, &delivery)?;
@@ -121,6 +123,7 @@ fn cloudevents_entry(
             signature,
             accepting,
             record_payload: record,
+            python_fallback: fallback,
         })),
     })
 }

@@ -29,6 +29,9 @@ Write-ahead-log mode (``mode = "wal"``, the default)
 * **The server keeps WAL for the slot** while changes are not confirmed, fastconn down included:
   ``fastconn_postgres_slot_lag_bytes`` and a loud log over ``max_slot_lag_bytes``.
 
+With ``asynchronous_invocation`` a change is done only when its callbacks report success: the
+slot stays behind it meanwhile, and a failed callback is retried like a failed call.
+
 LISTEN/NOTIFY mode (``mode = "notify"``): the payload of each notification on ``channels`` is
 the body, the channel the topic. At most once: NOTIFY is not stored, so notifications sent while
 fastconn is disconnected are lost.

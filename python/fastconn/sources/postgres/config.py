@@ -88,6 +88,9 @@ class PostgresConfig(BaseModel):
     """How often a replica without the slot's lock tries to take it."""
     reconnect_max: _PositiveDuration = 5.0
     """Longest wait between reconnection attempts after the connection drops."""
+    asynchronous_invocation: bool = False
+    """Invoke functions through ``/async-function/``; a change counts as done (and the slot
+    advances past it) only after its callbacks."""
     startup_timeout: Duration = 30.0
     """How long start-up keeps trying to reach the server."""
     channels: _List = ()

@@ -115,7 +115,9 @@ class NotifySource:
             while not self._queue.empty() and len(batch) < 500:
                 batch.append(self._queue.get_nowait())
             try:
-                await ctx.submit(self.name, batch, self._on_outcomes)
+                await ctx.submit(
+                    self.name, batch, self._on_outcomes, asynchronous=self.config.asynchronous_invocation
+                )
             except DispatcherClosed:
                 return
 

@@ -415,7 +415,9 @@ class WalSource:
     async def _submit(self, messages: list[Message]) -> None:
         self._in_core += len(messages)
         try:
-            await self._require_ctx().submit(self.name, messages, self._on_outcomes)
+            await self._require_ctx().submit(
+                self.name, messages, self._on_outcomes, asynchronous=self.config.asynchronous_invocation
+            )
         except BaseException:
             self._in_core -= len(messages)
             raise

@@ -19,7 +19,8 @@ channel's tag (the OpenFaaS Pushbullet connector's rule), and the stream's ephem
   backoff (at least the function's ``Retry-After``), the checkpoint waiting; a final failure
   goes to ``dead_letter`` with its context, or without one is retried the same way. Ephemerals
   are not stored by Pushbullet: they are retried while the process lives (at most once across a
-  crash).
+  crash). With ``asynchronous_invocation`` a push settles only when its callbacks report the
+  result.
 * **The stream** is reopened with doubling backoff when it closes or stays silent (no ``nop``)
   for ``keepalive_timeout``. The REST client waits for ``X-Ratelimit-Reset`` on a 429 or an
   exhausted budget. A refused token is a start-up :class:`~fastconn.errors.SourceError`.

@@ -47,6 +47,8 @@ class PushbulletConfig(BaseModel):
     """Dispatch the stream's ephemeral ``push`` frames to topic ``ephemeral:<type>``."""
     checkpoint: CheckpointConfig | None = None
     """Where the ``modified_after`` resume point is kept (default: a local file)."""
+    asynchronous_invocation: bool = False
+    """Invoke functions through ``/async-function/``; the checkpoint waits for the callbacks."""
     dead_letter: DeadLetterConfig | None = None
     """Where pushes that failed for good go; unset: they are retried (and the checkpoint waits)."""
     page_size: Annotated[int, Field(ge=1, le=500)] = 500

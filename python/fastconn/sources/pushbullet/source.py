@@ -315,8 +315,13 @@ class PushbulletSource:
         chunk = max(1, self._require_ctx().dispatcher.options.batch_size)
         for start in range(0, len(messages), chunk):
             part = messages[start : start + chunk]
-            await self._require_ctx().submit(self.name, part, self._on_outcomes)
+            await self._submit(part)
             self._counts["dispatched"] += len(part)
+
+    async def _submit(self, messages: list[Message]) -> None:
+        await self._require_ctx().submit(
+            self.name, messages, self._on_outcomes, asynchronous=self.config.asynchronous_invocation
+        )
 
     # -- ephemerals ------------------------------------------------------------------------
 
@@ -342,7 +347,7 @@ class PushbulletSource:
                 topic = f"{EPHEMERAL_TOPIC_PREFIX}{kind if isinstance(kind, str) and kind else 'unknown'}"
                 messages.append(self._message(push, topic, None))
             try:
-                await self._require_ctx().submit(self.name, messages, self._on_outcomes)
+                await self._submit(messages)
             except DispatcherClosed:
                 return
             self._counts["ephemerals"] += len(messages)
@@ -405,7 +410,7 @@ class PushbulletSource:
                 item.deliveries += 1
                 item.message = dataclasses.replace(item.message, delivery_attempt=item.deliveries)
             try:
-                await self._require_ctx().submit(self.name, [i.message for i in batch], self._on_outcomes)
+                await self._submit([i.message for i in batch])
             except DispatcherClosed:
                 return
             self._counts["redeliveries"] += len(batch)

@@ -26,7 +26,8 @@ With ``subscribe = {topic_arn, endpoint}`` the source calls SNS ``Subscribe`` at
 
 Delivery guarantee: at-least-once up to the 200 (SNS retries until then, per the
 subscription's delivery policy, and redelivers with the same MessageId); after it, the
-dispatcher's retries; a message that fails for good is counted in
+dispatcher's retries (with ``asynchronous_invocation``, the message settles on its callback and
+a failed callback is re-invoked like a failed call); a message that fails for good is counted in
 ``fastconn_messages_failed_total`` and logged, as with the webhook source.
 
 Modules: :mod:`.config`, :mod:`.hosts` (which URLs may be fetched), :mod:`.envelope` (parsing

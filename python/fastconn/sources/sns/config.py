@@ -103,6 +103,9 @@ class SnsConfig(BaseModel):
     """For one certificate or confirmation fetch; below SNS's own ~15 s delivery timeout."""
     accept_timeout: float = Field(default=5.0, gt=0, le=12)
     """How long a delivery may wait for dispatcher room before it is answered 503."""
+    asynchronous_invocation: bool = False
+    """Invoke functions through ``/async-function/``; SNS still gets its 200 on acceptance, a
+    failed callback is re-invoked like a failed call."""
     raw_delivery_token: str | None = None
     """Accept raw deliveries (``x-amz-sns-rawdelivery: true``, which carry no signature) only
     with this token, as ``?token=`` in the endpoint URL or the password of its basic auth."""

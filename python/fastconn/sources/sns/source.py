@@ -279,7 +279,10 @@ class SnsSource:
 
         try:
             # A notification that decodes to more messages than there is room for waits, bounded.
-            await asyncio.wait_for(ctx.submit(self.name, messages, on_outcomes), self.config.accept_timeout)
+            submitted = ctx.submit(
+                self.name, messages, on_outcomes, asynchronous=self.config.asynchronous_invocation
+            )
+            await asyncio.wait_for(submitted, self.config.accept_timeout)
         except TimeoutError:
             self._count("busy")
             return _answer(503, "dispatcher at capacity, retry later", retry_after=_RETRY_AFTER)

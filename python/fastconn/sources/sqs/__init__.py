@@ -23,7 +23,8 @@ Settling, once every part of a received message has a final result:
   is made visible at once, and the queue's redrive policy moves it after ``maxReceiveCount``.
 
 While a message is in hand (a call slower than ``visibility_timeout``, a FIFO message waiting
-for its group), its visibility is extended before it ends, up to SQS's 12 h ceiling.
+for its group, an async call waiting for its callback with ``asynchronous_invocation``), its
+visibility is extended before it ends, up to SQS's 12 h ceiling.
 
 FIFO queues (``.fifo``): ``MessageGroupId`` is the core's ordering key: one message of a group
 in flight at a time, groups in parallel, in the order received. A retryable failure is retried

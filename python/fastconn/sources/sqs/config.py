@@ -89,6 +89,9 @@ class SqsConfig(BaseModel):
     """Where messages that failed for good are sent (with the failure context as message
     attributes) before they are deleted. Unset: they are made visible again at once, for the
     queue's redrive policy to move them after its ``maxReceiveCount``."""
+    asynchronous_invocation: bool = False
+    """Invoke functions through ``/async-function/``; a message is deleted only after its
+    callbacks, its visibility extended while they are awaited."""
     startup_timeout: Duration = Field(default=30.0, gt=0)
 
     @model_validator(mode="before")

@@ -295,7 +295,9 @@ class SqsSource:
         if not messages:
             return
         try:
-            await ctx.submit(self.name, messages, self._on_outcomes)
+            await ctx.submit(
+                self.name, messages, self._on_outcomes, asynchronous=self.config.asynchronous_invocation
+            )
         except DispatcherClosed:
             # Left in hand: close() makes them visible again for another replica.
             log.warning("source %s: %d message(s) not dispatched: shutting down", self.name, len(messages))
@@ -516,7 +518,9 @@ class SqsSource:
     async def _resubmit(self, message: Message) -> None:
         self._in_place.pop(id(message), None)
         try:
-            await self._require_ctx().dispatcher.submit([message], self._on_outcomes)
+            await self._require_ctx().dispatcher.submit(
+                [message], self._on_outcomes, asynchronous=self.config.asynchronous_invocation
+            )
         except DispatcherClosed:
             self._release_key(message)
             self._part_settled(message.handle, None, handed_back=True)

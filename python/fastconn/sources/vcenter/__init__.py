@@ -16,7 +16,8 @@ subscribed to their topic, through pyvmomi and an event history collector.
   not settled. Retryable failures are sent again with doubling backoff while the checkpoint
   holds; final failures go to ``dead_letter`` with their context and then count as settled;
   without a dead-letter destination they are retried like retryable ones (the checkpoint holds
-  until the function accepts them).
+  until the function accepts them). With ``asynchronous_invocation`` an event settles only when
+  its callbacks report the result.
 * **Session loss** (vCenter restart, expired session, network): log in again with backoff and
   continue from the cursor; if the server's event keys started again (a restored vCenter, a
   simulator restart), the events created after the last one read are taken as new.

@@ -71,6 +71,8 @@ class VcenterConfig(BaseModel):
     """Where the last settled event key is kept (default: a local file)."""
     dead_letter: DeadLetterConfig | None = None
     """Where events whose functions failed for good go; without one they are retried."""
+    asynchronous_invocation: bool = False
+    """Invoke functions through ``/async-function/``; the checkpoint waits for the callbacks."""
     cloudevents: bool = False
     """Also send CloudEvents binary-mode ``ce-*`` headers (the Event Broker's event shape)."""
 

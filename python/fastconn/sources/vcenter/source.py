@@ -352,7 +352,9 @@ class VcenterSource:
             messages.append(self._message(event))
         self.stats.read += len(messages)
         try:
-            await ctx.submit(self.name, messages, self._settled)
+            await ctx.submit(
+                self.name, messages, self._settled, asynchronous=self.config.asynchronous_invocation
+            )
         except DispatcherClosed:
             log.info("source %s: %d event(s) not dispatched: shutting down", self.name, len(messages))
 
@@ -422,7 +424,12 @@ class VcenterSource:
         await asyncio.sleep(delay)
         event.deliveries += 1
         try:
-            await ctx.submit(self.name, [self._message(event)], self._settled)
+            await ctx.submit(
+                self.name,
+                [self._message(event)],
+                self._settled,
+                asynchronous=self.config.asynchronous_invocation,
+            )
         except DispatcherClosed:
             return
 

@@ -11,6 +11,9 @@
 //! * 503 + `Retry-After` under backpressure, before the topic map, while not accepting;
 //! * with `reply` set, a single event and `Prefer: reply`: the function's reply event (in the
 //!   mode the event came in), or 202 when it answered none, 502 when it answered a malformed one.
+//!
+//! A source whose events need Python's async-invocation layer sets `python_fallback`, as a
+//! webhook does: its requests then go to Python like any Python route.
 
 use super::webhook::{
     bearer_matches, error, first_result, unavailable, unrouted, waited_response, with_header,
@@ -46,6 +49,9 @@ pub struct CloudEventsRoute {
     pub accepting: bool,
     /// Whether accepted messages carry their body to Python (`print_request_body`).
     pub record_payload: bool,
+    /// Hand requests to Python (index of its Python route) instead of serving them here: its
+    /// events need Python's async-invocation layer.
+    pub python_fallback: Option<usize>,
 }
 
 fn refused(status: u16, message: &str) -> Response<Full<Bytes>> {

@@ -213,7 +213,14 @@ impl Shared {
                 }
                 _ => self.webhook(webhook, request, remote).await,
             },
-            RouteKind::CloudEvents(route) => self.cloudevents(route, request, remote).await,
+            RouteKind::CloudEvents(route) => match route.python_fallback {
+                Some(index) if route.accepting && request.method() == Method::POST => {
+                    let max_body = route.limits.max_body_bytes;
+                    self.python(index, max_body, false, None, request, remote)
+                        .await
+                }
+                _ => self.cloudevents(route, request, remote).await,
+            },
             RouteKind::Python {
                 method,
                 max_body,
