@@ -16,7 +16,7 @@ import pytest
 
 from fastconn.config import validate_config
 from fastconn.errors import ConfigError
-from fastconn.testing import FunctionDouble, wait_for
+from fastconn.testing import FunctionDouble, free_port, wait_for
 from kafka_fixtures import Broker, kafka_broker  # noqa: F401
 
 if TYPE_CHECKING:
@@ -210,3 +210,27 @@ async def test_kill_9_during_a_flood_loses_no_event_that_got_a_202(
         f"\ndurable ingress (kafka), kill -9 after {killed_with} 202s ({started_before} calls started by "
         f"then): lost 0, duplicates {duplicates}, refused {refused}"
     )
+
+
+async def test_a_missing_store_topic_or_unreachable_brokers_are_clear_start_errors(
+    kafka_broker: Broker,
+    function_double: FunctionDouble,
+    daemon_factory: DaemonFactory,
+) -> None:
+    missing = _config(function_double, kafka_broker, _name("absent"), _name("g"), create_topic=False)
+    missing["sources"] = missing["sources"][:1]  # the webhook alone: its store fails first
+    daemon = await daemon_factory(missing, wait=None)
+    code = await asyncio.wait_for(asyncio.to_thread(daemon.process.wait), 60)  # type: ignore[union-attr]
+    assert code != 0
+    assert "does not exist: create it, or set store.create_topic = true" in daemon.output(), daemon.output()
+    assert "Traceback" not in daemon.output()
+
+    unreachable = _config(
+        function_double, kafka_broker, _name("t"), _name("g"), brokers=[f"127.0.0.1:{free_port()}"]
+    )
+    unreachable["sources"] = unreachable["sources"][:1]
+    daemon = await daemon_factory(unreachable, wait=None)
+    code = await asyncio.wait_for(asyncio.to_thread(daemon.process.wait), 60)  # type: ignore[union-attr]
+    assert code != 0
+    assert "cannot reach the Kafka brokers" in daemon.output(), daemon.output()
+    assert "Traceback" not in daemon.output()

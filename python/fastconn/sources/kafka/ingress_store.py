@@ -25,6 +25,7 @@ from fastconn.ingress_store import (
     StoredEvent,
     StoreUnavailable,
 )
+from fastconn.sources._kafka_health import MetadataProbe
 from fastconn.sources.kafka.config import client_options
 
 __all__ = ["KafkaStore"]
@@ -41,8 +42,12 @@ class KafkaStore:
     def __init__(self, config: KafkaStoreConfig, name: str) -> None:
         self.config = config
         self.name = f"{name}-store"
-        self.health: ConnectionHealth | None = None
+        # The brokers' reachability in /readyz, probed like the Kafka source's (no events
+        # come from aiokafka): a webhook whose store is down would only answer 503.
+        self._reachable = ConnectionHealth(self.name, ", ".join(config.brokers), log)
+        self.health: ConnectionHealth | None = self._reachable
         self._producer: Any = None
+        self._probe: MetadataProbe | None = None
 
     async def open(self) -> None:
         options = client_options(self.config)
@@ -66,8 +71,15 @@ class KafkaStore:
                 "check store.brokers and that the brokers are up"
             ) from None
         self._producer = producer
+        self._probe = MetadataProbe(self._reachable, producer.client.fetch_all_metadata)
+        self._probe.start()
+        if self.config.create_topic:
+            return
         try:
-            missing = not await producer.partitions_for(self.config.topic)
+            # All topics' metadata: asking for this one by name would let a broker that
+            # creates topics on demand create it, hiding a typo.
+            metadata = await producer.client.fetch_all_metadata()
+            missing = not metadata.partitions_for_topic(self.config.topic)
         except KafkaError:
             missing = True
         if missing:
@@ -122,6 +134,9 @@ class KafkaStore:
             raise StoreUnavailable(f"{len(failed)} of {len(events)} event(s) not stored: {failed[0]!r}")
 
     async def close(self) -> None:
+        probe, self._probe = self._probe, None
+        if probe is not None:
+            await probe.stop()
         producer, self._producer = self._producer, None
         if producer is not None:
             await producer.stop()
