@@ -380,3 +380,26 @@ async def test_cleartext_h2c_prior_knowledge_announces_the_stream_bound(
         writer.close()
     assert bound == 7
     await wait_for(lambda: len(function_double.calls_to("/echo")) == 11, 10, what="11 deliveries")
+
+
+async def test_an_http2_connection_that_never_sends_a_request_is_closed_within_header_timeout(
+    daemon_factory: DaemonFactory, function_double: FunctionDouble
+) -> None:
+    config = {
+        "functions": [{"name": "echo", "url": function_double.url("/echo"), "topics": ["t"]}],
+        "sources": [{"type": "webhook"}],
+        "server": {"http2": True, "header_timeout": "1s", "idle_timeout": "30s"},
+    }
+    daemon = await daemon_factory(config)
+    host, port = _host_port(daemon)
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        # The preface and SETTINGS, then nothing: an h2 slowloris.
+        conn = h2.connection.H2Connection()
+        conn.initiate_connection()
+        writer.write(conn.data_to_send())
+        started = time.monotonic()
+        assert await _closed_by_server(reader, 5.0), "the silent h2 connection is still open"
+        assert time.monotonic() - started < 4.0
+    finally:
+        writer.close()
