@@ -5,6 +5,7 @@ SCENARIOS: dict[str, str] = {
     "dispatch": "scenarios.dispatch",
     "webhook": "scenarios.webhook",
     "webhook-durable": "scenarios.webhook_durable",
+    "webhook-https": "scenarios.webhook_https",
     "cloudevents": "scenarios.cloudevents",
     "nats": "scenarios.nats",
     "jetstream": "scenarios.jetstream",

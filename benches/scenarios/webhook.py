@@ -9,6 +9,7 @@ baseline's ``/count``), so a 503 (refused under backpressure) is not counted as 
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,6 +46,8 @@ class WebhookFeed:
     path: str = f"/webhook/{TOPIC}"
     encode: Callable[[bytes], tuple[dict[str, str], bytes]] | None = None
     """The request for a payload (headers, body); None: the payload as the body."""
+    ssl: ssl.SSLContext | bool = True
+    """How the warm-up and probe requests verify an https server (wrk does not verify)."""
 
     def request(self, payload: bytes) -> tuple[dict[str, str], bytes]:
         return ({}, payload) if self.encode is None else self.encode(payload)
@@ -54,7 +57,10 @@ class WebhookFeed:
 
     async def _post(self, payload: bytes) -> None:
         headers, body = self.request(payload)
-        async with aiohttp.ClientSession() as http, http.post(self.url, data=body, headers=headers) as r:
+        async with (
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self.ssl)) as http,
+            http.post(self.url, data=body, headers=headers) as r,
+        ):
             await r.read()
 
     @staticmethod
@@ -96,7 +102,7 @@ class WebhookFeed:
         return Window(t1 - t0, accepted, cpu1 - cpu0, busy), excess
 
     async def probe(self, n: int, rate: float) -> None:
-        async with aiohttp.ClientSession() as http:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self.ssl)) as http:
 
             async def post() -> None:
                 headers, body = self.request(stamped_payload(self.payload))

@@ -11,6 +11,7 @@ __all__ = [
     "Runtime",
     "__version__",
     "build_profile",
+    "check_server_tls",
     "check_tls",
     "cloudevents_calls",
     "cloudevents_reply",
@@ -106,6 +107,10 @@ class Runtime:
         max_connections: int,
         max_pending: int,
         max_head_bytes: int = 65536,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        http2: bool = False,
+        http2_max_concurrent_streams: int = 100,
     ) -> tuple[str, int]: ...
     @property
     def ingress_wake_fd(self) -> int: ...
@@ -125,6 +130,7 @@ def validate_url(url: str) -> str | None: ...
 def check_tls(
     *, ca: str | None = None, cert: str | None = None, key: str | None = None
 ) -> tuple[str, str] | None: ...
+def check_server_tls(*, cert: str | None = None, key: str | None = None) -> tuple[str, str] | None: ...
 
 # CloudEvents and webhook signatures (tests and the Python webhook; the ingress server calls the
 # core directly). Refusals raise ValueError((status, message)).

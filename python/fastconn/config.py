@@ -345,6 +345,34 @@ class ServerConfig(_Model):
     readiness_grace: Duration = 10.0
     """How long a source's broker may be unreachable before ``/readyz`` turns 503: a broker
     restart or a leader change should not take every replica out of the load balancer."""
+    tls_cert: _NonEmptyStr | None = None
+    """Certificate chain (PEM, server certificate first) served on ``listen``: with ``tls_key``
+    the listener speaks HTTPS only, and a derived ``public_url`` says https."""
+    tls_key: _NonEmptyStr | None = None
+    """Private key (PEM) of ``tls_cert``."""
+    http2: bool = False
+    """Also speak HTTP/2 on ``listen``: h2 over TLS (ALPN) or prior-knowledge h2c in clear;
+    HTTP/1.1 keeps working on the same port."""
+    http2_max_concurrent_streams: Annotated[int, Field(ge=1, le=10_000)] = 100
+    """Requests one HTTP/2 connection may have open at once (each keeps its own body limit)."""
+
+    @model_validator(mode="after")
+    def _tls_material_loads(self) -> ServerConfig:
+        # The core reads the files exactly as the listener will at start-up, so a pair `check`
+        # accepts is one `run` serves with, and the error names the key at fault.
+        if self.tls_cert is None and self.tls_key is None:
+            return self
+        problem = _core.check_server_tls(cert=self.tls_cert, key=self.tls_key)
+        if problem is not None:
+            setting, message = problem
+            details = [_error(message, (setting,), getattr(self, setting, None))]
+            raise ValidationError.from_exception_data(type(self).__name__, details)
+        return self
+
+    @property
+    def tls(self) -> bool:
+        """Whether ``listen`` serves HTTPS."""
+        return self.tls_cert is not None
 
     @property
     def host(self) -> str:
@@ -499,13 +527,15 @@ class Config(_Model):
 
     @property
     def public_url(self) -> str:
-        """``server.public_url``, else ``http://<listen>`` with wildcard hosts made connectable."""
+        """``server.public_url``, else ``http(s)://<listen>`` with wildcard hosts made connectable
+        (https when the listener has a certificate)."""
         if self.server.public_url:
             return self.server.public_url
         host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.server.host, self.server.host)
         if ":" in host:
             host = f"[{host}]"
-        return f"http://{host}:{self.server.port}"
+        scheme = "https" if self.server.tls else "http"
+        return f"{scheme}://{host}:{self.server.port}"
 
     @field_validator("log_level")
     @classmethod

@@ -91,7 +91,15 @@ class Daemon:
         self.ingress = Ingress(
             self.dispatcher,
             srv.listen,
-            IngressLimits(srv.header_timeout, srv.idle_timeout, srv.max_connections),
+            IngressLimits(
+                srv.header_timeout,
+                srv.idle_timeout,
+                srv.max_connections,
+                tls_cert=srv.tls_cert,
+                tls_key=srv.tls_key,
+                http2=srv.http2,
+                http2_max_concurrent_streams=srv.http2_max_concurrent_streams,
+            ),
         )
         # /metrics on its own listener when asked (aiohttp: one scrape at a time needs no more),
         # else on the ingress, as a Python route.

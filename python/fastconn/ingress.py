@@ -82,6 +82,12 @@ class IngressLimits:
     max_connections: int = 1024
     max_pending: int = 4096
     """Requests waiting for a Python handler; beyond it the core answers 503."""
+    tls_cert: str | None = None
+    """PEM certificate chain and key: the listener speaks HTTPS only."""
+    tls_key: str | None = None
+    http2: bool = False
+    """Also HTTP/2 (h2 over TLS by ALPN, prior-knowledge h2c in clear)."""
+    http2_max_concurrent_streams: int = 100
 
 
 @dataclass(slots=True)
@@ -228,6 +234,10 @@ class Ingress:
             idle_timeout=self.limits.idle_timeout,
             max_connections=self.limits.max_connections,
             max_pending=self.limits.max_pending,
+            tls_cert=self.limits.tls_cert,
+            tls_key=self.limits.tls_key,
+            http2=self.limits.http2,
+            http2_max_concurrent_streams=self.limits.http2_max_concurrent_streams,
         )
         self._runtime = runtime
         asyncio.get_running_loop().add_reader(runtime.ingress_wake_fd, self._on_wake)
@@ -252,7 +262,8 @@ class Ingress:
         host = self.host
         if ":" in host:
             host = f"[{host}]"
-        return f"http://{host}:{self.port}"
+        scheme = "https" if self.limits.tls_cert else "http"
+        return f"{scheme}://{host}:{self.port}"
 
     def connections(self) -> tuple[int, int, int, int]:
         """(open, evicted, refused, timed_out) connections."""

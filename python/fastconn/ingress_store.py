@@ -1,5 +1,6 @@
-"""Durable HTTP ingress: events accepted over HTTP are stored in a JetStream stream before the
-sender gets its 202, and dispatched from the stream by a JetStream source.
+"""Durable HTTP ingress: events accepted over HTTP are stored in a JetStream stream (or a Kafka
+topic) before the sender gets its 202, and dispatched from there by a JetStream (or Kafka)
+source.
 
 Without a store, a webhook's 202 means "accepted for dispatch": a crash before the functions
 answered loses the event, and the sender, told 202, does not send it again. With
@@ -17,6 +18,12 @@ forwarded request headers plus
 * ``Nats-Msg-Id``: the message id the 202 carried in ``X-Message-Id``. JetStream drops a second
   publish with the same id inside the stream's duplicate window, so the publish retried here after
   a lost acknowledgement is stored once, and the function later sees the very id the sender got.
+
+With ``store = { type = "kafka", brokers = [...], topic = "..." }`` the same envelope goes to a
+Kafka topic (:mod:`fastconn.sources.kafka.ingress_store`): the record's value is the body, its
+key the message id, its headers the forwarded request headers plus ``Fastconn-Topic`` and
+``Fastconn-Message-Id``; the 202 waits for ``acks=all``; a ``type = "kafka"`` source with
+``stored_events = true`` on that topic dispatches it (commit after success).
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, Protocol
 from urllib.parse import quote, unquote
 
 from pydantic import Field, field_validator
@@ -33,15 +40,21 @@ from pydantic import Field, field_validator
 from fastconn.durations import Duration
 from fastconn.errors import SourceError
 from fastconn.health import ConnectionHealth
+from fastconn.sources._kafka_connection import KafkaConnectionConfig, is_topic_name
 from fastconn.sources._nats_common import NatsConnectionConfig, connect, connection_health
 
 __all__ = [
+    "KAFKA_MESSAGE_ID_HEADER",
     "MESSAGE_ID_HEADER",
     "TOPIC_HEADER",
     "IngressStore",
     "IngressStoreConfig",
+    "JetStreamStore",
+    "JetStreamStoreConfig",
+    "KafkaStoreConfig",
     "StoreUnavailable",
     "StoredEvent",
+    "open_store",
     "unwrap",
 ]
 
@@ -49,13 +62,15 @@ log = logging.getLogger("fastconn.ingress_store")
 
 TOPIC_HEADER: Final = "Fastconn-Topic"
 MESSAGE_ID_HEADER: Final = "Nats-Msg-Id"
+KAFKA_MESSAGE_ID_HEADER: Final = "Fastconn-Message-Id"
+"""Kafka has no broker-side duplicate window keyed by a header: the id travels as a header."""
 
 
 class StoreUnavailable(Exception):
     """The stream did not acknowledge the event: the sender must be told to retry (503)."""
 
 
-class IngressStoreConfig(NatsConnectionConfig):
+class JetStreamStoreConfig(NatsConnectionConfig):
     """``store = { type = "jetstream", servers = [...], stream = "...", subject = "..." }``."""
 
     type: Literal["jetstream"]
@@ -79,6 +94,36 @@ class IngressStoreConfig(NatsConnectionConfig):
         return value
 
 
+class KafkaStoreConfig(KafkaConnectionConfig):
+    """``store = { type = "kafka", brokers = [...], topic = "..." }`` (plus the Kafka source's
+    connection keys: ``security_protocol``, SASL, TLS)."""
+
+    type: Literal["kafka"]
+    topic: str = Field(min_length=1)
+    """The topic events are written to (a ``type = "kafka"`` source with ``stored_events``
+    reads it)."""
+    create_topic: bool = True
+    """Create ``topic`` with ``partitions`` partitions when it does not exist."""
+    partitions: int = Field(default=1, ge=1, le=10_000)
+    publish_timeout: Duration = Field(default=5.0, gt=0)
+    """How long a burst waits for the brokers' acknowledgement (acks=all) before the senders get
+    503 (they retry: an event can then be stored twice, never lost once it got its 202)."""
+
+    @field_validator("topic")
+    @classmethod
+    def _topic_name(cls, value: str) -> str:
+        if not is_topic_name(value):
+            raise ValueError(
+                f"store.topic {value!r} must be a Kafka topic name: 1-249 letters, digits, '.', '_' "
+                "or '-', e.g. fastconn-ingress"
+            )
+        return value
+
+
+IngressStoreConfig = Annotated[JetStreamStoreConfig | KafkaStoreConfig, Field(discriminator="type")]
+"""A webhook's ``store``: a JetStream stream or a Kafka topic, told apart by ``type``."""
+
+
 @dataclass(frozen=True, slots=True)
 class StoredEvent:
     topic: str
@@ -87,22 +132,47 @@ class StoredEvent:
     message_id: str
 
 
-def unwrap(headers: dict[str, str] | None) -> tuple[str, str] | None:
-    """(topic, message id) of a stored event's NATS headers, or None when they are not an
-    ingress envelope."""
+def unwrap(headers: dict[str, str] | None, id_header: str = MESSAGE_ID_HEADER) -> tuple[str, str] | None:
+    """(topic, message id) of a stored event's headers (NATS; Kafka's with ``id_header`` =
+    :data:`KAFKA_MESSAGE_ID_HEADER`), or None when they are not an ingress envelope."""
     if not headers:
         return None
     topic = headers.get(TOPIC_HEADER)
-    message_id = headers.get(MESSAGE_ID_HEADER)
+    message_id = headers.get(id_header)
     if topic is None or not message_id:
         return None
     return unquote(topic), message_id
 
 
-class IngressStore:
+class IngressStore(Protocol):
+    """Where a webhook stores what it accepts (one per source)."""
+
+    health: ConnectionHealth | None
+
+    async def open(self) -> None:
+        """Connects (and creates the stream or topic when allowed); a :class:`SourceError`
+        naming the problem when it cannot."""
+
+    async def put(self, events: Sequence[StoredEvent]) -> None:
+        """Stores every event of a burst, or raises :class:`StoreUnavailable`."""
+
+    async def close(self) -> None: ...
+
+
+def open_store(config: JetStreamStoreConfig | KafkaStoreConfig, name: str) -> IngressStore:
+    """The store ``config`` describes, for the webhook source ``name`` (not connected yet)."""
+    if isinstance(config, KafkaStoreConfig):
+        # Imported here: aiokafka's producer is loaded only by configurations that use it.
+        from fastconn.sources.kafka.ingress_store import KafkaStore
+
+        return KafkaStore(config, name)
+    return JetStreamStore(config, name)
+
+
+class JetStreamStore:
     """Publishes accepted events to the stream and waits for the acknowledgements."""
 
-    def __init__(self, config: IngressStoreConfig, name: str) -> None:
+    def __init__(self, config: JetStreamStoreConfig, name: str) -> None:
         self.config = config
         self.name = f"{name}-store"
         self.health: ConnectionHealth | None = None

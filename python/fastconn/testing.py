@@ -219,6 +219,9 @@ class DaemonProcess:
             server["listen"] = f"127.0.0.1:{free_port()}"
         self.config["server"] = server
         self.listen = str(server["listen"])
+        # An HTTPS listener: the start-up probes and metrics() do not verify its certificate
+        # (that is what the tests themselves check, with their own trusted context).
+        self.tls = "tls_cert" in server
         self.workdir = workdir
         self.config_path = workdir / f"fastconn-{id(self)}.toml"
         self.log_path = workdir / f"fastconn-{id(self)}.log"
@@ -228,7 +231,10 @@ class DaemonProcess:
 
     @property
     def url(self) -> str:
-        return f"http://{self.listen}"
+        return f"{'https' if self.tls else 'http'}://{self.listen}"
+
+    def _connector(self) -> aiohttp.TCPConnector:
+        return aiohttp.TCPConnector(ssl=not self.tls)
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -246,7 +252,7 @@ class DaemonProcess:
         )
         log.close()
         path = "/readyz" if wait == "ready" else "/healthz"
-        async with aiohttp.ClientSession() as http:
+        async with aiohttp.ClientSession(connector=self._connector()) as http:
 
             async def up() -> bool:
                 if self.process is not None and self.process.poll() is not None:
@@ -287,7 +293,10 @@ class DaemonProcess:
         """The Prometheus samples, keyed like ``name{label="v",...}`` (labels sorted)."""
         from prometheus_client.parser import text_string_to_metric_families
 
-        async with aiohttp.ClientSession() as http, http.get(self.url + "/metrics") as r:
+        async with (
+            aiohttp.ClientSession(connector=self._connector()) as http,
+            http.get(self.url + "/metrics") as r,
+        ):
             text = await r.text()
         samples: dict[str, float] = {}
         for family in text_string_to_metric_families(text):

@@ -25,10 +25,10 @@ nothing to acknowledge: a message that fails for good is counted in
 outcomes in batches (metrics, ``print_request_body``).
 
 When a message needs the async-invocation layer (``asynchronous_invocation``, or functions marked
-asynchronous), a ``store`` (durable ingress: 202 only once a JetStream stream holds the event,
-:mod:`fastconn.ingress_store`) or a signature scheme other than a hex HMAC (Stripe, GitLab token,
-base64: :mod:`fastconn.signatures`), the core hands the requests to this module's Python handler
-instead, which gives the same answers (``?wait=true`` then waits for the callback).
+asynchronous), a ``store`` (durable ingress: 202 only once a JetStream stream or a Kafka topic
+holds the event, :mod:`fastconn.ingress_store`) or a signature scheme other than a hex HMAC
+(Stripe, GitLab token, base64: :mod:`fastconn.signatures`), the core hands the requests to this
+module's Python handler instead, which gives the same answers (``?wait=true`` then waits for the callback).
 
 Malformed requests are the sender's problem, not the daemon's: they get a 4xx naming what is
 wrong and one rate-limited log line, never a traceback.
@@ -52,7 +52,7 @@ from fastconn.health import HEALTHY, SourceHealth
 from fastconn.http_routes import HttpRequest, HttpResponse, Route
 from fastconn.ingress import WebhookRoute, invokes_asynchronously, warn_undelivered
 from fastconn.ingress_answers import json_error, unless, waited_response
-from fastconn.ingress_store import IngressStore, IngressStoreConfig, StoredEvent, StoreUnavailable
+from fastconn.ingress_store import IngressStoreConfig, StoredEvent, StoreUnavailable, open_store
 from fastconn.message import Message, Outcome
 from fastconn.ratelimit import RateLimitedLog
 from fastconn.s3_events import S3EventError, decode_notification
@@ -107,8 +107,8 @@ class WebhookConfig(SignatureKeys):
     """``s3``: the body is an S3/MinIO bucket notification (MinIO's webhook target): each record
     becomes its own message, routed by bucket and event (see :mod:`fastconn.s3_events`)."""
     store: IngressStoreConfig | None = None
-    """Durable ingress: answer 202 only once the event is stored in this JetStream stream, and
-    dispatch it from there (see :mod:`fastconn.ingress_store`)."""
+    """Durable ingress: answer 202 only once the event is stored in this JetStream stream or
+    Kafka topic, and dispatch it from there (see :mod:`fastconn.ingress_store`)."""
 
 
 CONFIG_MODEL = WebhookConfig
@@ -130,7 +130,7 @@ class WebhookSource:
         self._malformed_log = RateLimitedLog(log, interval=10.0)
         # Per-function detail is in fastconn.functions' aggregated lines; this says which messages.
         self._undelivered_log = RateLimitedLog(log, interval=10.0)
-        self._store = IngressStore(config.store, config.name) if config.store is not None else None
+        self._store = open_store(config.store, config.name) if config.store is not None else None
 
     @property
     def asynchronous_invocation(self) -> bool:

@@ -178,21 +178,26 @@ impl TlsSettings {
             }
         };
         let chain = read_certificates(TlsSetting::Cert, cert)?;
-        let pem = read_file(TlsSetting::Key, key)?;
-        let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
-            problem(
-                TlsSetting::Key,
-                format!(
-                    "no private key found in {} ({e}); expected a PEM \"PRIVATE KEY\", \"RSA PRIVATE KEY\" or \"EC PRIVATE KEY\" block",
-                    shown(Some(key))
-                ),
-            )
-        })?;
+        let key = read_private_key(key)?;
         Ok(Some((chain, key)))
     }
 }
 
-fn shown(path: Option<&Path>) -> String {
+/// The private key in the PEM file at `path` (`tls_key`, client or listener side).
+pub(crate) fn read_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsConfigError> {
+    let pem = read_file(TlsSetting::Key, path)?;
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
+        problem(
+            TlsSetting::Key,
+            format!(
+                "no private key found in {} ({e}); expected a PEM \"PRIVATE KEY\", \"RSA PRIVATE KEY\" or \"EC PRIVATE KEY\" block",
+                shown(Some(path))
+            ),
+        )
+    })
+}
+
+pub(crate) fn shown(path: Option<&Path>) -> String {
     path.map_or_else(
         || "(unset)".to_owned(),
         |p| format!("{:?}", p.display().to_string()),
@@ -200,11 +205,19 @@ fn shown(path: Option<&Path>) -> String {
 }
 
 fn read_file(setting: TlsSetting, path: &Path) -> Result<Vec<u8>, TlsConfigError> {
-    std::fs::read(path)
-        .map_err(|e| problem(setting, format!("cannot read {}: {e}", shown(Some(path)))))
+    std::fs::read(path).map_err(|e| {
+        problem(
+            setting,
+            format!(
+                "cannot read {}: {e}; point {} at a readable PEM file",
+                shown(Some(path)),
+                setting.name()
+            ),
+        )
+    })
 }
 
-fn read_certificates(
+pub(crate) fn read_certificates(
     setting: TlsSetting,
     path: &Path,
 ) -> Result<Vec<CertificateDer<'static>>, TlsConfigError> {

@@ -22,6 +22,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<runtime::Runtime>()?;
     m.add_function(wrap_pyfunction!(validate_url, m)?)?;
     m.add_function(wrap_pyfunction!(check_tls, m)?)?;
+    m.add_function(wrap_pyfunction!(check_server_tls, m)?)?;
     m.add_function(wrap_pyfunction!(cloudevents::cloudevents_calls, m)?)?;
     m.add_function(wrap_pyfunction!(cloudevents::cloudevents_reply, m)?)?;
     m.add_function(wrap_pyfunction!(cloudevents::verify_signature, m)?)?;
@@ -72,5 +73,15 @@ fn check_tls(
     settings
         .validate()
         .err()
+        .map(|e| (e.setting.name(), e.message))
+}
+
+/// The first problem with the listener's certificate and key (`[server] tls_cert` / `tls_key`)
+/// as (setting, message), or None when the ingress will serve with them: missing or unreadable
+/// files, no PEM, a key that is not the certificate's.
+#[pyfunction]
+#[pyo3(signature = (*, cert=None, key=None))]
+fn check_server_tls(cert: Option<PathBuf>, key: Option<PathBuf>) -> Option<(&'static str, String)> {
+    fastconn_core::ingress::tls::check_server_tls(cert.as_deref(), key.as_deref())
         .map(|e| (e.setting.name(), e.message))
 }

@@ -5,7 +5,9 @@
 use crate::completions::{CompletionQueue, WakeQueue};
 use crate::ingress::{self, CloudEventsTuple, IngressQueue, PythonRoute, WebhookTuple};
 use bytes::Bytes;
+use fastconn_core::ingress::tls::{check_server_tls, server_config};
 use fastconn_core::ingress::{Ingress, IngressConfig};
+use fastconn_core::tls::TlsConfigError;
 use fastconn_core::{
     Engine, EngineConfig, EngineError, Message, RetryPolicy, SubmitError, TargetSpec, TlsSettings,
 };
@@ -361,7 +363,7 @@ impl Runtime {
     }
 
     /// Starts the ingress HTTP server on the engine's runtime; returns the bound (host, port).
-    #[pyo3(signature = (*, listen, header_timeout, idle_timeout, max_connections, max_pending, max_head_bytes=65536))]
+    #[pyo3(signature = (*, listen, header_timeout, idle_timeout, max_connections, max_pending, max_head_bytes=65536, tls_cert=None, tls_key=None, http2=false, http2_max_concurrent_streams=100))]
     #[allow(clippy::too_many_arguments)]
     fn start_ingress(
         &self,
@@ -372,8 +374,27 @@ impl Runtime {
         max_connections: usize,
         max_pending: usize,
         max_head_bytes: usize,
+        tls_cert: Option<PathBuf>,
+        tls_key: Option<PathBuf>,
+        http2: bool,
+        http2_max_concurrent_streams: u32,
     ) -> PyResult<(String, u16)> {
         self.check_process(py, "start the ingress of")?;
+        // The files were checked with the configuration; read again here, they may have
+        // changed since: the error names the key as `check` would.
+        let problem = |e: TlsConfigError| {
+            PyValueError::new_err(format!("server.{}: {}", e.setting.name(), e.message))
+        };
+        let tls = match (tls_cert.as_deref(), tls_key.as_deref()) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some(server_config(cert, key, http2).map_err(problem)?),
+            (cert, key) => {
+                return Err(check_server_tls(cert, key).map_or_else(
+                    || PyValueError::new_err("server.tls_cert and server.tls_key go together"),
+                    problem,
+                ))
+            }
+        };
         let config = IngressConfig {
             listen,
             header_timeout: seconds(header_timeout, "header_timeout")?,
@@ -381,6 +402,9 @@ impl Runtime {
             max_connections,
             max_pending,
             max_head_bytes,
+            tls,
+            http2,
+            http2_max_concurrent_streams,
         };
         let sink: Arc<dyn fastconn_core::ingress::IngressSink> = self.ingress_queue.clone();
         let server = guard(py, || {

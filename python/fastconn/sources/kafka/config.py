@@ -3,14 +3,11 @@ built from it."""
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
     ValidationInfo,
     field_validator,
@@ -19,26 +16,19 @@ from pydantic import (
 
 from fastconn.durations import Duration
 from fastconn.secret_files import secret_or_file
+from fastconn.sources._kafka_connection import KafkaConnectionConfig, is_topic_name, split_list
 from fastconn.tls_config import client_tls_context
 
 __all__ = [
     "KafkaConfig",
+    "KafkaConnectionConfig",
     "client_options",
     "consumer_options",
     "is_topic_name",
     "producer_options",
 ]
 
-_BROKER = re.compile(r"(?:[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\]):\d{1,5}")
-_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
 _OFFSET_ALIASES = {"oldest": "earliest", "newest": "latest", "smallest": "earliest", "largest": "latest"}
-
-
-def _split_list(value: object) -> object:
-    """``"a:9092, b:9092"`` (the OpenFaaS env form) is accepted as well as a list."""
-    if isinstance(value, str):
-        return tuple(item.strip() for item in value.split(",") if item.strip())
-    return value
 
 
 def _offset_alias(value: object) -> object:
@@ -47,7 +37,7 @@ def _offset_alias(value: object) -> object:
 
 
 def _check_topic(value: str) -> str:
-    if not _TOPIC.fullmatch(value):
+    if not is_topic_name(value):
         raise ValueError("expected a Kafka topic name: 1-249 letters, digits, '.', '_' or '-'")
     return value
 
@@ -57,25 +47,17 @@ _PositiveDuration = Annotated[Duration, Field(gt=0)]
 _NonEmpty = Annotated[str, Field(min_length=1)]
 
 
-class KafkaConfig(BaseModel):
+class KafkaConfig(KafkaConnectionConfig):
     """``[[sources]] type = "kafka"``: a consumer group member feeding functions."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     type: Literal["kafka"] = "kafka"
     name: _NonEmpty = "kafka"
-    brokers: Annotated[tuple[_NonEmpty, ...], BeforeValidator(_split_list)] = Field(
-        default=(), validate_default=True
-    )
-    """Bootstrap ``host:port`` list; default from env ``broker_hosts`` (comma list) or
-    ``broker_host`` (the OpenFaaS connectors' variables)."""
-    topics: Annotated[tuple[_Topic, ...], BeforeValidator(_split_list)] = ()
+    topics: Annotated[tuple[_Topic, ...], BeforeValidator(split_list)] = ()
     """Topics to consume; default: the connector-wide ``topics``, else the topic map's topics
     (re-subscribed whenever the functions' topics change)."""
     topic_pattern: str | None = None
     """A regex of topics to consume instead of ``topics`` (new matching topics join)."""
     group_id: _NonEmpty = "fastconn"
-    client_id: _NonEmpty = "fastconn"
     initial_offset: Annotated[Literal["earliest", "latest"], BeforeValidator(_offset_alias)] = "earliest"
     """Where a group without a committed offset starts (``oldest``/``newest`` accepted)."""
     # aiokafka sends fetch sizes as 32-bit signed integers.
@@ -111,39 +93,19 @@ class KafkaConfig(BaseModel):
     """How often topic metadata is refreshed (new partitions, new topics for a pattern)."""
     startup_timeout: Duration = 60.0
     """How long start-up keeps trying to reach the brokers before giving up."""
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
-    """Default ``PLAIN`` with a ``SASL_*`` protocol."""
-    sasl_username: _NonEmpty | None = None
-    sasl_username_file: _NonEmpty | None = None
-    sasl_password: _NonEmpty | None = None
-    sasl_password_file: _NonEmpty | None = None
-    tls_ca: _NonEmpty | None = None
-    """PEM file of the CA that signed the brokers' certificates (default: the system's)."""
-    tls_cert: _NonEmpty | None = None
-    """PEM client certificate (mutual TLS)."""
-    tls_key: _NonEmpty | None = None
-    """PEM private key of ``tls_cert`` (when not in the same file)."""
+    stored_events: bool = False
+    """The topics hold events a webhook with ``store = { type = "kafka" }`` accepted: route
+    each by the topic it was accepted on, with the ``X-Message-Id`` of its 202, and pass the
+    request's headers on as they came (see :mod:`fastconn.ingress_store`)."""
 
-    @model_validator(mode="before")
-    @classmethod
-    def _brokers_from_env(cls, data: Any) -> Any:
-        if isinstance(data, dict) and not data.get("brokers"):
-            for variable in ("broker_hosts", "broker_host"):
-                value = os.environ.get(variable, "").strip()
-                if value:
-                    return {**data, "brokers": value}
-        return data
-
-    @field_validator("brokers", mode="after")
-    @classmethod
-    def _check_brokers(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        if not value:
-            raise ValueError("required: a list of host:port (or env broker_hosts / broker_host)")
-        for broker in value:
-            if not _BROKER.fullmatch(broker):
-                raise ValueError(f"expected host:port, got {broker!r}")
-        return value
+    @model_validator(mode="after")
+    def _stored_events_name_their_topic(self) -> KafkaConfig:
+        if self.stored_events and not (self.topics or self.topic_pattern):
+            raise ValueError(
+                "stored_events reads a webhook store's topic: set topics = [<the store's topic>] "
+                "(else the functions' own topics would be read as stored events)"
+            )
+        return self
 
     @field_validator("topics", mode="after")
     @classmethod
@@ -192,50 +154,8 @@ class KafkaConfig(BaseModel):
             raise ValueError(f"must be below session_timeout ({session:g}s)")
         return value
 
-    @field_validator(
-        "sasl_mechanism", "sasl_username", "sasl_username_file", "sasl_password", "sasl_password_file"
-    )
-    @classmethod
-    def _sasl_needs_sasl_protocol(cls, value: str | None, info: ValidationInfo) -> str | None:
-        protocol = info.data.get("security_protocol", "PLAINTEXT")
-        if value is not None and not protocol.startswith("SASL_"):
-            raise ValueError(f"needs security_protocol SASL_PLAINTEXT or SASL_SSL (is {protocol})")
-        pair = {"sasl_username_file": "sasl_username", "sasl_password_file": "sasl_password"}
-        other = pair.get(info.field_name or "")
-        if value is not None and other and info.data.get(other) is not None:
-            raise ValueError(f"set either {other} or {info.field_name}, not both")
-        return value
 
-    @field_validator("tls_ca", "tls_cert", "tls_key")
-    @classmethod
-    def _tls_needs_tls_protocol(cls, value: str | None, info: ValidationInfo) -> str | None:
-        protocol = info.data.get("security_protocol", "PLAINTEXT")
-        if value is not None and protocol not in ("SSL", "SASL_SSL"):
-            raise ValueError(f"needs security_protocol SSL or SASL_SSL (is {protocol})")
-        if value is not None and info.field_name == "tls_key" and info.data.get("tls_cert") is None:
-            raise ValueError("needs tls_cert (the certificate of this key)")
-        return value
-
-    @model_validator(mode="after")
-    def _sasl_credentials(self) -> KafkaConfig:
-        if self.security_protocol.startswith("SASL_"):
-            missing = [
-                name
-                for name, given in (
-                    ("sasl_username", self.sasl_username or self.sasl_username_file),
-                    ("sasl_password", self.sasl_password or self.sasl_password_file),
-                )
-                if not given
-            ]
-            if missing:
-                raise ValueError(
-                    f"security_protocol {self.security_protocol} needs "
-                    f"{' and '.join(missing)} (or the _file variant)"
-                )
-        return self
-
-
-def client_options(config: KafkaConfig) -> dict[str, Any]:
+def client_options(config: KafkaConnectionConfig) -> dict[str, Any]:
     """The aiokafka keyword arguments shared by the consumer and the producer: brokers,
     client id and security (SASL credentials read from their files, TLS files loaded into an
     ``ssl.SSLContext``). Raises :class:`SourceError` when a file cannot be read."""
@@ -286,8 +206,3 @@ def producer_options(config: KafkaConfig) -> dict[str, Any]:
         # Dead letters carry the whole input message plus context headers.
         "max_request_size": config.max_bytes + 65536,
     }
-
-
-def is_topic_name(name: str) -> bool:
-    """Whether ``name`` can be a Kafka topic (topic maps may name NATS subjects and such)."""
-    return _TOPIC.fullmatch(name) is not None

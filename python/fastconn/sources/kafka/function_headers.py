@@ -5,8 +5,24 @@ from __future__ import annotations
 import base64
 import re
 from collections.abc import Sequence
+from typing import Final
 
-__all__ = ["add_key_headers", "function_headers", "headers_of_record"]
+from fastconn.headers import passthrough
+from fastconn.ingress_store import KAFKA_MESSAGE_ID_HEADER, TOPIC_HEADER, unwrap
+
+__all__ = ["add_key_headers", "function_headers", "headers_of_record", "stored_event"]
+
+# A stored event's envelope (fastconn.ingress_store) is fastconn's, not the sender's; nor are
+# the source's own X-Kafka-* coordinates.
+_STORED_RESERVED: Final = frozenset(
+    {
+        TOPIC_HEADER.lower(),
+        KAFKA_MESSAGE_ID_HEADER.lower(),
+        "x-kafka-topic",
+        "x-kafka-partition",
+        "x-kafka-offset",
+    }
+)
 
 _TOKEN = re.compile(r"[^!#$%&'*+.^_`|~0-9A-Za-z-]")
 _RESERVED = frozenset({"topic", "partition", "offset", "key", "key-enc"})
@@ -64,3 +80,19 @@ def function_headers(
     if key is not None:
         add_key_headers(headers, key)
     return headers
+
+
+def stored_event(
+    record_headers: Sequence[tuple[str, bytes | None]] | None,
+) -> tuple[str, str, list[tuple[str, str]]] | None:
+    """(topic, message id, request headers) of a record a webhook's Kafka store wrote, or None
+    when the record is not such an envelope. The request's headers come back under their own
+    names (as the webhook forwarded them), through fastconn's one header policy."""
+    if not record_headers:
+        return None
+    text = {name: (raw or b"").decode("utf-8", "surrogateescape") for name, raw in record_headers}
+    stored = unwrap(text, KAFKA_MESSAGE_ID_HEADER)
+    if stored is None:
+        return None
+    topic, message_id = stored
+    return topic, message_id, passthrough(text.items(), source_reserved=_STORED_RESERVED)

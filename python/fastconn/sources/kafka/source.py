@@ -26,7 +26,7 @@ from fastconn.message import Message, Outcome, Verdict
 from fastconn.source import SourceContext, wait_or_stop
 from fastconn.sources._kafka_health import MetadataProbe
 from fastconn.sources.kafka.config import KafkaConfig, consumer_options, is_topic_name, producer_options
-from fastconn.sources.kafka.function_headers import add_key_headers, headers_of_record
+from fastconn.sources.kafka.function_headers import add_key_headers, headers_of_record, stored_event
 from fastconn.sources.kafka.metrics import kafka_collector
 from fastconn.sources.kafka.publish import Publisher
 from fastconn.sources.kafka.settle import (
@@ -375,6 +375,7 @@ class KafkaSource:
         topic, fixed, id_prefix, prefix = part.tp.topic, part.fixed_headers, part.id_prefix, part.order_prefix
         by_key = self.config.ordering == "key"
         by_partition = self.config.ordering == "partition"
+        stored_events = self.config.stored_events
         taken = 0
         for record in records:
             offset = record.offset
@@ -386,7 +387,13 @@ class KafkaSource:
             key: bytes | None = record.key
             offset_text = str(offset)
             record_headers = record.headers
-            headers = headers_of_record(record_headers) if record_headers else []
+            message_topic, message_id = topic, id_prefix + offset_text
+            stored = stored_event(record_headers) if stored_events else None
+            if stored is not None:
+                # Routed by the topic it was accepted on; the id is the one its 202 carried.
+                message_topic, message_id, headers = stored
+            else:
+                headers = headers_of_record(record_headers) if record_headers else []
             headers += fixed
             headers.append(("X-Kafka-Offset", offset_text))
             if key is not None:
@@ -394,10 +401,10 @@ class KafkaSource:
             order_key = prefix if by_partition else prefix + key if by_key and key is not None else None
             value = record.value
             message = Message(
-                topic,
+                message_topic,
                 value if value is not None else b"",
                 headers,
-                id_prefix + offset_text,
+                message_id,
                 order_key,
                 hold_key_on_retry=order_key is not None,
                 # Without a dead-letter topic a final failure is retried forever: its key waits.

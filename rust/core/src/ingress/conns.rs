@@ -1,14 +1,15 @@
 //! Open connections and the cap on them.
 //!
-//! A connection is *waiting* until its first request head arrives, *busy* while a request is
-//! served, *idle* between requests. At the cap a new connection evicts the oldest waiting one
+//! A connection is *waiting* until its first request head arrives (over TLS, the handshake is
+//! part of that wait), *busy* while a request is served (with HTTP/2, while any of its streams
+//! is), *idle* between requests. At the cap a new connection evicts the oldest waiting one
 //! (the kind a slowloris opens by the thousand), else the oldest idle one, so probes and real
 //! senders keep getting in; when every connection is busy, the new one is closed at once.
 //! Closing rather than not accepting keeps the kernel's accept queue from filling with sockets
 //! nobody will serve.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
@@ -21,6 +22,8 @@ const IDLE: u8 = 2;
 pub(crate) struct Conn {
     id: u64,
     phase: AtomicU8,
+    /// Requests being served now (several at once on an HTTP/2 connection).
+    active: AtomicUsize,
     /// Milliseconds since `origin` when the phase last changed.
     since_ms: AtomicU64,
     origin: Instant,
@@ -29,12 +32,12 @@ pub(crate) struct Conn {
 }
 
 impl Conn {
-    pub(crate) fn busy(&self) {
+    /// A request is being served until the guard drops (also when its future is dropped: an
+    /// HTTP/2 client may reset a stream at any time); the connection is idle once none is left.
+    pub(crate) fn serving(self: &Arc<Self>) -> Serving {
+        self.active.fetch_add(1, Ordering::AcqRel);
         self.set(BUSY);
-    }
-
-    pub(crate) fn idle(&self) {
-        self.set(IDLE);
+        Serving(Arc::clone(self))
     }
 
     fn set(&self, phase: u8) {
@@ -59,6 +62,17 @@ impl Conn {
 
     pub(crate) fn waiting(&self) -> bool {
         self.phase.load(Ordering::Acquire) == WAITING
+    }
+}
+
+/// See [`Conn::serving`].
+pub(crate) struct Serving(Arc<Conn>);
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.set(IDLE);
+        }
     }
 }
 
@@ -135,6 +149,7 @@ impl Tracker {
         let conn = Arc::new(Conn {
             id: self.next.fetch_add(1, Ordering::Relaxed),
             phase: AtomicU8::new(WAITING),
+            active: AtomicUsize::new(0),
             since_ms: AtomicU64::new(0),
             origin: Instant::now(),
             evicted: Notify::new(),
@@ -165,22 +180,34 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_connection_with_concurrent_requests_is_idle_only_when_the_last_one_ends() {
+        let tracker = Arc::new(Tracker::new(2));
+        let a = tracker.admit().expect("a");
+        let first = a.conn.serving();
+        let second = a.conn.serving();
+        drop(first);
+        assert_eq!(a.conn.phase.load(Ordering::Acquire), BUSY);
+        drop(second);
+        assert_eq!(a.conn.phase.load(Ordering::Acquire), IDLE);
+    }
+
+    #[test]
     fn at_the_cap_the_oldest_waiting_connection_goes_first_then_the_oldest_idle() {
         let tracker = Arc::new(Tracker::new(3));
         let a = tracker.admit().expect("a");
         let b = tracker.admit().expect("b");
         let c = tracker.admit().expect("c");
-        a.conn.busy();
-        b.conn.idle();
-        // c is the only one still waiting for its first head: it goes.
+        let _a_busy = a.conn.serving();
+        drop(b.conn.serving()); // served one request, now idle
+                                // c is the only one still waiting for its first head: it goes.
         let d = tracker.admit().expect("d");
         assert_eq!(tracker.counts().evicted, 1);
         assert!(!tracker.open.lock().expect("lock").contains_key(&c.conn.id));
-        d.conn.busy();
+        let _d_busy = d.conn.serving();
         // Nobody waits now; b is idle: it goes.
         let e = tracker.admit().expect("e");
         assert!(!tracker.open.lock().expect("lock").contains_key(&b.conn.id));
-        e.conn.busy();
+        let _e_busy = e.conn.serving();
         // Everyone busy: refused.
         assert!(tracker.admit().is_none());
         assert_eq!(tracker.counts().refused, 1);

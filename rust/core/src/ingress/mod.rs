@@ -15,12 +15,18 @@
 //! Connection limits ([`conns`]): a deadline for a new connection's first request head, an
 //! idle timeout for keep-alive connections, and a cap on open connections that evicts the
 //! oldest connection still waiting for its first head (else the oldest idle one).
+//!
+//! With a certificate ([`tls`]) the listener speaks HTTPS only; the TLS handshake is part of
+//! the wait for the first head (same deadline, same eviction). With `http2`, HTTP/2 is spoken
+//! too: h2 over TLS when the client picks it by ALPN, prior-knowledge h2c in clear, HTTP/1.1
+//! still on the same port.
 
 mod body;
 pub mod cloudevents;
 mod conns;
 mod service;
 pub mod text;
+pub mod tls;
 pub mod webhook;
 
 use crate::engine::Engine;
@@ -56,6 +62,12 @@ pub struct IngressConfig {
     pub max_pending: usize,
     /// Bytes of one request head (request line and header fields together).
     pub max_head_bytes: usize,
+    /// HTTPS with this configuration ([`tls::server_config`]); None: cleartext.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Also serve HTTP/2 (h2 by ALPN over TLS, prior-knowledge h2c in clear).
+    pub http2: bool,
+    /// Streams one HTTP/2 connection may have open at once.
+    pub http2_max_concurrent_streams: u32,
 }
 
 /// A request for a Python route, read whole.
@@ -171,6 +183,8 @@ pub(crate) struct Shared {
     next_request: AtomicU64,
     next_token: AtomicU64,
     conns: Arc<conns::Tracker>,
+    /// The TLS handshake of each connection, when the listener has a certificate.
+    tls: Option<tokio_rustls::TlsAcceptor>,
     stop: watch::Receiver<bool>,
 }
 
@@ -196,6 +210,7 @@ impl Ingress {
         let (stop_tx, stop_rx) = watch::channel(false);
         let shared = Arc::new(Shared {
             conns: Arc::new(conns::Tracker::new(config.max_connections.max(1))),
+            tls: config.tls.clone().map(tokio_rustls::TlsAcceptor::from),
             engine: Arc::clone(&engine),
             config,
             sink,

@@ -2,7 +2,7 @@
 //! each request: answered here, by a webhook route, or by Python.
 
 use super::body::{read_limited, BodyError};
-use super::conns::Admitted;
+use super::conns::{Admitted, Conn};
 use super::{Answer, Notice, PyRequest, RouteEntry, RouteKind, Shared};
 use crate::panics::CatchPanic;
 use bytes::Bytes;
@@ -12,12 +12,16 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 
 pub(crate) fn text_response(status: StatusCode, text: &str) -> Response<Full<Bytes>> {
@@ -69,6 +73,48 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
 
 async fn serve(shared: Arc<Shared>, admitted: Admitted, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
+    let Some(acceptor) = shared.tls.clone() else {
+        return drive(shared, admitted, stream, peer).await;
+    };
+    // The handshake runs while the connection is still *waiting* for its first head: it spends
+    // the same header_timeout, and at the cap a stalled handshake is evicted like a slowloris.
+    let conn = Arc::clone(&admitted.conn);
+    let config = &shared.config;
+    let deadline = conn
+        .deadline(config.header_timeout, config.idle_timeout)
+        .map_or_else(
+            || tokio::time::Instant::now() + config.header_timeout,
+            tokio::time::Instant::from_std,
+        );
+    let stream = tokio::select! {
+        result = acceptor.accept(stream) => match result {
+            Ok(stream) => stream,
+            Err(e) => {
+                // Plain HTTP to the HTTPS port, a scanner, a client that distrusts the
+                // certificate: the connection closes; one (rate-limited) line says why.
+                shared.sink.notice(Notice {
+                    kind: "malformed",
+                    source: None,
+                    remote: peer.to_string(),
+                    text: format!("TLS handshake failed: {e}"),
+                });
+                return;
+            }
+        },
+        () = conn.evicted.notified() => return,
+        () = tokio::time::sleep_until(deadline) => {
+            shared.conns.timed_out();
+            return;
+        }
+    };
+    drive(shared, admitted, stream, peer).await;
+}
+
+/// Serves HTTP on an established connection (cleartext or TLS) within the connection limits.
+async fn drive<I>(shared: Arc<Shared>, admitted: Admitted, stream: I, peer: SocketAddr)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let conn = Arc::clone(&admitted.conn);
     let remote = peer.to_string();
     let service = {
@@ -79,7 +125,7 @@ async fn serve(shared: Arc<Shared>, admitted: Admitted, stream: TcpStream, peer:
             let conn = Arc::clone(&conn);
             let remote = remote.clone();
             async move {
-                conn.busy();
+                let _serving = conn.serving();
                 let response = match CatchPanic::new(shared.route(request, &remote)).await {
                     Ok(response) => response,
                     Err(_) => text_response(
@@ -87,20 +133,60 @@ async fn serve(shared: Arc<Shared>, admitted: Admitted, stream: TcpStream, peer:
                         "internal error in fastconn's ingress (a bug, please report it)\n",
                     ),
                 };
-                conn.idle();
                 Ok::<_, Infallible>(response)
             }
         })
     };
     let config = &shared.config;
-    let mut builder = http1::Builder::new();
+    let io = TokioIo::new(stream);
+    if !config.http2 {
+        // HTTP/1.1 only: hyper's own builder, without the auto builder's preface sniffing.
+        let mut builder = http1::Builder::new();
+        builder
+            .keep_alive(true)
+            .header_read_timeout(None)
+            .max_buf_size(config.max_head_bytes.max(8192))
+            .max_headers(100);
+        let connection = builder.serve_connection(io, service);
+        tokio::pin!(connection);
+        return watch(&shared, &conn, peer, connection, |c| c.graceful_shutdown()).await;
+    }
+    let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
+        .http1()
         .keep_alive(true)
         .header_read_timeout(None)
         .max_buf_size(config.max_head_bytes.max(8192))
         .max_headers(100);
-    let connection = builder.serve_connection(TokioIo::new(stream), service);
+    builder
+        .http2()
+        .max_concurrent_streams(config.http2_max_concurrent_streams.max(1))
+        // The same bound on a request's header block as HTTP/1.1's head.
+        .max_header_list_size(u32::try_from(config.max_head_bytes).unwrap_or(u32::MAX));
+    let connection = builder.serve_connection(io, service);
     tokio::pin!(connection);
+    watch(&shared, &conn, peer, connection, |c| c.graceful_shutdown()).await;
+}
+
+/// Why a connection's error is the peer's malformed HTTP (worth a notice), if it is.
+fn malformed(error: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let hyper_error = error.downcast_ref::<hyper::Error>()?;
+    (hyper_error.is_parse() || hyper_error.is_parse_too_large()).then(|| hyper_error.to_string())
+}
+
+/// Drives `connection` until it ends, is evicted, expires (header or idle deadline), or the
+/// server stops (then gracefully: requests in flight finish).
+async fn watch<C, E>(
+    shared: &Shared,
+    conn: &Conn,
+    peer: SocketAddr,
+    mut connection: Pin<&mut C>,
+    shutdown: impl Fn(Pin<&mut C>),
+) where
+    C: Future<Output = Result<(), E>>,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let config = &shared.config;
     let mut stop = shared.stop.clone();
     let mut stopping = *stop.borrow();
     loop {
@@ -111,12 +197,13 @@ async fn serve(shared: Arc<Shared>, admitted: Admitted, stream: TcpStream, peer:
         tokio::select! {
             result = connection.as_mut() => {
                 if let Err(e) = result {
-                    if e.is_parse() || e.is_parse_too_large() {
+                    let e: Box<dyn std::error::Error + Send + Sync> = e.into();
+                    if let Some(text) = malformed(e.as_ref()) {
                         shared.sink.notice(Notice {
                             kind: "malformed",
                             source: None,
                             remote: peer.to_string(),
-                            text: e.to_string(),
+                            text,
                         });
                     }
                 }
@@ -134,7 +221,7 @@ async fn serve(shared: Arc<Shared>, admitted: Admitted, stream: TcpStream, peer:
             }
             _ = stop.changed(), if !stopping => {
                 stopping = true;
-                connection.as_mut().graceful_shutdown();
+                shutdown(connection.as_mut());
             }
         }
     }
