@@ -310,8 +310,12 @@ class Callbacks:
         # One-shot digest: several times cheaper than an hmac object per call.
         return hmac.digest(self.settings.secret, call_id.encode(), "sha256")[:20].hex()
 
+    @property
+    def _callback_base(self) -> str:
+        return f"{self.settings.public_url.rstrip('/')}{_CALLBACK_PATH}"
+
     def callback_url(self, call_id: str) -> str:
-        return f"{self.settings.public_url.rstrip('/')}/callback/{self.token(call_id)}"
+        return self._callback_base + self.token(call_id)
 
     # -- submitting ------------------------------------------------------------------------
 
@@ -371,12 +375,20 @@ class Callbacks:
         self.transport.submit_reserved(messages, self._on_call_outcomes, capture=capture, observe=False)
 
     def _expect(self, messages: Sequence[Message]) -> None:
-        """Tells the core of the calls about to be sent, in one crossing: a callback can
-        arrive before the call's 202 is drained."""
-        if self._core is not None:
-            ids = [m.handle.call_id for m in messages if isinstance(m.handle, _Call)]
-            if ids:
-                self._core.callbacks_expect(ids)
+        """Tells the core of the calls about to be sent, in one crossing (a callback can arrive
+        before the call's 202 is drained); the core returns their tokens, which complete each
+        call's ``X-Callback-Url`` (an HMAC per call costs Python more than the crossing)."""
+        if self._core is None:
+            return
+        calls = [m for m in messages if isinstance(m.handle, _Call)]
+        if not calls:
+            return
+        tokens = self._core.callbacks_expect([_call_id(m) for m in calls])
+        base = self._callback_base
+        for m, token in zip(calls, tokens, strict=True):
+            own = m.own_headers
+            assert isinstance(own, list)  # built by _targeted, with the URL left to fill in
+            own[1] = (_CALLBACK_URL, base + token)
 
     def _lease_message(self, composite: _Composite) -> Message:
         m = composite.message
@@ -399,7 +411,9 @@ class Callbacks:
             now = time.monotonic()
             call = _Call(composite, function, call_id, invocation, now, now + self.settings.timeout)
             self._calls[call_id] = call
-            own = [(_CALL_ID, call_id), (_CALLBACK_URL, self.callback_url(call_id))]
+            # With the core's table, the token comes back from _expect, in one batch.
+            url = "" if self._core is not None else self.callback_url(call_id)
+            own = [(_CALL_ID, call_id), (_CALLBACK_URL, url)]
             handle = call
         held = composite.owns_key
         composite.in_core += 1
@@ -723,6 +737,12 @@ class Callbacks:
             waiter = self._pending_waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
+
+
+def _call_id(message: Message) -> str:
+    handle = message.handle
+    assert isinstance(handle, _Call)
+    return handle.call_id
 
 
 def _new_id() -> str:

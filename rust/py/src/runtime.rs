@@ -420,10 +420,18 @@ impl Runtime {
             Some(Arc::new(CallbackTable::new(secret, memory)));
     }
 
-    /// Expects a callback for each call id (before the calls are sent).
-    fn callbacks_expect(&self, py: Python<'_>, ids: Vec<String>) -> PyResult<()> {
+    /// Expects a callback for each call id (before the calls are sent); returns their tokens
+    /// (the HMAC in each call's callback URL), computed here in the same crossing.
+    fn callbacks_expect(&self, py: Python<'_>, ids: Vec<String>) -> PyResult<Vec<String>> {
         let table = self.callback_table(py)?;
-        guard(py, || table.expect(ids))
+        guard(py, || {
+            let tokens = ids
+                .iter()
+                .map(|id| String::from_utf8_lossy(&table.token(id.as_bytes())).into_owned())
+                .collect();
+            table.expect(ids);
+            tokens
+        })
     }
 
     /// Takes back the call ids still pending with no callback arriving; says which were.
