@@ -20,8 +20,16 @@ fails later is lost. Here:
 * Pending calls are bounded by ``max_pending_callbacks``: when full, new async invocations wait,
   which is backpressure to the source like any other.
 * Every (message, function) settles exactly once: a callback *claims* its call (removes it from
-  the pending map) before anything awaits, so concurrent duplicates, a late callback racing the
-  timeout sweep, or a retried callback after a re-invocation cannot settle it twice.
+  the table of expected calls) before anything awaits, so concurrent duplicates, a late callback
+  racing the timeout sweep, or a retried callback after a re-invocation cannot settle it twice.
+  In the daemon the table is the core's (:meth:`Callbacks.use_core`, ``ingress.add_callbacks``):
+  calls are registered there in batches *before* they are sent (a callback can beat the 202),
+  the ingress answers ``/callback/<token>`` itself (token, claim, body limit: 401 / 400 / 404 /
+  409 / 413 / 200), the timeout sweep and every other "this call gets no callback" claim
+  through the same table (``callbacks_forget`` says which calls it took), and the claimed
+  callbacks reach :meth:`Callbacks.on_callbacks` in batches, whose outcomes are delivered to
+  each source at once. Without the core (a bare dispatcher with :meth:`register_routes`), the
+  pending map here is the table and :meth:`handle` serves the route.
 * Key ordering: a message with an ordering key first takes a *lease* on the key in the core (it
   waits behind the key's earlier messages like any message), then all its calls run holding the
   key, and the key is released only when the message settles, i.e. after the last callback. An
