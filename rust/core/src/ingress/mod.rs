@@ -130,8 +130,8 @@ pub enum RouteKind {
         max_body: usize,
         oversized: bool,
         /// While such a request is read and handled, its value of this header is listed as
-        /// *receiving* ([`Ingress::receiving`]): async callbacks name their call this way, so
-        /// a call whose callback is arriving is not timed out meanwhile.
+        /// *receiving* ([`Ingress::receiving`]), e.g. a call id, so what the request is about
+        /// is not timed out meanwhile (the callback route has this built in: [`callback`]).
         track: Option<http::header::HeaderName>,
     },
     Webhook(Arc<WebhookRoute>),
