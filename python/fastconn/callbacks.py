@@ -558,17 +558,18 @@ class Callbacks:
 
     def on_callbacks(self, records: Sequence[CallbackRecord]) -> None:
         """A batch of callbacks the core's ingress answered: (call_id, outcome, status, headers,
-        body), outcome "settled" or "too_large" for a call the core claimed (exactly once), else
-        why it refused the callback. The outcomes settled go to each source in one delivery."""
+        body), outcome "settled" or "too_large" for a call the core claimed (exactly once), or
+        "refused": the core counted refused callbacks (by reason) for the metrics to take. The
+        outcomes settled go to each source in one delivery."""
         batch: dict[OutcomeCallback, list[Outcome]] = {}
         self._batch = batch
         try:
             now = time.monotonic()
             metrics = self.metrics
-            rejected: collections.Counter[str] = collections.Counter()
+            refused = False
             for call_id, outcome, status, headers, body in records:
                 if outcome not in _CLAIMED:
-                    rejected[outcome] += 1
+                    refused = True
                     continue
                 call = self._calls.pop(call_id, None)
                 if call is None:
@@ -588,8 +589,9 @@ class Callbacks:
                     self._finish(call.composite, call.function, result)
                 else:
                     self._retry_or_finish(call, result)
-            for reason, n in rejected.items():
-                metrics.rejected.labels(reason=reason).inc(n)
+            if refused and self._core is not None:
+                for reason, n in self._core.callbacks_refused():
+                    metrics.rejected.labels(reason=reason).inc(n)
         finally:
             self._batch = None
             for callback, outcomes in batch.items():

@@ -440,6 +440,12 @@ impl Runtime {
         guard(py, || table.forget(&ids))
     }
 
+    /// The callbacks the ingress refused since the last call: [(reason, count)].
+    fn callbacks_refused(&self, py: Python<'_>) -> PyResult<Vec<(&'static str, u64)>> {
+        let table = self.callback_table(py)?;
+        guard(py, || table.take_refused())
+    }
+
     /// Claims one call id (a callback served outside the ingress): 0 claimed, 1 duplicate,
     /// 2 unknown.
     fn callbacks_claim(&self, py: Python<'_>, call_id: &str) -> PyResult<u8> {

@@ -30,6 +30,35 @@ pub const STATUS: &str = "x-function-status";
 /// Hex digits of the HMAC a token keeps (160 bits).
 pub const TOKEN_HEX: usize = 40;
 
+/// Why a callback was refused (counted for Python's metrics, not queued one by one: a flood of
+/// forged callbacks must not grow the queue towards Python).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    BadToken = 0,
+    BadRequest = 1,
+    Unknown = 2,
+    Duplicate = 3,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 4] = [
+        Refusal::BadToken,
+        Refusal::BadRequest,
+        Refusal::Unknown,
+        Refusal::Duplicate,
+    ];
+
+    /// The `reason` label of `fastconn_callback_rejected_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::BadToken => "bad_token",
+            Refusal::BadRequest => "bad_request",
+            Refusal::Unknown => "unknown",
+            Refusal::Duplicate => "duplicate",
+        }
+    }
+}
+
 /// What claiming a call id found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Claim {
@@ -74,6 +103,8 @@ pub struct CallbackTable {
     /// How many settled ids are remembered.
     memory: usize,
     state: Mutex<State>,
+    /// Refusals since Python last took them, by [`Refusal`].
+    refused: Mutex<[u64; 4]>,
 }
 
 impl std::fmt::Debug for CallbackTable {
@@ -91,6 +122,7 @@ impl CallbackTable {
             key: hmac::Key::new(hmac::HMAC_SHA256, secret),
             memory,
             state: Mutex::new(State::default()),
+            refused: Mutex::new([0; 4]),
         }
     }
 
@@ -171,6 +203,26 @@ impl CallbackTable {
             .collect()
     }
 
+    /// Counts a refusal; true when it is the first since [`CallbackTable::take_refused`] (the
+    /// caller then tells Python there are refusals to take, once).
+    pub fn refuse(&self, why: Refusal) -> bool {
+        let mut refused = self.refused.lock().unwrap_or_else(PoisonError::into_inner);
+        let first = refused.iter().all(|n| *n == 0);
+        refused[why as usize] += 1;
+        first
+    }
+
+    /// The refusals counted since the last call, by reason label (zeros left out).
+    pub fn take_refused(&self) -> Vec<(&'static str, u64)> {
+        let counts =
+            std::mem::take(&mut *self.refused.lock().unwrap_or_else(PoisonError::into_inner));
+        Refusal::ALL
+            .iter()
+            .filter(|r| counts[**r as usize] > 0)
+            .map(|r| (r.label(), counts[*r as usize]))
+            .collect()
+    }
+
     /// Calls waiting for their callback.
     pub fn pending(&self) -> usize {
         self.state().pending.len()
@@ -217,12 +269,12 @@ pub struct CallbackRoute {
     pub max_body: usize,
 }
 
-/// What a callback request came to, for Python: a claimed call to settle, or a refusal to count.
+/// A claimed callback for Python to settle, or word that refusals were counted.
 #[derive(Debug)]
 pub struct CallbackRecord {
     pub call_id: String,
-    /// `"settled"`, `"too_large"` (claimed; the body was not read), or why it was refused:
-    /// `"bad_token"`, `"bad_request"`, `"unknown"`, `"duplicate"`.
+    /// `"settled"`, `"too_large"` (claimed; the body was not read), or `"refused"`: take the
+    /// counts with [`CallbackTable::take_refused`] (one such record per take, however many).
     pub outcome: &'static str,
     pub status: i64,
     pub headers: Vec<(String, String)>,
@@ -230,10 +282,10 @@ pub struct CallbackRecord {
 }
 
 impl CallbackRecord {
-    pub fn refused(call_id: String, outcome: &'static str) -> CallbackRecord {
+    pub fn refused() -> CallbackRecord {
         CallbackRecord {
-            call_id,
-            outcome,
+            call_id: String::new(),
+            outcome: "refused",
             status: 0,
             headers: Vec::new(),
             body: bytes::Bytes::new(),
@@ -341,6 +393,20 @@ mod tests {
         t.expect(["gone".to_owned()]);
         drop(t.receive("gone").expect("pending"));
         assert_eq!(t.forget(&["gone".to_owned()]), vec![true]);
+    }
+
+    #[test]
+    fn refusals_are_counted_and_announced_once_per_take() {
+        let t = table(4);
+        assert!(t.refuse(Refusal::BadToken));
+        assert!(!t.refuse(Refusal::BadToken));
+        assert!(!t.refuse(Refusal::Duplicate));
+        assert_eq!(t.take_refused(), vec![("bad_token", 2), ("duplicate", 1)]);
+        assert_eq!(t.take_refused(), vec![]);
+        assert!(
+            t.refuse(Refusal::Unknown),
+            "the first after a take is announced again"
+        );
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! each request: answered here, by a webhook route, or by Python.
 
 use super::body::{read_limited, BodyError};
-use super::callback::{self, CallbackRecord, CallbackRoute, Claim};
+use super::callback::{self, CallbackRecord, CallbackRoute, CallbackTable, Claim, Refusal};
 use super::conns::Admitted;
 use super::{Answer, Notice, PyRequest, RouteEntry, RouteKind, Shared};
 use crate::panics::CatchPanic;
@@ -361,9 +361,8 @@ impl Shared {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         // Refusals still read what fits the limit: closing on an unread body resets the client.
-        let refuse = |status, outcome, call_id: String, key: &str, text: &str| {
-            self.sink
-                .callback(CallbackRecord::refused(call_id, outcome));
+        let refuse = |status, why, key: &str, text: &str| {
+            refused(self, &route.table, why);
             json_response(status, key, text)
         };
         // A call id is ASCII (uuid hex): anything else, even undecodable bytes, is not ours.
@@ -377,8 +376,7 @@ impl Shared {
                 let _ = read_limited(body, length, route.max_body).await;
                 return refuse(
                     StatusCode::UNAUTHORIZED,
-                    "bad_token",
-                    String::new(),
+                    Refusal::BadToken,
                     "error",
                     "bad callback token",
                 );
@@ -390,8 +388,7 @@ impl Shared {
             let _ = read_limited(body, length, route.max_body).await;
             return refuse(
                 StatusCode::BAD_REQUEST,
-                "bad_request",
-                call_id,
+                Refusal::BadRequest,
                 "error",
                 "missing or invalid X-Function-Status",
             );
@@ -400,7 +397,7 @@ impl Shared {
             Ok(receipt) => receipt,
             Err(claim) => {
                 let _ = read_limited(body, length, route.max_body).await;
-                return refuse_claim(self, claim, call_id);
+                return refuse_claim(self, &route.table, claim, &call_id);
             }
         };
         let (body, too_large) = match read_limited(body, length, route.max_body).await {
@@ -413,7 +410,7 @@ impl Shared {
         };
         match receipt.claim() {
             Claim::Claimed => {}
-            other => return refuse_claim(self, other, call_id),
+            other => return refuse_claim(self, &route.table, other, &call_id),
         }
         let headers = parts
             .headers
@@ -447,18 +444,31 @@ impl Shared {
     }
 }
 
+/// Counts a refusal; the first since Python last took the counts wakes it to take them.
+fn refused(shared: &Shared, table: &CallbackTable, why: Refusal) {
+    if table.refuse(why) {
+        shared.sink.callback(CallbackRecord::refused());
+    }
+}
+
 /// 409 for a call settled already, 404 for one never expected (or long forgotten).
-fn refuse_claim(shared: &Shared, claim: Claim, call_id: String) -> Response<Full<Bytes>> {
-    let (status, outcome) = if claim == Claim::Duplicate {
-        (StatusCode::CONFLICT, "duplicate")
+fn refuse_claim(
+    shared: &Shared,
+    table: &CallbackTable,
+    claim: Claim,
+    call_id: &str,
+) -> Response<Full<Bytes>> {
+    let (status, why) = if claim == Claim::Duplicate {
+        (StatusCode::CONFLICT, Refusal::Duplicate)
     } else {
-        (StatusCode::NOT_FOUND, "unknown")
+        (StatusCode::NOT_FOUND, Refusal::Unknown)
     };
-    let text = format!("{outcome} call id {call_id}");
-    shared
-        .sink
-        .callback(CallbackRecord::refused(call_id, outcome));
-    json_response(status, "error", &text)
+    refused(shared, table, why);
+    json_response(
+        status,
+        "error",
+        &format!("{} call id {call_id}", why.label()),
+    )
 }
 
 /// Lists a tracked header value as receiving for as long as it lives.
