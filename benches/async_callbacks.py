@@ -4,7 +4,8 @@ receiver → the message settles. 64 in flight, rounds alternating with plain sy
 same sink for reference.
 
 Reports invocations/s (202s), callbacks/s (callbacks settled), and the callback-to-settle
-latency p50/p99 (callback request received → the source's outcome callback ran).
+latency p50/p99 (the core's batch of callbacks reaches Python → the source's outcome callback
+ran; the core answers each callback itself).
 
     python benches/async_callbacks.py [--messages 50000] [--inflight 64] [--rounds 3]
 """
@@ -17,6 +18,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -25,11 +27,8 @@ from _common import Figure, Sink, environment, run_worker
 
 
 async def worker(url: str, n: int, inflight: int, asynchronous: bool) -> dict[str, float]:
-    import dataclasses
-
     from fastconn import Dispatcher, DispatchOptions, FunctionTarget, Message, Outcome
-    from fastconn.callbacks import CallbackSettings
-    from fastconn.http_routes import HttpRequest, HttpResponse
+    from fastconn.callbacks import CallbackRecord, CallbackSettings
     from fastconn.ingress import Ingress
     from fastconn.testing import free_port
 
@@ -40,18 +39,20 @@ async def worker(url: str, n: int, inflight: int, asynchronous: bool) -> dict[st
         CallbackSettings(public_url=f"http://127.0.0.1:{port}", max_pending=inflight)
     )
     received_at: dict[str, float] = {}
-    route = callbacks.route()
-    original = route.handler
+    original = callbacks.on_callbacks
 
-    async def timed(request: HttpRequest) -> HttpResponse:
-        received_at[request.header("X-Call-Id") or ""] = time.perf_counter()
-        return await original(request)
+    def timed(records: Sequence[CallbackRecord]) -> None:
+        # The core answers callbacks itself: "received" is when their batch reaches Python.
+        now = time.perf_counter()
+        for record in records:
+            received_at[record[0]] = now
+        original(records)
 
+    callbacks.on_callbacks = timed  # type: ignore[method-assign]
     await dispatcher.start()
     # Callbacks arrive at the ingress server in the core, as in the daemon.
     ingress = Ingress(dispatcher, f"127.0.0.1:{port}")
-    ingress.add_route(dataclasses.replace(route, handler=timed), track_header="X-Call-Id")
-    callbacks.receiving_probe = ingress.receiving
+    ingress.add_callbacks(callbacks)
     await ingress.start()
     dispatcher.set_functions(
         [FunctionTarget("fn", ("bench",), f"{url}/function/fn", async_url=f"{url}/async-function/fn")]

@@ -281,11 +281,19 @@ async def test_kill_9_with_calls_pending_loses_no_message(
             await nc.jetstream().publish(subject, b"job %d" % i)
         await wait_for(lambda: gateway.calls("worker") == 3, what="3 async calls")
         first.kill()
+        before_restart = gateway.calls("worker")
         async with DaemonProcess(config, tmp_path):
             await acked_up_to(nc, stream, 3)
-    bodies = [r.body for r in gateway.requests_for("worker")]
-    assert sorted(set(bodies)) == [b"job 0", b"job 1", b"job 2"]
-    assert len(bodies) == 6, "each message invoked again after the restart"
+    requests = gateway.requests_for("worker")
+    assert sorted(r.body for r in requests[:before_restart]) == [b"job 0", b"job 1", b"job 2"]
+    again = [(r.body, r.headers["X-Delivery-Attempt"]) for r in requests[before_restart:]]
+    assert {body for body, _ in again} == {b"job 0", b"job 1", b"job 2"}, (
+        "each message invoked again after the restart"
+    )
+    # The server may hand the restarted consumer a message the dead one held more than once
+    # (each with its own delivery count): at-least-once allows that. What the daemon must not
+    # do is invoke one delivery twice.
+    assert len(again) == len(set(again)), f"a delivery invoked twice: {again}"
 
 
 async def test_webhook_source_async_with_wait_returns_the_callback_result(

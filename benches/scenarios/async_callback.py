@@ -71,7 +71,7 @@ async def run(ctx: Context) -> list[ScenarioResult]:
     await alternate(ctx, result, systems)
     result.notes.append(
         "baseline = fastconn's own sync dispatch (no Python async pipeline to compare with); "
-        "CPU includes interpreter start-up (the worker measures no window); p50 / p99 = callback "
+        "CPU includes interpreter start-up (the worker measures no window); p50 / p99 = callback batch "
         "received → source message settled; invocations/s = callbacks/s (each call is called back once)"
     )
     return [result]

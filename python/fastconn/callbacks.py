@@ -20,8 +20,16 @@ fails later is lost. Here:
 * Pending calls are bounded by ``max_pending_callbacks``: when full, new async invocations wait,
   which is backpressure to the source like any other.
 * Every (message, function) settles exactly once: a callback *claims* its call (removes it from
-  the pending map) before anything awaits, so concurrent duplicates, a late callback racing the
-  timeout sweep, or a retried callback after a re-invocation cannot settle it twice.
+  the table of expected calls) before anything awaits, so concurrent duplicates, a late callback
+  racing the timeout sweep, or a retried callback after a re-invocation cannot settle it twice.
+  In the daemon the table is the core's (:meth:`Callbacks.use_core`, ``ingress.add_callbacks``):
+  calls are registered there in batches *before* they are sent (a callback can beat the 202),
+  the ingress answers ``/callback/<token>`` itself (token, claim, body limit: 401 / 400 / 404 /
+  409 / 413 / 200), the timeout sweep and every other "this call gets no callback" claim
+  through the same table (``callbacks_forget`` says which calls it took), and the claimed
+  callbacks reach :meth:`Callbacks.on_callbacks` in batches, whose outcomes are delivered to
+  each source at once. Without the core (a bare dispatcher with :meth:`register_routes`), the
+  pending map here is the table and :meth:`handle` serves the route.
 * Key ordering: a message with an ordering key first takes a *lease* on the key in the core (it
   waits behind the key's earlier messages like any message), then all its calls run holding the
   key, and the key is released only when the message settles, i.e. after the last callback. An
@@ -38,14 +46,13 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
-import hashlib
 import hmac
 import json
 import logging
+import os
 import random
 import secrets
 import time
-import uuid
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -53,6 +60,7 @@ from typing import Any, Literal, Protocol
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from fastconn import _core
 from fastconn.backoff import doubling
 from fastconn.http_routes import HttpRequest, HttpResponse, Route, add_to_aiohttp
 from fastconn.message import ErrorKind, Message, Outcome, OutcomeCallback, TargetResult, Verdict
@@ -68,6 +76,10 @@ _CALL_ID = "X-Call-Id"
 _CALLBACK_URL = "X-Callback-Url"
 _STATUS = "X-Function-Status"
 _CALLBACK_PATH = "/callback/"
+_CLAIMED = frozenset({"settled", "too_large"})
+"""Outcomes of a callback record (:meth:`Callbacks.on_callbacks`) whose call the core claimed."""
+CallbackRecord = tuple[str, str, int, tuple[tuple[str, str], ...], bytes]
+"""A callback the core's ingress answered: (call_id, outcome, status, headers, body)."""
 _SETTLED_MEMORY = 65536
 """Recently settled call ids remembered to answer duplicates with 409 rather than 404."""
 
@@ -221,6 +233,12 @@ class Callbacks:
         self._sweeper: asyncio.Task[None] | None = None
         self._retry_tasks: set[asyncio.Task[None]] = set()
         self._spawn: Spawn | None = None
+        # Read at scrape time: a gauge set per call costs more than the rest of its bookkeeping.
+        self.metrics.pending.set_function(lambda: len(self._calls))
+        self._core: _core.Runtime | None = None
+        """The core's table of expected calls, once the ingress serves the callbacks."""
+        self._batch: dict[OutcomeCallback, list[Outcome]] | None = None
+        """Outcomes settled while a batch of callbacks is handled, delivered together."""
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -283,13 +301,29 @@ class Callbacks:
     def receiving_probe(self, probe: Callable[[list[str]], list[bool]] | None) -> None:
         self._receiving_probe = probe
 
+    def use_core(self, runtime: _core.Runtime) -> None:
+        """Claims calls in the core's table from now on (the ingress serves ``/callback/``
+        there, token check and claim included): the calls pending already are expected there
+        too, so none is missed."""
+        runtime.callbacks_setup(self.settings.secret, _SETTLED_MEMORY)
+        if self._calls:
+            runtime.callbacks_expect(list(self._calls))
+        self._core = runtime
+        # The core knows which calls have a callback arriving (forget skips them).
+        self._receiving_probe = None
+
     # -- tokens ----------------------------------------------------------------------------
 
     def token(self, call_id: str) -> str:
-        return hmac.new(self.settings.secret, call_id.encode(), hashlib.sha256).hexdigest()[:40]
+        # One-shot digest: several times cheaper than an hmac object per call.
+        return hmac.digest(self.settings.secret, call_id.encode(), "sha256")[:20].hex()
+
+    @property
+    def _callback_base(self) -> str:
+        return f"{self.settings.public_url.rstrip('/')}{_CALLBACK_PATH}"
 
     def callback_url(self, call_id: str) -> str:
-        return f"{self.settings.public_url.rstrip('/')}/callback/{self.token(call_id)}"
+        return self._callback_base + self.token(call_id)
 
     # -- submitting ------------------------------------------------------------------------
 
@@ -328,7 +362,7 @@ class Callbacks:
                 raise
             composite = _Composite(
                 message,
-                message.message_id or uuid.uuid4().hex,
+                message.message_id or _new_id(),
                 on_outcomes,
                 tuple(functions),
                 async_functions,
@@ -345,7 +379,24 @@ class Callbacks:
     def _send(self, messages: list[Message], capture: bool) -> None:
         """Submits prepared leases and calls, whose room (and that of the calls each lease will
         start) is reserved."""
+        self._expect(messages)
         self.transport.submit_reserved(messages, self._on_call_outcomes, capture=capture, observe=False)
+
+    def _expect(self, messages: Sequence[Message]) -> None:
+        """Tells the core of the calls about to be sent, in one crossing (a callback can arrive
+        before the call's 202 is drained); the core returns their tokens, which complete each
+        call's ``X-Callback-Url`` (an HMAC per call costs Python more than the crossing)."""
+        if self._core is None:
+            return
+        calls = [m for m in messages if isinstance(m.handle, _Call)]
+        if not calls:
+            return
+        tokens = self._core.callbacks_expect([_call_id(m) for m in calls])
+        base = self._callback_base
+        for m, token in zip(calls, tokens, strict=True):
+            own = m.own_headers
+            assert isinstance(own, list)  # built by _targeted, with the URL left to fill in
+            own[1] = (_CALLBACK_URL, base + token)
 
     def _lease_message(self, composite: _Composite) -> Message:
         m = composite.message
@@ -364,12 +415,13 @@ class Callbacks:
         own: list[tuple[str, str]] = []
         handle: _SyncCall | _Call = _SyncCall(composite, function)
         if asynchronous and self.settings.ack == "on_callback":
-            call_id = uuid.uuid4().hex
+            call_id = _new_id()
             now = time.monotonic()
             call = _Call(composite, function, call_id, invocation, now, now + self.settings.timeout)
             self._calls[call_id] = call
-            self.metrics.pending.set(len(self._calls))
-            own = [(_CALL_ID, call_id), (_CALLBACK_URL, self.callback_url(call_id))]
+            # With the core's table, the token comes back from _expect, in one batch.
+            url = "" if self._core is not None else self.callback_url(call_id)
+            own = [(_CALL_ID, call_id), (_CALLBACK_URL, url)]
             handle = call
         held = composite.owns_key
         composite.in_core += 1
@@ -414,6 +466,7 @@ class Callbacks:
         composite.owns_key = outcome.key_held
         calls = self._calls_for(composite)
         try:
+            self._expect(calls)
             self.transport.submit_reserved(
                 calls, self._on_call_outcomes, capture=composite.capture, observe=False
             )
@@ -441,7 +494,8 @@ class Callbacks:
             call.accepted = True
             return
         # No acceptance: the invocation itself failed (or the function left the table).
-        self._forget(call.call_id)
+        if not self._forget(call.call_id):
+            return  # a callback claimed it meanwhile: it settles the call
         if result is None:
             self._finish(call.composite, call.function, None)
             return
@@ -470,12 +524,10 @@ class Callbacks:
         # Claim the call before anything else: the body is already read, nothing awaits from here
         # on, so a concurrent duplicate (a retrying gateway, a proxy) or the timeout sweep finds
         # it gone and cannot settle it a second time.
-        call = self._calls.pop(call_id, None)
+        call, reason = self._claim(call_id)
         if call is None:
-            duplicate = call_id in self._settled
-            reason = "duplicate" if duplicate else "unknown"
             self.metrics.rejected.labels(reason=reason).inc()
-            return _json(409 if duplicate else 404, {"error": f"{reason} call id {call_id}"})
+            return _json(409 if reason == "duplicate" else 404, {"error": f"{reason} call id {call_id}"})
         self._settle_call(call)
         latency = time.monotonic() - call.invoked_at
         headers = tuple(request.headers)
@@ -491,6 +543,59 @@ class Callbacks:
         else:
             self._retry_or_finish(call, result)
         return _json(200, {"status": "settled"})
+
+    def _claim(self, call_id: str) -> tuple[_Call | None, str]:
+        """Takes the call out of the pending map (and the core's table): the call, or why not
+        ("duplicate", "unknown")."""
+        if self._core is not None:
+            code = self._core.callbacks_claim(call_id)
+            if code:
+                return None, "duplicate" if code == 1 else "unknown"
+        call = self._calls.pop(call_id, None)
+        if call is None:
+            return None, "duplicate" if call_id in self._settled else "unknown"
+        return call, ""
+
+    def on_callbacks(self, records: Sequence[CallbackRecord]) -> None:
+        """A batch of callbacks the core's ingress answered: (call_id, outcome, status, headers,
+        body), outcome "settled" or "too_large" for a call the core claimed (exactly once), or
+        "refused": the core counted refused callbacks (by reason) for the metrics to take. The
+        outcomes settled go to each source in one delivery."""
+        batch: dict[OutcomeCallback, list[Outcome]] = {}
+        self._batch = batch
+        try:
+            now = time.monotonic()
+            metrics = self.metrics
+            refused = False
+            for call_id, outcome, status, headers, body in records:
+                if outcome not in _CLAIMED:
+                    refused = True
+                    continue
+                call = self._calls.pop(call_id, None)
+                if call is None:
+                    log.error("a callback for call %s the core claimed but nobody waits for (a bug)", call_id)
+                    continue
+                self._settle_call(call)
+                latency = now - call.invoked_at
+                if outcome == "too_large":
+                    self._too_large(call, latency, headers)
+                    continue
+                metrics.received(call.function, status).inc()
+                metrics.latency.observe(latency)
+                result = TargetResult(
+                    call.function, status, ErrorKind.NONE, call.invocation, latency, None, body, headers
+                )
+                if result.ok:
+                    self._finish(call.composite, call.function, result)
+                else:
+                    self._retry_or_finish(call, result)
+            if refused and self._core is not None:
+                for reason, n in self._core.callbacks_refused():
+                    metrics.rejected.labels(reason=reason).inc(n)
+        finally:
+            self._batch = None
+            for callback, outcomes in batch.items():
+                self.transport.deliver_final(callback, outcomes)
 
     def _too_large(self, call: _Call, latency: float, headers: tuple[tuple[str, str], ...]) -> HttpResponse:
         """The result cannot be read: the call fails for good now (re-invoking would produce the
@@ -528,6 +633,7 @@ class Callbacks:
         message = self._targeted(call.composite, call.function, True, call.invocation + 1)
         try:
             await self.transport.reserve(1)
+            self._expect([message])
             self.transport.submit_reserved([message], self._on_call_outcomes, capture=False, observe=False)
         except Exception as exc:  # closing: report the call as still retryable
             log.warning("could not re-invoke %s: %s", call.function, exc)
@@ -537,18 +643,23 @@ class Callbacks:
             failed = TargetResult(call.function, 0, ErrorKind.CONNECT, call.invocation, 0.0)
             self._finish(call.composite, call.function, failed)
 
-    def _forget(self, call_id: str) -> None:
+    def _forget(self, call_id: str) -> bool:
+        """Takes a call back (it will get no callback); False when a callback has claimed it
+        (or is arriving), which then settles it."""
+        if self._core is not None and not self._core.callbacks_forget([call_id])[0]:
+            return False
         call = self._calls.pop(call_id, None)
         if call is not None:
             self._settle_call(call)
+        return True
 
     def _settle_call(self, call: _Call) -> None:
         """A claimed call is done waiting: remember its id (409 for late duplicates) and free
         its pending slot."""
-        self._settled[call.call_id] = None
-        if len(self._settled) > _SETTLED_MEMORY:
-            self._settled.popitem(last=False)
-        self.metrics.pending.set(len(self._calls))
+        if self._core is None:  # else the core remembers
+            self._settled[call.call_id] = None
+            if len(self._settled) > _SETTLED_MEMORY:
+                self._settled.popitem(last=False)
         self._release_pending(1)
 
     def _finish(self, composite: _Composite, function: str, result: TargetResult | None) -> None:
@@ -577,7 +688,10 @@ class Callbacks:
             if not key_held and not self.transport.release_key(m.key):
                 log.error("the key of message %s was not held when it settled (a bug)", composite.message_id)
         outcome = Outcome(m, verdict, composite.message_id, tuple(results), key_held=key_held)
-        self.transport.deliver_final(composite.callback, [outcome])
+        if self._batch is not None:
+            self._batch.setdefault(composite.callback, []).append(outcome)
+        else:
+            self.transport.deliver_final(composite.callback, [outcome])
 
     # -- timeouts ----------------------------------------------------------------------------
 
@@ -587,7 +701,12 @@ class Callbacks:
             await asyncio.sleep(interval)
             now = time.monotonic()
             expired = [c for c in self._calls.values() if c.deadline <= now]
-            if expired and self._receiving_probe is not None:
+            if expired and self._core is not None:
+                # Claimed in the core, exactly as a callback is: one arriving or claimed already
+                # (its record not drained yet) is not taken, and settles the call itself.
+                taken = self._core.callbacks_forget([c.call_id for c in expired])
+                expired = [c for c, mine in zip(expired, taken, strict=True) if mine]
+            elif expired and self._receiving_probe is not None:
                 # A callback whose body is still arriving settles its call itself.
                 arriving = self._receiving_probe([c.call_id for c in expired])
                 expired = [c for c, busy in zip(expired, arriving, strict=True) if not busy]
@@ -601,7 +720,8 @@ class Callbacks:
                     self.settings.timeout,
                 )
                 self.metrics.rejected.labels(reason="timeout").inc()
-                self._forget(call.call_id)
+                self._calls.pop(call.call_id, None)
+                self._settle_call(call)
                 result = TargetResult(
                     call.function, 0, ErrorKind.TIMEOUT, call.invocation, now - call.invoked_at
                 )
@@ -627,6 +747,17 @@ class Callbacks:
             waiter = self._pending_waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
+
+
+def _call_id(message: Message) -> str:
+    handle = message.handle
+    assert isinstance(handle, _Call)
+    return handle.call_id
+
+
+def _new_id() -> str:
+    """A random id in uuid4's hex form (32 hex digits), without building a UUID object."""
+    return os.urandom(16).hex()
 
 
 def _json(status: int, body: dict[str, str]) -> HttpResponse:

@@ -157,8 +157,9 @@ class Daemon:
             ),
             CallbackMetrics(self.metrics.registry),
         )
-        self.ingress.add_route(self.callbacks.route(), track_header="X-Call-Id")
-        self.callbacks.receiving_probe = self.ingress.receiving
+        # Answered in the core: token check, claim (exactly once) and body limit, no Python
+        # per request; the claimed callbacks settle here in batches.
+        self.ingress.add_callbacks(self.callbacks)
         self.callbacks.supervise_with(self.supervisor.spawn)
         uses_async = d.asynchronous_invocation or any(
             getattr(source, "asynchronous_invocation", False) for source in config.sources

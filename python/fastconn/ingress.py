@@ -2,7 +2,7 @@
 
 The core serves every request; Python is involved only in batches:
 
-* **Python routes** (``/metrics``, ``/callback/<token>``, a source's :class:`Route`): the core
+* **Python routes** (``/metrics``, a source's :class:`Route`): the core
   reads the body within the route's limit and queues the request; the loop is woken once per
   burst (an eventfd, as for completions), drains every queued request in one call, runs their
   handlers concurrently (a slow handler holds up only its own request), and answers everything
@@ -13,6 +13,10 @@ The core serves every request; Python is involved only in batches:
   While their messages need the async-invocation layer (:func:`invokes_asynchronously`, or the
   source's ``asynchronous_invocation``) the core hands their requests to the source's Python
   handler instead, like any Python route.
+* **Callbacks** of async invocations (``/callback/<token>``, :meth:`Ingress.add_callbacks`) are
+  answered by the core: token check, claim in its table of expected calls (exactly once: 409
+  for duplicates), body limit. The claimed callbacks reach :meth:`Callbacks.on_callbacks` in
+  the same drain, one batch per wake-up.
 * **Readiness**: ``/readyz`` answers what Python last pushed (:meth:`Ingress.set_ready`), set on
   change, not asked per request.
 * **Notices**: malformed requests and refused ones are logged here, rate-limited.
@@ -29,6 +33,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from fastconn import _core
+from fastconn.callbacks import Callbacks
 from fastconn.dispatcher import Dispatcher
 from fastconn.functions import FunctionTarget
 from fastconn.http_routes import HttpRequest, HttpResponse, Route, serve
@@ -161,6 +166,7 @@ class Ingress:
     _bad: dict[str, RateLimitedLog] = field(default_factory=dict)
     _readiness: tuple[bool, str, bool] | None = None
     _tracked: dict[int, str] = field(default_factory=dict)
+    _callbacks: Callbacks | None = None
 
     # -- configuration ---------------------------------------------------------------------
 
@@ -171,6 +177,15 @@ class Ingress:
             raise ValueError(f"route {route.method} {route.path} ({route.name}) is served already")
         self._routes.append(route)
         self._tracked[id(route)] = track_header
+        self._push_routes()
+
+    def add_callbacks(self, callbacks: Callbacks) -> None:
+        """Serves ``POST /callback/<token>`` for ``callbacks`` in the core."""
+        if self._callbacks is not None:
+            raise ValueError("the callbacks of async invocations are served already")
+        self._callbacks = callbacks
+        if self._runtime is not None:
+            callbacks.use_core(self._runtime)
         self._push_routes()
 
     def receiving(self, values: list[str]) -> list[bool]:
@@ -240,6 +255,8 @@ class Ingress:
             http2_max_concurrent_streams=self.limits.http2_max_concurrent_streams,
         )
         self._runtime = runtime
+        if self._callbacks is not None:
+            self._callbacks.use_core(runtime)
         asyncio.get_running_loop().add_reader(runtime.ingress_wake_fd, self._on_wake)
         self.dispatcher.set_ingress_sink(self._on_outcomes)
         self._push_routes()
@@ -330,7 +347,8 @@ class Ingress:
             for r in self._routes
         ]
         python += [(r.method, "", False, r.max_body_bytes, False, "") for r in table[len(self._routes) :]]
-        self._runtime.ingress_routes(python, webhooks, cloudevents)
+        callback_max_body = self._callbacks.settings.max_body_bytes if self._callbacks else None
+        self._runtime.ingress_routes(python, webhooks, cloudevents, callback_max_body)
 
     # -- batches from the core -------------------------------------------------------------
 
@@ -340,7 +358,9 @@ class Ingress:
             return
         with contextlib.suppress(BlockingIOError):
             os.read(runtime.ingress_wake_fd, 8)
-        requests, accepted, notices = runtime.ingress_drain()
+        requests, accepted, notices, callbacks = runtime.ingress_drain()
+        if callbacks and self._callbacks is not None:
+            self._callbacks.on_callbacks(callbacks)
         if accepted:
             self._on_accepted(accepted)
         for kind, source, remote, text in notices:

@@ -6,18 +6,20 @@ use crate::completions::WakeQueue;
 use bytes::Bytes;
 use fastconn_core::ingress::http_header::HeaderName;
 use fastconn_core::ingress::{
-    webhook::Signature, Accepted, Answer, CloudEventsRoute, IngressSink, Notice, PyRequest,
-    RouteEntry, RouteKind, SignatureAlgorithm, WebhookRoute,
+    webhook::Signature, Accepted, Answer, CallbackRecord, CallbackRoute, CallbackTable,
+    CloudEventsRoute, IngressSink, Notice, PyRequest, RouteEntry, RouteKind, SignatureAlgorithm,
+    WebhookRoute,
 };
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyList};
+use pyo3::types::{PyBytes, PyList, PyTuple};
 use std::sync::Arc;
 
 pub enum Record {
     Request(PyRequest),
     Accepted(Accepted),
     Notice(Notice),
+    Callback(CallbackRecord),
 }
 
 pub struct IngressQueue(pub WakeQueue<Record>);
@@ -31,6 +33,9 @@ impl IngressSink for IngressQueue {
     }
     fn notice(&self, notice: Notice) {
         self.0.push(Record::Notice(notice));
+    }
+    fn callback(&self, record: CallbackRecord) {
+        self.0.push(Record::Callback(record));
     }
 }
 
@@ -132,6 +137,7 @@ pub fn route_table(
     python: Vec<PythonRoute>,
     webhooks: Vec<WebhookTuple>,
     cloudevents: Vec<CloudEventsTuple>,
+    callback: Option<(Arc<CallbackTable>, usize)>,
 ) -> PyResult<Vec<RouteEntry>> {
     let mut table: Vec<RouteEntry> = python
         .into_iter()
@@ -191,19 +197,35 @@ pub fn route_table(
     for route in cloudevents {
         table.push(cloudevents_entry(route)?);
     }
+    if let Some((calls, max_body)) = callback {
+        table.push(RouteEntry {
+            path: fastconn_core::ingress::callback::PREFIX.to_owned(),
+            prefix: true,
+            kind: RouteKind::Callback(Arc::new(CallbackRoute {
+                table: calls,
+                max_body,
+            })),
+        });
+    }
     Ok(table)
 }
 
-/// Everything queued, as three lists: requests (id, route, method, path, query, headers,
-/// body, remote, too_large), accepted messages (token, source, topic, message_id, payload) and notices
-/// (kind, source, remote, text).
-pub fn drain<'py>(
-    py: Python<'py>,
-    records: Vec<Record>,
-) -> PyResult<(Bound<'py, PyList>, Bound<'py, PyList>, Bound<'py, PyList>)> {
+/// The four lists of a drain.
+pub type Drained<'py> = (
+    Bound<'py, PyList>,
+    Bound<'py, PyList>,
+    Bound<'py, PyList>,
+    Bound<'py, PyList>,
+);
+
+/// Everything queued, as four lists: requests (id, route, method, path, query, headers,
+/// body, remote, too_large), accepted messages (token, source, topic, message_id, payload),
+/// notices (kind, source, remote, text) and callbacks (call_id, outcome, status, headers, body).
+pub fn drain<'py>(py: Python<'py>, records: Vec<Record>) -> PyResult<Drained<'py>> {
     let requests = PyList::empty(py);
     let accepted = PyList::empty(py);
     let notices = PyList::empty(py);
+    let callbacks = PyList::empty(py);
     for record in records {
         match record {
             Record::Request(r) => {
@@ -236,9 +258,19 @@ pub fn drain<'py>(
             Record::Notice(n) => {
                 notices.append((n.kind, n.source.as_deref(), n.remote, n.text))?;
             }
+            Record::Callback(c) => {
+                let headers = PyTuple::new(py, c.headers)?;
+                callbacks.append((
+                    c.call_id,
+                    c.outcome,
+                    c.status,
+                    headers,
+                    PyBytes::new(py, &c.body),
+                ))?;
+            }
         }
     }
-    Ok((requests, accepted, notices))
+    Ok((requests, accepted, notices, callbacks))
 }
 
 /// An answer as Python passes it: (id, status, headers, body).

@@ -6,7 +6,7 @@ use crate::completions::{CompletionQueue, WakeQueue};
 use crate::ingress::{self, CloudEventsTuple, IngressQueue, PythonRoute, WebhookTuple};
 use bytes::Bytes;
 use fastconn_core::ingress::tls::{check_server_tls, server_config};
-use fastconn_core::ingress::{Ingress, IngressConfig};
+use fastconn_core::ingress::{CallbackTable, Claim, Ingress, IngressConfig};
 use fastconn_core::tls::TlsConfigError;
 use fastconn_core::{
     Engine, EngineConfig, EngineError, Message, RetryPolicy, SubmitError, TargetSpec, TlsSettings,
@@ -71,6 +71,8 @@ pub struct Runtime {
     /// The ingress server, once started, and its queue towards Python.
     ingress: Mutex<Option<Ingress>>,
     ingress_queue: Arc<IngressQueue>,
+    /// The calls expecting an async callback (`callbacks_setup`), claimed by the ingress.
+    callback_table: Mutex<Option<Arc<CallbackTable>>>,
     /// Interned function names for `drain` (bounded by the number of functions ever routed).
     names: Mutex<HashMap<Arc<str>, Py<PyString>>>,
     completions: Arc<CompletionQueue>,
@@ -168,6 +170,7 @@ impl Runtime {
             engine: Arc::new(engine),
             ingress: Mutex::new(None),
             ingress_queue: Arc::new(IngressQueue(WakeQueue::new()?)),
+            callback_table: Mutex::new(None),
             names: Mutex::new(HashMap::new()),
             completions,
             pid: std::process::id(),
@@ -426,13 +429,56 @@ impl Runtime {
         self.ingress_queue.0.fd()
     }
 
-    /// Everything the ingress queued for Python: (requests, accepted, notices).
-    #[allow(clippy::type_complexity)]
-    fn ingress_drain<'py>(
-        &self,
-        py: Python<'py>,
-    ) -> PyResult<(Bound<'py, PyList>, Bound<'py, PyList>, Bound<'py, PyList>)> {
+    /// Everything the ingress queued for Python: (requests, accepted, notices, callbacks).
+    fn ingress_drain<'py>(&self, py: Python<'py>) -> PyResult<ingress::Drained<'py>> {
         ingress::drain(py, self.ingress_queue.0.take())
+    }
+
+    /// Creates the table of calls expecting a callback (replacing any earlier one): tokens are
+    /// HMACs with `secret`; `memory` settled ids are remembered (409 rather than 404).
+    fn callbacks_setup(&self, secret: &[u8], memory: usize) {
+        *self
+            .callback_table
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) =
+            Some(Arc::new(CallbackTable::new(secret, memory)));
+    }
+
+    /// Expects a callback for each call id (before the calls are sent); returns their tokens
+    /// (the HMAC in each call's callback URL), computed here in the same crossing.
+    fn callbacks_expect(&self, py: Python<'_>, ids: Vec<String>) -> PyResult<Vec<String>> {
+        let table = self.callback_table(py)?;
+        guard(py, || {
+            let tokens = ids
+                .iter()
+                .map(|id| String::from_utf8_lossy(&table.token(id.as_bytes())).into_owned())
+                .collect();
+            table.expect(ids);
+            tokens
+        })
+    }
+
+    /// Takes back the call ids still pending with no callback arriving; says which were.
+    fn callbacks_forget(&self, py: Python<'_>, ids: Vec<String>) -> PyResult<Vec<bool>> {
+        let table = self.callback_table(py)?;
+        guard(py, || table.forget(&ids))
+    }
+
+    /// The callbacks the ingress refused since the last call: [(reason, count)].
+    fn callbacks_refused(&self, py: Python<'_>) -> PyResult<Vec<(&'static str, u64)>> {
+        let table = self.callback_table(py)?;
+        guard(py, || table.take_refused())
+    }
+
+    /// Claims one call id (a callback served outside the ingress): 0 claimed, 1 duplicate,
+    /// 2 unknown.
+    fn callbacks_claim(&self, py: Python<'_>, call_id: &str) -> PyResult<u8> {
+        let table = self.callback_table(py)?;
+        Ok(match guard(py, || table.claim(call_id))? {
+            Claim::Claimed => 0,
+            Claim::Duplicate => 1,
+            Claim::Unknown => 2,
+        })
     }
 
     /// Answers a batch of Python requests: [(id, status, headers, body)]; returns how many
@@ -447,15 +493,22 @@ impl Runtime {
     }
 
     /// Replaces the ingress route table: Python routes [(method, path, prefix, max_body)] (a
-    /// request names its route by index in this list), webhook and CloudEvents sources.
+    /// request names its route by index in this list), webhook and CloudEvents sources, and
+    /// the callback route's body limit when callbacks are served (`callbacks_setup` first).
+    #[pyo3(signature = (python, webhooks, cloudevents, callback_max_body=None))]
     fn ingress_routes(
         &self,
         py: Python<'_>,
         python: Vec<PythonRoute>,
         webhooks: Vec<WebhookTuple>,
         cloudevents: Vec<CloudEventsTuple>,
+        callback_max_body: Option<usize>,
     ) -> PyResult<()> {
-        let table = ingress::route_table(python, webhooks, cloudevents)?;
+        let callback = match callback_max_body {
+            Some(max_body) => Some((self.callback_table(py)?, max_body)),
+            None => None,
+        };
+        let table = ingress::route_table(python, webhooks, cloudevents, callback)?;
         self.with_ingress(py, |server| server.set_routes(table))
     }
 
@@ -508,6 +561,15 @@ impl Runtime {
 }
 
 impl Runtime {
+    fn callback_table(&self, py: Python<'_>) -> PyResult<Arc<CallbackTable>> {
+        self.check_process(py, "use the callbacks of")?;
+        self.callback_table
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .ok_or_else(|| PyRuntimeError::new_err("callbacks_setup was not called"))
+    }
+
     fn with_ingress<T>(&self, py: Python<'_>, f: impl FnOnce(&Ingress) -> T) -> PyResult<T> {
         self.check_process(py, "use the ingress of")?;
         let server = self.ingress.lock().unwrap_or_else(PoisonError::into_inner);

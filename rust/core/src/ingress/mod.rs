@@ -5,11 +5,13 @@
 //! * Webhook routes ([`webhook`]) check, build and submit their message straight into the
 //!   engine and answer 202 / 503 / `?wait=true` here; Python learns of accepted messages in
 //!   batches ([`IngressSink::accepted`]) and of their outcomes through the completion queue.
-//! * Python routes (the metrics page, async callbacks, a source's own `Route`) are read here
+//! * Python routes (the metrics page, a source's own `Route`) are read here
 //!   within their body limit, queued for Python ([`IngressSink::request`]), which drains them in
 //!   batches and answers a batch at once ([`Ingress::respond`]).
 //! * CloudEvents routes ([`cloudevents`]) decode, route and submit every event of a request
 //!   here, as webhooks do.
+//! * The callback route ([`callback`]) checks each async callback's token, claims its call and
+//!   answers here; Python gets the claimed callbacks in batches ([`IngressSink::callback`]).
 //! * Anything else is a 404 here.
 //!
 //! Connection limits ([`conns`]): a deadline for a new connection's first request head, an
@@ -22,6 +24,7 @@
 //! still on the same port.
 
 mod body;
+pub mod callback;
 pub mod cloudevents;
 mod conns;
 mod service;
@@ -39,6 +42,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::sync::{oneshot, watch};
 
+pub use callback::{CallbackRecord, CallbackRoute, CallbackTable, Claim};
 pub use cloudevents::CloudEventsRoute;
 pub use conns::ConnectionCounts;
 /// Header names as route tables name them.
@@ -124,6 +128,8 @@ pub trait IngressSink: Send + Sync + 'static {
     fn request(&self, request: PyRequest);
     fn accepted(&self, accepted: Accepted);
     fn notice(&self, notice: Notice);
+    /// A callback claimed (or refused) by a [`RouteKind::Callback`] route.
+    fn callback(&self, record: CallbackRecord);
 }
 
 /// What serves a path.
@@ -136,13 +142,15 @@ pub enum RouteKind {
         max_body: usize,
         oversized: bool,
         /// While such a request is read and handled, its value of this header is listed as
-        /// *receiving* ([`Ingress::receiving`]): async callbacks name their call this way, so
-        /// a call whose callback is arriving is not timed out meanwhile.
+        /// *receiving* ([`Ingress::receiving`]), e.g. a call id, so what the request is about
+        /// is not timed out meanwhile (the callback route has this built in: [`callback`]).
         track: Option<http::header::HeaderName>,
     },
     Webhook(Arc<WebhookRoute>),
     /// A `type = "cloudevents"` source ([`cloudevents`]).
     CloudEvents(Arc<CloudEventsRoute>),
+    /// Async-invocation callbacks ([`callback`]): token check, claim and body limit here.
+    Callback(Arc<CallbackRoute>),
 }
 
 #[derive(Debug, Clone)]

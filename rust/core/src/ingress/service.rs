@@ -2,6 +2,7 @@
 //! each request: answered here, by a webhook route, or by Python.
 
 use super::body::{read_limited, BodyError};
+use super::callback::{self, CallbackRecord, CallbackRoute, CallbackTable, Claim, Refusal};
 use super::conns::{Admitted, Conn};
 use super::{Answer, Notice, PyRequest, RouteEntry, RouteKind, Shared};
 use crate::panics::CatchPanic;
@@ -308,6 +309,7 @@ impl Shared {
                 }
                 _ => self.cloudevents(route, request, remote).await,
             },
+            RouteKind::Callback(route) => self.callback(route, request).await,
             RouteKind::Python {
                 method,
                 max_body,
@@ -409,6 +411,160 @@ impl Shared {
     }
 }
 
+/// A JSON answer `{"<key>": "<text>"}` (the callback route's answers, as the Python route's).
+fn json_response(status: StatusCode, key: &str, text: &str) -> Response<Full<Bytes>> {
+    let body = serde_json::json!({ key: text }).to_string();
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=utf-8"),
+    );
+    response
+}
+
+impl Shared {
+    /// `POST /callback/<token>` ([`super::callback`]): token, status header, claim, body limit;
+    /// a claimed callback goes to Python in the next batch.
+    async fn callback(
+        self: &Arc<Self>,
+        route: &CallbackRoute,
+        request: Request<Incoming>,
+    ) -> Response<Full<Bytes>> {
+        if request.method() != Method::POST {
+            let mut response = text_response(StatusCode::METHOD_NOT_ALLOWED, "use POST\n");
+            response
+                .headers_mut()
+                .insert("allow", HeaderValue::from_static("POST"));
+            return response;
+        }
+        let (parts, body) = request.into_parts();
+        let token = parts
+            .uri
+            .path()
+            .strip_prefix(callback::PREFIX)
+            .unwrap_or("");
+        let call_id = parts
+            .headers
+            .get(callback::CALL_ID)
+            .map(|v| v.as_bytes())
+            .unwrap_or(b"");
+        let length = parts
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        // Refusals still read what fits the limit: closing on an unread body resets the client.
+        let refuse = |status, why, key: &str, text: &str| {
+            refused(self, &route.table, why);
+            json_response(status, key, text)
+        };
+        // A call id is ASCII (uuid hex): anything else, even undecodable bytes, is not ours.
+        let call_id = match std::str::from_utf8(call_id) {
+            Ok(id)
+                if id.is_ascii() && route.table.token_matches(id.as_bytes(), token.as_bytes()) =>
+            {
+                id.to_owned()
+            }
+            _ => {
+                let _ = read_limited(body, length, route.max_body).await;
+                return refuse(
+                    StatusCode::UNAUTHORIZED,
+                    Refusal::BadToken,
+                    "error",
+                    "bad callback token",
+                );
+            }
+        };
+        let Some(status) =
+            callback::parse_status(parts.headers.get(callback::STATUS).map(|v| v.as_bytes()))
+        else {
+            let _ = read_limited(body, length, route.max_body).await;
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                Refusal::BadRequest,
+                "error",
+                "missing or invalid X-Function-Status",
+            );
+        };
+        let receipt = match route.table.receive(&call_id) {
+            Ok(receipt) => receipt,
+            Err(claim) => {
+                let _ = read_limited(body, length, route.max_body).await;
+                return refuse_claim(self, &route.table, claim, &call_id);
+            }
+        };
+        let (body, too_large) = match read_limited(body, length, route.max_body).await {
+            Ok(body) => (body, false),
+            Err(BodyError::TooLarge(_)) => (Bytes::new(), true),
+            Err(BodyError::Incomplete(why)) => {
+                // Not claimed: the gateway may send it again, or the call times out.
+                return text_response(StatusCode::BAD_REQUEST, &format!("{why}\n"));
+            }
+        };
+        match receipt.claim() {
+            Claim::Claimed => {}
+            other => return refuse_claim(self, &route.table, other, &call_id),
+        }
+        let headers = parts
+            .headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_owned(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect();
+        self.sink.callback(CallbackRecord {
+            call_id,
+            outcome: if too_large { "too_large" } else { "settled" },
+            status,
+            headers,
+            body,
+        });
+        if too_large {
+            let limit = route.max_body;
+            return json_response(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "error",
+                &format!(
+                    "the callback body exceeds [dispatch] max_callback_bytes ({limit} bytes); the \
+                     result was not read: raise max_callback_bytes or make the function return less"
+                ),
+            );
+        }
+        json_response(StatusCode::OK, "status", "settled")
+    }
+}
+
+/// Counts a refusal; the first since Python last took the counts wakes it to take them.
+fn refused(shared: &Shared, table: &CallbackTable, why: Refusal) {
+    if table.refuse(why) {
+        shared.sink.callback(CallbackRecord::refused());
+    }
+}
+
+/// 409 for a call settled already, 404 for one never expected (or long forgotten).
+fn refuse_claim(
+    shared: &Shared,
+    table: &CallbackTable,
+    claim: Claim,
+    call_id: &str,
+) -> Response<Full<Bytes>> {
+    let (status, why) = if claim == Claim::Duplicate {
+        (StatusCode::CONFLICT, Refusal::Duplicate)
+    } else {
+        (StatusCode::NOT_FOUND, Refusal::Unknown)
+    };
+    refused(shared, table, why);
+    json_response(
+        status,
+        "error",
+        &format!("{} call id {call_id}", why.label()),
+    )
+}
+
 /// Lists a tracked header value as receiving for as long as it lives.
 struct Receiving<'a> {
     shared: &'a Shared,
@@ -466,7 +622,7 @@ fn find<'a>(routes: &'a [RouteEntry], method: &Method, path: &str) -> Option<&'a
     matching
         .find(|r| match &r.kind {
             RouteKind::Python { method: m, .. } => m == method.as_str() || m == "*",
-            RouteKind::Webhook(_) | RouteKind::CloudEvents(_) => true,
+            RouteKind::Webhook(_) | RouteKind::CloudEvents(_) | RouteKind::Callback(_) => true,
         })
         .or(first)
 }

@@ -1,0 +1,243 @@
+"""Async callbacks answered by the ingress in the core (issue 11): token check, claim and body
+limit in Rust, the claimed callbacks settled by Python in batches. Real HTTP against the core's
+listener, the gateway double playing OpenFaaS."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+import pytest
+
+from fastconn import Dispatcher, DispatchOptions, FunctionTarget, Message, Outcome, Verdict
+from fastconn.callbacks import CallbackMetrics, Callbacks, CallbackSettings
+from fastconn.ingress import Ingress
+from fastconn.testing import free_port, wait_for
+from gateway_double import FunctionSpec, GatewayDouble
+
+
+@dataclass
+class CoreHarness:
+    gateway: GatewayDouble
+    dispatcher: Dispatcher
+    callbacks: Callbacks
+    ingress: Ingress
+    public_url: str
+    outcomes: list[Outcome] = field(default_factory=list)
+    deployed: list[FunctionSpec] = field(default_factory=list)
+
+    def collect(self, batch: list[Outcome]) -> None:
+        self.outcomes.extend(batch)
+
+    def target(self, name: str, topic: str) -> FunctionTarget:
+        self.deployed.append(FunctionSpec(name))
+        self.gateway.set_functions(self.deployed)
+        return FunctionTarget(
+            name,
+            (topic,),
+            f"{self.gateway.url}/function/{name}",
+            async_url=f"{self.gateway.url}/async-function/{name}",
+            asynchronous=True,
+        )
+
+    def url_for(self, call_id: str) -> str:
+        return f"{self.public_url}/callback/{self.callbacks.token(call_id)}"
+
+    def rejected(self) -> dict[str, float]:
+        return {
+            s.labels["reason"]: s.value
+            for m in self.callbacks.metrics.rejected.collect()
+            for s in m.samples
+            if s.name.endswith("_total")
+        }
+
+
+@pytest.fixture
+async def core_harness(gateway: GatewayDouble) -> AsyncIterator[Callable[..., object]]:
+    started: list[tuple[Dispatcher, Ingress]] = []
+
+    async def make(**settings: object) -> CoreHarness:
+        port = free_port()
+        public_url = f"http://127.0.0.1:{port}"
+        dispatcher = Dispatcher(
+            DispatchOptions(max_inflight=64, backoff_initial=0.01, backoff_max=0.1, max_attempts=3)
+        )
+        defaults: dict[str, object] = {
+            "public_url": public_url,
+            "timeout": 5.0,
+            "max_attempts": 3,
+            "backoff_initial": 0.01,
+            "backoff_max": 0.05,
+        }
+        callbacks = dispatcher.enable_callbacks(
+            CallbackSettings(**{**defaults, **settings}),  # type: ignore[arg-type]
+            CallbackMetrics(),
+        )
+        await dispatcher.start()
+        ingress = Ingress(dispatcher, f"127.0.0.1:{port}")
+        ingress.add_callbacks(callbacks)
+        await ingress.start()
+        started.append((dispatcher, ingress))
+        return CoreHarness(gateway, dispatcher, callbacks, ingress, public_url)
+
+    yield make
+    for dispatcher, ingress in started:
+        await ingress.stop()
+        await dispatcher.close(5)
+
+
+async def _post(
+    http: aiohttp.ClientSession, url: str, call_id: str, status: str = "200", body: bytes = b"r"
+) -> int:
+    headers = {"X-Call-Id": call_id, "X-Function-Status": status}
+    async with http.post(url, headers=headers, data=body) as r:
+        await r.read()
+        return r.status
+
+
+async def test_the_core_answers_callbacks_and_python_settles_them(
+    core_harness: Callable[..., object],
+) -> None:
+    h: CoreHarness = await core_harness()  # type: ignore[misc]
+    h.gateway.script("fn", statuses=[200], body=b"result", callback_delay=0.2)
+    h.dispatcher.set_functions([h.target("fn", "jobs")])
+    await h.dispatcher.submit([Message("jobs", b"a"), Message("jobs", b"b")], h.collect)
+    await wait_for(lambda: h.gateway.calls("fn") == 2, what="two async calls")
+    assert h.outcomes == [], "the 202 does not settle the message"
+    await wait_for(lambda: len(h.outcomes) == 2, what="both outcomes")
+    assert all(o.verdict is Verdict.OK for o in h.outcomes)
+    assert [o.results[0].body for o in h.outcomes] == [b"result", b"result"]
+    headers = dict(h.outcomes[0].results[0].headers or ())
+    assert headers["x-function-status"] == "200", "the callback's headers reach the result"
+    sent = await asyncio.wait_for(h.gateway.wait_callbacks(2), 5)
+    assert [c.response_status for c in sent] == [200, 200]
+    assert h.callbacks.pending == 0
+
+
+async def test_fifty_concurrent_duplicates_settle_once(core_harness: Callable[..., object]) -> None:
+    h: CoreHarness = await core_harness()  # type: ignore[misc]
+    h.gateway.script("dup", statuses=[200], callback_copies=0)  # we play the gateway's callbacks
+    h.dispatcher.set_functions([h.target("dup", "jobs")])
+    await h.dispatcher.submit([Message("jobs", b"x")], h.collect)
+    await wait_for(lambda: h.gateway.calls("dup") == 1, what="the call")
+    call_id = h.gateway.requests_for("dup")[0].headers["X-Call-Id"]
+    connector = aiohttp.TCPConnector(limit=50, force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        statuses = await asyncio.gather(
+            *(_post(http, h.url_for(call_id), call_id, body=b"copy %d" % i) for i in range(50))
+        )
+        assert sorted(statuses) == [200] + [409] * 49
+        await wait_for(lambda: h.outcomes, what="the outcome")
+        # A copy arriving after the settle is still a duplicate.
+        assert await _post(http, h.url_for(call_id), call_id) == 409
+    [outcome] = h.outcomes
+    assert outcome.verdict is Verdict.OK
+    assert outcome.results[0].body is not None and outcome.results[0].body.startswith(b"copy ")
+    assert h.callbacks.pending == 0
+    await wait_for(lambda: h.rejected().get("duplicate") == 50.0, what="the duplicates counted")
+
+
+async def test_forged_unknown_and_malformed_callbacks_are_refused(
+    core_harness: Callable[..., object],
+) -> None:
+    h: CoreHarness = await core_harness()  # type: ignore[misc]
+    h.gateway.script("held", statuses=[200], callback_copies=0)
+    h.dispatcher.set_functions([h.target("held", "jobs")])
+    await h.dispatcher.submit([Message("jobs", b"x")], h.collect)
+    await wait_for(lambda: h.gateway.calls("held") == 1, what="the call")
+    call_id = h.gateway.requests_for("held")[0].headers["X-Call-Id"]
+    async with aiohttp.ClientSession() as http:
+        assert await _post(http, f"{h.public_url}/callback/{'0' * 40}", call_id) == 401, "forged token"
+        other = h.url_for("f" * 32)
+        assert await _post(http, other, call_id) == 401, "another call's token"
+        async with http.post(f"{h.public_url}/callback/nothing", data=b"") as r:
+            assert r.status == 401, "no call id"
+            assert await r.json() == {"error": "bad callback token"}
+        assert await _post(http, h.url_for(call_id), call_id, status="two hundred") == 400
+        unknown = "0" * 32
+        async with http.post(
+            h.url_for(unknown), headers={"X-Call-Id": unknown, "X-Function-Status": "200"}
+        ) as r:
+            assert r.status == 404
+            assert await r.json() == {"error": f"unknown call id {unknown}"}
+        async with http.get(h.url_for(call_id)) as r:
+            assert r.status == 405
+    assert h.callbacks.pending == 1 and h.outcomes == [], "no refused callback changes anything"
+    await wait_for(
+        lambda: h.rejected() == {"bad_token": 3.0, "bad_request": 1.0, "unknown": 1.0},
+        what="the refusals counted",
+    )
+    async with aiohttp.ClientSession() as http:
+        assert await _post(http, h.url_for(call_id), call_id) == 200, "the real callback still settles"
+    await wait_for(lambda: h.outcomes, what="the outcome")
+
+
+async def test_a_callback_over_the_limit_fails_its_call_in_the_core(
+    core_harness: Callable[..., object],
+) -> None:
+    limit = 64 * 1024
+    h: CoreHarness = await core_harness(timeout=30.0, max_body_bytes=limit)  # type: ignore[misc]
+    h.gateway.script("huge", statuses=[200], body=b"z" * (limit + 1), callback_copies=2)
+    h.dispatcher.set_functions([h.target("huge", "jobs")])
+    started = time.monotonic()
+    await h.dispatcher.submit([Message("jobs", b"x")], h.collect)
+    await wait_for(lambda: h.outcomes, timeout=10, what="the outcome")
+    assert time.monotonic() - started < 5, "settled at once, not after the 30 s callback timeout"
+    [outcome] = h.outcomes
+    assert outcome.verdict is Verdict.FAILED
+    [result] = outcome.results
+    assert result.status == 413
+    assert result.body is not None and b"max_callback_bytes (65536 bytes)" in result.body
+    sent = await asyncio.wait_for(h.gateway.wait_callbacks(2), 5)
+    assert [c.response_status for c in sent] == [413, 409], "settled once; the copy is a duplicate"
+    assert h.gateway.calls("huge") == 1
+
+
+async def test_callbacks_racing_the_timeout_sweep_settle_each_call_once(
+    core_harness: Callable[..., object],
+) -> None:
+    """Callbacks fired in a burst around each call's deadline: whichever of the callback and the
+    sweep claims the call first settles it, the other finds it settled (409 / nothing)."""
+    timeout = 0.4
+    h: CoreHarness = await core_harness(timeout=timeout, max_attempts=1)  # type: ignore[misc]
+    h.gateway.script("late", statuses=[200], callback_copies=0)
+    h.dispatcher.set_functions([h.target("late", "jobs")])
+    n = 8
+    await h.dispatcher.submit([Message("jobs", b"%d" % i, message_id=f"m{i}") for i in range(n)], h.collect)
+    await wait_for(lambda: h.gateway.calls("late") == n, what="the calls")
+    sent_at = time.monotonic()
+    call_ids = [r.headers["X-Call-Id"] for r in h.gateway.requests_for("late")]
+    answers: dict[str, list[int]] = {c: [] for c in call_ids}
+    async with aiohttp.ClientSession() as http:
+
+        async def hammer(call_id: str, start: float) -> None:
+            await asyncio.sleep(max(0.0, sent_at + start - time.monotonic()))
+            while len(h.outcomes) < n and time.monotonic() < sent_at + 10:
+                answers[call_id].append(await _post(http, h.url_for(call_id), call_id))
+                if answers[call_id][-1] != 409 and answers[call_id][-1] != 200:
+                    return
+
+        # Staggered starts across the deadline (the sweep runs every timeout / 4).
+        await asyncio.gather(*(hammer(c, timeout * (0.6 + 0.15 * i)) for i, c in enumerate(call_ids)))
+        await wait_for(lambda: len(h.outcomes) == n, what="every message settled")
+        for call_id in call_ids:  # settled: every later callback is a duplicate
+            assert await _post(http, h.url_for(call_id), call_id) == 409
+    by_id = {o.message_id: o for o in h.outcomes}
+    assert len(h.outcomes) == n and len(by_id) == n, "each message settled exactly once"
+    timed_out = 0
+    for call_id in call_ids:
+        statuses = answers[call_id]
+        assert set(statuses) <= {200, 409}, statuses
+        assert statuses.count(200) <= 1, f"call {call_id} claimed twice: {statuses}"
+        if statuses.count(200) == 0:
+            timed_out += 1
+        else:
+            assert statuses[: statuses.index(200)] == [], "nothing before the claim refused it"
+    verdicts = sorted(o.verdict.name for o in h.outcomes)
+    assert verdicts.count("OK") == n - timed_out
+    assert h.rejected().get("timeout", 0.0) == timed_out
+    assert h.gateway.calls("late") == n, "max_attempts = 1: nothing re-invoked"
+    assert h.callbacks.pending == 0
