@@ -455,9 +455,7 @@ async def test_a_dropped_slot_is_a_clear_log_line_not_a_crash_loop(
             await wait_for(dropped, 10, 0.01, "the slot dropped")
             # The drop itself may race a read ("is active for PID ..."), logged first; the missing
             # slot follows once the rate-limited log allows (5 s, reads back off 1 s, 2 s, 4 s).
-            await wait_for(
-                lambda: "does not exist" in caplog.text, 20, 0.05, "the missing slot logged"
-            )
+            await wait_for(lambda: "does not exist" in caplog.text, 20, 0.05, "the missing slot logged")
             assert "cannot read slot" in caplog.text
             assert h.sample("fastconn_source_errors_total", source="postgres", kind="read") >= 1
             assert "Traceback" not in caplog.text

@@ -42,11 +42,10 @@ _IngressAccepted = tuple[int, str, str, str, bytes | None]
 _IngressNotice = tuple[str, str | None, str, str]
 # (method, path, prefix, max body bytes, oversized bodies reach the handler, tracked header)
 _PythonRoute = tuple[str, str, bool, int, bool, str]
-# (name, max_body, auth_token, hmac_secret, signature_header, signature_prefix,
-#  signature_algorithm, accepting, python fallback route index, record payload)
-_WebhookTuple = tuple[str, int, str | None, str | None, str, str, str, bool, int | None, bool]
 # (header, scheme, secret, prefix, algorithm, encoding, tolerance_secs)
 _SignatureTuple = tuple[str, str, str, str, str, str, int]
+# (name, max_body, auth_token, signature, accepting, python fallback route index, record payload)
+_WebhookTuple = tuple[str, int, str | None, _SignatureTuple | None, bool, int | None, bool]
 # (name, path, max_body, max_batch, route_by, delivery, reply, auth_token, signature, accepting,
 #  record_payload)
 _CloudEventsTuple = tuple[str, str, int, int, str, str, bool, str | None, _SignatureTuple | None, bool, bool]

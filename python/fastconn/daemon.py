@@ -92,6 +92,7 @@ class Daemon:
             self.dispatcher,
             srv.listen,
             IngressLimits(srv.header_timeout, srv.idle_timeout, srv.max_connections),
+            count_python=lambda route, n: self.metrics.ingress_python_requests.labels(route).inc(n),
         )
         # /metrics on its own listener when asked (aiohttp: one scrape at a time needs no more),
         # else on the ingress, as a Python route.

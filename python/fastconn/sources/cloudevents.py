@@ -104,17 +104,6 @@ class CloudEventsSource:
                 "set [server] listen"
             )
         c = self.config
-        signature = None
-        if c.hmac_secret is not None:
-            signature = (
-                c.signature_header,
-                c.signature_scheme,
-                c.hmac_secret,
-                c.signature_prefix,
-                c.signature_algorithm,
-                c.signature_encoding,
-                c.signature_tolerance,
-            )
         ctx.ingress.add_cloudevents(
             CloudEventsRoute(
                 name=self.name,
@@ -125,7 +114,7 @@ class CloudEventsSource:
                 delivery=c.delivery,
                 reply=c.reply,
                 auth_token=c.auth_token,
-                signature=signature,
+                signature=c.signature_rule(),
                 on_accepted=self._on_accepted,
                 on_outcomes=self._on_outcomes,
                 record_payload=ctx.print_request_body,

@@ -4,7 +4,7 @@
 
 use bytes::Bytes;
 use fastconn_core::cloudevents::{self, Limits, Mode, RouteBy};
-use fastconn_core::signature::{Algorithm, Encoding, Scheme, SignatureRule};
+use fastconn_core::signature::{now_unix, SignatureRule};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
@@ -127,15 +127,12 @@ pub fn verify_signature(
         encoding,
         tolerance_secs,
     )?;
-    let now = now.unwrap_or_else(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-    });
+    let now = now.unwrap_or_else(now_unix);
     Ok(rule.verify(&headers, body, now).err().map(|e| e.message()))
 }
 
-/// The core's check for a route's signature keys (`fastconn.signatures.SignatureKeys`).
+/// The core's check for a route's signature keys (`fastconn.signatures.SignatureKeys`): the
+/// core parses them ([`SignatureRule::configured`]); a wrong key is a ValueError naming it.
 pub fn signature_rule(
     header: &str,
     scheme: &str,
@@ -145,31 +142,16 @@ pub fn signature_rule(
     encoding: &str,
     tolerance_secs: u64,
 ) -> PyResult<SignatureRule> {
-    let algorithm = Algorithm::parse(algorithm).ok_or_else(|| {
-        PyValueError::new_err(format!(
-            "algorithm {algorithm:?}: use \"sha256\" or \"sha1\""
-        ))
-    })?;
-    let encoding = Encoding::parse(encoding).ok_or_else(|| {
-        PyValueError::new_err(format!("encoding {encoding:?}: use \"hex\" or \"base64\""))
-    })?;
-    let scheme = match scheme {
-        "hmac" => Scheme::Hmac {
-            prefix: prefix.to_owned(),
-            encoding,
-        },
-        "stripe" => Scheme::Timestamped {
-            prefix: prefix.to_owned(),
-            tolerance_secs,
-        },
-        "token" => Scheme::Token,
-        _ => {
-            return Err(PyValueError::new_err(format!(
-                "scheme {scheme:?}: use \"hmac\", \"stripe\" or \"token\""
-            )))
-        }
-    };
-    Ok(SignatureRule::new(header, scheme, algorithm, secret))
+    SignatureRule::configured(
+        header,
+        scheme,
+        secret,
+        prefix,
+        algorithm,
+        encoding,
+        tolerance_secs,
+    )
+    .map_err(PyValueError::new_err)
 }
 
 /// A route's `route_by` and `delivery` as the core's values.

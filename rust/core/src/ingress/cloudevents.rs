@@ -13,7 +13,8 @@
 //!   mode the event came in), or 202 when it answered none, 502 when it answered a malformed one.
 
 use super::webhook::{
-    bearer_matches, error, first_result, unavailable, unrouted, waited_response, with_header,
+    bearer_matches, error, first_result, signature_refusal, unavailable, unrouted, waited_response,
+    with_header,
 };
 use super::{Accepted, Shared};
 use crate::cloudevents::{self, Limits, Mode, RouteBy};
@@ -55,12 +56,6 @@ fn refused(status: u16, message: &str) -> Response<Full<Bytes>> {
     )
 }
 
-fn now_unix() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-}
-
 impl Shared {
     pub(crate) async fn cloudevents(
         self: &Arc<Self>,
@@ -95,11 +90,13 @@ impl Shared {
             Ok(read) => read,
             Err(refusal) => return refusal,
         };
-        if let Some(rule) = &route.signature {
-            let given = parts.headers.get(rule.header()).map(HeaderValue::as_bytes);
-            if let Err(e) = rule.verify_value(given, &body, now_unix()) {
-                return error(StatusCode::UNAUTHORIZED, &e.message());
-            }
+        if let Some(refused) = signature_refusal(
+            route.signature.as_ref(),
+            &parts.headers,
+            &body,
+            crate::signature::now_unix(),
+        ) {
+            return refused;
         }
         let headers: Vec<(&str, &[u8])> = parts
             .headers
