@@ -13,6 +13,7 @@ __all__ = [
     "build_profile",
     "check_tls",
     "cloudevents_calls",
+    "cloudevents_replies",
     "cloudevents_reply",
     "validate_url",
     "verify_signature",
@@ -47,8 +48,10 @@ _SignatureTuple = tuple[str, str, str, str, str, str, int]
 # (name, max_body, auth_token, signature, accepting, python fallback route index, record payload)
 _WebhookTuple = tuple[str, int, str | None, _SignatureTuple | None, bool, int | None, bool]
 # (name, path, max_body, max_batch, route_by, delivery, reply, auth_token, signature, accepting,
-#  record_payload)
-_CloudEventsTuple = tuple[str, str, int, int, str, str, bool, str | None, _SignatureTuple | None, bool, bool]
+#  record_payload, capture_replies)
+_CloudEventsTuple = tuple[
+    str, str, int, int, str, str, bool, str | None, _SignatureTuple | None, bool, bool, bool
+]
 
 @final
 class Runtime:
@@ -142,6 +145,9 @@ def cloudevents_reply(
     mode: str = "binary",
     max_body_bytes: int = 1048576,
 ) -> tuple[int, list[tuple[str, str]], bytes] | None: ...
+def cloudevents_replies(
+    responses: list[tuple[int, list[tuple[str, str]], bytes]], *, max_body_bytes: int = 1048576
+) -> list[tuple[bytes | None, str | None]]: ...
 def verify_signature(
     headers: list[tuple[str, str]],
     body: bytes,

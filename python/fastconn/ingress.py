@@ -110,6 +110,8 @@ class CloudEventsRoute:
     on_outcomes: OutcomeCallback
     record_payload: bool = False
     accepting: bool = False
+    capture_replies: bool = False
+    """Every event's function response comes back with its outcome (for a ``reply_sink``)."""
 
 
 @dataclass(slots=True)
@@ -289,6 +291,7 @@ class Ingress:
                 c.signature,
                 c.accepting,
                 c.record_payload,
+                c.capture_replies,
             )
             for c in self._cloudevents
         ]

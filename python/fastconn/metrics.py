@@ -85,6 +85,12 @@ class Metrics:
             ["task"],
             registry=r,
         )
+        self.replies_published = Counter(
+            "fastconn_replies_published",
+            "CloudEvents reply events a reply_sink broker acknowledged",
+            ["source"],
+            registry=r,
+        )
         self.ingress_python_requests = Counter(
             "fastconn_ingress_python_requests",
             "Requests the ingress server handed to a Python handler, by route (the metrics page, "

@@ -101,6 +101,37 @@ pub fn cloudevents_reply<'py>(
     }))
 }
 
+/// The reply events in a batch of function responses (status, headers, body), each encoded
+/// in structured mode (`application/cloudevents+json`: one self-contained body, the form every
+/// broker carries alike), for a `reply_sink`: per response (the event's body, None) or (None,
+/// why the reply event is malformed), or (None, None) when the response is no event. One call
+/// per batch.
+#[pyfunction]
+#[pyo3(signature = (responses, *, max_body_bytes=1048576))]
+pub fn cloudevents_replies<'py>(
+    py: Python<'py>,
+    responses: Vec<(u16, Headers, Vec<u8>)>,
+    max_body_bytes: usize,
+) -> Vec<(Option<Bound<'py, PyBytes>>, Option<String>)> {
+    let limits = Limits {
+        max_body_bytes,
+        ..Limits::default()
+    };
+    responses
+        .into_iter()
+        .map(|(status, headers, body)| {
+            match cloudevents::reply_from_response(status, &headers, Bytes::from(body), &limits) {
+                Ok(None) => (None, None),
+                Ok(Some(event)) => {
+                    let encoded = cloudevents::encode_response(&event, Mode::Structured);
+                    (Some(PyBytes::new(py, &encoded.body)), None)
+                }
+                Err(e) => (None, Some(e.message)),
+            }
+        })
+        .collect()
+}
+
 /// Why the request's signature is refused (the 401 message), or None when it verifies.
 /// `scheme` is "hmac", "stripe" or "token"; `now` is Unix seconds (default: the clock).
 #[pyfunction]

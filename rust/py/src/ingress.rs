@@ -74,7 +74,7 @@ fn signature_check(tuple: Option<SignatureTuple>) -> PyResult<Option<SignatureRu
 }
 
 /// A CloudEvents source as Python passes it: (name, path, max_body, max_batch, route_by,
-/// delivery, reply, auth_token, signature, accepting, record_payload).
+/// delivery, reply, auth_token, signature, accepting, record_payload, capture_replies).
 pub type CloudEventsTuple = (
     String,
     String,
@@ -85,6 +85,7 @@ pub type CloudEventsTuple = (
     bool,
     Option<String>,
     Option<SignatureTuple>,
+    bool,
     bool,
     bool,
 );
@@ -102,6 +103,7 @@ fn cloudevents_entry(
         signature,
         accepting,
         record,
+        capture_replies,
     ): CloudEventsTuple,
 ) -> PyResult<RouteEntry> {
     let (route_by, delivery) = crate::cloudevents::route_settings(&route_by, &delivery)?;
@@ -118,6 +120,7 @@ fn cloudevents_entry(
             route_by,
             delivery,
             reply,
+            capture_replies,
             auth_token,
             signature,
             accepting,

@@ -40,6 +40,9 @@ pub struct CloudEventsRoute {
     pub delivery: Mode,
     /// Whether senders asking with `Prefer: reply` get the function's reply event.
     pub reply: bool,
+    /// Whether every event's function response goes back to Python with its outcome (a
+    /// `reply_sink` publishes the reply events in it), asked or not.
+    pub capture_replies: bool,
     /// `Bearer <token>` expected in `Authorization`.
     pub auth_token: Option<String>,
     pub signature: Option<SignatureRule>,
@@ -151,7 +154,7 @@ impl Shared {
             let mut message = Message::new(token, topic.clone(), call.body);
             message.message_id = call.message_id;
             message.headers = call.headers;
-            message.capture = wait;
+            message.capture = wait || route.capture_replies;
             // Python hears of the message before its completion can reach it.
             self.sink.accepted(Accepted {
                 token,
