@@ -102,6 +102,9 @@ CONFIG_MODEL = CloudEventsConfig
 REPLY_QUEUE = 10_000
 """Reply events waiting for their publish; beyond it new ones are dropped (counted, logged)."""
 
+REPLY_BATCH = 256
+"""Reply publishes in flight at once."""
+
 STRUCTURED = "application/cloudevents+json"
 
 
@@ -219,23 +222,31 @@ class CloudEventsSource:
         self._count_error("reply_malformed", malformed)
 
     async def _publish_replies(self) -> None:
-        """Publishes queued reply events one by one, each acknowledged by the broker before it
-        counts as published; a failed one is logged and counted, not retried (the sender had
-        its answer; a stuck broker must not grow the queue without bound)."""
+        """Publishes queued reply events, up to ``REPLY_BATCH`` at a time in flight (their
+        acknowledgements pipelined), each counted as published once the broker acknowledged
+        it; a failed one is logged and counted, not retried (the sender had its answer; a stuck
+        broker must not grow the queue without bound)."""
         publisher = self._publisher
         ctx = self._ctx
         if publisher is None or ctx is None:
             return
         published = ctx.metrics.replies_published.labels(source=self.name)
+        headers = (("Content-Type", STRUCTURED),)
         while True:
-            event = await self._replies.get()
-            try:
-                await publisher.publish(event, (("Content-Type", STRUCTURED),))
-            except PublishError as exc:
-                self._reply_log.warning("source %s: reply event not published: %s", self.name, exc)
-                self._count_error("reply_failed", 1)
-            else:
-                published.inc()
+            batch = [await self._replies.get()]
+            while len(batch) < REPLY_BATCH and not self._replies.empty():
+                batch.append(self._replies.get_nowait())
+            results = await asyncio.gather(
+                *(publisher.publish(event, headers) for event in batch), return_exceptions=True
+            )
+            failures = [r for r in results if isinstance(r, BaseException)]
+            for failure in failures:
+                if not isinstance(failure, PublishError):
+                    raise failure
+                self._reply_log.warning("source %s: reply event not published: %s", self.name, failure)
+            if len(batch) > len(failures):
+                published.inc(len(batch) - len(failures))
+            self._count_error("reply_failed", len(failures))
 
     def _count_error(self, kind: str, n: int) -> None:
         if n and self._ctx is not None:
