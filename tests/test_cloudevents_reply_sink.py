@@ -16,6 +16,7 @@ from cloudevents.core.v1.event import CloudEvent
 from nats.aio.msg import Msg
 
 from fastconn.testing import DaemonProcess, FunctionDouble, wait_for
+from kafka_fixtures import Broker, kafka_broker  # noqa: F401
 from nats_fixtures import NatsServer, connected, nats_server, unique  # noqa: F401
 
 if TYPE_CHECKING:
@@ -170,3 +171,24 @@ async def test_replies_are_stored_in_jetstream_and_a_refused_publish_never_block
         assert await metric(daemon, "fastconn_replies_published_total", source="cloudevents") == 0
         assert len(function_double.calls_to("/pushes")) == 7, "every event reached the function"
         assert "reply event not published" in daemon.output()
+
+
+async def test_replies_are_published_to_kafka_with_acks_all(
+    daemon_factory: DaemonFactory,
+    function_double: FunctionDouble,
+    http: aiohttp.ClientSession,
+    kafka_broker: Broker,
+) -> None:
+    topic = await kafka_broker.create_topic(unique("replies-"))
+    sink = {"type": "kafka", "bootstrap_servers": kafka_broker.bootstrap, "topic": topic}
+    daemon = await daemon_factory(config(function_double, sink))
+    for n in (1, 2):
+        assert (await post(http, f"{daemon.url}/cloudevents", sdk_event(n))).status == 202
+    records = await kafka_broker.read(topic, 2)
+    events = [from_broker({k: v.decode() for k, v in r.headers}, r.value) for r in records]
+    assert sorted(e.get_id() for e in events) == ["evt-1", "evt-2"]
+
+    async def published() -> bool:
+        return await metric(daemon, "fastconn_replies_published_total", source="cloudevents") == 2
+
+    await wait_for(published, 10, what="2 replies acknowledged by Kafka")
