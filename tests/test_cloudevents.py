@@ -220,6 +220,19 @@ def test_gitlab_token() -> None:
     assert signature_problem(keys, [("X-Gitlab-Token", "tok2")], b"{}") is not None
 
 
+def test_signature_keys_give_the_one_rule_both_routes_take() -> None:
+    assert SignatureKeys().signature_rule() is None
+    stripe = SignatureKeys(
+        hmac_secret="whsec_x",
+        signature_header="Stripe-Signature",
+        signature_scheme="stripe",
+        signature_prefix="v1=",
+    )
+    assert stripe.signature_rule() == ("Stripe-Signature", "stripe", "whsec_x", "v1=", "sha256", "hex", 300)
+    with pytest.raises(ValidationError, match="signature_header 'X Sig' is not an HTTP header name"):
+        SignatureKeys(hmac_secret="k", signature_header="X Sig")
+
+
 # -- config -------------------------------------------------------------------------------------
 
 

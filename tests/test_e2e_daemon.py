@@ -676,6 +676,101 @@ async def test_webhook_stripe_and_gitlab_signatures(
     assert "X-Gitlab-Token" not in call.headers
 
 
+def _stripe_header(secret: bytes, body: bytes, at: int, *extra_v1: str) -> dict[str, str]:
+    digest = hmac.new(secret, f"{at}.".encode() + body, hashlib.sha256).hexdigest()
+    entries = [f"t={at}", *(f"v1={v}" for v in extra_v1), f"v1={digest}", "v0=ignored"]
+    return {"Stripe-Signature": ",".join(entries)}
+
+
+def _python_requests(samples: Mapping[str, float], route: str = "webhook") -> float:
+    return metric(samples, "fastconn_ingress_python_requests_total", route=route)
+
+
+async def test_every_signature_scheme_is_checked_by_the_core_without_python(
+    gateway: GatewayDouble, daemon_factory: DaemonFactory, http: aiohttp.ClientSession, fast_dispatch: dict
+) -> None:
+    """GitHub (``sha256=<hex>``), GitLab (token) and Stripe (timestamped ``v1=``: valid, several
+    ``v1`` values, expired, wrong secret) on the live daemon: each answered as the scheme says,
+    and no request of the webhook route reaches a Python handler (the ingress counts every one
+    it hands to Python, by route; /metrics itself shows the counter counts)."""
+    body = b'{"id": "evt_1", "type": "charge.succeeded"}'
+    now = int(time.time())
+    github_good = "sha256=" + hmac.new(b"gh", body, hashlib.sha256).hexdigest()
+    github_other = "sha256=" + hmac.new(b"nope", body, hashlib.sha256).hexdigest()
+    cases: list[tuple[dict[str, Any], list[tuple[dict[str, str], int, bytes]]]] = [
+        (
+            {"hmac_secret": "gh"},
+            [
+                ({"X-Hub-Signature-256": github_good}, 202, b""),
+                ({"X-Hub-Signature-256": github_other}, 401, b"wrong X-Hub-Signature-256"),
+                ({}, 401, b"missing X-Hub-Signature-256"),
+            ],
+        ),
+        (
+            {"hmac_secret": "glpat", "signature_header": "X-Gitlab-Token", "signature_scheme": "token"},
+            [
+                ({"X-Gitlab-Token": "glpat"}, 202, b""),
+                ({"X-Gitlab-Token": "glpa"}, 401, b"wrong X-Gitlab-Token"),
+            ],
+        ),
+        (
+            {
+                "hmac_secret": "whsec_x",
+                "signature_header": "Stripe-Signature",
+                "signature_scheme": "stripe",
+                "signature_prefix": "v1=",
+                "signature_tolerance": 300,
+            },
+            [
+                (_stripe_header(b"whsec_x", body, now), 202, b""),
+                # A secret rotation: one v1 per secret, any may match.
+                (_stripe_header(b"whsec_x", body, now, "00" * 32, "ab" * 32), 202, b""),
+                (_stripe_header(b"whsec_x", body, now - 3600), 401, b"tolerance of 300 s"),
+                (_stripe_header(b"whsec_other", body, now), 401, b"wrong Stripe-Signature"),
+                ({"Stripe-Signature": f"v1={'00' * 32}"}, 401, b"no t=<unix seconds> timestamp"),
+            ],
+        ),
+    ]
+    gateway.set_functions([FunctionSpec("signed", topic="signed")])
+    for source, requests in cases:
+        daemon = await daemon_factory(gw_config(gateway, fast_dispatch, source=source))
+        header = str(source.get("signature_header", "X-Hub-Signature-256"))
+        for headers, status, says in requests:
+            reply = await post(http, daemon, "signed", body, headers=headers)
+            assert reply.status == status and says in reply.body, (source, headers, reply)
+        accepted_count = sum(1 for _, status, _ in requests if status == 202)
+        samples = await settled(daemon, accepted_count)
+        assert _python_requests(samples) == 0, (source, samples)
+        assert _python_requests(samples, "metrics") >= 1, "the counter counts Python routes"
+        calls = gateway.requests_for("signed")
+        assert len(calls) == accepted_count
+        assert all(c.body == body and header not in c.headers for c in calls)
+        gateway.reset_requests()
+        await daemon.stop()
+
+
+async def test_a_webhook_that_needs_python_is_counted_and_checks_the_same_signatures(
+    gateway: GatewayDouble, daemon_factory: DaemonFactory, http: aiohttp.ClientSession, fast_dispatch: dict
+) -> None:
+    """``decode = "s3"`` still takes the Python handler: the counter sees its requests (so the
+    test above would see a fallback), and Stripe signatures are refused there alike."""
+    stripe = {
+        "hmac_secret": "whsec_x",
+        "signature_header": "Stripe-Signature",
+        "signature_scheme": "stripe",
+        "signature_prefix": "v1=",
+        "decode": "s3",
+    }
+    daemon = await daemon_factory(gw_config(gateway, fast_dispatch, source=stripe))
+    body = b'{"Records": []}'
+    hour_ago = _stripe_header(b"whsec_x", body, int(time.time()) - 3600)
+    stale = await post(http, daemon, "s3", body, headers=hour_ago)
+    assert stale.status == 401 and b"tolerance" in stale.body, stale
+    fresh = await post(http, daemon, "s3", body, headers=_stripe_header(b"whsec_x", body, int(time.time())))
+    assert fresh.status == 202, fresh
+    assert _python_requests(await daemon.metrics()) == 2
+
+
 async def test_webhook_413_over_max_body_bytes(
     gateway: GatewayDouble, daemon_factory: DaemonFactory, http: aiohttp.ClientSession, fast_dispatch: dict
 ) -> None:

@@ -14,6 +14,7 @@ __all__ = [
     "check_server_tls",
     "check_tls",
     "cloudevents_calls",
+    "cloudevents_replies",
     "cloudevents_reply",
     "validate_url",
     "verify_signature",
@@ -44,15 +45,25 @@ _IngressNotice = tuple[str, str | None, str, str]
 _IngressCallback = tuple[str, str, int, tuple[tuple[str, str], ...], bytes]
 # (method, path, prefix, max body bytes, oversized bodies reach the handler, tracked header)
 _PythonRoute = tuple[str, str, bool, int, bool, str]
-# (name, max_body, auth_token, hmac_secret, signature_header, signature_prefix,
-#  signature_algorithm, accepting, python fallback route index, record payload)
-_WebhookTuple = tuple[str, int, str | None, str | None, str, str, str, bool, int | None, bool]
 # (header, scheme, secret, prefix, algorithm, encoding, tolerance_secs)
 _SignatureTuple = tuple[str, str, str, str, str, str, int]
+# (name, max_body, auth_token, signature, accepting, python fallback route index, record payload)
+_WebhookTuple = tuple[str, int, str | None, _SignatureTuple | None, bool, int | None, bool]
 # (name, path, max_body, max_batch, route_by, delivery, reply, auth_token, signature, accepting,
-#  record_payload, python fallback route index)
+#  record_payload, (capture_replies, python fallback route index))
 _CloudEventsTuple = tuple[
-    str, str, int, int, str, str, bool, str | None, _SignatureTuple | None, bool, bool, int | None
+    str,
+    str,
+    int,
+    int,
+    str,
+    str,
+    bool,
+    str | None,
+    _SignatureTuple | None,
+    bool,
+    bool,
+    tuple[bool, int | None],
 ]
 
 @final
@@ -163,6 +174,9 @@ def cloudevents_reply(
     mode: str = "binary",
     max_body_bytes: int = 1048576,
 ) -> tuple[int, list[tuple[str, str]], bytes] | None: ...
+def cloudevents_replies(
+    responses: list[tuple[int, list[tuple[str, str]], bytes]], *, max_body_bytes: int = 1048576
+) -> list[tuple[bytes | None, str | None]]: ...
 def verify_signature(
     headers: list[tuple[str, str]],
     body: bytes,

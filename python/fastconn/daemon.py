@@ -100,6 +100,7 @@ class Daemon:
                 http2=srv.http2,
                 http2_max_concurrent_streams=srv.http2_max_concurrent_streams,
             ),
+            count_python=lambda route, n: self.metrics.ingress_python_requests.labels(route).inc(n),
         )
         # /metrics on its own listener when asked (aiohttp: one scrape at a time needs no more),
         # else on the ingress, as a Python route.

@@ -39,6 +39,7 @@ from fastconn.functions import FunctionTarget
 from fastconn.http_routes import HttpRequest, HttpResponse, Route, serve
 from fastconn.message import Message, Outcome, OutcomeCallback
 from fastconn.ratelimit import RateLimitedLog
+from fastconn.signatures import SignatureTuple
 
 __all__ = [
     "INGRESS_TOKEN",
@@ -102,10 +103,8 @@ class WebhookRoute:
     name: str
     max_body_bytes: int
     auth_token: str | None
-    hmac_secret: str | None
-    signature_header: str
-    signature_prefix: str
-    signature_algorithm: str
+    signature: SignatureTuple | None
+    """The sender's signature check (:meth:`SignatureKeys.signature_rule`), or none."""
     python_route: Route
     """The same endpoint in Python, served instead while ``python`` is set (messages that need
     the async-invocation layer)."""
@@ -128,8 +127,8 @@ class CloudEventsRoute:
     delivery: str
     reply: bool
     auth_token: str | None
-    signature: tuple[str, str, str, str, str, str, int] | None
-    """(header, scheme, secret, prefix, algorithm, encoding, tolerance_secs), or no check."""
+    signature: SignatureTuple | None
+    """The sender's signature check (:meth:`SignatureKeys.signature_rule`), or none."""
     on_accepted: Callable[[Sequence[Message]], None]
     on_outcomes: OutcomeCallback
     python_route: Route | None = None
@@ -138,6 +137,8 @@ class CloudEventsRoute:
     record_payload: bool = False
     accepting: bool = False
     python: bool = False
+    capture_replies: bool = False
+    """Every event's function response comes back with its outcome (for a ``reply_sink``)."""
 
 
 @dataclass(slots=True)
@@ -151,6 +152,8 @@ class Ingress:
     dispatcher: Dispatcher
     listen: str
     limits: IngressLimits = field(default_factory=IngressLimits)
+    count_python: Callable[[str, int], None] | None = None
+    """Told, once per drained batch, how many requests each Python route (by name) received."""
     host: str = ""
     port: int = 0
     _routes: list[Route] = field(default_factory=list)
@@ -299,10 +302,7 @@ class Ingress:
                     w.name,
                     w.max_body_bytes,
                     w.auth_token,
-                    w.hmac_secret,
-                    w.signature_header,
-                    w.signature_prefix,
-                    w.signature_algorithm,
+                    w.signature,
                     w.accepting,
                     fallback if w.python else None,
                     w.record_payload,
@@ -327,7 +327,7 @@ class Ingress:
                     c.signature,
                     c.accepting,
                     c.record_payload,
-                    handler if c.python else None,
+                    (c.capture_replies, handler if c.python else None),
                 )
             )
         self._table = table
@@ -365,8 +365,13 @@ class Ingress:
             self._on_accepted(accepted)
         for kind, source, remote, text in notices:
             self._notice(kind, source, remote, text)
+        handed: dict[str, int] = {}
         for raw in requests:
-            self._start_request(raw)
+            name = self._start_request(raw)
+            handed[name] = handed.get(name, 0) + 1
+        if self.count_python is not None:
+            for name, count in handed.items():
+                self.count_python(name, count)
 
     def _on_accepted(self, records: list[tuple[int, str, str, str, bytes | None]]) -> None:
         by_route: dict[str, list[Message]] = {}
@@ -423,12 +428,13 @@ class Ingress:
 
     def _start_request(
         self, raw: tuple[int, int, str, str, str, list[tuple[str, bytes]], bytes, str, bool]
-    ) -> None:
+    ) -> str:
+        """Starts the request's handler; returns its route's name ("" when it has none)."""
         request_id, index, method, path, query, headers, body, remote, too_large = raw
         route = self._table[index] if 0 <= index < len(self._table) else None
         if route is None:  # the table changed under the request: it has no handler now
             self._answer(request_id, HttpResponse(404, (), b"404: Not Found\n"))
-            return
+            return ""
         request = HttpRequest(
             method=method,
             path=urllib.parse.unquote(path, errors="surrogateescape"),
@@ -443,6 +449,7 @@ class Ingress:
         task = asyncio.ensure_future(self._run(request_id, route, request))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return route.name
 
     async def _run(self, request_id: int, route: Route, request: HttpRequest) -> None:
         self._answer(request_id, await serve(route, request))

@@ -85,6 +85,20 @@ class Metrics:
             ["task"],
             registry=r,
         )
+        self.replies_published = Counter(
+            "fastconn_replies_published",
+            "CloudEvents reply events a reply_sink broker acknowledged",
+            ["source"],
+            registry=r,
+        )
+        self.ingress_python_requests = Counter(
+            "fastconn_ingress_python_requests",
+            "Requests the ingress server handed to a Python handler, by route (the metrics page, "
+            "callbacks, a webhook needing the async layer, a store or decode = s3); every other "
+            "request is served by the Rust core alone",
+            ["route"],
+            registry=r,
+        )
         self._stats_reader: StatsReader | None = None
         r.register(_CoreCollector(lambda: self._stats_reader))
 

@@ -10,14 +10,22 @@ Schemes: ``hmac`` (GitHub ``X-Hub-Signature-256: sha256=<hex>``, Shopify base64)
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fastconn import _core
 
-__all__ = ["SignatureKeys", "signature_problem"]
+# RFC 9110's token characters: what a header name may hold.
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+__all__ = ["SignatureKeys", "SignatureTuple", "signature_problem"]
+
+SignatureTuple = tuple[str, str, str, str, str, str, int]
+"""A route's signature check as the core's route table takes it (webhook and CloudEvents alike):
+(header, scheme, secret, prefix, algorithm, encoding, tolerance_secs)."""
 
 
 class SignatureKeys(BaseModel):
@@ -36,6 +44,31 @@ class SignatureKeys(BaseModel):
     signature_encoding: Literal["hex", "base64"] = "hex"
     signature_tolerance: int = Field(default=300, ge=1)
     """``stripe``: seconds a signed timestamp may be away from now."""
+
+    @field_validator("signature_header")
+    @classmethod
+    def _header_is_a_header_name(cls, header: str) -> str:
+        if not _TOKEN.fullmatch(header):
+            raise ValueError(
+                f"signature_header {header!r} is not an HTTP header name (letters, digits and - only), "
+                "e.g. X-Hub-Signature-256"
+            )
+        return header
+
+    def signature_rule(self) -> SignatureTuple | None:
+        """The check as the core's routes take it, or None when ``hmac_secret`` is unset. Both
+        the Rust routes and :func:`signature_problem` verify with the same core rule."""
+        if self.hmac_secret is None:
+            return None
+        return (
+            self.signature_header,
+            self.signature_scheme,
+            self.hmac_secret,
+            self.signature_prefix,
+            self.signature_algorithm,
+            self.signature_encoding,
+            self.signature_tolerance,
+        )
 
 
 def signature_problem(keys: SignatureKeys, headers: Sequence[tuple[str, str]], body: bytes) -> str | None:

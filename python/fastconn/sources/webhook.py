@@ -10,9 +10,9 @@ the function. Answers:
 * 503 + ``Retry-After`` when the dispatcher is full (backpressure reaches the sender);
 * 413 over ``max_body_bytes`` (from ``Content-Length`` before reading, else while reading);
 * 401 on a wrong bearer token (``Authorization: Bearer`` or ``?key=``, as IFTTT's "Make a web
-  request" can send it) or a wrong HMAC signature (``signature_header`` carrying
-  ``signature_prefix`` + hex HMAC of the body, ``signature_algorithm`` sha256 or sha1), compared
-  in constant time;
+  request" can send it) or a wrong signature, any scheme of :mod:`fastconn.signatures` (GitHub's
+  ``sha256=<hex>`` HMAC, Shopify's base64, Stripe's timestamped ``v1=``, GitLab's token),
+  checked by the core in constant time, the answer naming what is wrong;
 * 400 for a topic that is not a concrete one (wildcards, control characters): see
   :func:`topic_problem`;
 * 503 + ``Retry-After`` at once while there is no topic map yet (the sender retries; a request
@@ -26,9 +26,9 @@ outcomes in batches (metrics, ``print_request_body``).
 
 When a message needs the async-invocation layer (``asynchronous_invocation``, or functions marked
 asynchronous), a ``store`` (durable ingress: 202 only once a JetStream stream or a Kafka topic
-holds the event, :mod:`fastconn.ingress_store`) or a signature scheme other than a hex HMAC
-(Stripe, GitLab token, base64: :mod:`fastconn.signatures`), the core hands the requests to this
-module's Python handler instead, which gives the same answers (``?wait=true`` then waits for the callback).
+holds the event, :mod:`fastconn.ingress_store`) or ``decode = "s3"``, the core hands the requests
+to this module's Python handler instead, which gives the same answers (``?wait=true`` then waits
+for the callback) and checks signatures with the same core rule.
 
 Malformed requests are the sender's problem, not the daemon's: they get a 4xx naming what is
 wrong and one rate-limited log line, never a traceback.
@@ -150,10 +150,7 @@ class WebhookSource:
                 name=self.name,
                 max_body_bytes=c.max_body_bytes,
                 auth_token=c.auth_token,
-                hmac_secret=c.hmac_secret,
-                signature_header=c.signature_header,
-                signature_prefix=c.signature_prefix,
-                signature_algorithm=c.signature_algorithm,
+                signature=c.signature_rule(),
                 python_route=route,
                 on_accepted=self._on_accepted,
                 on_outcomes=self._on_outcomes,
@@ -166,17 +163,11 @@ class WebhookSource:
     @property
     def _served_in_python(self) -> bool:
         """Whether every request takes the Python handler rather than the core's: async
-        invocation (the async layer is Python), a store (durable ingress publishes from Python),
-        or a signature scheme the core's webhook route does not check (Stripe timestamps,
-        tokens, base64 digests: the shared checker in fastconn.signatures does)."""
+        invocation (the async layer is Python), a store (durable ingress publishes from Python)
+        or ``decode = "s3"`` (one request, many messages). Signatures never need Python: the
+        core checks every scheme of :mod:`fastconn.signatures`."""
         c = self.config
-        return (
-            c.asynchronous_invocation
-            or c.store is not None
-            or c.decode != "none"
-            or c.signature_scheme != "hmac"
-            or c.signature_encoding != "hex"
-        )
+        return c.asynchronous_invocation or c.store is not None or c.decode != "none"
 
     def _functions_changed(self, targets: tuple[FunctionTarget, ...]) -> None:
         python = self._served_in_python or invokes_asynchronously(targets)

@@ -156,6 +156,48 @@ impl SignatureRule {
         }
     }
 
+    /// A rule from a route's configuration keys as text (`fastconn.signatures.SignatureKeys`):
+    /// the one place that turns `scheme` ("hmac", "stripe", "token"), `algorithm` and
+    /// `encoding` names into a rule, for every route that checks signatures. The error names
+    /// the key that is wrong and the values it takes.
+    pub fn configured(
+        header: &str,
+        scheme: &str,
+        secret: &[u8],
+        prefix: &str,
+        algorithm: &str,
+        encoding: &str,
+        tolerance_secs: u64,
+    ) -> Result<SignatureRule, String> {
+        let algorithm = Algorithm::parse(algorithm).ok_or_else(|| {
+            format!("signature_algorithm {algorithm:?}: use \"sha256\" or \"sha1\"")
+        })?;
+        let encoding = Encoding::parse(encoding)
+            .ok_or_else(|| format!("signature_encoding {encoding:?}: use \"hex\" or \"base64\""))?;
+        let scheme = match scheme {
+            "hmac" => Scheme::Hmac {
+                prefix: prefix.to_owned(),
+                encoding,
+            },
+            "stripe" => Scheme::Timestamped {
+                prefix: prefix.to_owned(),
+                tolerance_secs,
+            },
+            "token" => Scheme::Token,
+            _ => {
+                return Err(format!(
+                    "signature_scheme {scheme:?}: use \"hmac\", \"stripe\" or \"token\""
+                ))
+            }
+        };
+        if header.is_empty() || http::header::HeaderName::try_from(header).is_err() {
+            return Err(format!(
+                "signature_header {header:?} is not a header name, e.g. X-Hub-Signature-256"
+            ));
+        }
+        Ok(SignatureRule::new(header, scheme, algorithm, secret))
+    }
+
     pub fn header(&self) -> &str {
         &self.header
     }
@@ -276,6 +318,13 @@ impl SignatureRule {
             why,
         }
     }
+}
+
+/// The clock [`SignatureRule::verify`] takes for Stripe's timestamps: Unix seconds.
+pub fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 /// `value` without `prefix`, compared exactly: providers send it exactly as documented.

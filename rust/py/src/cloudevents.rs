@@ -4,7 +4,7 @@
 
 use bytes::Bytes;
 use fastconn_core::cloudevents::{self, Limits, Mode, RouteBy};
-use fastconn_core::signature::{Algorithm, Encoding, Scheme, SignatureRule};
+use fastconn_core::signature::{now_unix, SignatureRule};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
@@ -101,6 +101,37 @@ pub fn cloudevents_reply<'py>(
     }))
 }
 
+/// The reply events in a batch of function responses (status, headers, body), each encoded
+/// in structured mode (`application/cloudevents+json`: one self-contained body, the form every
+/// broker carries alike), for a `reply_sink`: per response (the event's body, None) or (None,
+/// why the reply event is malformed), or (None, None) when the response is no event. One call
+/// per batch.
+#[pyfunction]
+#[pyo3(signature = (responses, *, max_body_bytes=1048576))]
+pub fn cloudevents_replies<'py>(
+    py: Python<'py>,
+    responses: Vec<(u16, Headers, Vec<u8>)>,
+    max_body_bytes: usize,
+) -> Vec<(Option<Bound<'py, PyBytes>>, Option<String>)> {
+    let limits = Limits {
+        max_body_bytes,
+        ..Limits::default()
+    };
+    responses
+        .into_iter()
+        .map(|(status, headers, body)| {
+            match cloudevents::reply_from_response(status, &headers, Bytes::from(body), &limits) {
+                Ok(None) => (None, None),
+                Ok(Some(event)) => {
+                    let encoded = cloudevents::encode_response(&event, Mode::Structured);
+                    (Some(PyBytes::new(py, &encoded.body)), None)
+                }
+                Err(e) => (None, Some(e.message)),
+            }
+        })
+        .collect()
+}
+
 /// Why the request's signature is refused (the 401 message), or None when it verifies.
 /// `scheme` is "hmac", "stripe" or "token"; `now` is Unix seconds (default: the clock).
 #[pyfunction]
@@ -127,15 +158,12 @@ pub fn verify_signature(
         encoding,
         tolerance_secs,
     )?;
-    let now = now.unwrap_or_else(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-    });
+    let now = now.unwrap_or_else(now_unix);
     Ok(rule.verify(&headers, body, now).err().map(|e| e.message()))
 }
 
-/// The core's check for a route's signature keys (`fastconn.signatures.SignatureKeys`).
+/// The core's check for a route's signature keys (`fastconn.signatures.SignatureKeys`): the
+/// core parses them ([`SignatureRule::configured`]); a wrong key is a ValueError naming it.
 pub fn signature_rule(
     header: &str,
     scheme: &str,
@@ -145,31 +173,16 @@ pub fn signature_rule(
     encoding: &str,
     tolerance_secs: u64,
 ) -> PyResult<SignatureRule> {
-    let algorithm = Algorithm::parse(algorithm).ok_or_else(|| {
-        PyValueError::new_err(format!(
-            "algorithm {algorithm:?}: use \"sha256\" or \"sha1\""
-        ))
-    })?;
-    let encoding = Encoding::parse(encoding).ok_or_else(|| {
-        PyValueError::new_err(format!("encoding {encoding:?}: use \"hex\" or \"base64\""))
-    })?;
-    let scheme = match scheme {
-        "hmac" => Scheme::Hmac {
-            prefix: prefix.to_owned(),
-            encoding,
-        },
-        "stripe" => Scheme::Timestamped {
-            prefix: prefix.to_owned(),
-            tolerance_secs,
-        },
-        "token" => Scheme::Token,
-        _ => {
-            return Err(PyValueError::new_err(format!(
-                "scheme {scheme:?}: use \"hmac\", \"stripe\" or \"token\""
-            )))
-        }
-    };
-    Ok(SignatureRule::new(header, scheme, algorithm, secret))
+    SignatureRule::configured(
+        header,
+        scheme,
+        secret,
+        prefix,
+        algorithm,
+        encoding,
+        tolerance_secs,
+    )
+    .map_err(PyValueError::new_err)
 }
 
 /// A route's `route_by` and `delivery` as the core's values.

@@ -6,10 +6,10 @@ use crate::completions::WakeQueue;
 use bytes::Bytes;
 use fastconn_core::ingress::http_header::HeaderName;
 use fastconn_core::ingress::{
-    webhook::Signature, Accepted, Answer, CallbackRecord, CallbackRoute, CallbackTable,
-    CloudEventsRoute, IngressSink, Notice, PyRequest, RouteEntry, RouteKind, SignatureAlgorithm,
-    WebhookRoute,
+    Accepted, Answer, CallbackRecord, CallbackRoute, CallbackTable, CloudEventsRoute, IngressSink,
+    Notice, PyRequest, RouteEntry, RouteKind, WebhookRoute,
 };
+use fastconn_core::signature::SignatureRule;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyTuple};
@@ -43,28 +43,43 @@ impl IngressSink for IngressQueue {
 /// with track the name of the header listed as receiving ("" for none).
 pub type PythonRoute = (String, String, bool, usize, bool, String);
 
-/// A webhook source as Python passes it: (name, max_body, auth_token, hmac_secret,
-/// signature_header, signature_prefix, signature_algorithm, accepting, python_fallback,
-/// record_payload).
+/// A webhook source as Python passes it: (name, max_body, auth_token, signature, accepting,
+/// python_fallback, record_payload).
 pub type WebhookTuple = (
     String,
     usize,
     Option<String>,
-    Option<String>,
-    String,
-    String,
-    String,
+    Option<SignatureTuple>,
     bool,
     Option<usize>,
     bool,
 );
 
-/// A signature check as Python passes it: (header, scheme, secret, prefix, algorithm,
-/// encoding, tolerance_secs).
+/// A signature check as Python passes it (`SignatureKeys.rule()`): (header, scheme, secret,
+/// prefix, algorithm, encoding, tolerance_secs). Webhook and CloudEvents routes take the same.
 pub type SignatureTuple = (String, String, String, String, String, String, u64);
 
+fn signature_check(tuple: Option<SignatureTuple>) -> PyResult<Option<SignatureRule>> {
+    tuple
+        .map(
+            |(header, scheme, secret, prefix, algorithm, encoding, tolerance)| {
+                crate::cloudevents::signature_rule(
+                    &header,
+                    &scheme,
+                    secret.as_bytes(),
+                    &prefix,
+                    &algorithm,
+                    &encoding,
+                    tolerance,
+                )
+            },
+        )
+        .transpose()
+}
+
 /// A CloudEvents source as Python passes it: (name, path, max_body, max_batch, route_by,
-/// delivery, reply, auth_token, signature, accepting, record_payload, python_fallback).
+/// delivery, reply, auth_token, signature, accepting, record_payload, (capture_replies,
+/// python_fallback)); the last two travel as a pair: PyO3 converts tuples of up to 12.
 pub type CloudEventsTuple = (
     String,
     String,
@@ -77,7 +92,7 @@ pub type CloudEventsTuple = (
     Option<SignatureTuple>,
     bool,
     bool,
-    Option<usize>,
+    (bool, Option<usize>),
 );
 
 fn cloudevents_entry(
@@ -93,25 +108,11 @@ fn cloudevents_entry(
         signature,
         accepting,
         record,
-        fallback,
+        (capture_replies, fallback),
     ): CloudEventsTuple,
 ) -> PyResult<RouteEntry> {
     let (route_by, delivery) = crate::cloudevents::route_settings(&route_by, &delivery)?;
-    let signature = signature
-        .map(
-            |(header, scheme, secret, prefix, algorithm, encoding, tolerance)| {
-                crate::cloudevents::signature_rule(
-                    &header,
-                    &scheme,
-                    secret.as_bytes(),
-                    &prefix,
-                    &algorithm,
-                    &encoding,
-                    tolerance,
-                )
-            },
-        )
-        .transpose()?;
+    let signature = signature_check(signature)?;
     Ok(RouteEntry {
         path,
         prefix: false,
@@ -124,6 +125,7 @@ fn cloudevents_entry(
             route_by,
             delivery,
             reply,
+            capture_replies,
             auth_token,
             signature,
             accepting,
@@ -161,25 +163,9 @@ pub fn route_table(
             })
         })
         .collect::<PyResult<_>>()?;
-    for (
-        name,
-        max_body,
-        auth_token,
-        secret,
-        header,
-        prefix,
-        algorithm,
-        accepting,
-        fallback,
-        record,
-    ) in webhooks
-    {
-        let algorithm = SignatureAlgorithm::parse(&algorithm).ok_or_else(|| {
-            PyValueError::new_err(format!(
-                "signature_algorithm of {name} must be sha256 or sha1, got {algorithm:?}"
-            ))
-        })?;
-        let signature = secret.map(|s| Signature::new(s.as_bytes(), header, prefix, algorithm));
+    for (name, max_body, auth_token, rule, accepting, fallback, record) in webhooks {
+        let signature = signature_check(rule)
+            .map_err(|e| PyValueError::new_err(format!("webhook source {name}: {e}")))?;
         table.push(RouteEntry {
             path: fastconn_core::ingress::webhook::PREFIX.to_owned(),
             prefix: true,

@@ -26,6 +26,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cloudevents::cloudevents_calls, m)?)?;
     m.add_function(wrap_pyfunction!(cloudevents::cloudevents_reply, m)?)?;
     m.add_function(wrap_pyfunction!(cloudevents::verify_signature, m)?)?;
+    m.add_function(wrap_pyfunction!(cloudevents::cloudevents_replies, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add(
         "build_profile",

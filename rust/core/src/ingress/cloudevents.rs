@@ -16,7 +16,8 @@
 //! webhook does: its requests then go to Python like any Python route.
 
 use super::webhook::{
-    bearer_matches, error, first_result, unavailable, unrouted, waited_response, with_header,
+    bearer_matches, error, first_result, signature_refusal, unavailable, unrouted, waited_response,
+    with_header,
 };
 use super::{Accepted, Shared};
 use crate::cloudevents::{self, Limits, Mode, RouteBy};
@@ -42,6 +43,9 @@ pub struct CloudEventsRoute {
     pub delivery: Mode,
     /// Whether senders asking with `Prefer: reply` get the function's reply event.
     pub reply: bool,
+    /// Whether every event's function response goes back to Python with its outcome (a
+    /// `reply_sink` publishes the reply events in it), asked or not.
+    pub capture_replies: bool,
     /// `Bearer <token>` expected in `Authorization`.
     pub auth_token: Option<String>,
     pub signature: Option<SignatureRule>,
@@ -59,12 +63,6 @@ fn refused(status: u16, message: &str) -> Response<Full<Bytes>> {
         StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
         message,
     )
-}
-
-fn now_unix() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 impl Shared {
@@ -101,11 +99,13 @@ impl Shared {
             Ok(read) => read,
             Err(refusal) => return refusal,
         };
-        if let Some(rule) = &route.signature {
-            let given = parts.headers.get(rule.header()).map(HeaderValue::as_bytes);
-            if let Err(e) = rule.verify_value(given, &body, now_unix()) {
-                return error(StatusCode::UNAUTHORIZED, &e.message());
-            }
+        if let Some(refused) = signature_refusal(
+            route.signature.as_ref(),
+            &parts.headers,
+            &body,
+            crate::signature::now_unix(),
+        ) {
+            return refused;
         }
         let headers: Vec<(&str, &[u8])> = parts
             .headers
@@ -160,7 +160,7 @@ impl Shared {
             let mut message = Message::new(token, topic.clone(), call.body);
             message.message_id = call.message_id;
             message.headers = call.headers;
-            message.capture = wait;
+            message.capture = wait || route.capture_replies;
             // Python hears of the message before its completion can reach it.
             self.sink.accepted(Accepted {
                 token,

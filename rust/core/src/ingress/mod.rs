@@ -47,7 +47,7 @@ pub use cloudevents::CloudEventsRoute;
 pub use conns::ConnectionCounts;
 /// Header names as route tables name them.
 pub use http::header as http_header;
-pub use webhook::{SignatureAlgorithm, WebhookRoute};
+pub use webhook::WebhookRoute;
 
 /// Longer timeouts are taken as this one (a year: "never" for a connection).
 const LONGEST_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);

@@ -6,7 +6,8 @@
 //!   the source is not accepting (starting, shutting down);
 //! * 413 over `max_body_bytes` (from `Content-Length` before reading, else while reading);
 //! * 401 on a wrong bearer token (`Authorization: Bearer` or `?key=`, as IFTTT sends it) or
-//!   signature (HMAC of the body in a configurable header, GitHub/GitLab/Stripe style);
+//!   signature (any scheme of `crate::signature`: GitHub/Shopify HMAC, Stripe's timestamped
+//!   `v1=`, GitLab's token), naming what is wrong;
 //! * 400 for a topic that is not concrete (wildcards, control characters) or not UTF-8;
 //! * with `?wait=true`: the first function's status and body once every function answered.
 //!
@@ -34,41 +35,21 @@ pub const PREFIX: &str = "/webhook/";
 /// Credentials of the sender *to fastconn*: never passed on to functions.
 const CREDENTIALS: &[&str] = &["authorization", "proxy-authorization", "cookie"];
 
-pub use crate::signature::Algorithm as SignatureAlgorithm;
-use crate::signature::{Encoding, Scheme, SignatureRule};
+use crate::signature::{now_unix, SignatureRule};
 
-/// The signature check of a webhook route: `header` carries `prefix` + hex of the HMAC of the
-/// body with `secret`. One implementation with every other route's: [`SignatureRule`].
-#[derive(Debug, Clone)]
-pub struct Signature {
-    pub header: String,
-    rule: SignatureRule,
-}
-
-impl Signature {
-    pub fn new(
-        secret: &[u8],
-        header: String,
-        prefix: String,
-        algorithm: SignatureAlgorithm,
-    ) -> Signature {
-        let scheme = Scheme::Hmac {
-            prefix,
-            encoding: Encoding::Hex,
-        };
-        Signature {
-            rule: SignatureRule::new(&header, scheme, algorithm, secret),
-            header,
-        }
-    }
-
-    /// Whether `given` (the header's value) signs `body`; constant time in the signature.
-    pub fn verify(&self, given: Option<&HeaderValue>, body: &[u8]) -> bool {
-        // An HMAC scheme has no timestamp: "now" is not consulted.
-        self.rule
-            .verify_value(given.map(HeaderValue::as_bytes), body, 0)
-            .is_ok()
-    }
+/// Why a request's signature is refused, as the 401 to answer (None: it verifies, or the route
+/// checks none). Every route that checks signatures (webhook, CloudEvents) answers through
+/// this, with the one rule of `crate::signature` for every scheme (HMAC, Stripe, token).
+pub(super) fn signature_refusal(
+    rule: Option<&SignatureRule>,
+    headers: &HeaderMap,
+    body: &[u8],
+    now_unix: i64,
+) -> Option<Response<Full<Bytes>>> {
+    let rule = rule?;
+    let given = headers.get(rule.header()).map(HeaderValue::as_bytes);
+    let refused = rule.verify_value(given, body, now_unix).err()?;
+    Some(error(StatusCode::UNAUTHORIZED, &refused.message()))
 }
 
 /// One webhook source's settings, as its Python source pushes them.
@@ -79,7 +60,8 @@ pub struct WebhookRoute {
     pub max_body: usize,
     /// `Bearer <token>` expected in `Authorization`, or the token in `?key=`.
     pub auth_token: Option<String>,
-    pub signature: Option<Signature>,
+    /// The sender's signature check, any scheme (`crate::signature`).
+    pub signature: Option<SignatureRule>,
     /// Whether the source takes events now (not while starting or shutting down).
     pub accepting: bool,
     /// Hand requests to Python (index of its Python route) instead of serving them here.
@@ -155,13 +137,10 @@ impl Shared {
             Ok(read) => read,
             Err(refused) => return refused,
         };
-        if let Some(signature) = &route.signature {
-            if !signature.verify(parts.headers.get(signature.header.as_str()), &body) {
-                return error(
-                    StatusCode::UNAUTHORIZED,
-                    &format!("missing or wrong {} signature", signature.header),
-                );
-            }
+        if let Some(refused) =
+            signature_refusal(route.signature.as_ref(), &parts.headers, &body, now_unix())
+        {
+            return refused;
         }
         let topic = match String::from_utf8(percent_decode(&raw_topic, false)) {
             Ok(topic) => topic,
@@ -190,7 +169,7 @@ impl Shared {
         let signature_header = route
             .signature
             .as_ref()
-            .map(|s| s.header.to_ascii_lowercase());
+            .map(|rule| rule.header().to_ascii_lowercase());
         let token = INGRESS_TOKEN | self.next_token.fetch_add(1, Ordering::Relaxed);
         let message_id = new_message_id();
         let mut message = Message::new(token, topic.clone(), body.clone());
@@ -370,55 +349,138 @@ pub(super) fn new_message_id() -> String {
 mod tests {
     use super::*;
 
-    fn signature(prefix: &str, algorithm: SignatureAlgorithm) -> Signature {
-        Signature::new(
-            b"shh",
-            "X-Hub-Signature-256".to_owned(),
-            prefix.to_owned(),
-            algorithm,
-        )
-    }
-
     fn hex(bytes: &[u8]) -> String {
         bytes.iter().map(|b| format!("{b:02x}")).collect()
     }
 
-    #[test]
-    fn hmac_signatures_are_checked_with_prefix_and_algorithm() {
-        let body = b"{\"action\": \"opened\"}";
-        for (prefix, algorithm) in [
-            ("sha256=", SignatureAlgorithm::Sha256),
-            ("sha1=", SignatureAlgorithm::Sha1),
-            ("", SignatureAlgorithm::Sha256),
-        ] {
-            let check = signature(prefix, algorithm);
-            let ring_algorithm = match algorithm {
-                SignatureAlgorithm::Sha256 => ring::hmac::HMAC_SHA256,
-                SignatureAlgorithm::Sha1 => ring::hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY,
-            };
-            let key = ring::hmac::Key::new(ring_algorithm, b"shh");
-            let good = format!("{prefix}{}", hex(ring::hmac::sign(&key, body).as_ref()));
-            let value = |s: &str| HeaderValue::try_from(s).expect("value");
-            assert!(check.verify(Some(&value(&good)), body), "{prefix}");
-            assert!(!check.verify(Some(&value(&good)), b"tampered"));
-            // The digest's case does not matter (signature.rs, every route's rule); the prefix is
-            // exact.
-            let upper_digest = format!("{prefix}{}", good[prefix.len()..].to_uppercase());
-            assert!(check.verify(Some(&value(&upper_digest)), body));
-            if !prefix.is_empty() {
-                assert!(!check.verify(Some(&value(&good.to_uppercase())), body));
-            }
-            assert!(!check.verify(None, body));
-            if !prefix.is_empty() {
-                let bare = good.trim_start_matches(prefix);
-                assert!(
-                    !check.verify(Some(&value(bare)), body),
-                    "the prefix is required"
-                );
-            }
+    fn hmac_hex(secret: &[u8], parts: &[&[u8]]) -> String {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+        let mut context = ring::hmac::Context::with_key(&key);
+        for part in parts {
+            context.update(part);
         }
-        let not_utf8 = HeaderValue::from_bytes(b"\xff").expect("value");
-        assert!(!signature("sha256=", SignatureAlgorithm::Sha256).verify(Some(&not_utf8), b""));
+        hex(context.sign().as_ref())
+    }
+
+    fn rule(header: &str, scheme: &str, secret: &str, prefix: &str) -> SignatureRule {
+        SignatureRule::configured(
+            header,
+            scheme,
+            secret.as_bytes(),
+            prefix,
+            "sha256",
+            "hex",
+            300,
+        )
+        .expect("a valid rule")
+    }
+
+    /// The status and body of the refusal for a request with `headers`, None when accepted.
+    fn refusal(
+        rule: &SignatureRule,
+        headers: &[(&str, &str)],
+        body: &[u8],
+        now: i64,
+    ) -> Option<String> {
+        let mut map = HeaderMap::new();
+        for (name, value) in headers {
+            map.append(
+                http::header::HeaderName::try_from(*name).expect("name"),
+                HeaderValue::try_from(*value).expect("value"),
+            );
+        }
+        let response = signature_refusal(Some(rule), &map, body, now)?;
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        Some(body_text(response))
+    }
+
+    fn body_text(response: Response<Full<Bytes>>) -> String {
+        use http_body_util::BodyExt;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let collected = runtime.block_on(response.into_body().collect());
+        let bytes = collected.map(|c| c.to_bytes()).unwrap_or_default();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    #[test]
+    fn github_signatures_are_checked_from_the_request_headers() {
+        let github = rule("X-Hub-Signature-256", "hmac", "shh", "sha256=");
+        let body = b"{\"action\": \"opened\"}";
+        let good = format!("sha256={}", hmac_hex(b"shh", &[body]));
+        assert_eq!(
+            refusal(&github, &[("x-hub-signature-256", &good)], body, 0),
+            None
+        );
+        let wrong = refusal(&github, &[("X-Hub-Signature-256", &good)], b"tampered", 0);
+        assert!(wrong.is_some_and(|m| m.contains("wrong X-Hub-Signature-256")));
+        let missing = refusal(&github, &[], body, 0);
+        assert!(missing.is_some_and(|m| m.contains("missing X-Hub-Signature-256")));
+        let bare = refusal(&github, &[("X-Hub-Signature-256", &good[7..])], body, 0);
+        assert!(bare.is_some_and(|m| m.contains("does not start with")));
+        assert!(signature_refusal(None, &HeaderMap::new(), body, 0).is_none());
+    }
+
+    #[test]
+    fn stripe_signatures_are_checked_with_the_clock_given() {
+        let stripe = rule("Stripe-Signature", "stripe", "whsec_x", "v1=");
+        let body = b"{\"id\": \"evt_1\"}";
+        let t = 1_700_000_000_i64;
+        let v1 = hmac_hex(b"whsec_x", &[t.to_string().as_bytes(), b".", body]);
+        let header = format!("t={t},v1={v1}");
+        assert_eq!(
+            refusal(&stripe, &[("stripe-signature", &header)], body, t + 5),
+            None
+        );
+        // Several v1 entries (a secret rotation): any one may match, in any position.
+        let rotated = format!("t={t},v1={},v1={v1},v0=ignored", "ab".repeat(32));
+        assert_eq!(
+            refusal(&stripe, &[("Stripe-Signature", &rotated)], body, t),
+            None
+        );
+        let stale = refusal(&stripe, &[("Stripe-Signature", &header)], body, t + 301);
+        assert!(
+            stale.is_some_and(|m| m.contains("tolerance of 300 s")),
+            "expired"
+        );
+        let other = format!(
+            "t={t},v1={}",
+            hmac_hex(b"whsec_other", &[t.to_string().as_bytes(), b".", body])
+        );
+        let wrong = refusal(&stripe, &[("Stripe-Signature", &other)], body, t);
+        assert!(
+            wrong.is_some_and(|m| m.contains("wrong Stripe-Signature")),
+            "wrong secret"
+        );
+    }
+
+    #[test]
+    fn gitlab_tokens_are_compared_whole() {
+        let gitlab = rule("X-Gitlab-Token", "token", "tok", "");
+        assert_eq!(
+            refusal(&gitlab, &[("X-Gitlab-Token", "tok")], b"{}", 0),
+            None
+        );
+        for wrong in ["to", "tokk", "TOK"] {
+            assert!(
+                refusal(&gitlab, &[("X-Gitlab-Token", wrong)], b"{}", 0).is_some(),
+                "{wrong}"
+            );
+        }
+    }
+
+    #[test]
+    fn configured_rules_name_the_wrong_key() {
+        let bad = |scheme: &str, algorithm: &str, encoding: &str, header: &str| {
+            SignatureRule::configured(header, scheme, b"k", "", algorithm, encoding, 300)
+                .expect_err("refused")
+        };
+        assert!(bad("rsa", "sha256", "hex", "X-Sig").contains("signature_scheme \"rsa\""));
+        assert!(bad("hmac", "md5", "hex", "X-Sig").contains("signature_algorithm \"md5\""));
+        assert!(bad("hmac", "sha256", "b32", "X-Sig").contains("signature_encoding \"b32\""));
+        assert!(bad("hmac", "sha256", "hex", "X Sig").contains("signature_header"));
+        assert!(bad("hmac", "sha256", "hex", "").contains("signature_header"));
     }
 
     #[test]
