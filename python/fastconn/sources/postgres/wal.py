@@ -241,12 +241,7 @@ class WalSource:
     async def _read(self, conn: Any) -> None:
         cfg = self.config
         while not self._stop.is_set():
-            await self._confirm(conn)
-            await self._watch_lag(conn)
-            if self._full():
-                self._progress.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._progress.wait(), cfg.poll_interval)
+            if not await self._room(conn):
                 continue
             rows = await conn.fetch(
                 server.PEEK, cfg.slot, self.pending.rows + cfg.batch_size, cfg.publication
@@ -275,15 +270,15 @@ class WalSource:
         stream = await ReplicationStream.open(self._dsn, server.SESSION_SETTINGS, timeout=10)
         self._stream = stream
         await stream.start(cfg.slot, cfg.publication)
+        if self.pending.confirmed is not None:
+            # The server keeps a streamed slot's confirmed position in memory until a checkpoint
+            # finds the slot dirty: after a server restart it may start further back than we
+            # confirmed. Confirm again; later confirmations only go forward from here.
+            await stream.confirm(self.pending.confirmed)
         self._assembler.reset()
         while not self._stop.is_set():
-            await self._confirm(conn)
-            await self._watch_lag(conn)
-            if self._full():
+            if not await self._room(conn):
                 # Not reading holds the server back (TCP); status updates keep the stream alive.
-                self._progress.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._progress.wait(), cfg.poll_interval)
                 await stream.tick()
                 continue
             batch = await stream.read(cfg.batch_size, cfg.poll_interval)
@@ -309,6 +304,18 @@ class WalSource:
                 out.append((txn, 0))
                 skip = txn.commit_lsn
         return out
+
+    async def _room(self, conn: Any) -> bool:
+        """Confirms what is done and watches the lag; then False, after waiting up to
+        ``poll_interval`` for progress, while reading must wait (see :meth:`_full`)."""
+        await self._confirm(conn)
+        await self._watch_lag(conn)
+        if not self._full():
+            return True
+        self._progress.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._progress.wait(), self.config.poll_interval)
+        return False
 
     def _full(self) -> bool:
         """Whether to wait before the next peek: the dispatcher is full, or a batch is already
