@@ -242,6 +242,10 @@ async def test_subscriptions_follow_the_topic_map(
         publish_map([FunctionTarget("a", (f"{base}.a",), function_double.url("/a"))])
         await source.start()
         try:
+            # Core NATS drops what nobody subscribes to yet: publish once the server has the SUB
+            # (a flush on the source's connection is a round trip behind it).
+            await wait_for(lambda: f"{base}.a" in source._subs, 20, what="the first subscription")
+            await source._nc.flush()
             await nc.publish(f"{base}.a", b"1")
             await nc.flush()
             await wait_for(lambda: function_double.calls_to("/a"), 20, what="call to a")
