@@ -17,7 +17,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,9 +53,13 @@ def free_port() -> int:
 
 
 async def wait_for(
-    predicate: Any, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"
+    predicate: Any,
+    timeout: float = 10.0,
+    interval: float = 0.02,
+    what: str | Callable[[], str] = "condition",
 ) -> None:
-    """Polls ``predicate()`` (sync or async) until truthy; raises TimeoutError naming ``what``."""
+    """Polls ``predicate()`` (sync or async) until truthy; raises TimeoutError naming ``what``
+    (or what ``what()`` says then: the progress made, for a long wait)."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -64,7 +68,8 @@ async def wait_for(
         if value:
             return
         if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+            described = what if isinstance(what, str) else what()
+            raise TimeoutError(f"timed out after {timeout}s waiting for {described}")
         await asyncio.sleep(interval)
 
 
