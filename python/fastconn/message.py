@@ -196,6 +196,13 @@ class Outcome:
             self._results = tuple(_result_from_wire(r) for r in self._raw)
         return self._results
 
+    def first_status(self) -> int | None:
+        """The HTTP status of the first function's result (0: no answer), or None without
+        results, without building the results (a hot path only needs the status)."""
+        if self._results is not None:
+            return self._results[0].status if self._results else None
+        return self._raw[0][1] if self._raw else None
+
     @property
     def retry_after(self) -> float | None:
         """The largest ``Retry-After`` a function asked for, when the verdict is RETRY."""
