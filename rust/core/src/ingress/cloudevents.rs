@@ -17,8 +17,8 @@
 
 use super::service::event_route_refusal;
 use super::webhook::{
-    bearer_matches, error, first_result, signature_refusal, unavailable, unrouted, waited_response,
-    with_header,
+    bearer_matches, bearer_refusal, error, first_result, signature_refusal, unavailable, unrouted,
+    waited_response, with_header,
 };
 use super::{Accepted, Shared};
 use crate::cloudevents::{self, Limits, Mode, RouteBy};
@@ -78,11 +78,7 @@ impl Shared {
         }
         if let Some(token) = &route.auth_token {
             if bearer_matches(request.headers(), token) != Some(true) {
-                return with_header(
-                    error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token"),
-                    "www-authenticate",
-                    "Bearer realm=\"fastconn\"",
-                );
+                return bearer_refusal();
             }
         }
         let max_body = route.limits.max_body_bytes;

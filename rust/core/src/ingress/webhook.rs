@@ -91,6 +91,15 @@ pub(super) fn with_header(
     response
 }
 
+/// The 401 of an event route (webhook, CloudEvents) for a missing or wrong bearer token.
+pub(super) fn bearer_refusal() -> Response<Full<Bytes>> {
+    with_header(
+        error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token"),
+        "www-authenticate",
+        "Bearer realm=\"fastconn\"",
+    )
+}
+
 pub(super) fn unavailable(reason: &str) -> Response<Full<Bytes>> {
     with_header(
         error(StatusCode::SERVICE_UNAVAILABLE, reason),
@@ -111,11 +120,7 @@ impl Shared {
         }
         let query = request.uri().query().unwrap_or("").to_owned();
         if !self.authorized(route, request.headers(), &query) {
-            return with_header(
-                error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token"),
-                "www-authenticate",
-                "Bearer realm=\"fastconn\"",
-            );
+            return bearer_refusal();
         }
         let raw_topic = request
             .uri()
