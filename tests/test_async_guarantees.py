@@ -12,11 +12,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from callback_harness import Harness, harness_factory  # noqa: F401 (fixture)
 from fastconn import Message, Outcome, Verdict
 from fastconn.testing import DaemonProcess, wait_for
 from gateway_double import FunctionSpec, GatewayDouble
 from nats_fixtures import NatsServer, connected, nats_server, unique  # noqa: F401 (fixture)
-from test_callbacks import Harness, harness_factory  # noqa: F401 (fixture)
 
 LARGE = 900 * 1024
 

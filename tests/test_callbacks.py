@@ -5,84 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
-import pytest
-from aiohttp import web
 from nats.aio.msg import Msg
 
-from fastconn import Dispatcher, DispatchOptions, FunctionTarget, Message, Outcome, Verdict
-from fastconn.callbacks import CallbackMetrics, Callbacks, CallbackSettings
-from fastconn.testing import DaemonProcess, free_port, wait_for
+from callback_harness import Harness, harness_factory  # noqa: F401 (fixture)
+from fastconn import Message, Verdict
+from fastconn.testing import DaemonProcess, wait_for
 from gateway_double import FunctionSpec, GatewayDouble
 from nats_fixtures import NatsServer, connected, nats_server, unique  # noqa: F401 (fixture)
 from test_jetstream import acked_up_to, add_stream, consumer, js_source
-
-
-@dataclass
-class Harness:
-    gateway: GatewayDouble
-    dispatcher: Dispatcher
-    callbacks: Callbacks
-    public_url: str
-    outcomes: list[Outcome] = field(default_factory=list)
-    observed: list[Outcome] = field(default_factory=list)
-    deployed: list[FunctionSpec] = field(default_factory=list)
-
-    def collect(self, batch: list[Outcome]) -> None:
-        self.outcomes.extend(batch)
-
-    def target(self, name: str, topic: str, *, asynchronous: bool = True) -> FunctionTarget:
-        """A function deployed on the gateway double, and its target as the registry builds it."""
-        self.deployed.append(FunctionSpec(name))
-        self.gateway.set_functions(self.deployed)
-        return FunctionTarget(
-            name,
-            (topic,),
-            f"{self.gateway.url}/function/{name}",
-            async_url=f"{self.gateway.url}/async-function/{name}",
-            asynchronous=asynchronous,
-        )
-
-
-@pytest.fixture
-async def harness_factory(gateway: GatewayDouble) -> AsyncIterator[Callable[..., object]]:
-    started: list[tuple[Dispatcher, web.AppRunner]] = []
-
-    async def make(**settings: object) -> Harness:
-        port = free_port()
-        public_url = f"http://127.0.0.1:{port}"
-        dispatcher = Dispatcher(
-            DispatchOptions(max_inflight=16, backoff_initial=0.01, backoff_max=0.1, max_attempts=3)
-        )
-        defaults: dict[str, object] = {
-            "public_url": public_url,
-            "timeout": 5.0,
-            "max_attempts": 3,
-            "backoff_initial": 0.01,
-            "backoff_max": 0.05,
-        }
-        callbacks = dispatcher.enable_callbacks(
-            CallbackSettings(**{**defaults, **settings}), CallbackMetrics()
-        )  # type: ignore[arg-type]
-        app = web.Application()
-        callbacks.register_routes(app)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        await dispatcher.start()
-        started.append((dispatcher, runner))
-        h = Harness(gateway, dispatcher, callbacks, public_url)
-        dispatcher.add_observer(h.observed.extend)
-        return h
-
-    yield make
-    for dispatcher, runner in started:
-        await dispatcher.close(5)
-        await runner.cleanup()
 
 
 async def test_success_settles_only_after_the_callback(harness_factory: Callable[..., object]) -> None:

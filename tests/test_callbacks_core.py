@@ -6,87 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
 import aiohttp
-import pytest
 
-from fastconn import Dispatcher, DispatchOptions, FunctionTarget, Message, Outcome, Verdict
-from fastconn.callbacks import CallbackMetrics, Callbacks, CallbackSettings
-from fastconn.ingress import Ingress
-from fastconn.testing import free_port, wait_for
-from gateway_double import FunctionSpec, GatewayDouble
-
-
-@dataclass
-class CoreHarness:
-    gateway: GatewayDouble
-    dispatcher: Dispatcher
-    callbacks: Callbacks
-    ingress: Ingress
-    public_url: str
-    outcomes: list[Outcome] = field(default_factory=list)
-    deployed: list[FunctionSpec] = field(default_factory=list)
-
-    def collect(self, batch: list[Outcome]) -> None:
-        self.outcomes.extend(batch)
-
-    def target(self, name: str, topic: str) -> FunctionTarget:
-        self.deployed.append(FunctionSpec(name))
-        self.gateway.set_functions(self.deployed)
-        return FunctionTarget(
-            name,
-            (topic,),
-            f"{self.gateway.url}/function/{name}",
-            async_url=f"{self.gateway.url}/async-function/{name}",
-            asynchronous=True,
-        )
-
-    def url_for(self, call_id: str) -> str:
-        return f"{self.public_url}/callback/{self.callbacks.token(call_id)}"
-
-    def rejected(self) -> dict[str, float]:
-        return {
-            s.labels["reason"]: s.value
-            for m in self.callbacks.metrics.rejected.collect()
-            for s in m.samples
-            if s.name.endswith("_total")
-        }
-
-
-@pytest.fixture
-async def core_harness(gateway: GatewayDouble) -> AsyncIterator[Callable[..., object]]:
-    started: list[tuple[Dispatcher, Ingress]] = []
-
-    async def make(**settings: object) -> CoreHarness:
-        port = free_port()
-        public_url = f"http://127.0.0.1:{port}"
-        dispatcher = Dispatcher(
-            DispatchOptions(max_inflight=64, backoff_initial=0.01, backoff_max=0.1, max_attempts=3)
-        )
-        defaults: dict[str, object] = {
-            "public_url": public_url,
-            "timeout": 5.0,
-            "max_attempts": 3,
-            "backoff_initial": 0.01,
-            "backoff_max": 0.05,
-        }
-        callbacks = dispatcher.enable_callbacks(
-            CallbackSettings(**{**defaults, **settings}),  # type: ignore[arg-type]
-            CallbackMetrics(),
-        )
-        await dispatcher.start()
-        ingress = Ingress(dispatcher, f"127.0.0.1:{port}")
-        ingress.add_callbacks(callbacks)
-        await ingress.start()
-        started.append((dispatcher, ingress))
-        return CoreHarness(gateway, dispatcher, callbacks, ingress, public_url)
-
-    yield make
-    for dispatcher, ingress in started:
-        await ingress.stop()
-        await dispatcher.close(5)
+from callback_harness import Harness, core_harness  # noqa: F401 (fixture)
+from fastconn import Message, Verdict
+from fastconn.testing import wait_for
 
 
 async def _post(
@@ -101,7 +27,7 @@ async def _post(
 async def test_the_core_answers_callbacks_and_python_settles_them(
     core_harness: Callable[..., object],
 ) -> None:
-    h: CoreHarness = await core_harness()  # type: ignore[misc]
+    h: Harness = await core_harness()  # type: ignore[misc]
     h.gateway.script("fn", statuses=[200], body=b"result", callback_delay=0.2)
     h.dispatcher.set_functions([h.target("fn", "jobs")])
     await h.dispatcher.submit([Message("jobs", b"a"), Message("jobs", b"b")], h.collect)
@@ -118,7 +44,7 @@ async def test_the_core_answers_callbacks_and_python_settles_them(
 
 
 async def test_fifty_concurrent_duplicates_settle_once(core_harness: Callable[..., object]) -> None:
-    h: CoreHarness = await core_harness()  # type: ignore[misc]
+    h: Harness = await core_harness()  # type: ignore[misc]
     h.gateway.script("dup", statuses=[200], callback_copies=0)  # we play the gateway's callbacks
     h.dispatcher.set_functions([h.target("dup", "jobs")])
     await h.dispatcher.submit([Message("jobs", b"x")], h.collect)
@@ -143,7 +69,7 @@ async def test_fifty_concurrent_duplicates_settle_once(core_harness: Callable[..
 async def test_forged_unknown_and_malformed_callbacks_are_refused(
     core_harness: Callable[..., object],
 ) -> None:
-    h: CoreHarness = await core_harness()  # type: ignore[misc]
+    h: Harness = await core_harness()  # type: ignore[misc]
     h.gateway.script("held", statuses=[200], callback_copies=0)
     h.dispatcher.set_functions([h.target("held", "jobs")])
     await h.dispatcher.submit([Message("jobs", b"x")], h.collect)
@@ -179,7 +105,7 @@ async def test_a_callback_over_the_limit_fails_its_call_in_the_core(
     core_harness: Callable[..., object],
 ) -> None:
     limit = 64 * 1024
-    h: CoreHarness = await core_harness(timeout=30.0, max_body_bytes=limit)  # type: ignore[misc]
+    h: Harness = await core_harness(timeout=30.0, max_body_bytes=limit)  # type: ignore[misc]
     h.gateway.script("huge", statuses=[200], body=b"z" * (limit + 1), callback_copies=2)
     h.dispatcher.set_functions([h.target("huge", "jobs")])
     started = time.monotonic()
@@ -202,7 +128,7 @@ async def test_callbacks_racing_the_timeout_sweep_settle_each_call_once(
     """Callbacks fired in a burst around each call's deadline: whichever of the callback and the
     sweep claims the call first settles it, the other finds it settled (409 / nothing)."""
     timeout = 0.4
-    h: CoreHarness = await core_harness(timeout=timeout, max_attempts=1)  # type: ignore[misc]
+    h: Harness = await core_harness(timeout=timeout, max_attempts=1)  # type: ignore[misc]
     h.gateway.script("late", statuses=[200], callback_copies=0)
     h.dispatcher.set_functions([h.target("late", "jobs")])
     n = 8

@@ -5,14 +5,13 @@ the id the 202 carried. Real daemons, a real nats-server, real HTTP."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import pytest
 
+from durable_ingress_flood import kill_9_during_a_flood, message_ids
 from fastconn.testing import FunctionDouble, wait_for
 from nats_fixtures import NatsServer, connected, nats_server, start_nats_server, unique  # noqa: F401
 
@@ -53,10 +52,6 @@ def _config(fn: FunctionDouble, server_url: str, stream: str, subject: str, **st
     }
 
 
-def _ids(fn: FunctionDouble, path: str) -> Counter[str]:
-    return Counter(c.headers.get("X-Message-Id", "") for c in fn.calls_to(path))
-
-
 async def test_stored_events_reach_their_functions_with_the_id_of_their_202(
     nats_server: NatsServer,
     function_double: FunctionDouble,
@@ -73,7 +68,9 @@ async def test_stored_events_reach_their_functions_with_the_id_of_their_202(
             assert r.status == 202, await r.text()
             accepted[r.headers["X-Message-Id"]] = topic
     await wait_for(lambda: len(function_double.calls) == 3, 10, what="the three routed events")
-    assert sorted(_ids(function_double, "/orders")) == sorted(i for i, t in accepted.items() if t == "orders")
+    assert sorted(message_ids(function_double, "/orders")) == sorted(
+        i for i, t in accepted.items() if t == "orders"
+    )
     (audit,) = function_double.calls_to("/audit")
     assert accepted[audit.headers["X-Message-Id"]] == "audit log"
     assert audit.body == b"event 1"
@@ -147,46 +144,9 @@ async def test_kill_9_during_a_flood_loses_no_event_that_got_a_202(
     config = _config(function_double, nats_server.url, stream, subject)
     # Slower than the flood: most accepted events are only in the stream when the daemon dies.
     function_double.script("/orders", delay=0.5)
-    daemon = await daemon_factory(config)
-    accepted: set[str] = set()
-    refused = 0
-
-    async def sender(url: str, n: int) -> None:
-        nonlocal refused
-        for i in range(n):
-            try:
-                async with http.post(f"{url}/webhook/orders", data=f"{i}".encode()) as r:
-                    if r.status == 202:
-                        accepted.add(r.headers["X-Message-Id"])
-                    else:
-                        refused += 1
-            except aiohttp.ClientError:
-                return  # the daemon died under this connection
-
-    senders = [asyncio.create_task(sender(daemon.url, 2000)) for _ in range(8)]
-    await wait_for(lambda: len(accepted) >= 1500, 60, what="the flood under way")
-    daemon.kill()
-    for task in senders:
-        with contextlib.suppress(Exception):
-            await task
-    killed_with = len(accepted)
-    started_before = len(_ids(function_double, "/orders"))
-    await daemon_factory(config)  # the restarted replica dispatches what the stream holds
-
-    def missing() -> set[str]:
-        return accepted - set(_ids(function_double, "/orders"))
-
-    try:
-        await wait_for(lambda: not missing(), 60, 0.1, f"all {killed_with} accepted events")
-    except TimeoutError:
-        pytest.fail(f"lost {len(missing())} of {killed_with} events that got a 202")
-    delivered = _ids(function_double, "/orders")
-    duplicates = sum(n - 1 for n in delivered.values())
+    flood = await kill_9_during_a_flood(
+        "jetstream", config, function_double, daemon_factory, http, delivery_timeout=60
+    )
     # Calls take 0.5 s: the kill caught hundreds mid-call, unacknowledged in the stream; the
     # restarted replica delivering them again proves they came from the stream.
-    assert duplicates > 0, "the kill must catch accepted events whose calls had not finished"
-    print(
-        f"\ndurable ingress, kill -9 after {killed_with} 202s ({started_before} calls started by then): "
-        f"lost 0, "
-        f"duplicates {duplicates}, refused {refused}"
-    )
+    assert flood.duplicates > 0, "the kill must catch accepted events whose calls had not finished"

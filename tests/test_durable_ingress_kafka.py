@@ -6,14 +6,13 @@ Kafka-protocol broker (Tansu), real HTTP."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
-from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import pytest
 
+from durable_ingress_flood import kill_9_during_a_flood, message_ids
 from fastconn.config import validate_config
 from fastconn.errors import ConfigError
 from fastconn.testing import FunctionDouble, free_port, wait_for
@@ -64,10 +63,6 @@ def _config(fn: FunctionDouble, broker: Broker, topic: str, group: str, **store:
     }
 
 
-def _ids(fn: FunctionDouble, path: str) -> Counter[str]:
-    return Counter(c.headers.get("X-Message-Id", "") for c in fn.calls_to(path))
-
-
 async def test_stored_events_reach_their_functions_by_their_topic_with_the_id_of_their_202(
     kafka_broker: Broker,
     function_double: FunctionDouble,
@@ -92,7 +87,9 @@ async def test_stored_events_reach_their_functions_by_their_topic_with_the_id_of
         assert accepted[envelope["Fastconn-Message-Id"].decode()] == topic_of[envelope["Fastconn-Topic"]]
         assert record.key == envelope["Fastconn-Message-Id"]
     await wait_for(lambda: len(function_double.calls) == 3, 20, what="the three routed events")
-    assert sorted(_ids(function_double, "/orders")) == sorted(i for i, t in accepted.items() if t == "orders")
+    assert sorted(message_ids(function_double, "/orders")) == sorted(
+        i for i, t in accepted.items() if t == "orders"
+    )
     (audit,) = function_double.calls_to("/audit")
     assert accepted[audit.headers["X-Message-Id"]] == "audit log"
     assert audit.body == b"event 1"
@@ -119,7 +116,7 @@ async def test_a_burst_is_stored_in_one_go_and_every_event_arrives(
 
     ids = await asyncio.gather(*(post(i) for i in range(200)))
     await wait_for(lambda: len(function_double.calls_to("/orders")) >= 200, 30, what="200 deliveries")
-    assert set(_ids(function_double, "/orders")) == set(ids)
+    assert set(message_ids(function_double, "/orders")) == set(ids)
 
 
 def test_the_store_and_the_stored_events_source_check_their_keys() -> None:
@@ -168,51 +165,14 @@ async def test_kill_9_during_a_flood_loses_no_event_that_got_a_202(
     config = _config(function_double, kafka_broker, _name("flood"), _name("g"))
     # Slower than the flood: most accepted events are only in the topic when the daemon dies.
     function_double.script("/orders", delay=0.5)
-    daemon = await daemon_factory(config)
-    accepted: set[str] = set()
-    refused = 0
-
-    async def sender(url: str, n: int) -> None:
-        nonlocal refused
-        for i in range(n):
-            try:
-                async with http.post(f"{url}/webhook/orders", data=f"{i}".encode()) as r:
-                    if r.status == 202:
-                        accepted.add(r.headers["X-Message-Id"])
-                    else:
-                        refused += 1
-            except aiohttp.ClientError:
-                return  # the daemon died under this connection
-
-    senders = [asyncio.create_task(sender(daemon.url, 2000)) for _ in range(8)]
-    await wait_for(lambda: len(accepted) >= 1500, 60, what="the flood under way")
-    daemon.kill()
-    for task in senders:
-        with contextlib.suppress(Exception):
-            await task
-    killed_with = len(accepted)
-    seen_before = set(_ids(function_double, "/orders"))
-    started_before = len(seen_before)
-    await daemon_factory(config)  # the restarted replica dispatches what the topic holds
-
-    def missing() -> set[str]:
-        return accepted - set(_ids(function_double, "/orders"))
-
-    try:
-        await wait_for(lambda: not missing(), 90, 0.1, f"all {killed_with} accepted events")
-    except TimeoutError:
-        pytest.fail(f"lost {len(missing())} of {killed_with} events that got a 202")
-    delivered = _ids(function_double, "/orders")
-    duplicates = sum(n - 1 for n in delivered.values())
+    flood = await kill_9_during_a_flood(
+        "kafka", config, function_double, daemon_factory, http, delivery_timeout=90
+    )
     # Calls take 0.5 s: the kill caught accepted events that had not reached the function yet;
     # the restarted replica delivering them proves they came from the topic. (Duplicates need a
     # call that finished before the kill and was not committed: commits follow calls closely, so
     # there may be none.)
-    assert accepted - seen_before, "the kill must catch accepted events not delivered yet"
-    print(
-        f"\ndurable ingress (kafka), kill -9 after {killed_with} 202s ({started_before} calls started by "
-        f"then): lost 0, duplicates {duplicates}, refused {refused}"
-    )
+    assert flood.accepted - flood.seen_before, "the kill must catch accepted events not delivered yet"
 
 
 async def test_a_missing_store_topic_or_unreachable_brokers_are_clear_start_errors(

@@ -83,8 +83,16 @@ async def start_daemon(ctx: Context, config: dict[str, Any], intake: str = "") -
 def daemon_config(
     ctx: Context, topics: list[str], sources: list[dict[str, Any]], fanout: int = 1
 ) -> dict[str, Any]:
-    """Static functions (no gateway) served by the sink, bounded like the baselines: at most
-    ``inflight`` calls on the wire in total."""
+    """``fanout`` static functions (no gateway) on ``topics``, served by the sink."""
+    functions = [{"name": f"f{i}", "url": ctx.function_url(f"f{i}"), "topics": topics} for i in range(fanout)]
+    return bounded_daemon_config(ctx, functions, sources)
+
+
+def bounded_daemon_config(
+    ctx: Context, functions: list[dict[str, Any]], sources: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The daemon's configuration with these static functions, bounded like the baselines: at
+    most ``inflight`` calls on the wire in total."""
     inflight = ctx.options.inflight
     return {
         "log_level": "warning",
@@ -93,9 +101,7 @@ def daemon_config(
             "max_inflight_per_function": inflight,
             "shutdown_timeout": "5s",
         },
-        "functions": [
-            {"name": f"f{i}", "url": ctx.function_url(f"f{i}"), "topics": topics} for i in range(fanout)
-        ],
+        "functions": functions,
         "sources": sources,
     }
 
@@ -128,26 +134,30 @@ class RunningPipeline:
 
 
 async def start_pipeline(ctx: Context, kind: str, args: list[str]) -> RunningPipeline:
-    log_path = ctx.options.workdir / f"pipeline-{kind}.log"
     port = free_port()
-    argv = [
-        sys.executable,
-        "-m",
-        "scenarios._pipelines",
-        kind,
-        "--sink",
-        ctx.sink.url,
-        "--inflight",
-        str(ctx.options.inflight),
-        "--port",
-        str(port),
-        *args,
-    ]
+    argv = [kind, "--sink", ctx.sink.url, "--inflight", str(ctx.options.inflight), "--port", str(port), *args]
+    return await start_baseline_script(
+        ctx,
+        "_pipelines",
+        argv,
+        log_name=f"pipeline-{kind}",
+        what=f"baseline {kind}",
+        url=f"http://127.0.0.1:{port}",
+    )
+
+
+async def start_baseline_script(
+    ctx: Context, module: str, args: list[str], *, log_name: str, what: str, url: str = ""
+) -> RunningPipeline:
+    """``python -m scenarios.<module> ARGS`` from ``benches/``, once it printed ``ready``; its
+    stderr goes to ``<log_name>.log`` in the workdir, and ``what`` names it if it does not start."""
+    log_path = ctx.options.workdir / f"{log_name}.log"
+    argv = [sys.executable, "-m", f"scenarios.{module}", *args]
     with log_path.open("wb") as log:
         process = await asyncio.create_subprocess_exec(
             *argv, cwd=BENCHES, stdout=asyncio.subprocess.PIPE, stderr=log
         )
-    running = RunningPipeline(process, log_path, f"http://127.0.0.1:{port}")
+    running = RunningPipeline(process, log_path, url)
     assert process.stdout is not None
     try:
         line = await asyncio.wait_for(process.stdout.readline(), 60)
@@ -155,7 +165,7 @@ async def start_pipeline(ctx: Context, kind: str, args: list[str]) -> RunningPip
         line = b""
     if line.strip() != b"ready":
         await running.stop()
-        raise RuntimeError(f"baseline {kind} did not start:\n{running.output()}")
+        raise RuntimeError(f"{what} did not start:\n{running.output()}")
     return running
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import statistics
-import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
@@ -20,7 +19,7 @@ from typing import Any
 from _common import proc_cpu_seconds, proc_peak_rss_mb
 from scenarios._base import Context, Sample, ScenarioResult, System, Target, alternate
 from scenarios._brokers import nats_server
-from scenarios._process import BENCHES, Running, RunningPipeline, start_daemon
+from scenarios._process import Running, bounded_daemon_config, start_baseline_script, start_daemon
 from scenarios._receiver import TimingReceiver
 
 FUNCTIONS = 1000
@@ -79,24 +78,16 @@ class CronSystem:
 
 
 def _config(ctx: Context, receiver: TimingReceiver, store: str | None = None) -> dict[str, Any]:
-    inflight = ctx.options.inflight
-    return {
-        "log_level": "warning",
-        "dispatch": {
-            "max_inflight": inflight,
-            "max_inflight_per_function": inflight,
-            "shutdown_timeout": "5s",
-        },
-        "functions": [
-            {"name": f"f{i}", "url": f"{receiver.url}/function/f{i}", "schedule": SCHEDULE}
-            for i in range(FUNCTIONS)
-        ],
-        "sources": [
-            {"type": "cron"}
-            if store is None
-            else {"type": "cron", "store": {"type": "jetstream_kv", "servers": [store], "bucket": _bucket()}}
-        ],
-    }
+    functions = [
+        {"name": f"f{i}", "url": f"{receiver.url}/function/f{i}", "schedule": SCHEDULE}
+        for i in range(FUNCTIONS)
+    ]
+    source: dict[str, Any] = (
+        {"type": "cron"}
+        if store is None
+        else {"type": "cron", "store": {"type": "jetstream_kv", "servers": [store], "bucket": _bucket()}}
+    )
+    return bounded_daemon_config(ctx, functions, [source])
 
 
 def _bucket() -> str:
@@ -153,11 +144,7 @@ async def run(ctx: Context) -> list[ScenarioResult]:
 
 async def start_baseline(ctx: Context, receiver: TimingReceiver) -> Running:
     """``python -m scenarios._cron_baseline`` from ``benches/``; it prints ``ready`` once scheduled."""
-    log_path = ctx.options.workdir / "pipeline-cron.log"
-    argv = [
-        sys.executable,
-        "-m",
-        "scenarios._cron_baseline",
+    args = [
         "--sink",
         receiver.url,
         "--inflight",
@@ -167,17 +154,6 @@ async def start_baseline(ctx: Context, receiver: TimingReceiver) -> Running:
         "--schedule",
         SCHEDULE,
     ]
-    with log_path.open("wb") as log:
-        process = await asyncio.create_subprocess_exec(
-            *argv, cwd=BENCHES, stdout=asyncio.subprocess.PIPE, stderr=log
-        )
-    running = RunningPipeline(process, log_path, "")
-    assert process.stdout is not None
-    try:
-        line = await asyncio.wait_for(process.stdout.readline(), 60)
-    except TimeoutError:
-        line = b""
-    if line.strip() != b"ready":
-        await running.stop()
-        raise RuntimeError(f"cron baseline did not start:\n{running.output()}")
-    return running
+    return await start_baseline_script(
+        ctx, "_cron_baseline", args, log_name="pipeline-cron", what="cron baseline"
+    )

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import json
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ from fastconn.sources.vcenter.config import VcenterConfig
 from fastconn.sources.vcenter.events import event_json
 from fastconn.testing_vcsim import Vcsim, VcsimDriver, driver
 from scenarios._base import Context, Role, Sample, ScenarioResult, System, alternate, delivery_window
-from scenarios._process import BENCHES, Running, RunningPipeline, daemon_config, start_daemon
+from scenarios._process import Running, daemon_config, start_baseline_script, start_daemon
 
 MAX_BACKLOG = 900
 POLL = 0.05
@@ -136,11 +135,7 @@ class VcenterSystem:
 
 
 async def start_baseline(ctx: Context, url: str, after_key: int) -> Running:
-    log_path = ctx.options.workdir / "pipeline-vcenter.log"
-    argv = [
-        sys.executable,
-        "-m",
-        "scenarios._vcenter_baseline",
+    args = [
         "--sink",
         ctx.sink.url,
         "--url",
@@ -152,20 +147,9 @@ async def start_baseline(ctx: Context, url: str, after_key: int) -> Running:
         "--poll",
         str(POLL),
     ]
-    with log_path.open("wb") as log:
-        process = await asyncio.create_subprocess_exec(
-            *argv, cwd=BENCHES, stdout=asyncio.subprocess.PIPE, stderr=log
-        )
-    running = RunningPipeline(process, log_path, "")
-    assert process.stdout is not None
-    try:
-        line = await asyncio.wait_for(process.stdout.readline(), 60)
-    except TimeoutError:
-        line = b""
-    if line.strip() != b"ready":
-        await running.stop()
-        raise RuntimeError(f"vcenter baseline did not start:\n{running.output()}")
-    return running
+    return await start_baseline_script(
+        ctx, "_vcenter_baseline", args, log_name="pipeline-vcenter", what="vcenter baseline"
+    )
 
 
 def _breakdown(sim: Vcsim, n: int) -> dict[str, float]:

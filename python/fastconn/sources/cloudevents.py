@@ -38,21 +38,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
 from typing import Literal
 
 from pydantic import ConfigDict, Field, field_validator
 
 from fastconn import _core
-from fastconn.functions import FunctionTarget
 from fastconn.health import HEALTHY, SourceHealth
-from fastconn.ingress import CloudEventsRoute, invokes_asynchronously, warn_undelivered
-from fastconn.message import Message, Outcome
+from fastconn.ingress import CloudEventsRoute
+from fastconn.message import Outcome
 from fastconn.publish_sink import PublishConfig, Publisher, PublishError, destination, publisher
 from fastconn.ratelimit import RateLimitedLog
 from fastconn.signatures import SignatureKeys
 from fastconn.source import SourceContext
 from fastconn.sources._cloudevents_python import PythonCloudEvents
+from fastconn.sources._ingress_events import IngressEventSource
 
 __all__ = ["CONFIG_MODEL", "CloudEventsConfig", "CloudEventsSource", "create"]
 
@@ -122,15 +121,11 @@ def create(config: CloudEventsConfig) -> CloudEventsSource:
     return CloudEventsSource(config)
 
 
-class CloudEventsSource:
+class CloudEventsSource(IngressEventSource[CloudEventsConfig]):
+    event_kind = "cloudevent"
+
     def __init__(self, config: CloudEventsConfig) -> None:
-        self.config = config
-        self.name = config.name
-        self._ctx: SourceContext | None = None
-        # Per-function detail is in fastconn.functions' aggregated lines; this says which events.
-        self._undelivered_log = RateLimitedLog(log, interval=10.0)
-        # Set by close(): a Prefer: reply request still waiting gets a 503, not a hang.
-        self._closed = asyncio.Event()
+        super().__init__(config, log)
         self._python = PythonCloudEvents(config, lambda: self._ctx, self._on_outcomes, self._closed)
         self._reply_log = RateLimitedLog(log, interval=10.0)
         sink = config.reply_sink
@@ -138,10 +133,6 @@ class CloudEventsSource:
             publisher(sink, f"{self.name}-replies", "reply_sink") if sink is not None else None
         )
         self._replies: asyncio.Queue[bytes] = asyncio.Queue(REPLY_QUEUE)
-
-    @property
-    def asynchronous_invocation(self) -> bool:
-        return self.config.asynchronous_invocation
 
     def register(self, ctx: SourceContext) -> None:
         self._ctx = ctx
@@ -172,11 +163,6 @@ class CloudEventsSource:
         )
         ctx.on_functions_changed(self._functions_changed)
 
-    def _functions_changed(self, targets: tuple[FunctionTarget, ...]) -> None:
-        python = self.config.asynchronous_invocation or invokes_asynchronously(targets)
-        if self._ctx is not None and self._ctx.ingress is not None:
-            self._ctx.ingress.set_webhook_state(self.name, python=python)
-
     async def start(self) -> None:
         if self._publisher is not None and self._ctx is not None:
             await self._publisher.open()
@@ -197,19 +183,11 @@ class CloudEventsSource:
 
     def _set_accepting(self, accepting: bool) -> None:
         self._python.accepting = accepting
-        if self._ctx is not None and self._ctx.ingress is not None:
-            self._ctx.ingress.set_webhook_state(self.name, accepting=accepting)
-
-    def _on_accepted(self, messages: Sequence[Message]) -> None:
-        if self._ctx is not None:
-            self._ctx.count_received(self.name, messages)
+        self._tell_ingress(accepting=accepting)
 
     def _on_outcomes(self, outcomes: list[Outcome]) -> None:
-        if self._ctx is None:
-            return
-        self._ctx.count_settled(self.name, outcomes)
-        warn_undelivered(self._undelivered_log, "cloudevent", outcomes)
-        if self._publisher is not None:
+        super()._on_outcomes(outcomes)
+        if self._ctx is not None and self._publisher is not None:
             self._queue_replies(outcomes)
 
     # -- reply_sink ------------------------------------------------------------------------

@@ -40,17 +40,15 @@ import asyncio
 import hmac
 import logging
 import uuid
-from collections.abc import Sequence
 from typing import Final, Literal
 
 from pydantic import ConfigDict, Field
 
 from fastconn.errors import DispatcherClosed
-from fastconn.functions import FunctionTarget
 from fastconn.headers import passthrough
 from fastconn.health import HEALTHY, SourceHealth
 from fastconn.http_routes import HttpRequest, HttpResponse, Route
-from fastconn.ingress import WebhookRoute, invokes_asynchronously, warn_undelivered
+from fastconn.ingress import WebhookRoute
 from fastconn.ingress_answers import json_error, unless, waited_response
 from fastconn.ingress_store import IngressStoreConfig, StoredEvent, StoreUnavailable, open_store
 from fastconn.message import Message, Outcome
@@ -58,6 +56,7 @@ from fastconn.ratelimit import RateLimitedLog
 from fastconn.s3_events import S3EventError, decode_notification
 from fastconn.signatures import SignatureKeys, signature_problem
 from fastconn.source import SourceContext
+from fastconn.sources._ingress_events import IngressEventSource
 
 log = logging.getLogger("fastconn.source.webhook")
 
@@ -118,23 +117,14 @@ def create(config: WebhookConfig) -> WebhookSource:
     return WebhookSource(config)
 
 
-class WebhookSource:
-    def __init__(self, config: WebhookConfig) -> None:
-        self.config = config
-        self.name = config.name
-        self._ctx: SourceContext | None = None
-        self._accepting = False
-        # Set by close(): requests still waiting for their outcome get a 503 then, so a pending
-        # request cannot hold up the shutdown.
-        self._closed = asyncio.Event()
-        self._malformed_log = RateLimitedLog(log, interval=10.0)
-        # Per-function detail is in fastconn.functions' aggregated lines; this says which messages.
-        self._undelivered_log = RateLimitedLog(log, interval=10.0)
-        self._store = open_store(config.store, config.name) if config.store is not None else None
+class WebhookSource(IngressEventSource[WebhookConfig]):
+    event_kind = "webhook message"
 
-    @property
-    def asynchronous_invocation(self) -> bool:
-        return self.config.asynchronous_invocation
+    def __init__(self, config: WebhookConfig) -> None:
+        super().__init__(config, log)
+        self._accepting = False
+        self._malformed_log = RateLimitedLog(log, interval=10.0)
+        self._store = open_store(config.store, config.name) if config.store is not None else None
 
     def register(self, ctx: SourceContext) -> None:
         self._ctx = ctx
@@ -169,22 +159,15 @@ class WebhookSource:
         c = self.config
         return c.asynchronous_invocation or c.store is not None or c.decode != "none"
 
-    def _functions_changed(self, targets: tuple[FunctionTarget, ...]) -> None:
-        python = self._served_in_python or invokes_asynchronously(targets)
-        if self._ctx is not None and self._ctx.ingress is not None:
-            self._ctx.ingress.set_webhook_state(self.name, python=python)
-
     async def start(self) -> None:
         if self._store is not None:
             await self._store.open()
         self._accepting = True
-        if self._ctx is not None and self._ctx.ingress is not None:
-            self._ctx.ingress.set_webhook_state(self.name, accepting=True)
+        self._tell_ingress(accepting=True)
 
     async def stop(self) -> None:
         self._accepting = False
-        if self._ctx is not None and self._ctx.ingress is not None:
-            self._ctx.ingress.set_webhook_state(self.name, accepting=False)
+        self._tell_ingress(accepting=False)
 
     async def close(self) -> None:
         self._closed.set()
@@ -196,18 +179,6 @@ class WebhookSource:
         if self._store is None or self._store.health is None:
             return HEALTHY
         return self._store.health.health()
-
-    # -- messages the core accepted --------------------------------------------------------
-
-    def _on_accepted(self, messages: Sequence[Message]) -> None:
-        if self._ctx is not None:
-            self._ctx.count_received(self.name, messages)
-
-    def _on_outcomes(self, outcomes: list[Outcome]) -> None:
-        if self._ctx is None:
-            return
-        self._ctx.count_settled(self.name, outcomes)
-        warn_undelivered(self._undelivered_log, "webhook message", outcomes)
 
     # -- the Python handler (async invocation, or no ingress server) -------------------------
 

@@ -149,31 +149,7 @@ pub fn verify_signature(
     tolerance_secs: u64,
     now: Option<i64>,
 ) -> PyResult<Option<String>> {
-    let rule = signature_rule(
-        header,
-        scheme,
-        secret,
-        prefix,
-        algorithm,
-        encoding,
-        tolerance_secs,
-    )?;
-    let now = now.unwrap_or_else(now_unix);
-    Ok(rule.verify(&headers, body, now).err().map(|e| e.message()))
-}
-
-/// The core's check for a route's signature keys (`fastconn.signatures.SignatureKeys`): the
-/// core parses them ([`SignatureRule::configured`]); a wrong key is a ValueError naming it.
-pub fn signature_rule(
-    header: &str,
-    scheme: &str,
-    secret: &[u8],
-    prefix: &str,
-    algorithm: &str,
-    encoding: &str,
-    tolerance_secs: u64,
-) -> PyResult<SignatureRule> {
-    SignatureRule::configured(
+    let rule = SignatureRule::configured(
         header,
         scheme,
         secret,
@@ -182,7 +158,9 @@ pub fn signature_rule(
         encoding,
         tolerance_secs,
     )
-    .map_err(PyValueError::new_err)
+    .map_err(PyValueError::new_err)?;
+    let now = now.unwrap_or_else(now_unix);
+    Ok(rule.verify(&headers, body, now).err().map(|e| e.message()))
 }
 
 /// A route's `route_by` and `delivery` as the core's values.

@@ -59,11 +59,13 @@ pub type WebhookTuple = (
 /// prefix, algorithm, encoding, tolerance_secs). Webhook and CloudEvents routes take the same.
 pub type SignatureTuple = (String, String, String, String, String, String, u64);
 
+/// The core's rule for a route's signature tuple ([`SignatureRule::configured`] parses it);
+/// a wrong key is a ValueError naming it.
 fn signature_check(tuple: Option<SignatureTuple>) -> PyResult<Option<SignatureRule>> {
     tuple
         .map(
             |(header, scheme, secret, prefix, algorithm, encoding, tolerance)| {
-                crate::cloudevents::signature_rule(
+                SignatureRule::configured(
                     &header,
                     &scheme,
                     secret.as_bytes(),
@@ -72,6 +74,7 @@ fn signature_check(tuple: Option<SignatureTuple>) -> PyResult<Option<SignatureRu
                     &encoding,
                     tolerance,
                 )
+                .map_err(PyValueError::new_err)
             },
         )
         .transpose()

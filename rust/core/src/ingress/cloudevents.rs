@@ -15,9 +15,10 @@
 //! A source whose events need Python's async-invocation layer sets `python_fallback`, as a
 //! webhook does: its requests then go to Python like any Python route.
 
+use super::service::event_route_refusal;
 use super::webhook::{
-    bearer_matches, error, first_result, signature_refusal, unavailable, unrouted, waited_response,
-    with_header,
+    bearer_matches, bearer_refusal, error, first_result, signature_refusal, unavailable, unrouted,
+    waited_response, with_header,
 };
 use super::{Accepted, Shared};
 use crate::cloudevents::{self, Limits, Mode, RouteBy};
@@ -26,7 +27,7 @@ use crate::message::{Completion, Message};
 use crate::signature::SignatureRule;
 use bytes::Bytes;
 use http::header::HeaderValue;
-use http::{Method, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use std::sync::atomic::Ordering;
@@ -72,26 +73,12 @@ impl Shared {
         request: Request<Incoming>,
         remote: &str,
     ) -> Response<Full<Bytes>> {
-        if !route.accepting {
-            return unavailable("not accepting events (starting or shutting down)");
-        }
-        if request.method() != Method::POST {
-            return with_header(
-                super::service::text_response(
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    "405: Method Not Allowed\n",
-                ),
-                "allow",
-                "POST",
-            );
+        if let Some(refused) = event_route_refusal(route.accepting, request.method()) {
+            return refused;
         }
         if let Some(token) = &route.auth_token {
             if bearer_matches(request.headers(), token) != Some(true) {
-                return with_header(
-                    error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token"),
-                    "www-authenticate",
-                    "Bearer realm=\"fastconn\"",
-                );
+                return bearer_refusal();
             }
         }
         let max_body = route.limits.max_body_bytes;

@@ -4,6 +4,7 @@
 use super::body::{read_limited, BodyError};
 use super::callback::{self, CallbackRecord, CallbackRoute, CallbackTable, Claim, Refusal};
 use super::conns::{Admitted, Conn};
+use super::webhook;
 use super::{Answer, Notice, PyRequest, RouteEntry, RouteKind, Shared};
 use crate::panics::CatchPanic;
 use bytes::Bytes;
@@ -41,6 +42,28 @@ fn unavailable(text: &str) -> Response<Full<Bytes>> {
         .headers_mut()
         .insert("retry-after", HeaderValue::from_static("1"));
     response
+}
+
+/// What an event route (webhook, CloudEvents) answers before it reads anything of a request,
+/// when it refuses the request outright: 503 + `Retry-After` while its source is not accepting
+/// (starting, shutting down), 405 + `Allow: POST` to any method but POST.
+pub(super) fn event_route_refusal(
+    accepting: bool,
+    method: &Method,
+) -> Option<Response<Full<Bytes>>> {
+    if !accepting {
+        return Some(webhook::unavailable(
+            "not accepting events (starting or shutting down)",
+        ));
+    }
+    if method != Method::POST {
+        return Some(webhook::with_header(
+            text_response(StatusCode::METHOD_NOT_ALLOWED, "405: Method Not Allowed\n"),
+            "allow",
+            "POST",
+        ));
+    }
+    None
 }
 
 pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {

@@ -15,7 +15,7 @@
 //! requests then go to Python like any Python route.
 
 use super::body::{read_limited, BodyError};
-use super::service::text_response;
+use super::service::{event_route_refusal, text_response};
 use super::text::{constant_time_eq, json_error, percent_decode, query_value, topic_problem};
 use super::{Accepted, Notice, Shared};
 use crate::engine::{SubmitError, INGRESS_TOKEN};
@@ -23,7 +23,7 @@ use crate::headers;
 use crate::message::{Completion, Message, TargetResult, Verdict};
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderValue, CONTENT_TYPE};
-use http::{Method, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use std::sync::atomic::Ordering;
@@ -91,6 +91,15 @@ pub(super) fn with_header(
     response
 }
 
+/// The 401 of an event route (webhook, CloudEvents) for a missing or wrong bearer token.
+pub(super) fn bearer_refusal() -> Response<Full<Bytes>> {
+    with_header(
+        error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token"),
+        "www-authenticate",
+        "Bearer realm=\"fastconn\"",
+    )
+}
+
 pub(super) fn unavailable(reason: &str) -> Response<Full<Bytes>> {
     with_header(
         error(StatusCode::SERVICE_UNAVAILABLE, reason),
@@ -106,23 +115,12 @@ impl Shared {
         request: Request<Incoming>,
         remote: &str,
     ) -> Response<Full<Bytes>> {
-        if !route.accepting {
-            return unavailable("not accepting events (starting or shutting down)");
-        }
-        if request.method() != Method::POST {
-            return with_header(
-                text_response(StatusCode::METHOD_NOT_ALLOWED, "405: Method Not Allowed\n"),
-                "allow",
-                "POST",
-            );
+        if let Some(refused) = event_route_refusal(route.accepting, request.method()) {
+            return refused;
         }
         let query = request.uri().query().unwrap_or("").to_owned();
         if !self.authorized(route, request.headers(), &query) {
-            return with_header(
-                error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token"),
-                "www-authenticate",
-                "Bearer realm=\"fastconn\"",
-            );
+            return bearer_refusal();
         }
         let raw_topic = request
             .uri()
