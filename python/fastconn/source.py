@@ -35,6 +35,7 @@ from fastconn.functions import FunctionTarget
 from fastconn.health import SourceHealth
 from fastconn.http_routes import Route, add_to_aiohttp
 from fastconn.message import Message, Outcome, Verdict
+from fastconn.record_split import Decode, split_records
 from fastconn.supervise import Job, Supervisor
 
 if TYPE_CHECKING:
@@ -174,13 +175,34 @@ class SourceContext:
         *,
         capture: bool = False,
         asynchronous: bool = False,
+        decode: Decode = "none",
     ) -> None:
         """``dispatcher.submit`` plus the per-source metrics and request logging. Waits while
-        the dispatcher is full: a source awaiting this should not fetch more."""
+        the dispatcher is full: a source awaiting this should not fetch more. ``decode``: the
+        source's ``decode`` key; with ``"s3"`` each message is split into its S3 records and
+        ``on_outcomes`` still gets one outcome per message (see :mod:`fastconn.record_split`)."""
+        if decode == "s3":
+            messages, on_outcomes = split_records(messages, on_outcomes)
         if not messages:
             return
         self.count_received(source, messages)
         await self.dispatcher.submit(messages, on_outcomes, capture=capture, asynchronous=asynchronous)
+
+    async def resubmit(
+        self,
+        messages: Sequence[Message],
+        on_outcomes: OutcomeCallback,
+        *,
+        capture: bool = False,
+        asynchronous: bool = False,
+        decode: Decode = "none",
+    ) -> None:
+        """Submits again messages that ``submit`` had (a retry in place): not counted as
+        received, split again with ``decode = "s3"``."""
+        if decode == "s3":
+            messages, on_outcomes = split_records(messages, on_outcomes)
+        if messages:
+            await self.dispatcher.submit(messages, on_outcomes, capture=capture, asynchronous=asynchronous)
 
     def count_received(self, source: str, messages: Sequence[Message]) -> None:
         """Counts received messages per topic and logs them with ``print_request_body`` (done by
