@@ -249,6 +249,17 @@ def test_decode_refuses_other_values_naming_the_key(source: str) -> None:
     assert caught.value.errors()[0]["loc"] == ("decode",)
 
 
+@pytest.mark.parametrize(
+    "config",
+    [{"type": "jetstream", "stream": "S"}, {"type": "kafka", "brokers": ["localhost:9092"], "topics": ["t"]}],
+    ids=["jetstream", "kafka"],
+)
+def test_stored_events_are_not_decoded_again(config: dict[str, Any]) -> None:
+    module = importlib.import_module(f"fastconn.sources.{config['type']}")
+    with pytest.raises(ValidationError, match="decode = 's3' with stored_events"):
+        module.CONFIG_MODEL.model_validate({**config, "stored_events": True, "decode": "s3"})
+
+
 def test_postgres_wal_mode_has_no_s3_decode() -> None:
     module = importlib.import_module("fastconn.sources.postgres")
     with pytest.raises(ValidationError, match="decode = 's3' is for mode = 'notify'"):

@@ -110,6 +110,11 @@ class KafkaConfig(KafkaConnectionConfig):
                 "stored_events reads a webhook store's topic: set topics = [<the store's topic>] "
                 "(else the functions' own topics would be read as stored events)"
             )
+        if self.stored_events and self.decode != "none":
+            raise ValueError(
+                "decode = 's3' with stored_events: a webhook store holds requests its route already "
+                "decoded (set decode = 's3' on the webhook instead)"
+            )
         return self
 
     @field_validator("topics", mode="after")
