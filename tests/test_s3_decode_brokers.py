@@ -155,6 +155,44 @@ async def test_jetstream_failed_record_keeps_the_message_until_every_record_succ
     assert removed[0].headers["X-Topic"] == f"s3/{bucket}/ObjectRemoved/Delete"
 
 
+async def test_jetstream_dead_letters_a_message_that_is_not_a_notification(
+    nats_server: NatsServer, function_double: FunctionDouble
+) -> None:
+    """Not a notification: a final failure, dead-lettered with the reason as any failed message
+    is; the ``s3:TestEvent`` next to it is acknowledged without a call."""
+    bucket, suffix = _bucket(), uuid.uuid4().hex[:8]
+    stream, dlq, subject = f"MINIO{suffix}", f"DLQ{suffix}", f"minio.bad.{suffix}"
+    config = {
+        "type": "jetstream",
+        "servers": [nats_server.url],
+        "stream": stream,
+        "subjects": [subject],
+        "create_stream": True,
+        "dead_letter_subject": f"dlq.{suffix}",
+        "decode": "s3",
+    }
+    test_event = {"Service": "Amazon S3", "Event": "s3:TestEvent", "Bucket": bucket}
+    async with connected(nats_server.url) as nc:
+        js = nc.jetstream()
+        await js.add_stream(name=dlq, subjects=[f"dlq.{suffix}"])
+        async with running(config, functions(function_double, bucket)):
+            await js.publish(subject, b'{"hello": 1}')
+            await js.publish(subject, json.dumps(test_event).encode())
+
+            async def settled() -> bool:
+                info = await js.consumer_info(stream, "fastconn")
+                dead = await js.stream_info(dlq)
+                return bool(info.ack_floor.stream_seq == 2 and dead.state.messages == 1)
+
+            await wait_for(settled, 10, 0.05, "both settled, one dead-lettered")
+        dead = await js.get_msg(dlq, 1)
+    assert dead.data == b'{"hello": 1}'
+    headers = dead.headers or {}
+    assert headers["fastconn-dlt-function"] == DECODE_FUNCTION
+    assert "no 'Records' array" in headers["fastconn-dlt-response"]
+    assert function_double.calls == []
+
+
 async def test_kafka_notification_one_call_per_record_then_commit(
     kafka_broker: KafkaBroker, function_double: FunctionDouble
 ) -> None:
@@ -280,7 +318,8 @@ async def test_one_outcome_per_message_once_every_record_is_final_worst_first() 
         Message("in", notification("b", THREE[:2]), message_id="m2"),
     ]
     got: list[Outcome] = []
-    records, collect = split_records(carriers, got.extend)
+    split = split_records(carriers, got.extend)
+    records, collect = split.records, split.on_outcomes
     assert len(records) == 5
     collect([_outcome(records[0], Verdict.OK, 200), _outcome(records[3], Verdict.OK, 200)])
     collect([_outcome(records[1], Verdict.FAILED, 400)])
@@ -296,8 +335,10 @@ async def test_undecodable_and_test_event_messages_settle_without_a_call() -> No
     test_event = json.dumps({"Service": "Amazon S3", "Event": "s3:TestEvent", "Bucket": "b"}).encode()
     carriers = [Message("in", b"not json", message_id="bad"), Message("in", test_event, message_id="test")]
     got: list[Outcome] = []
-    records, _collect = split_records(carriers, got.extend)
-    assert records == []
+    split = split_records(carriers, got.extend)
+    assert split.records == [] and split.without_records == carriers
+    split.settle_without_records()
+    assert got == []  # on the next loop iteration: the source's submit call returns first
     await wait_for(lambda: len(got) == 2, 5, what="the immediate outcomes")
     bad, test = got
     assert bad.verdict is Verdict.FAILED and bad.results[0].function == DECODE_FUNCTION

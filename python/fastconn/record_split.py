@@ -31,12 +31,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Final, Literal
 
 from fastconn.message import ErrorKind, Message, Outcome, OutcomeCallback, TargetResult, Verdict
 from fastconn.s3_events import SOURCE_RESERVED, S3EventError, decode_notification
 
-__all__ = ["DECODE_FUNCTION", "Decode", "split_records"]
+__all__ = ["DECODE_FUNCTION", "Decode", "Split", "split_records"]
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +62,35 @@ class _Carrier:
         self.outcomes: list[Outcome] = []
 
 
-def split_records(
-    messages: Sequence[Message], on_outcomes: OutcomeCallback
-) -> tuple[list[Message], OutcomeCallback]:
-    """The record messages to submit instead of ``messages``, and the callback to submit them
-    with: it calls ``on_outcomes`` with one outcome per broker message once all its records
-    are final. Messages that decode to no record are settled on the next loop iteration (after
-    the source's submit call returns), through the same ``on_outcomes``."""
+@dataclass(slots=True)
+class Split:
+    """What :func:`split_records` made of a batch of broker messages."""
+
+    records: list[Message]
+    """Submit these (with :attr:`on_outcomes`) instead of the broker messages."""
+    on_outcomes: OutcomeCallback
+    """Gives the source one outcome per broker message once all its records are final."""
+    settled: list[Outcome]
+    """The outcomes of the messages without records (not a notification: FAILED; an
+    ``s3:TestEvent``: UNROUTED), for :meth:`settle_without_records`."""
+    _source_callback: OutcomeCallback
+
+    @property
+    def without_records(self) -> list[Message]:
+        return [outcome.message for outcome in self.settled]
+
+    def settle_without_records(self) -> None:
+        """Hands the source the outcomes of the messages without records, on the next loop
+        iteration: the source finishes its submit call first, as for any outcome."""
+        if self.settled:
+            asyncio.get_running_loop().call_soon(_deliver, self._source_callback, self.settled)
+
+
+def split_records(messages: Sequence[Message], on_outcomes: OutcomeCallback) -> Split:
+    """The record messages of ``messages`` and the callback to submit them with, which calls
+    ``on_outcomes`` with one outcome per broker message once all its records are final."""
     records: list[Message] = []
-    settled_now: list[Outcome] = []
+    settled: list[Outcome] = []
     for message in messages:
         try:
             decoded = decode_notification(message.payload)
@@ -77,10 +98,10 @@ def split_records(
             log.warning(
                 "message %s on %s is not an S3 event notification: %s", message.message_id, message.topic, exc
             )
-            settled_now.append(_undecodable(message, str(exc)))
+            settled.append(_undecodable(message, str(exc)))
             continue
         if not decoded:
-            settled_now.append(Outcome(message, Verdict.UNROUTED, message.message_id or ""))
+            settled.append(Outcome(message, Verdict.UNROUTED, message.message_id or ""))
             continue
         carrier = _Carrier(message, len(decoded))
         kept = [(name, value) for name, value in message.headers if name.lower() not in SOURCE_RESERVED]
@@ -97,8 +118,6 @@ def split_records(
             )
             for record in decoded
         )
-    if settled_now:
-        asyncio.get_running_loop().call_soon(_deliver, on_outcomes, settled_now)
 
     def collect(outcomes: list[Outcome]) -> None:
         done: list[Outcome] = []
@@ -111,7 +130,7 @@ def split_records(
         if done:
             on_outcomes(done)
 
-    return records, collect
+    return Split(records, collect, settled, on_outcomes)
 
 
 def _combined(carrier: _Carrier) -> Outcome:

@@ -181,12 +181,7 @@ class SourceContext:
         the dispatcher is full: a source awaiting this should not fetch more. ``decode``: the
         source's ``decode`` key; with ``"s3"`` each message is split into its S3 records and
         ``on_outcomes`` still gets one outcome per message (see :mod:`fastconn.record_split`)."""
-        if decode == "s3":
-            messages, on_outcomes = split_records(messages, on_outcomes)
-        if not messages:
-            return
-        self.count_received(source, messages)
-        await self.dispatcher.submit(messages, on_outcomes, capture=capture, asynchronous=asynchronous)
+        await self._dispatch(source, messages, on_outcomes, capture, asynchronous, decode)
 
     async def resubmit(
         self,
@@ -198,11 +193,36 @@ class SourceContext:
         decode: Decode = "none",
     ) -> None:
         """Submits again messages that ``submit`` had (a retry in place): not counted as
-        received, split again with ``decode = "s3"``."""
-        if decode == "s3":
-            messages, on_outcomes = split_records(messages, on_outcomes)
-        if messages:
-            await self.dispatcher.submit(messages, on_outcomes, capture=capture, asynchronous=asynchronous)
+        received again, split again with ``decode = "s3"``."""
+        await self._dispatch(None, messages, on_outcomes, capture, asynchronous, decode)
+
+    async def _dispatch(
+        self,
+        source: str | None,
+        messages: Sequence[Message],
+        on_outcomes: OutcomeCallback,
+        capture: bool,
+        asynchronous: bool,
+        decode: Decode,
+    ) -> None:
+        """Submits (counted as received for ``source`` unless None), split with ``decode``."""
+        if decode == "none":
+            if messages and source is not None:
+                self.count_received(source, messages)
+            if messages:
+                await self.dispatcher.submit(
+                    messages, on_outcomes, capture=capture, asynchronous=asynchronous
+                )
+            return
+        split = split_records(messages, on_outcomes)
+        if source is not None and messages:
+            self.count_received(source, [*split.records, *split.without_records])
+        if split.records:
+            await self.dispatcher.submit(
+                split.records, split.on_outcomes, capture=capture, asynchronous=asynchronous
+            )
+        # Only once the records are in (a DispatcherClosed leaves the whole batch to the source).
+        split.settle_without_records()
 
     def count_received(self, source: str, messages: Sequence[Message]) -> None:
         """Counts received messages per topic and logs them with ``print_request_body`` (done by
