@@ -19,6 +19,11 @@ also logs the outage once. The daemon is not ready while a source has been down 
 than ``[server] readiness_grace``. A source without a connection (the webhook) leaves it out
 and counts as healthy. ``start()`` may be cancelled (a stop signal during start-up): it must
 then close whatever it opened and re-raise.
+
+A source whose messages may carry S3/MinIO bucket notifications declares a ``decode`` key
+(:data:`fastconn.record_split.Decode`) and passes it to :meth:`SourceContext.submit` and
+:meth:`SourceContext.resubmit`: the context splits each message into its records and hands the
+source one outcome per message, so the source's settling stays as it is.
 """
 
 from __future__ import annotations
