@@ -580,6 +580,85 @@ async def test_moto_subscribe_publish_end_to_end(
             await front.stop()
 
 
+async def test_moto_s3_uploads_through_sns_reach_the_function_one_call_per_record(
+    daemon_factory: DaemonFactory,
+    function_double: FunctionDouble,
+    moto_server: MotoServer,
+    ca: trustme.CA,
+    ca_file: str,
+    fast_dispatch: dict[str, Any],
+) -> None:
+    """S3 → SNS → daemon: moto's bucket notifies an SNS topic (a TopicConfiguration) that the
+    daemon subscribed itself to; moto publishes each upload's notification (and the
+    ``s3:TestEvent`` of saving the configuration, which decodes to nothing) and posts it,
+    signed, to the daemon. With ``decode = "s3"`` every upload is one call, routed by bucket
+    and event, the key decoded. Certificates are fetched as in the test above (MotoFront)."""
+    session = get_session()
+    endpoint = moto_server.endpoint_url
+    async with (
+        session.create_client("sns", region_name=REGION, endpoint_url=endpoint) as sns,
+        session.create_client("s3", region_name=REGION, endpoint_url=endpoint) as s3,
+    ):
+        topic_arn = (await sns.create_topic(Name="uploads"))["TopicArn"]
+        bucket = "img.sns-fastconn-test"
+        front = await MotoFront(ca, endpoint).start()
+        try:
+            daemon_listen = f"127.0.0.1:{free_port()}"
+            sns_endpoint = f"http://{daemon_listen}/sns"
+            config = {
+                "server": {"listen": daemon_listen},
+                "dispatch": dict(fast_dispatch),
+                "functions": [
+                    {"name": "images", "url": function_double.url("/images"), "topics": [f"s3/{bucket}/#"]}
+                ],
+                "sources": [
+                    {
+                        "type": "sns",
+                        "decode": "s3",
+                        "cert_ca_file": ca_file,
+                        "subscribe": {
+                            "topic_arn": topic_arn,
+                            "endpoint": sns_endpoint,
+                            "endpoint_url": endpoint,
+                        },
+                    }
+                ],
+            }
+            env = {"HTTPS_PROXY": front.proxy_url, "NO_PROXY": "127.0.0.1,localhost"}
+            daemon = await daemon_factory(config, env=env)
+
+            async def subscribed() -> bool:
+                listed = await sns.list_subscriptions_by_topic(TopicArn=topic_arn)
+                return any(s["Endpoint"] == sns_endpoint for s in listed["Subscriptions"])
+
+            await wait_for(subscribed, timeout=20, what="the daemon's Subscribe at moto")
+            await s3.create_bucket(Bucket=bucket)
+            await s3.put_bucket_notification_configuration(
+                Bucket=bucket,
+                NotificationConfiguration={
+                    "TopicConfigurations": [{"TopicArn": topic_arn, "Events": ["s3:ObjectCreated:*"]}]
+                },
+            )
+            keys = ["a.jpg", "with space/b c.png"]
+            for key in keys:
+                await s3.put_object(Bucket=bucket, Key=key, Body=b"x" * 5)
+            await wait_for(lambda: len(function_double.calls) == 2, timeout=20, what="one call per upload")
+            calls = sorted(function_double.calls, key=lambda c: c.headers["X-S3-Key"])
+            assert [c.headers["X-S3-Key"] for c in calls] == keys
+            for call in calls:
+                assert call.headers["X-Topic"] == f"s3/{bucket}/ObjectCreated/Put"
+                assert call.headers["X-S3-Event"] == "ObjectCreated:Put"
+                assert call.headers["X-S3-Size"] == "5"
+                assert call.headers["X-Sns-Arn"] == topic_arn
+                assert json.loads(call.body)["s3"]["bucket"]["name"] == bucket
+            assert len({c.headers["X-Message-Id"] for c in calls}) == 2
+            # Nothing refused, the s3:TestEvent included (no records: answered, nothing to call).
+            assert await errors(daemon, "signature") == 0
+            assert await errors(daemon, "decode") == 0
+        finally:
+            await front.stop()
+
+
 async def test_a_failing_subscribe_is_retried_while_the_endpoint_serves(
     daemon_factory: DaemonFactory,
     function_double: FunctionDouble,

@@ -19,6 +19,11 @@ also logs the outage once. The daemon is not ready while a source has been down 
 than ``[server] readiness_grace``. A source without a connection (the webhook) leaves it out
 and counts as healthy. ``start()`` may be cancelled (a stop signal during start-up): it must
 then close whatever it opened and re-raise.
+
+A source whose messages may carry S3/MinIO bucket notifications declares a ``decode`` key
+(:data:`fastconn.record_split.Decode`) and passes it to :meth:`SourceContext.submit` and
+:meth:`SourceContext.resubmit`: the context splits each message into its records and hands the
+source one outcome per message, so the source's settling stays as it is.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from fastconn.functions import FunctionTarget
 from fastconn.health import SourceHealth
 from fastconn.http_routes import Route, add_to_aiohttp
 from fastconn.message import Message, Outcome, Verdict
+from fastconn.record_split import Decode, split_records
 from fastconn.supervise import Job, Supervisor
 
 if TYPE_CHECKING:
@@ -174,13 +180,54 @@ class SourceContext:
         *,
         capture: bool = False,
         asynchronous: bool = False,
+        decode: Decode = "none",
     ) -> None:
         """``dispatcher.submit`` plus the per-source metrics and request logging. Waits while
-        the dispatcher is full: a source awaiting this should not fetch more."""
-        if not messages:
+        the dispatcher is full: a source awaiting this should not fetch more. ``decode``: the
+        source's ``decode`` key; with ``"s3"`` each message is split into its S3 records and
+        ``on_outcomes`` still gets one outcome per message (see :mod:`fastconn.record_split`)."""
+        await self._dispatch(source, messages, on_outcomes, capture, asynchronous, decode)
+
+    async def resubmit(
+        self,
+        messages: Sequence[Message],
+        on_outcomes: OutcomeCallback,
+        *,
+        capture: bool = False,
+        asynchronous: bool = False,
+        decode: Decode = "none",
+    ) -> None:
+        """Submits again messages that ``submit`` had (a retry in place): not counted as
+        received again, split again with ``decode = "s3"``."""
+        await self._dispatch(None, messages, on_outcomes, capture, asynchronous, decode)
+
+    async def _dispatch(
+        self,
+        source: str | None,
+        messages: Sequence[Message],
+        on_outcomes: OutcomeCallback,
+        capture: bool,
+        asynchronous: bool,
+        decode: Decode,
+    ) -> None:
+        """Submits (counted as received for ``source`` unless None), split with ``decode``."""
+        if decode == "none":
+            if messages and source is not None:
+                self.count_received(source, messages)
+            if messages:
+                await self.dispatcher.submit(
+                    messages, on_outcomes, capture=capture, asynchronous=asynchronous
+                )
             return
-        self.count_received(source, messages)
-        await self.dispatcher.submit(messages, on_outcomes, capture=capture, asynchronous=asynchronous)
+        split = split_records(messages, on_outcomes)
+        if source is not None and messages:
+            self.count_received(source, [*split.records, *split.without_records])
+        if split.records:
+            await self.dispatcher.submit(
+                split.records, split.on_outcomes, capture=capture, asynchronous=asynchronous
+            )
+        # Only once the records are in (a DispatcherClosed leaves the whole batch to the source).
+        split.settle_without_records()
 
     def count_received(self, source: str, messages: Sequence[Message]) -> None:
         """Counts received messages per topic and logs them with ``print_request_body`` (done by

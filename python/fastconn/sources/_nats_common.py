@@ -24,6 +24,7 @@ from fastconn.errors import SourceError
 from fastconn.headers import passthrough
 from fastconn.health import ConnectionHealth, describe_error, display_servers
 from fastconn.ratelimit import RateLimitedLog  # re-exported: the NATS sources import it from here
+from fastconn.record_split import Decode
 from fastconn.redact import redact_text
 from fastconn.tls_config import client_tls_context, tls_pair_problem
 
@@ -432,6 +433,10 @@ class NatsSourceOptions(NatsConnectionConfig):
     asynchronous_invocation: bool = False
     """Invoke functions through ``/async-function/`` for this source's messages; the message
     settles when the callback reports the result (``[dispatch] async_ack``)."""
+    decode: Decode = "none"
+    """``s3``: every message is an S3/MinIO bucket notification (MinIO's NATS target): each
+    record is delivered on its own, and the message settles once all are (see
+    :mod:`fastconn.record_split`)."""
 
     @field_validator("response_subject")
     @classmethod

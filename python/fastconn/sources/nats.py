@@ -303,6 +303,7 @@ class NatsSource:
                         self._settled,
                         capture=bool(self.config.response_subject),
                         asynchronous=self.config.asynchronous_invocation,
+                        decode=self.config.decode,
                     )
                 if requests:
                     await ctx.submit(
@@ -311,6 +312,7 @@ class NatsSource:
                         self._answered,
                         capture=True,
                         asynchronous=self.config.asynchronous_invocation,
+                        decode=self.config.decode,
                     )
             except DispatcherClosed:
                 lost = len(plain) + len(requests)

@@ -99,6 +99,11 @@ class JetStreamConfig(NatsSourceOptions):
             and not self.ordering_key.replace("-", "").replace("_", "").isalnum()
         ):
             raise ValueError("ordering_key must be 'subject' or a header name")
+        if self.stored_events and self.decode != "none":
+            raise ValueError(
+                "decode = 's3' with stored_events: a webhook store holds requests its route already "
+                "decoded (set decode = 's3' on the webhook instead)"
+            )
         return self
 
     @property

@@ -406,6 +406,7 @@ class JetStreamSource:
                     self._on_outcomes,
                     capture=bool(self.config.response_subject),
                     asynchronous=self.config.asynchronous_invocation,
+                    decode=self.config.decode,
                 )
             except DispatcherClosed:
                 for delivery in batch:
@@ -695,15 +696,16 @@ class JetStreamSource:
         self._retries.push(message, delay)
 
     async def _retry_loop(self) -> None:
-        dispatcher = self._require_ctx().dispatcher
+        ctx = self._require_ctx()
         while True:
             due = await self._retries.next_due()
             try:
-                await dispatcher.submit(
+                await ctx.resubmit(
                     due,
                     self._on_outcomes,
                     capture=bool(self.config.response_subject),
                     asynchronous=self.config.asynchronous_invocation,
+                    decode=self.config.decode,
                 )
             except (DispatcherClosed, asyncio.CancelledError) as exc:
                 for message in due:

@@ -15,6 +15,7 @@ from pydantic import (
 )
 
 from fastconn.durations import Duration
+from fastconn.record_split import Decode
 from fastconn.secret_files import secret_or_file
 from fastconn.sources._kafka_connection import KafkaConnectionConfig, is_topic_name, split_list
 from fastconn.tls_config import client_tls_context
@@ -86,6 +87,10 @@ class KafkaConfig(KafkaConnectionConfig):
     """Publish every function's response here (keyed like the input)."""
     asynchronous_invocation: bool = False
     """Invoke functions through ``/async-function/``; the offset waits for the callbacks."""
+    decode: Decode = "none"
+    """``s3``: every record value is an S3/MinIO bucket notification (MinIO's Kafka target):
+    each S3 record is delivered on its own, and the offset moves once all are settled (see
+    :mod:`fastconn.record_split`)."""
     session_timeout: _PositiveDuration = 10.0
     heartbeat_interval: _PositiveDuration = 3.0
     max_poll_interval: _PositiveDuration = 300.0
@@ -104,6 +109,11 @@ class KafkaConfig(KafkaConnectionConfig):
             raise ValueError(
                 "stored_events reads a webhook store's topic: set topics = [<the store's topic>] "
                 "(else the functions' own topics would be read as stored events)"
+            )
+        if self.stored_events and self.decode != "none":
+            raise ValueError(
+                "decode = 's3' with stored_events: a webhook store holds requests its route already "
+                "decoded (set decode = 's3' on the webhook instead)"
             )
         return self
 

@@ -423,6 +423,7 @@ class KafkaSource:
                 self._on_outcomes,
                 capture=self._capture,
                 asynchronous=self.config.asynchronous_invocation,
+                decode=self.config.decode,
             )
         except BaseException:
             for m in messages:

@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from fastconn.durations import Duration
+from fastconn.record_split import Decode
 from fastconn.secret_files import secret_or_file
 from fastconn.tls_config import tls_pair_problem
 
@@ -145,6 +146,10 @@ class MqttConfig(BaseModel):
     asynchronous_invocation: bool = False
     """Invoke functions through ``/async-function/``; a message is acknowledged when the
     callbacks report success (``[dispatch] async_ack``)."""
+    decode: Decode = "none"
+    """``s3``: every message is an S3/MinIO bucket notification (MinIO's MQTT target): each
+    record is delivered on its own, and the message is acknowledged once all are settled (see
+    :mod:`fastconn.record_split`)."""
     receive_maximum: int | None = Field(default=None, ge=1, le=MAX_RECEIVE)
     """MQTT 5: unacknowledged QoS 1/2 messages the broker may send at once; default: the
     dispatcher's capacity. (MQTT 3.1.1: the broker's ``max_inflight_messages`` bounds it.)"""

@@ -173,12 +173,19 @@ class MqttSource:
                     continue
                 (requests if _response_topic(msg) else plain).append(message)
             try:
-                asynchronous = self.config.asynchronous_invocation
+                asynchronous, decode = self.config.asynchronous_invocation, self.config.decode
                 if plain:
-                    await ctx.submit(self.name, plain, self._settled, asynchronous=asynchronous)
+                    await ctx.submit(
+                        self.name, plain, self._settled, asynchronous=asynchronous, decode=decode
+                    )
                 if requests:
                     await ctx.submit(
-                        self.name, requests, self._settled, capture=True, asynchronous=asynchronous
+                        self.name,
+                        requests,
+                        self._settled,
+                        capture=True,
+                        asynchronous=asynchronous,
+                        decode=decode,
                     )
             except DispatcherClosed:
                 return
@@ -311,12 +318,12 @@ class MqttSource:
             plain = [m for m in due if not _response_topic(m.handle.msg)]
             requests = [m for m in due if _response_topic(m.handle.msg)]
             try:
-                asynchronous = self.config.asynchronous_invocation
+                asynchronous, decode = self.config.asynchronous_invocation, self.config.decode
                 if plain:
-                    await ctx.dispatcher.submit(plain, self._settled, asynchronous=asynchronous)
+                    await ctx.resubmit(plain, self._settled, asynchronous=asynchronous, decode=decode)
                 if requests:
-                    await ctx.dispatcher.submit(
-                        requests, self._settled, capture=True, asynchronous=asynchronous
+                    await ctx.resubmit(
+                        requests, self._settled, capture=True, asynchronous=asynchronous, decode=decode
                     )
             except DispatcherClosed:
                 return

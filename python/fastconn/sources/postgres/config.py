@@ -16,6 +16,7 @@ from pydantic import (
 )
 
 from fastconn.durations import Duration
+from fastconn.record_split import Decode
 from fastconn.secret_files import secret_or_file
 from fastconn.sources.postgres.changes import ACTIONS
 
@@ -91,6 +92,10 @@ class PostgresConfig(BaseModel):
     asynchronous_invocation: bool = False
     """Invoke functions through ``/async-function/``; a change counts as done (and the slot
     advances past it) only after its callbacks."""
+    decode: Decode = "none"
+    """``s3`` (with ``mode = "notify"``): every payload is an S3/MinIO bucket notification (a
+    trigger on MinIO's PostgreSQL target table sending ``pg_notify`` of the event): each record
+    is delivered on its own (see :mod:`fastconn.record_split`)."""
     startup_timeout: Duration = 30.0
     """How long start-up keeps trying to reach the server."""
     channels: _List = ()
@@ -138,6 +143,10 @@ class PostgresConfig(BaseModel):
             raise ValueError("mode = 'notify' needs channels (the LISTEN channel names)")
         if self.mode == "wal" and self.channels:
             raise ValueError("channels is for mode = 'notify'; the WAL mode reads tables")
+        if self.mode == "wal" and self.decode != "none":
+            raise ValueError(
+                "decode = 's3' is for mode = 'notify' (WAL changes are rows, not bucket notifications)"
+            )
         return self
 
     @property

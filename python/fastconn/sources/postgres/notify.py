@@ -116,7 +116,11 @@ class NotifySource:
                 batch.append(self._queue.get_nowait())
             try:
                 await ctx.submit(
-                    self.name, batch, self._on_outcomes, asynchronous=self.config.asynchronous_invocation
+                    self.name,
+                    batch,
+                    self._on_outcomes,
+                    asynchronous=self.config.asynchronous_invocation,
+                    decode=self.config.decode,
                 )
             except DispatcherClosed:
                 return

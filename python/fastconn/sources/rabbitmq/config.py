@@ -12,6 +12,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_valida
 from yarl import URL
 
 from fastconn.durations import Duration
+from fastconn.record_split import Decode
 from fastconn.secret_files import read_secret
 from fastconn.tls_config import client_tls_context, tls_pair_problem
 
@@ -122,6 +123,10 @@ class RabbitMQConfig(BaseModel):
     """Routing key of dead letters; default: the message's original routing key."""
     asynchronous_invocation: bool = False
     """Invoke functions through ``/async-function/``; the ack waits for the callbacks."""
+    decode: Decode = "none"
+    """``s3``: every message is an S3/MinIO bucket notification (MinIO's AMQP target): each
+    record is delivered on its own, and the message is acknowledged once all are settled (see
+    :mod:`fastconn.record_split`)."""
     startup_timeout: Duration = Field(default=30.0, gt=0)
 
     @model_validator(mode="before")

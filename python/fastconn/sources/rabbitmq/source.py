@@ -326,6 +326,7 @@ class RabbitMQSource:
                             self._on_outcomes,
                             capture=capture,
                             asynchronous=self.config.asynchronous_invocation,
+                            decode=self.config.decode,
                         )
             except DispatcherClosed:
                 # Not acknowledged: the broker gives them back when the connection closes.
@@ -477,11 +478,12 @@ class RabbitMQSource:
     async def _resubmit(self, message: Message) -> None:
         self._in_place.pop(message, None)
         try:
-            await self._require_ctx().dispatcher.submit(
+            await self._require_ctx().resubmit(
                 [message],
                 self._on_outcomes,
                 capture=_is_request(message.handle.msg),
                 asynchronous=self.config.asynchronous_invocation,
+                decode=self.config.decode,
             )
         except DispatcherClosed:
             await self._requeue(message.handle)

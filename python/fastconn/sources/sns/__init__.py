@@ -1,6 +1,7 @@
 """``type = "sns"``: an HTTP(S) endpoint that Amazon SNS topics deliver to.
 
-``POST <path>`` (default ``/sns``) on the admin server; TLS usually ends at an ingress in front.
+``POST <path>`` (default ``/sns``) on the ingress server (``[server] listen``, where webhooks are
+served); TLS usually ends at an ingress in front.
 Every delivery is checked before anything is dispatched:
 
 * the topic ARN must be in ``topic_arns``;

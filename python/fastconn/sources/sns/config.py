@@ -85,7 +85,7 @@ class SnsConfig(BaseModel):
     each record becomes a message of its own (see :mod:`fastconn.s3_events`), and SNS gets its
     200 once all of them are accepted."""
     path: str = "/sns"
-    """Where SNS posts, on the admin server."""
+    """Where SNS posts, on the ingress server (``[server] listen``, where webhooks are served)."""
     topic_arns: tuple[str, ...] = ()
     """The topics accepted (exact ARNs); required unless ``subscribe`` names the one topic."""
     signing_cert_hosts: tuple[str, ...] = DEFAULT_SIGNING_CERT_HOSTS

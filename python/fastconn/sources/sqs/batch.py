@@ -53,6 +53,8 @@ class BatchCalls:
         self._wake = asyncio.Event()
         self._slots = asyncio.Semaphore(concurrency)
         self._calls: set[asyncio.Task[None]] = set()
+        self._retrying = 0
+        """Entries waiting out a retry delay: not pending yet, but not done either."""
         self.deleted = 0
 
     def delete(self, queue_url: str, receipt: str) -> None:
@@ -63,7 +65,7 @@ class BatchCalls:
 
     @property
     def idle(self) -> bool:
-        return not self._pending and not self._calls
+        return not self._pending and not self._calls and not self._retrying
 
     async def run(self) -> None:
         """Sends what is pending until cancelled (then :meth:`flush` sends the rest)."""
@@ -80,6 +82,8 @@ class BatchCalls:
             await self._send_pending()
             if self._calls:
                 await asyncio.wait(set(self._calls), timeout=max(0.0, deadline - loop.time()))
+            elif self._retrying:
+                await asyncio.sleep(min(0.05, max(0.0, deadline - loop.time())))  # a retry's delay
 
     def _add(self, op: Op, queue_url: str, entry: _Entry) -> None:
         self._pending.setdefault((op, queue_url), []).append(entry)
@@ -160,8 +164,10 @@ class BatchCalls:
         for entry in keep:
             entry.attempt += 1
         delay = doubling(keep[0].attempt - 1, 0.2, 5.0)
+        self._retrying += len(keep)
         asyncio.get_running_loop().call_later(delay, self._requeue, op, url, keep)
 
     def _requeue(self, op: Op, url: str, entries: list[_Entry]) -> None:
+        self._retrying -= len(entries)
         self._pending.setdefault((op, url), []).extend(entries)
         self._wake.set()
