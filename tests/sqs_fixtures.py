@@ -79,7 +79,13 @@ class Sqs:
         a = response["Attributes"]
         return int(a["ApproximateNumberOfMessages"]), int(a["ApproximateNumberOfMessagesNotVisible"])
 
-    async def drained(self, url: str, timeout: float = 20.0) -> None:
+    async def drained(self, url: str, timeout: float = 45.0) -> None:
+        """Waits until the queue holds nothing, visible or in flight. Longer than the source's
+        default visibility timeout (30s): moto's DeleteMessage rebuilds the queue's message
+        list without a lock, so two concurrent deletes (concurrent batches, two replicas) can
+        undo one another; the undone message stays in flight until its visibility ends, then
+        comes back and is delivered and deleted again (a duplicate, as SQS allows)."""
+
         async def empty() -> bool:
             return await self.counts(url) == (0, 0)
 
