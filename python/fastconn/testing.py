@@ -323,6 +323,35 @@ class DaemonProcess:
 NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 
 
+def _listens(pid: int, port: int) -> bool | None:
+    """Whether process ``pid`` (or a child of it) has a TCP socket listening on ``port``, from
+    /proc; None where /proc cannot tell (not Linux, or not permitted)."""
+    try:
+        inodes: set[str] = set()
+        pids = [pid]
+        while pids:
+            current = pids.pop()
+            fd_dir = Path(f"/proc/{current}/fd")
+            for fd in fd_dir.iterdir():
+                with contextlib.suppress(OSError):
+                    target = os.readlink(fd)
+                    if target.startswith("socket:["):
+                        inodes.add(target[8:-1])
+            for task in Path(f"/proc/{current}/task").iterdir():
+                with contextlib.suppress(OSError):
+                    pids.extend(int(child) for child in (task / "children").read_text().split())
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with contextlib.suppress(FileNotFoundError):
+                for line in Path(table).read_text().splitlines()[1:]:
+                    fields = line.split()
+                    local, state, inode = fields[1], fields[3], fields[9]
+                    if state == "0A" and int(local.rpartition(":")[2], 16) == port and inode in inodes:
+                        return True
+        return False
+    except OSError:
+        return None
+
+
 class ServerProcess:
     """A server subprocess (a broker) listening on ``port`` of 127.0.0.1, started and waited
     for in the constructor; its output goes to ``log_path`` for error messages."""
@@ -340,7 +369,11 @@ class ServerProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"{name} exited with {self.process.returncode}:\n{self.output()}")
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-                return
+                # Something answers; it must be this server, not a process that took the port
+                # between free_port() and the server's bind (the server then exits, and the
+                # test would talk to a stranger).
+                if _listens(self.process.pid, port) is not False:
+                    return
             if time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"{name} did not listen on {port} within {timeout}s:\n{self.output()}")
