@@ -4,8 +4,9 @@ same run (the machine is shared; absolute figures drift, ratios much less).
     python -m fastconn bench [SCENARIO...] [--messages N] [--payload BYTES] [--inflight N]
                              [--rounds N] [--quick] [--out DIR]
 
-Scenarios (default: all, in this order): dispatch, webhook, nats, jetstream, kafka, rabbitmq, mqtt, postgres,
-async-callback, fanout, backpressure, scaling, bridge. Writes ``results.json`` (with an
+Scenarios (default: all, in this order): dispatch, webhook, webhook-durable, webhook-https,
+cloudevents, nats, jetstream, kafka, rabbitmq, sqs, mqtt, postgres, pushbullet, async-callback,
+fanout, backpressure, scaling, https, bridge, cron, vcenter. Writes ``results.json`` (with an
 environment header), ``results.md`` (the README table) and ``results.png`` to ``--out``
 (default ``bench-results/``). See ``benches/README.md``.
 """
