@@ -495,6 +495,9 @@ impl Engine {
         if let Some(runtime) = runtime {
             runtime.shutdown_timeout(Duration::from_millis(100));
         }
+        // No call can take a connection any more: close the idle ones now rather than when
+        // the engine is dropped, which a still-referenced dispatcher may never be.
+        self.shared.pool.clear();
         left
     }
 

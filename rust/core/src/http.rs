@@ -253,6 +253,13 @@ impl Pool {
         }
     }
 
+    /// Closes every idle connection. The engine calls it when it closes: a closed dispatcher
+    /// that is still referenced (embedders, tests) must not keep its sockets open.
+    pub fn clear(&self) {
+        let idle = std::mem::take(&mut *self.idle.lock().unwrap_or_else(PoisonError::into_inner));
+        drop(idle);
+    }
+
     /// Enables `https://` endpoints with this configuration (one per engine, so its session
     /// cache lets reconnects resume their TLS sessions).
     pub fn with_tls(mut self, config: Arc<rustls::ClientConfig>) -> Pool {
