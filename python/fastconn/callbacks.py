@@ -197,7 +197,6 @@ class _Call:
     invocation: int
     invoked_at: float
     deadline: float
-    accepted: bool = False
 
 
 def _verdict(result: TargetResult, retry_on: tuple[int, ...]) -> Verdict:
@@ -454,10 +453,9 @@ class Callbacks:
             handle = outcome.message.handle
             if isinstance(handle, _Call):
                 handle.composite.in_core -= 1
-                if outcome.first_status() == 202:
-                    # Accepted (the common case): no result object is needed.
-                    handle.accepted = True
-                else:
+                # Accepted (202, the common case): the call waits for its callback, and no
+                # result object is needed.
+                if outcome.first_status() != 202:
                     self._on_async_answer(handle, outcome.results[0] if outcome.results else None)
                 self._settle_if_done(handle.composite)
                 continue
@@ -501,8 +499,7 @@ class Callbacks:
         if self._calls.get(call.call_id) is not call:
             return  # the callback (or the sweep) got there before the 202 was drained
         if result is not None and result.status == 202:
-            call.accepted = True
-            return
+            return  # accepted: the call waits for its callback
         # No acceptance: the invocation itself failed (or the function left the table).
         if not self._forget(call.call_id):
             return  # a callback claimed it meanwhile: it settles the call
