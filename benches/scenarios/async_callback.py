@@ -47,7 +47,7 @@ class CallbackWorker:
         cpu = result["process_cpu_s"] / n * 1e5
         if self.mode != "async":
             return Sample(rate=result["rate"], messages=n, cpu_per_100k=cpu)
-        # This scenario's latency column is callback received → source message settled.
+        # This scenario's latency column is message in the core → its outcome at the source.
         p50, p99 = result["settle_p50"] * 1e3, result["settle_p99"] * 1e3
         return Sample(rate=result["rate"], messages=n, p50_ms=p50, p99_ms=p99, cpu_per_100k=cpu)
 
@@ -71,7 +71,8 @@ async def run(ctx: Context) -> list[ScenarioResult]:
     await alternate(ctx, result, systems)
     result.notes.append(
         "baseline = fastconn's own sync dispatch (no Python async pipeline to compare with); "
-        "CPU includes interpreter start-up (the worker measures no window); p50 / p99 = callback batch "
-        "received → source message settled; invocations/s = callbacks/s (each call is called back once)"
+        "CPU includes interpreter start-up (the worker measures no window); p50 / p99 = message in the "
+        "core → its outcome at the source (invocation, 202, callback, settle); invocations/s = "
+        "callbacks/s (each call is called back once)"
     )
     return [result]

@@ -27,11 +27,13 @@ RESERVED_HEADERS: list[str]
 HOP_BY_HOP_HEADERS: list[str]
 MAX_INFLIGHT: int
 
-_TargetTuple = tuple[str, str, list[str], int | None, float | None, list[tuple[str, str]], str | None]
+_TargetTuple = tuple[str, str, list[str], int | None, float | None, list[tuple[str, str]], str | None, bool]
 _WireMessage = tuple[
     str, bytes, Sequence[tuple[str, str]], str, bytes | None, int, int, str | None, Sequence[tuple[str, str]]
 ]
-_ResultTuple = tuple[str, int, int, int, float, float | None, bytes | None, list[tuple[str, str]] | None]
+# (function, status, error kind, attempts, latency, retry after, body, headers packed as
+#  b"name\0value\0...")
+_ResultTuple = tuple[str, int, int, int, float, float | None, bytes | None, bytes | None]
 # (function, final results by status, cumulative latency buckets, latency sum, count, retries,
 #  every attempt by status)
 _StatsTuple = tuple[str, list[tuple[str, int]], list[int], float, int, int, list[tuple[str, int]]]
@@ -42,15 +44,15 @@ _IngressRequest = tuple[int, int, str, str, str, list[tuple[str, bytes]], bytes,
 _IngressAccepted = tuple[int, str, str, str, bytes | None]
 # (kind, source, remote, text)
 _IngressNotice = tuple[str, str | None, str, str]
-_IngressCallback = tuple[str, str, int, tuple[tuple[str, str], ...], bytes]
 # (method, path, prefix, max body bytes, oversized bodies reach the handler, tracked header)
 _PythonRoute = tuple[str, str, bool, int, bool, str]
 # (header, scheme, secret, prefix, algorithm, encoding, tolerance_secs)
 _SignatureTuple = tuple[str, str, str, str, str, str, int]
-# (name, max_body, auth_token, signature, accepting, python fallback route index, record payload)
-_WebhookTuple = tuple[str, int, str | None, _SignatureTuple | None, bool, int | None, bool]
+# (name, max_body, auth_token, signature, accepting, python fallback route index, record payload,
+#  asynchronous)
+_WebhookTuple = tuple[str, int, str | None, _SignatureTuple | None, bool, int | None, bool, bool]
 # (name, path, max_body, max_batch, route_by, delivery, reply, auth_token, signature, accepting,
-#  record_payload, (capture_replies, python fallback route index))
+#  record_payload, (capture_replies, asynchronous))
 _CloudEventsTuple = tuple[
     str,
     str,
@@ -63,7 +65,7 @@ _CloudEventsTuple = tuple[
     _SignatureTuple | None,
     bool,
     bool,
-    tuple[bool, int | None],
+    tuple[bool, bool],
 ]
 
 @final
@@ -128,14 +130,26 @@ class Runtime:
     def ingress_wake_fd(self) -> int: ...
     def ingress_drain(
         self,
-    ) -> tuple[
-        list[_IngressRequest], list[_IngressAccepted], list[_IngressNotice], list[_IngressCallback]
-    ]: ...
+    ) -> tuple[list[_IngressRequest], list[_IngressAccepted], list[_IngressNotice]]: ...
     def callbacks_setup(self, secret: bytes, memory: int) -> None: ...
-    def callbacks_expect(self, ids: list[str]) -> list[str]: ...
-    def callbacks_forget(self, ids: list[str]) -> list[bool]: ...
-    def callbacks_claim(self, call_id: str) -> int: ...
+    def async_calls(
+        self,
+        callback_base: str,
+        timeout: float,
+        max_pending: int,
+        ack: str,
+        max_attempts: int,
+        retry_on: list[int],
+        backoff_initial: float,
+        backoff_max: float,
+    ) -> None: ...
+    def callbacks_pending(self) -> int: ...
+    def callbacks_stats(self) -> list[_StatsTuple]: ...
     def callbacks_refused(self) -> list[tuple[str, int]]: ...
+    def callbacks_receiving(self, call_id: str, arriving: bool) -> None: ...
+    def callbacks_complete(
+        self, call_id: str, status: int, headers: list[tuple[str, str]], body: bytes, too_large: bool
+    ) -> int: ...
     def ingress_respond(self, answers: list[tuple[int, int, list[tuple[str, str]], bytes]]) -> int: ...
     def ingress_routes(
         self,

@@ -158,10 +158,9 @@ class Daemon:
             ),
             CallbackMetrics(self.metrics.registry),
         )
-        # Answered in the core: token check, claim (exactly once) and body limit, no Python
-        # per request; the claimed callbacks settle here in batches.
+        # Answered in the core: token check, claim (exactly once) and body limit, the result
+        # handed to the call waiting in the core; no Python per callback.
         self.ingress.add_callbacks(self.callbacks)
-        self.callbacks.supervise_with(self.supervisor.spawn)
         uses_async = d.asynchronous_invocation or any(
             getattr(source, "asynchronous_invocation", False) for source in config.sources
         )

@@ -81,9 +81,6 @@ class _Batch:
     ids: list[str]
     callback: OutcomeCallback
     remaining: int
-    observed: bool
-    """Whether observers see these outcomes (not for the async layer's per-function calls,
-    whose combined outcome is observed instead)."""
 
 
 @dataclass(slots=True)
@@ -146,8 +143,6 @@ class Dispatcher:
         self._id_counter = itertools.count()
         self._observers: list[OutcomeCallback] = []
         self._targets: tuple[FunctionTarget, ...] = ()
-        self._async_functions: frozenset[str] = frozenset()
-        self._async_capable: frozenset[str] = frozenset()
         self.callbacks: Callbacks | None = None
         self._closing = False
         self._ingress_sink: IngressSink | None = None
@@ -194,7 +189,7 @@ class Dispatcher:
         if self._targets:
             self.set_functions(self._targets)
         if self.callbacks is not None:
-            self.callbacks.start()
+            self.callbacks.attach(self._runtime)
 
     async def close(self, timeout: float = 30.0) -> int:
         """Stops intake and waits up to ``timeout`` for accepted messages; their callbacks
@@ -206,8 +201,6 @@ class Dispatcher:
         # The core's close blocks a thread (without the GIL) until its queue is empty; the loop
         # keeps running meanwhile and drains completions as they arrive.
         left = await asyncio.get_running_loop().run_in_executor(None, runtime.close, timeout)
-        if self.callbacks is not None:
-            await self.callbacks.stop()
         self._on_wake()
         assert self._loop is not None
         self._loop.remove_reader(runtime.wake_fd)
@@ -231,13 +224,20 @@ class Dispatcher:
     def set_functions(self, targets: Iterable[FunctionTarget]) -> None:
         """Swaps the routing table atomically; calls already running are not affected."""
         self._targets = tuple(targets)
-        self._async_capable = frozenset(t.name for t in self._targets if t.async_url)
-        self._async_functions = frozenset(t.name for t in self._targets if t.async_url and t.asynchronous)
         if self._runtime is None:
             return
         self._runtime.set_targets(
             [
-                (t.name, t.url, list(t.topics), t.max_inflight, t.timeout, list(t.headers), t.async_url)
+                (
+                    t.name,
+                    t.url,
+                    list(t.topics),
+                    t.max_inflight,
+                    t.timeout,
+                    list(t.headers),
+                    t.async_url,
+                    t.asynchronous,
+                )
                 for t in self._targets
             ]
         )
@@ -245,12 +245,6 @@ class Dispatcher:
     @property
     def functions(self) -> tuple[FunctionTarget, ...]:
         return self._targets
-
-    @property
-    def has_async_functions(self) -> bool:
-        """Whether some function is always invoked asynchronously (its messages need the async
-        layer in Python)."""
-        return bool(self._async_functions)
 
     @property
     def runtime(self) -> _core.Runtime:
@@ -276,82 +270,26 @@ class Dispatcher:
         results carry each function's response body and headers. With ``asynchronous`` every
         function that has an ``/async-function/`` form is invoked through it (functions marked
         asynchronous always are); see :mod:`fastconn.callbacks` for when such calls settle."""
-        runtime = self._require_runtime()
-        async_pool = self._async_capable if asynchronous else self._async_functions
-        if not async_pool:
-            await self._submit_plain(messages, on_outcomes, capture=capture)
-            return
-        layer = self._async_layer()
+        self._require_runtime()
         step = max(1, min(self.options.batch_size, self.options.queue_bound, _INDEX_MASK))
         for start in range(0, len(messages), step):
             chunk = messages[start : start + step]
-            # One crossing per batch to learn which messages reach an async function.
-            routes = runtime.route([m.topic for m in chunk])
-            # Runs of plain and split messages go out in the order they came, so that a key's
-            # messages are admitted to the core in order whichever path each takes.
-            run: list[Message] = []
-            run_routes: list[list[str]] = []
-            run_async: list[frozenset[str]] = []
-            for message, functions in zip(chunk, routes, strict=True):
-                chosen = async_pool.intersection(functions) if message.function is None else frozenset()
-                if run and bool(chosen) != bool(run_async):
-                    await self._submit_run(layer, run, run_routes, run_async, on_outcomes, capture)
-                    run, run_routes, run_async = [], [], []
-                run.append(message)
-                if chosen:
-                    run_routes.append(functions)
-                    run_async.append(chosen)
-            if run:
-                await self._submit_run(layer, run, run_routes, run_async, on_outcomes, capture)
-
-    async def _submit_run(
-        self,
-        layer: Callbacks,
-        run: list[Message],
-        routes: list[list[str]],
-        async_sets: list[frozenset[str]],
-        on_outcomes: OutcomeCallback,
-        capture: bool,
-    ) -> None:
-        if async_sets:
-            await layer.submit(run, routes, async_sets, on_outcomes, capture)
-        else:
-            await self._submit_plain(run, on_outcomes, capture=capture)
+            await self.reserve(len(chunk))
+            self.submit_reserved(chunk, on_outcomes, capture=capture, asynchronous=asynchronous)
 
     def enable_callbacks(
         self, settings: CallbackSettings, metrics: CallbackMetrics | None = None
     ) -> Callbacks:
         """Settles async calls on their callback (or on the 202, per ``settings.ack``); the
-        returned object's ``handle`` must be served at ``<public_url>/callback/{token}``."""
-        self.callbacks = Callbacks(self, settings, metrics)
+        callback route must be served at ``<public_url>/callback/{token}`` (the ingress's
+        ``add_callbacks``, or the returned object's ``register_routes``). Without it, async
+        calls settle on their 202, as OpenFaaS connectors do."""
+        self.callbacks = Callbacks(settings, metrics)
         if self._runtime is not None:
-            self.callbacks.start()
+            self.callbacks.attach(self._runtime)
         return self.callbacks
 
-    def _async_layer(self) -> Callbacks:
-        if self.callbacks is None:
-            # No callback receiver: async calls settle on their 202, as OpenFaaS connectors do.
-            o = self.options
-            settings = CallbackSettings(
-                public_url="", ack="on_accept", max_attempts=o.max_attempts, retry_on=o.retry_on
-            )
-            self.callbacks = Callbacks(self, settings)
-        return self.callbacks
-
-    async def _submit_plain(
-        self,
-        messages: Sequence[Message],
-        on_outcomes: OutcomeCallback,
-        *,
-        capture: bool,
-    ) -> None:
-        step = max(1, min(self.options.batch_size, self.options.queue_bound, _INDEX_MASK))
-        for start in range(0, len(messages), step):
-            chunk = messages[start : start + step]
-            await self.reserve(len(chunk))
-            self.submit_reserved(chunk, on_outcomes, capture=capture)
-
-    # -- the interface of the async layer (fastconn.callbacks.CallTransport) -----------------
+    # -- lower-level submission (the ingress, tests) ------------------------------------------
 
     async def reserve(self, n: int) -> None:
         """Waits for room for ``n`` messages in the core; ``submit_reserved`` then uses it."""
@@ -367,11 +305,10 @@ class Dispatcher:
         on_outcomes: OutcomeCallback,
         *,
         capture: bool,
-        observe: bool = True,
+        asynchronous: bool = False,
     ) -> None:
-        """Hands messages whose room was reserved to the core, without waiting. ``observe``:
-        whether observers see these outcomes (not for the async layer's per-function calls,
-        whose combined outcome it delivers itself with ``deliver_final``)."""
+        """Hands messages whose room was reserved to the core, without waiting (``submit``
+        says what ``asynchronous`` does)."""
         try:
             runtime = self._require_runtime()
         except DispatcherClosed:
@@ -382,7 +319,7 @@ class Dispatcher:
         for start in range(0, len(messages), step):
             chunk = messages[start : start + step]
             try:
-                self._submit_chunk(runtime, chunk, on_outcomes, capture, observe)
+                self._submit_chunk(runtime, chunk, on_outcomes, capture, asynchronous)
             except BaseException:
                 # The failed chunk gave its room back; so do the chunks after it.
                 self._capacity.release(max(0, len(messages) - start - len(chunk)))
@@ -404,11 +341,11 @@ class Dispatcher:
         chunk: Sequence[Message],
         callback: OutcomeCallback,
         capture: bool,
-        observed: bool,
+        asynchronous: bool,
     ) -> None:
         batch_id = next(self._batch_ids)
         ids = [m.message_id or self._new_id() for m in chunk]
-        base_flags = 1 if capture else 0
+        base_flags = (1 if capture else 0) | (asynchronous << 3)
         wire = [
             (
                 m.topic,
@@ -434,7 +371,7 @@ class Dispatcher:
         except BaseException:
             self._capacity.release(len(chunk))
             raise
-        self._batches[batch_id] = _Batch(chunk, ids, callback, len(chunk), observed)
+        self._batches[batch_id] = _Batch(chunk, ids, callback, len(chunk))
 
     async def call(self, messages: Sequence[Message], *, capture: bool = False) -> list[Outcome]:
         """Submits and waits for every outcome; returned in the order of ``messages``."""
@@ -544,10 +481,7 @@ class Dispatcher:
             batch.remaining -= len(outcomes)
             if batch.remaining == 0:
                 del batches[batch_id]
-            if batch.observed:
-                self.deliver_final(batch.callback, outcomes)
-            else:
-                self._deliver(batch.callback, outcomes)
+            self.deliver_final(batch.callback, outcomes)
 
     @staticmethod
     def _deliver(callback: OutcomeCallback, outcomes: list[Outcome]) -> None:

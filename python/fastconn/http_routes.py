@@ -16,7 +16,6 @@ answers, not crashes.
 
 from __future__ import annotations
 
-import collections
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -128,26 +127,25 @@ def add_to_aiohttp(
     route: Route,
     *,
     track_header: str = "",
-    receiving: collections.Counter[str] | None = None,
+    receiving: Callable[[str, bool], None] | None = None,
 ) -> None:
     """Serves ``route`` on an aiohttp application (the admin server). With ``track_header``,
-    the header's value is counted in ``receiving`` while the request's body is read."""
+    ``receiving(value, True)`` is called with the header's value before the request's body is
+    read and ``receiving(value, False)`` once it is."""
 
     async def handle(request: web.Request) -> web.StreamResponse:
         if route.method not in (request.method, "*"):
             return _to_aiohttp(text_response(405, f"use {route.method}", ("Allow", route.method)))
         tracked = request.headers.get(track_header, "") if track_header and receiving is not None else ""
         if tracked and receiving is not None:
-            receiving[tracked] += 1
+            receiving(tracked, True)
         try:
             body = await read_at_most(request, route.max_body_bytes)
         except IncompleteBody as exc:
             return _to_aiohttp(text_response(400, str(exc)))
         finally:
             if tracked and receiving is not None:
-                receiving[tracked] -= 1
-                if receiving[tracked] <= 0:
-                    del receiving[tracked]
+                receiving(tracked, False)
         if body is None and not route.oversized_to_handler:
             return _to_aiohttp(
                 text_response(413, f"the body is over {route.max_body_bytes} bytes (max_body_bytes)")

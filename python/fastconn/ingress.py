@@ -9,14 +9,14 @@ The core serves every request; Python is involved only in batches:
   finished in one loop iteration in one call.
 * **Webhook and CloudEvents routes** are served by the core alone: it submits the message straight into the
   dispatcher and answers. Python hears of accepted messages in the same drain (metrics,
-  ``print_request_body``) and of their outcomes through the dispatcher's completion queue.
-  While their messages need the async-invocation layer (:func:`invokes_asynchronously`, or the
-  source's ``asynchronous_invocation``) the core hands their requests to the source's Python
-  handler instead, like any Python route.
+  ``print_request_body``) and of their outcomes through the dispatcher's completion queue,
+  async invocations included (the core waits for their callbacks). A webhook whose requests
+  need Python (a ``store``, ``decode = "s3"``) has the core hand them to the source's handler
+  instead, like any Python route.
 * **Callbacks** of async invocations (``/callback/<token>``, :meth:`Ingress.add_callbacks`) are
   answered by the core: token check, claim in its table of expected calls (exactly once: 409
-  for duplicates), body limit. The claimed callbacks reach :meth:`Callbacks.on_callbacks` in
-  the same drain, one batch per wake-up.
+  for duplicates), body limit; the result goes to the call waiting in the core. No Python
+  runs per callback: the metrics read the core's counts at scrape time.
 * **Readiness**: ``/readyz`` answers what Python last pushed (:meth:`Ingress.set_ready`), set on
   change, not asked per request.
 * **Notices**: malformed requests and refused ones are logged here, rate-limited.
@@ -29,13 +29,12 @@ import contextlib
 import logging
 import os
 import urllib.parse
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from fastconn import _core
 from fastconn.callbacks import Callbacks
 from fastconn.dispatcher import Dispatcher
-from fastconn.functions import FunctionTarget
 from fastconn.http_routes import HttpRequest, HttpResponse, Route, serve
 from fastconn.message import Message, Outcome, OutcomeCallback
 from fastconn.ratelimit import RateLimitedLog
@@ -47,7 +46,6 @@ __all__ = [
     "Ingress",
     "IngressLimits",
     "WebhookRoute",
-    "invokes_asynchronously",
     "warn_undelivered",
 ]
 
@@ -55,13 +53,6 @@ log = logging.getLogger("fastconn.ingress")
 
 INGRESS_TOKEN = 1 << 63
 """The bit the core sets in the tokens of messages the ingress submits itself."""
-
-
-def invokes_asynchronously(targets: Iterable[FunctionTarget]) -> bool:
-    """Whether some function is always invoked asynchronously: an ingress route's messages then
-    need the async-invocation layer, which is in Python (the core's routes cannot wait for a
-    callback), so the route hands its requests to its Python handler."""
-    return any(t.asynchronous and t.async_url for t in targets)
 
 
 def warn_undelivered(lines: RateLimitedLog, kind: str, outcomes: Sequence[Outcome]) -> None:
@@ -106,13 +97,15 @@ class WebhookRoute:
     signature: SignatureTuple | None
     """The sender's signature check (:meth:`SignatureKeys.signature_rule`), or none."""
     python_route: Route
-    """The same endpoint in Python, served instead while ``python`` is set (messages that need
-    the async-invocation layer)."""
+    """The same endpoint in Python, served instead while ``python`` is set (a ``store``,
+    ``decode = "s3"``)."""
     on_accepted: Callable[[Sequence[Message]], None]
     on_outcomes: OutcomeCallback
     record_payload: bool = False
     accepting: bool = False
     python: bool = False
+    asynchronous: bool = False
+    """Invoke functions through ``/async-function/`` (the core waits for each callback)."""
 
 
 @dataclass(slots=True)
@@ -131,14 +124,12 @@ class CloudEventsRoute:
     """The sender's signature check (:meth:`SignatureKeys.signature_rule`), or none."""
     on_accepted: Callable[[Sequence[Message]], None]
     on_outcomes: OutcomeCallback
-    python_route: Route | None = None
-    """The same endpoint in Python, served instead while ``python`` is set (events that need
-    the async-invocation layer)."""
     record_payload: bool = False
     accepting: bool = False
-    python: bool = False
     capture_replies: bool = False
     """Every event's function response comes back with its outcome (for a ``reply_sink``)."""
+    asynchronous: bool = False
+    """Invoke functions through ``/async-function/`` (the core waits for each callback)."""
 
 
 @dataclass(slots=True)
@@ -226,11 +217,8 @@ class Ingress:
                 if python is not None:
                     webhook.python = python
         for route in self._cloudevents:
-            if route.name == name:
-                if accepting is not None:
-                    route.accepting = accepting
-                if python is not None:
-                    route.python = python
+            if route.name == name and accepting is not None:
+                route.accepting = accepting
         self._push_routes()
 
     def set_ready(self, ready: bool, text: str, routing: bool) -> None:
@@ -306,14 +294,11 @@ class Ingress:
                     w.accepting,
                     fallback if w.python else None,
                     w.record_payload,
+                    w.asynchronous,
                 )
             )
         cloudevents = []
         for c in self._cloudevents:
-            handler: int | None = None
-            if c.python_route is not None:
-                handler = len(table)
-                table.append(c.python_route)
             cloudevents.append(
                 (
                     c.name,
@@ -327,7 +312,7 @@ class Ingress:
                     c.signature,
                     c.accepting,
                     c.record_payload,
-                    (c.capture_replies, handler if c.python else None),
+                    (c.capture_replies, c.asynchronous),
                 )
             )
         self._table = table
@@ -358,9 +343,7 @@ class Ingress:
             return
         with contextlib.suppress(BlockingIOError):
             os.read(runtime.ingress_wake_fd, 8)
-        requests, accepted, notices, callbacks = runtime.ingress_drain()
-        if callbacks and self._callbacks is not None:
-            self._callbacks.on_callbacks(callbacks)
+        requests, accepted, notices = runtime.ingress_drain()
         if accepted:
             self._on_accepted(accepted)
         for kind, source, remote, text in notices:

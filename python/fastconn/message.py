@@ -120,7 +120,9 @@ class TargetResult:
         return str(self.status) if self.status else self.error.label
 
 
-_WireResult = tuple[str, int, int, int, float, "float | None", "bytes | None", "list[tuple[str, str]] | None"]
+_WireResult = tuple[str, int, int, int, float, "float | None", "bytes | None", "bytes | None"]
+"""A result as the core drains it; headers packed as ``name\\0value\\0...`` (see
+:func:`_unpack_headers`)."""
 _ERROR_KINDS = tuple(ErrorKind)
 
 
@@ -134,8 +136,17 @@ def _result_from_wire(raw: _WireResult) -> TargetResult:
         latency,
         retry_after,
         body,
-        tuple(headers) if headers is not None else None,
+        _unpack_headers(headers) if headers is not None else None,
     )
+
+
+def _unpack_headers(packed: bytes) -> tuple[tuple[str, str], ...]:
+    """The core's ``name\\0value\\0...`` as (name, value) pairs (HTTP allows no NUL in
+    either, so the separator is unambiguous)."""
+    if not packed:
+        return ()
+    parts = packed.decode("utf-8", "replace").split("\0")
+    return tuple(zip(parts[0:-1:2], parts[1::2], strict=True))
 
 
 class Outcome:

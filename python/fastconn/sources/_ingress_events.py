@@ -9,8 +9,7 @@ import logging
 from collections.abc import Sequence
 from typing import ClassVar, Generic, Protocol, TypeVar
 
-from fastconn.functions import FunctionTarget
-from fastconn.ingress import invokes_asynchronously, warn_undelivered
+from fastconn.ingress import warn_undelivered
 from fastconn.message import Message, Outcome
 from fastconn.ratelimit import RateLimitedLog
 from fastconn.source import SourceContext
@@ -48,15 +47,6 @@ class IngressEventSource(Generic[ConfigT]):
     @property
     def asynchronous_invocation(self) -> bool:
         return self.config.asynchronous_invocation
-
-    @property
-    def _served_in_python(self) -> bool:
-        """Whether every request takes the Python handler, whatever the functions: async
-        invocation (the async-invocation layer is Python)."""
-        return self.config.asynchronous_invocation
-
-    def _functions_changed(self, targets: tuple[FunctionTarget, ...]) -> None:
-        self._tell_ingress(python=self._served_in_python or invokes_asynchronously(targets))
 
     def _tell_ingress(self, *, accepting: bool | None = None, python: bool | None = None) -> None:
         """Passes the route's state to the core (None: unchanged); nothing without a server."""

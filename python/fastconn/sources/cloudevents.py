@@ -28,10 +28,10 @@ Delivery guarantee: as for webhooks, at most once after the ``202`` (the sender 
 refused whole and a ``202`` covers every event in it. Python hears of accepted events and their
 outcomes in batches (metrics, logs of undelivered events).
 
-Async invocation (``asynchronous_invocation``, or functions marked asynchronous): the core then
-hands the requests to the same endpoint in Python (:mod:`._cloudevents_python`), which gives the
-same answers; the 202 still means accepted, each event settles when its callback arrives (a
-failed callback is re-invoked like a failed call), and ``Prefer: reply`` waits for the callback.
+Async invocation (``asynchronous_invocation``, or functions marked asynchronous): the core still
+serves the route; the 202 still means accepted, each event settles when its callback arrives in
+the core (a failed callback is re-invoked like a failed call), and ``Prefer: reply`` waits for
+the callback.
 """
 
 from __future__ import annotations
@@ -50,7 +50,6 @@ from fastconn.publish_sink import PublishConfig, Publisher, PublishError, destin
 from fastconn.ratelimit import RateLimitedLog
 from fastconn.signatures import SignatureKeys
 from fastconn.source import SourceContext
-from fastconn.sources._cloudevents_python import PythonCloudEvents
 from fastconn.sources._ingress_events import IngressEventSource
 
 __all__ = ["CONFIG_MODEL", "CloudEventsConfig", "CloudEventsSource", "create"]
@@ -126,7 +125,6 @@ class CloudEventsSource(IngressEventSource[CloudEventsConfig]):
 
     def __init__(self, config: CloudEventsConfig) -> None:
         super().__init__(config, log)
-        self._python = PythonCloudEvents(config, lambda: self._ctx, self._on_outcomes, self._closed)
         self._reply_log = RateLimitedLog(log, interval=10.0)
         sink = config.reply_sink
         self._publisher: Publisher | None = (
@@ -155,13 +153,11 @@ class CloudEventsSource(IngressEventSource[CloudEventsConfig]):
                 signature=c.signature_rule(),
                 on_accepted=self._on_accepted,
                 on_outcomes=self._on_outcomes,
-                python_route=self._python.route(),
                 record_payload=ctx.print_request_body,
-                python=c.asynchronous_invocation,
                 capture_replies=self._publisher is not None,
+                asynchronous=c.asynchronous_invocation,
             )
         )
-        ctx.on_functions_changed(self._functions_changed)
 
     async def start(self) -> None:
         if self._publisher is not None and self._ctx is not None:
@@ -182,7 +178,6 @@ class CloudEventsSource(IngressEventSource[CloudEventsConfig]):
         return HEALTHY
 
     def _set_accepting(self, accepting: bool) -> None:
-        self._python.accepting = accepting
         self._tell_ingress(accepting=accepting)
 
     def _on_outcomes(self, outcomes: list[Outcome]) -> None:

@@ -24,11 +24,12 @@ nothing to acknowledge: a message that fails for good is counted in
 ``fastconn_messages_failed_total`` and logged. Python learns of accepted messages and of their
 outcomes in batches (metrics, ``print_request_body``).
 
-When a message needs the async-invocation layer (``asynchronous_invocation``, or functions marked
-asynchronous), a ``store`` (durable ingress: 202 only once a JetStream stream or a Kafka topic
-holds the event, :mod:`fastconn.ingress_store`) or ``decode = "s3"``, the core hands the requests
-to this module's Python handler instead, which gives the same answers (``?wait=true`` then waits
-for the callback) and checks signatures with the same core rule.
+With async invocation (``asynchronous_invocation``, or functions marked asynchronous) the core
+still serves the route: each call waits for its callback in the core, and ``?wait=true`` answers
+with the callback's result. With a ``store`` (durable ingress: 202 only once a JetStream stream
+or a Kafka topic holds the event, :mod:`fastconn.ingress_store`) or ``decode = "s3"``, the core
+hands the requests to this module's Python handler instead, which gives the same answers and
+checks signatures with the same core rule.
 
 Malformed requests are the sender's problem, not the daemon's: they get a 4xx naming what is
 wrong and one rate-limited log line, never a traceback.
@@ -146,18 +147,18 @@ class WebhookSource(IngressEventSource[WebhookConfig]):
                 on_outcomes=self._on_outcomes,
                 record_payload=ctx.print_request_body,
                 python=self._served_in_python,
+                asynchronous=c.asynchronous_invocation,
             )
         )
-        ctx.on_functions_changed(self._functions_changed)
 
     @property
     def _served_in_python(self) -> bool:
-        """Whether every request takes the Python handler rather than the core's: async
-        invocation (the async layer is Python), a store (durable ingress publishes from Python)
-        or ``decode = "s3"`` (one request, many messages). Signatures never need Python: the
-        core checks every scheme of :mod:`fastconn.signatures`."""
+        """Whether every request takes the Python handler rather than the core's: a store
+        (durable ingress publishes from Python) or ``decode = "s3"`` (one request, many
+        messages). Async invocation and signatures never need Python: the core waits for
+        callbacks and checks every scheme of :mod:`fastconn.signatures`."""
         c = self.config
-        return c.asynchronous_invocation or c.store is not None or c.decode != "none"
+        return c.store is not None or c.decode != "none"
 
     async def start(self) -> None:
         if self._store is not None:

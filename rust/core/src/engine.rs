@@ -10,6 +10,7 @@
 //!
 //! Permits are released during retry backoff so a sleeping retry blocks nobody.
 
+use crate::callbacks::{not_accepted, AsyncCalls};
 use crate::headers;
 use crate::http::{Attempt, Endpoint, Pool};
 use crate::message::{Completion, CompletionSink, ErrorKind, Message, TargetResult, Verdict};
@@ -23,7 +24,7 @@ use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 use tokio::runtime::Runtime;
 use tokio::sync::Semaphore;
@@ -141,6 +142,8 @@ pub struct TargetSpec {
     /// Where asynchronous invocations go (OpenFaaS `/async-function/<name>`), if the function
     /// has such a form.
     pub async_url: Option<String>,
+    /// Always invoke through `async_url`, whether or not the message asks for it.
+    pub always_async: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -190,6 +193,7 @@ struct Target {
     name: Arc<str>,
     endpoint: Endpoint,
     async_endpoint: Option<Endpoint>,
+    always_async: bool,
     timeout: Duration,
     limit: Arc<Semaphore>,
     stats: Arc<TargetStats>,
@@ -199,12 +203,12 @@ struct Target {
 }
 
 impl Target {
-    /// The async form when the message asks for it and the function has one.
-    fn endpoint_for(&self, message: &Message) -> &Endpoint {
-        match (&self.async_endpoint, message.asynchronous) {
-            (Some(endpoint), true) => endpoint,
-            _ => &self.endpoint,
-        }
+    /// The async form when the function has one and is always invoked through it, or the
+    /// message asks for it.
+    fn async_endpoint_for(&self, message: &Message) -> Option<&Endpoint> {
+        self.async_endpoint
+            .as_ref()
+            .filter(|_| self.always_async || message.asynchronous)
     }
 }
 
@@ -240,6 +244,9 @@ struct Shared {
     waiters: Mutex<HashMap<u64, tokio::sync::oneshot::Sender<Completion>>>,
     inflight: AtomicUsize,
     closed: AtomicBool,
+    /// How async calls settle: on their callback (the table they wait in), or, when unset, on
+    /// the gateway's 202 with the engine's retry policy.
+    async_calls: RwLock<Option<Arc<AsyncCalls>>>,
 }
 
 pub struct Engine {
@@ -274,6 +281,7 @@ impl Engine {
             waiters: Mutex::new(HashMap::new()),
             inflight: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
+            async_calls: RwLock::new(None),
             config,
         });
         let handle = runtime.handle().clone();
@@ -296,6 +304,25 @@ impl Engine {
             .router
             .swap(RouteTable::build_named(entries, |t| &t.name));
         Ok(())
+    }
+
+    /// How async calls settle from now on (calls already waiting keep theirs): on their
+    /// callback in `calls`' table, or, with `None`, on the gateway's 202.
+    pub fn set_async_calls(&self, calls: Option<Arc<AsyncCalls>>) {
+        *self
+            .shared
+            .async_calls
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = calls;
+    }
+
+    /// The async calls' settings and table, once set.
+    pub fn async_calls(&self) -> Option<Arc<AsyncCalls>> {
+        self.shared
+            .async_calls
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Accepts a batch without waiting. Routing and dispatch happen on the runtime; one
@@ -571,6 +598,7 @@ impl Shared {
             name: Arc::from(spec.name.as_str()),
             endpoint,
             async_endpoint,
+            always_async: spec.always_async,
             timeout: spec.timeout.unwrap_or(self.config.timeout),
             limit,
             stats,
@@ -697,36 +725,47 @@ impl Shared {
             panic!("injected by a test");
         }
         let started = Instant::now();
-        let policy = &self.config.retry;
+        let async_endpoint = target.async_endpoint_for(&state.message);
+        // An async call follows the async settings' retry policy, when there are some.
+        let calls = async_endpoint.and_then(|_| {
+            self.async_calls
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone()
+        });
+        let policy = calls
+            .as_ref()
+            .map_or(&self.config.retry, |c| &c.settings.retry);
         let mut attempt: u32 = 0;
         loop {
             attempt += 1;
-            let outcome = match &state.headers {
-                Err(why) => Attempt {
+            let outcome = match (&state.headers, async_endpoint) {
+                (Err(why), _) => Attempt {
                     error: ErrorKind::InvalidRequest,
                     body: Some(Bytes::from(why.clone())),
                     ..Default::default()
                 },
-                Ok(message_head) => {
-                    let endpoint = target.endpoint_for(&state.message);
-                    let head = request_head(
-                        target,
-                        endpoint,
-                        message_head,
-                        state.message.delivery_attempt,
-                        attempt,
-                    );
-                    // Per-function bound first: a stalled function's waiting calls hold no
-                    // global permit. The semaphores are never closed, so acquire cannot fail.
-                    let _local = target.limit.acquire().await;
-                    let _global = self.global.acquire().await;
-                    let _counted = InflightGuard::new(&self.inflight);
-                    let capture = state.message.capture;
-                    let payload = &state.message.payload;
-                    self.pool
-                        .attempt(endpoint, &head, payload, target.timeout, capture)
+                (Ok(head), None) => {
+                    self.call(target, &target.endpoint, head, state, attempt, None)
                         .await
                 }
+                (Ok(head), Some(endpoint)) => match calls.as_deref().filter(|c| c.holds()) {
+                    Some(calls) => {
+                        // The pending slot first: a call waiting for room holds no HTTP permit.
+                        let pending = calls.begin(&target.name).await;
+                        let headers = (pending.call_id.as_str(), pending.callback_url.as_str());
+                        let accepted = self
+                            .call(target, endpoint, head, state, attempt, Some(headers))
+                            .await;
+                        // The HTTP permits are back: the wait for the callback holds none.
+                        pending.settle(accepted).await
+                    }
+                    // Settled on the 202, as the OpenFaaS connectors do (and only a 202 counts).
+                    None => not_accepted(
+                        self.call(target, endpoint, head, state, attempt, None)
+                            .await,
+                    ),
+                },
             };
             target.stats.record_attempt(outcome.status, outcome.error);
             let decision =
@@ -755,6 +794,43 @@ impl Shared {
                 verdict,
             };
         }
+    }
+
+    /// One HTTP attempt, holding the function's and the global permit while it runs. `call`:
+    /// an async call's id and callback URL.
+    async fn call(
+        &self,
+        target: &Target,
+        endpoint: &Endpoint,
+        message_head: &MessageHead,
+        state: &InFlight,
+        attempt: u32,
+        call: Option<(&str, &str)>,
+    ) -> Attempt {
+        let head = request_head(
+            target,
+            endpoint,
+            message_head,
+            state.message.delivery_attempt,
+            attempt,
+            call,
+        );
+        // Per-function bound first: a stalled function's waiting calls hold no global permit.
+        // The semaphores are never closed, so acquire cannot fail.
+        let _local = target.limit.acquire().await;
+        let _global = self.global.acquire().await;
+        let _counted = InflightGuard::new(&self.inflight);
+        // An async invocation's 202 carries nothing the caller wants: its callback does.
+        let capture = state.message.capture && call.is_none();
+        self.pool
+            .attempt(
+                endpoint,
+                &head,
+                &state.message.payload,
+                target.timeout,
+                capture,
+            )
+            .await
     }
 
     fn target_done(self: &Arc<Self>, state: &Arc<InFlight>, result: TargetResult) {
@@ -880,6 +956,7 @@ fn request_head(
     message: &MessageHead,
     delivery_attempt: u32,
     attempt: u32,
+    call: Option<(&str, &str)>,
 ) -> Vec<u8> {
     let mut head =
         Vec::with_capacity(endpoint.head.len() + message.own.len() + target.extra_head.len() + 128);
@@ -890,6 +967,10 @@ fn request_head(
         }
     }
     head.extend_from_slice(&message.own);
+    if let Some((call_id, callback_url)) = call {
+        push_header(&mut head, "x-call-id", call_id.as_bytes());
+        push_header(&mut head, "x-callback-url", callback_url.as_bytes());
+    }
     head.extend_from_slice(&target.extra_head);
     let delivery = delivery_attempt.max(1).saturating_add(attempt - 1);
     push_header(
@@ -998,6 +1079,7 @@ mod tests {
             timeout: None,
             headers: vec![],
             async_url: None,
+            always_async: false,
         }
     }
 
@@ -1011,6 +1093,7 @@ mod tests {
             timeout: None,
             headers: vec![],
             async_url: None,
+            always_async: false,
         };
         engine.set_targets(vec![spec]).expect("targets");
         engine
@@ -1163,6 +1246,7 @@ mod tests {
             timeout: None,
             headers: vec![],
             async_url: None,
+            always_async: false,
         };
         let err = engine.set_targets(vec![spec]).expect_err("refused");
         assert!(err.to_string().contains("max_inflight"), "{err}");
@@ -1233,6 +1317,181 @@ mod tests {
             .lock()
             .map(|c| c.iter().all(|c| c.verdict == Verdict::Ok))
             .unwrap_or(false));
+        engine.close(Duration::from_secs(1));
+    }
+
+    /// The (`x-call-id`, `x-callback-url`) of each request the async gateway double saw.
+    type SeenCalls = Arc<Mutex<Vec<(String, String)>>>;
+
+    /// A gateway double for async calls: answers every request with `status`.
+    fn async_gateway(status: &'static str) -> (String, SeenCalls) {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let url = format!(
+            "http://{}/async-function/f",
+            listener.local_addr().expect("addr")
+        );
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let record = Arc::clone(&seen);
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let record = Arc::clone(&record);
+                std::thread::spawn(move || {
+                    let mut writer = stream.try_clone().expect("clone");
+                    let mut reader = BufReader::new(stream);
+                    loop {
+                        let (mut call, mut length) = ((String::new(), String::new()), 0usize);
+                        loop {
+                            let mut line = String::new();
+                            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                                return;
+                            }
+                            let line = line.trim_end();
+                            if line.is_empty() {
+                                break;
+                            }
+                            let lower = line.to_ascii_lowercase();
+                            if lower.starts_with("x-call-id: ") {
+                                call.0 = line["x-call-id: ".len()..].to_owned();
+                            } else if lower.starts_with("x-callback-url: ") {
+                                call.1 = line["x-callback-url: ".len()..].to_owned();
+                            } else if let Some(v) = lower.strip_prefix("content-length: ") {
+                                length = v.parse().unwrap_or(0);
+                            }
+                        }
+                        let mut body = vec![0u8; length];
+                        if reader.read_exact(&mut body).is_err() {
+                            return;
+                        }
+                        record
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .push(call);
+                        let reply = format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\n\r\n");
+                        if writer.write_all(reply.as_bytes()).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (url, seen)
+    }
+
+    fn async_engine(
+        status: &'static str,
+        timeout: Duration,
+    ) -> (Engine, Arc<Collect>, Arc<AsyncCalls>, SeenCalls) {
+        let (url, seen) = async_gateway(status);
+        let sink = Arc::new(Collect(Mutex::new(Vec::new())));
+        let engine = Engine::new(EngineConfig::default(), Arc::clone(&sink) as _).expect("engine");
+        let mut spec = function_at(url.replace("/async-function/", "/function/"));
+        spec.async_url = Some(url);
+        spec.always_async = true;
+        engine.set_targets(vec![spec]).expect("targets");
+        let table = Arc::new(crate::callbacks::CallbackTable::new(b"secret", 64));
+        let calls = Arc::new(AsyncCalls::new(
+            table,
+            crate::callbacks::AsyncSettings {
+                callback_base: "http://fastconn.test/callback/".to_owned(),
+                timeout,
+                max_pending: 8,
+                ack: crate::callbacks::AckMode::OnCallback,
+                retry: RetryPolicy {
+                    max_attempts: 2,
+                    backoff_initial: Duration::from_millis(1),
+                    backoff_max: Duration::from_millis(5),
+                    ..RetryPolicy::default()
+                },
+            },
+        ));
+        engine.set_async_calls(Some(Arc::clone(&calls)));
+        (engine, sink, calls, seen)
+    }
+
+    /// The `n`th call the gateway saw (waiting for it).
+    fn nth_call(seen: &Mutex<Vec<(String, String)>>, n: usize) -> (String, String) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(call) = seen.lock().unwrap_or_else(PoisonError::into_inner).get(n) {
+                return call.clone();
+            }
+            assert!(Instant::now() < deadline, "no call #{n}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    #[test]
+    fn an_async_call_settles_on_its_callback_and_a_failed_one_is_reinvoked() {
+        use crate::callbacks::{CallbackResult, Claim};
+        let (engine, sink, calls, seen) = async_engine("202 Accepted", Duration::from_secs(30));
+        engine.submit(vec![message(1, Some(b"k"))]).expect("submit");
+        let (first, url) = nth_call(&seen, 0);
+        let token = calls.table.token(first.as_bytes());
+        assert_eq!(
+            url,
+            format!(
+                "http://fastconn.test/callback/{}",
+                std::str::from_utf8(&token).expect("hex")
+            )
+        );
+        assert_eq!(calls.table.pending(), 1);
+        assert!(
+            sink.0.lock().expect("sink").is_empty(),
+            "the 202 does not complete the message"
+        );
+        let failed = CallbackResult {
+            status: 503,
+            ..CallbackResult::default()
+        };
+        assert_eq!(calls.table.complete(&first, failed), Claim::Claimed);
+        // A failed callback is retryable: the call is invoked again, with a new call id.
+        let (second, _) = nth_call(&seen, 1);
+        assert_ne!(first, second);
+        let done = CallbackResult {
+            status: 200,
+            body: Bytes::from_static(b"done"),
+            ..CallbackResult::default()
+        };
+        assert_eq!(calls.table.complete(&second, done.clone()), Claim::Claimed);
+        assert_eq!(calls.table.complete(&second, done), Claim::Duplicate);
+        let completions = wait_for(&sink, 1);
+        let [completion] = completions.as_slice() else {
+            panic!("one completion, got {completions:?}");
+        };
+        assert_eq!(completion.verdict, Verdict::Ok);
+        let result = &completion.results[0];
+        assert_eq!((result.status, result.attempts), (200, 2));
+        assert_eq!(result.body.as_deref(), Some(&b"done"[..]));
+        assert_eq!(
+            engine.busy_keys(),
+            0,
+            "the key was held until the callback, then freed"
+        );
+        assert_eq!(calls.table.pending(), 0);
+        engine.close(Duration::from_secs(1));
+    }
+
+    #[test]
+    fn an_async_call_without_a_callback_times_out_and_one_not_accepted_fails() {
+        let (engine, sink, calls, seen) = async_engine("202 Accepted", Duration::from_millis(50));
+        engine.submit(vec![message(1, None)]).expect("submit");
+        let completions = wait_for(&sink, 1);
+        assert_eq!(completions.len(), 1);
+        let result = &completions[0].results[0];
+        assert_eq!(completions[0].verdict, Verdict::Retry);
+        assert_eq!((result.error, result.attempts), (ErrorKind::Timeout, 2));
+        assert_eq!(seen.lock().expect("seen").len(), 2);
+        assert_eq!(calls.table.pending(), 0, "timed-out calls leave the table");
+        assert_eq!(calls.table.refused(), vec![("timeout", 2)]);
+        engine.close(Duration::from_secs(1));
+
+        // A 200 from /async-function/ is no acceptance: 502, and no call waits.
+        let (engine, sink, calls, _) = async_engine("200 OK", Duration::from_secs(30));
+        engine.submit(vec![message(2, None)]).expect("submit");
+        let completions = wait_for(&sink, 1);
+        assert_eq!(completions.len(), 1);
+        assert_eq!(completions[0].results[0].status, 502);
+        assert_eq!(calls.table.pending(), 0);
         engine.close(Duration::from_secs(1));
     }
 }

@@ -55,7 +55,7 @@ impl Attempt {
     }
 
     /// A failed attempt whose body says why (for logs and dead-letter context).
-    fn failed(kind: ErrorKind, why: Bytes) -> Self {
+    pub(crate) fn failed(kind: ErrorKind, why: Bytes) -> Self {
         Attempt {
             error: kind,
             body: Some(why),

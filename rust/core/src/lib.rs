@@ -8,6 +8,7 @@
 //! Everything here is plain data: bytes, strings and integers. The binding crate converts and
 //! wakes; it makes no decisions.
 
+pub mod callbacks;
 pub mod cloudevents;
 pub mod engine;
 mod framing;

@@ -6,20 +6,19 @@ use crate::completions::WakeQueue;
 use bytes::Bytes;
 use fastconn_core::ingress::http_header::HeaderName;
 use fastconn_core::ingress::{
-    Accepted, Answer, CallbackRecord, CallbackRoute, CallbackTable, CloudEventsRoute, IngressSink,
-    Notice, PyRequest, RouteEntry, RouteKind, WebhookRoute,
+    Accepted, Answer, CallbackRoute, CallbackTable, CloudEventsRoute, IngressSink, Notice,
+    PyRequest, RouteEntry, RouteKind, WebhookRoute,
 };
 use fastconn_core::signature::SignatureRule;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyList, PyTuple};
+use pyo3::types::{PyBytes, PyList};
 use std::sync::Arc;
 
 pub enum Record {
     Request(PyRequest),
     Accepted(Accepted),
     Notice(Notice),
-    Callback(CallbackRecord),
 }
 
 pub struct IngressQueue(pub WakeQueue<Record>);
@@ -34,9 +33,6 @@ impl IngressSink for IngressQueue {
     fn notice(&self, notice: Notice) {
         self.0.push(Record::Notice(notice));
     }
-    fn callback(&self, record: CallbackRecord) {
-        self.0.push(Record::Callback(record));
-    }
 }
 
 /// A Python route as Python passes it: (method, path, prefix, max_body, oversized, track)
@@ -44,7 +40,7 @@ impl IngressSink for IngressQueue {
 pub type PythonRoute = (String, String, bool, usize, bool, String);
 
 /// A webhook source as Python passes it: (name, max_body, auth_token, signature, accepting,
-/// python_fallback, record_payload).
+/// python_fallback, record_payload, asynchronous).
 pub type WebhookTuple = (
     String,
     usize,
@@ -52,6 +48,7 @@ pub type WebhookTuple = (
     Option<SignatureTuple>,
     bool,
     Option<usize>,
+    bool,
     bool,
 );
 
@@ -82,7 +79,7 @@ fn signature_check(tuple: Option<SignatureTuple>) -> PyResult<Option<SignatureRu
 
 /// A CloudEvents source as Python passes it: (name, path, max_body, max_batch, route_by,
 /// delivery, reply, auth_token, signature, accepting, record_payload, (capture_replies,
-/// python_fallback)); the last two travel as a pair: PyO3 converts tuples of up to 12.
+/// asynchronous)); the last two travel as a pair: PyO3 converts tuples of up to 12.
 pub type CloudEventsTuple = (
     String,
     String,
@@ -95,7 +92,7 @@ pub type CloudEventsTuple = (
     Option<SignatureTuple>,
     bool,
     bool,
-    (bool, Option<usize>),
+    (bool, bool),
 );
 
 fn cloudevents_entry(
@@ -111,7 +108,7 @@ fn cloudevents_entry(
         signature,
         accepting,
         record,
-        (capture_replies, fallback),
+        (capture_replies, asynchronous),
     ): CloudEventsTuple,
 ) -> PyResult<RouteEntry> {
     let (route_by, delivery) = crate::cloudevents::route_settings(&route_by, &delivery)?;
@@ -133,7 +130,7 @@ fn cloudevents_entry(
             signature,
             accepting,
             record_payload: record,
-            python_fallback: fallback,
+            asynchronous,
         })),
     })
 }
@@ -166,7 +163,7 @@ pub fn route_table(
             })
         })
         .collect::<PyResult<_>>()?;
-    for (name, max_body, auth_token, rule, accepting, fallback, record) in webhooks {
+    for (name, max_body, auth_token, rule, accepting, fallback, record, asynchronous) in webhooks {
         let signature = signature_check(rule)
             .map_err(|e| PyValueError::new_err(format!("webhook source {name}: {e}")))?;
         table.push(RouteEntry {
@@ -180,6 +177,7 @@ pub fn route_table(
                 accepting,
                 python_fallback: fallback,
                 record_payload: record,
+                asynchronous,
             })),
         });
     }
@@ -188,7 +186,7 @@ pub fn route_table(
     }
     if let Some((calls, max_body)) = callback {
         table.push(RouteEntry {
-            path: fastconn_core::ingress::callback::PREFIX.to_owned(),
+            path: fastconn_core::callbacks::PREFIX.to_owned(),
             prefix: true,
             kind: RouteKind::Callback(Arc::new(CallbackRoute {
                 table: calls,
@@ -200,21 +198,15 @@ pub fn route_table(
 }
 
 /// The four lists of a drain.
-pub type Drained<'py> = (
-    Bound<'py, PyList>,
-    Bound<'py, PyList>,
-    Bound<'py, PyList>,
-    Bound<'py, PyList>,
-);
+pub type Drained<'py> = (Bound<'py, PyList>, Bound<'py, PyList>, Bound<'py, PyList>);
 
-/// Everything queued, as four lists: requests (id, route, method, path, query, headers,
-/// body, remote, too_large), accepted messages (token, source, topic, message_id, payload),
-/// notices (kind, source, remote, text) and callbacks (call_id, outcome, status, headers, body).
+/// Everything queued, as three lists: requests (id, route, method, path, query, headers,
+/// body, remote, too_large), accepted messages (token, source, topic, message_id, payload) and
+/// notices (kind, source, remote, text).
 pub fn drain<'py>(py: Python<'py>, records: Vec<Record>) -> PyResult<Drained<'py>> {
     let requests = PyList::empty(py);
     let accepted = PyList::empty(py);
     let notices = PyList::empty(py);
-    let callbacks = PyList::empty(py);
     for record in records {
         match record {
             Record::Request(r) => {
@@ -247,19 +239,9 @@ pub fn drain<'py>(py: Python<'py>, records: Vec<Record>) -> PyResult<Drained<'py
             Record::Notice(n) => {
                 notices.append((n.kind, n.source.as_deref(), n.remote, n.text))?;
             }
-            Record::Callback(c) => {
-                let headers = PyTuple::new(py, c.headers)?;
-                callbacks.append((
-                    c.call_id,
-                    c.outcome,
-                    c.status,
-                    headers,
-                    PyBytes::new(py, &c.body),
-                ))?;
-            }
         }
     }
-    Ok((requests, accepted, notices, callbacks))
+    Ok((requests, accepted, notices))
 }
 
 /// An answer as Python passes it: (id, status, headers, body).

@@ -5,11 +5,15 @@
 use crate::completions::{CompletionQueue, WakeQueue};
 use crate::ingress::{self, CloudEventsTuple, IngressQueue, PythonRoute, WebhookTuple};
 use bytes::Bytes;
+use fastconn_core::callbacks::{
+    AckMode, AsyncCalls, AsyncSettings, CallbackResult, CallbackTable, Claim,
+};
 use fastconn_core::ingress::tls::{check_server_tls, server_config};
-use fastconn_core::ingress::{CallbackTable, Claim, Ingress, IngressConfig};
+use fastconn_core::ingress::{Ingress, IngressConfig};
 use fastconn_core::tls::TlsConfigError;
 use fastconn_core::{
-    Engine, EngineConfig, EngineError, Message, RetryPolicy, SubmitError, TargetSpec, TlsSettings,
+    Engine, EngineConfig, EngineError, Message, RetryPolicy, StatsSnapshot, SubmitError,
+    TargetSpec, TlsSettings,
 };
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
@@ -21,7 +25,7 @@ use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 /// One function target as Python passes it: (name, url, topics, max_inflight, timeout_s, headers,
-/// async_url).
+/// async_url, always_async).
 type TargetTuple = (
     String,
     String,
@@ -30,6 +34,7 @@ type TargetTuple = (
     Option<f64>,
     Vec<(String, String)>,
     Option<String>,
+    bool,
 );
 
 /// One message as Python passes it (see `submit`).
@@ -227,7 +232,7 @@ impl Runtime {
         let specs = targets
             .into_iter()
             .map(
-                |(name, url, topics, max_inflight, timeout, headers, async_url)| {
+                |(name, url, topics, max_inflight, timeout, headers, async_url, always_async)| {
                     Ok(TargetSpec {
                         timeout: timeout
                             .map(|t| seconds(t, &format!("timeout of {name}")))
@@ -238,6 +243,7 @@ impl Runtime {
                         max_inflight,
                         headers,
                         async_url,
+                        always_async,
                     })
                 },
             )
@@ -298,7 +304,9 @@ impl Runtime {
 
     /// Everything completed since the last drain, re-arming the wake-up. Each item:
     /// (token, verdict, [(function, status, error_kind, attempts, latency_s, retry_after_s,
-    /// body, headers)], key_held).
+    /// body, headers)], key_held), headers as one bytes object `name\0value\0...` (one
+    /// object per result rather than two strings and a tuple per header: Python splits it only
+    /// when it reads the results).
     fn drain<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let completions = self.completions.take();
         let mut names = self.names.lock().unwrap_or_else(PoisonError::into_inner);
@@ -312,6 +320,10 @@ impl Runtime {
                     .or_insert_with(|| PyString::new(py, &r.function).unbind())
                     .clone_ref(py);
                 let body = r.body.as_ref().map(|b| PyBytes::new(py, b));
+                let headers = r
+                    .headers
+                    .as_deref()
+                    .map(|h| PyBytes::new(py, &packed_headers(h)));
                 let item = (
                     name,
                     r.status,
@@ -320,7 +332,7 @@ impl Runtime {
                     r.latency.as_secs_f64(),
                     r.retry_after.map(|d| d.as_secs_f64()),
                     body,
-                    r.headers,
+                    headers,
                 );
                 results.push(item.into_pyobject(py)?);
             }
@@ -348,21 +360,7 @@ impl Runtime {
     }
 
     fn stats(&self) -> Vec<StatsTuple> {
-        self.engine
-            .stats()
-            .into_iter()
-            .map(|s| {
-                (
-                    s.function,
-                    s.results,
-                    s.cumulative_buckets,
-                    s.sum_seconds,
-                    s.count,
-                    s.retries,
-                    s.attempts,
-                )
-            })
-            .collect()
+        self.engine.stats().into_iter().map(stats_tuple).collect()
     }
 
     /// Starts the ingress HTTP server on the engine's runtime; returns the bound (host, port).
@@ -429,7 +427,7 @@ impl Runtime {
         self.ingress_queue.0.fd()
     }
 
-    /// Everything the ingress queued for Python: (requests, accepted, notices, callbacks).
+    /// Everything the ingress queued for Python: (requests, accepted, notices).
     fn ingress_drain<'py>(&self, py: Python<'py>) -> PyResult<ingress::Drained<'py>> {
         ingress::drain(py, self.ingress_queue.0.take())
     }
@@ -444,37 +442,102 @@ impl Runtime {
             Some(Arc::new(CallbackTable::new(secret, memory)));
     }
 
-    /// Expects a callback for each call id (before the calls are sent); returns their tokens
-    /// (the HMAC in each call's callback URL), computed here in the same crossing.
-    fn callbacks_expect(&self, py: Python<'_>, ids: Vec<String>) -> PyResult<Vec<String>> {
+    /// Async calls wait for their callback from now on (`ack` "on_callback") or settle on the
+    /// 202 ("on_accept"), re-invoked per the given policy (`callbacks_setup` first).
+    #[allow(clippy::too_many_arguments)]
+    fn async_calls(
+        &self,
+        py: Python<'_>,
+        callback_base: String,
+        timeout: f64,
+        max_pending: usize,
+        ack: &str,
+        max_attempts: u32,
+        retry_on: Vec<u16>,
+        backoff_initial: f64,
+        backoff_max: f64,
+    ) -> PyResult<()> {
         let table = self.callback_table(py)?;
+        let ack = match ack {
+            "on_callback" => AckMode::OnCallback,
+            "on_accept" => AckMode::OnAccept,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "ack must be \"on_callback\" or \"on_accept\", got {other:?}"
+                )))
+            }
+        };
+        let settings = AsyncSettings {
+            callback_base,
+            timeout: seconds(timeout, "callback timeout")?,
+            max_pending,
+            ack,
+            retry: RetryPolicy {
+                max_attempts: max_attempts.max(1),
+                retry_on,
+                backoff_initial: seconds(backoff_initial, "backoff_initial")?,
+                backoff_max: seconds(backoff_max, "backoff_max")?,
+            },
+        };
+        let calls = Arc::new(AsyncCalls::new(table, settings));
+        guard(py, || self.engine.set_async_calls(Some(calls)))
+    }
+
+    /// Calls waiting for their callback.
+    fn callbacks_pending(&self, py: Python<'_>) -> PyResult<usize> {
+        let table = self.callback_table(py)?;
+        guard(py, || table.pending())
+    }
+
+    /// The callbacks refused (or not received in time) so far: [(reason, count)].
+    fn callbacks_refused(&self, py: Python<'_>) -> PyResult<Vec<(&'static str, u64)>> {
+        let table = self.callback_table(py)?;
+        guard(py, || table.refused())
+    }
+
+    /// The callbacks received so far, by function, as `stats` gives the invocations' (empty
+    /// before `async_calls`).
+    fn callbacks_stats(&self, py: Python<'_>) -> PyResult<Vec<StatsTuple>> {
+        let calls = self.engine.async_calls();
         guard(py, || {
-            let tokens = ids
-                .iter()
-                .map(|id| String::from_utf8_lossy(&table.token(id.as_bytes())).into_owned())
-                .collect();
-            table.expect(ids);
-            tokens
+            calls
+                .map(|c| c.stats().into_iter().map(stats_tuple).collect())
+                .unwrap_or_default()
         })
     }
 
-    /// Takes back the call ids still pending with no callback arriving; says which were.
-    fn callbacks_forget(&self, py: Python<'_>, ids: Vec<String>) -> PyResult<Vec<bool>> {
+    /// A callback served outside the ingress (its token checked) is arriving (`arriving`) or
+    /// done arriving: a call is not timed out while its callback's body is read.
+    fn callbacks_receiving(&self, py: Python<'_>, call_id: &str, arriving: bool) -> PyResult<()> {
         let table = self.callback_table(py)?;
-        guard(py, || table.forget(&ids))
+        guard(py, || {
+            if arriving {
+                table.begin_receiving(call_id);
+            } else {
+                table.end_receiving(call_id);
+            }
+        })
     }
 
-    /// The callbacks the ingress refused since the last call: [(reason, count)].
-    fn callbacks_refused(&self, py: Python<'_>) -> PyResult<Vec<(&'static str, u64)>> {
-        let table = self.callback_table(py)?;
-        guard(py, || table.take_refused())
-    }
-
-    /// Claims one call id (a callback served outside the ingress): 0 claimed, 1 duplicate,
+    /// Settles one call with a callback served outside the ingress: 0 claimed, 1 duplicate,
     /// 2 unknown.
-    fn callbacks_claim(&self, py: Python<'_>, call_id: &str) -> PyResult<u8> {
+    fn callbacks_complete(
+        &self,
+        py: Python<'_>,
+        call_id: &str,
+        status: i64,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+        too_large: bool,
+    ) -> PyResult<u8> {
         let table = self.callback_table(py)?;
-        Ok(match guard(py, || table.claim(call_id))? {
+        let result = CallbackResult {
+            status,
+            headers,
+            body: Bytes::from(body),
+            too_large,
+        };
+        Ok(match guard(py, || table.complete(call_id, result))? {
             Claim::Claimed => 0,
             Claim::Duplicate => 1,
             Claim::Unknown => 2,
@@ -558,6 +621,34 @@ impl Runtime {
         let timeout = seconds(timeout, "timeout")?;
         Ok(py.detach(|| self.engine.close(timeout)))
     }
+}
+
+/// Headers as `name\0value\0...`. HTTP forbids NUL in names and values (the parsers refuse
+/// it), so the separator cannot occur inside one; a header that had one would be dropped here.
+fn packed_headers(headers: &[(String, String)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(headers.iter().map(|(k, v)| k.len() + v.len() + 2).sum());
+    for (name, value) in headers {
+        if name.contains('\0') || value.contains('\0') {
+            continue;
+        }
+        out.extend_from_slice(name.as_bytes());
+        out.push(0);
+        out.extend_from_slice(value.as_bytes());
+        out.push(0);
+    }
+    out
+}
+
+fn stats_tuple(s: StatsSnapshot) -> StatsTuple {
+    (
+        s.function,
+        s.results,
+        s.cumulative_buckets,
+        s.sum_seconds,
+        s.count,
+        s.retries,
+        s.attempts,
+    )
 }
 
 impl Runtime {

@@ -12,8 +12,8 @@
 //! * with `reply` set, a single event and `Prefer: reply`: the function's reply event (in the
 //!   mode the event came in), or 202 when it answered none, 502 when it answered a malformed one.
 //!
-//! A source whose events need Python's async-invocation layer sets `python_fallback`, as a
-//! webhook does: its requests then go to Python like any Python route.
+//! With `asynchronous` the events' functions are invoked through `/async-function/`: each call
+//! waits for its callback in the core ([`crate::callbacks`]), and a reply is the callback's.
 
 use super::service::event_route_refusal;
 use super::webhook::{
@@ -54,9 +54,9 @@ pub struct CloudEventsRoute {
     pub accepting: bool,
     /// Whether accepted messages carry their body to Python (`print_request_body`).
     pub record_payload: bool,
-    /// Hand requests to Python (index of its Python route) instead of serving them here: its
-    /// events need Python's async-invocation layer.
-    pub python_fallback: Option<usize>,
+    /// Invoke functions through `/async-function/` (each call then waits for its callback in
+    /// the core; `Prefer: reply` answers with the callback's result).
+    pub asynchronous: bool,
 }
 
 fn refused(status: u16, message: &str) -> Response<Full<Bytes>> {
@@ -148,6 +148,7 @@ impl Shared {
             message.message_id = call.message_id;
             message.headers = call.headers;
             message.capture = wait || route.capture_replies;
+            message.asynchronous = route.asynchronous;
             // Python hears of the message before its completion can reach it.
             self.sink.accepted(Accepted {
                 token,

@@ -10,8 +10,8 @@
 //!   batches and answers a batch at once ([`Ingress::respond`]).
 //! * CloudEvents routes ([`cloudevents`]) decode, route and submit every event of a request
 //!   here, as webhooks do.
-//! * The callback route ([`callback`]) checks each async callback's token, claims its call and
-//!   answers here; Python gets the claimed callbacks in batches ([`IngressSink::callback`]).
+//! * The callback route ([`crate::callbacks`]) checks each async callback's token, claims its
+//!   call, answers here and hands the result to the call waiting in the core.
 //! * Anything else is a 404 here.
 //!
 //! Connection limits ([`conns`]): a deadline for a new connection's first request head, an
@@ -24,7 +24,7 @@
 //! still on the same port.
 
 mod body;
-pub mod callback;
+
 pub mod cloudevents;
 mod conns;
 mod service;
@@ -42,7 +42,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::sync::{oneshot, watch};
 
-pub use callback::{CallbackRecord, CallbackRoute, CallbackTable, Claim};
+pub use crate::callbacks::{CallbackRoute, CallbackTable, Claim};
 pub use cloudevents::CloudEventsRoute;
 pub use conns::ConnectionCounts;
 /// Header names as route tables name them.
@@ -128,8 +128,6 @@ pub trait IngressSink: Send + Sync + 'static {
     fn request(&self, request: PyRequest);
     fn accepted(&self, accepted: Accepted);
     fn notice(&self, notice: Notice);
-    /// A callback claimed (or refused) by a [`RouteKind::Callback`] route.
-    fn callback(&self, record: CallbackRecord);
 }
 
 /// What serves a path.

@@ -2,10 +2,12 @@
 //! each request: answered here, by a webhook route, or by Python.
 
 use super::body::{read_limited, BodyError};
-use super::callback::{self, CallbackRecord, CallbackRoute, CallbackTable, Claim, Refusal};
 use super::conns::{Admitted, Conn};
 use super::webhook;
 use super::{Answer, Notice, PyRequest, RouteEntry, RouteKind, Shared};
+use crate::callbacks::{
+    self as callback, CallbackResult, CallbackRoute, CallbackTable, Claim, Refusal,
+};
 use crate::panics::CatchPanic;
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, CONTENT_TYPE};
@@ -324,14 +326,7 @@ impl Shared {
                 }
                 _ => self.webhook(webhook, request, remote).await,
             },
-            RouteKind::CloudEvents(route) => match route.python_fallback {
-                Some(index) if route.accepting && request.method() == Method::POST => {
-                    let max_body = route.limits.max_body_bytes;
-                    self.python(index, max_body, false, None, request, remote)
-                        .await
-                }
-                _ => self.cloudevents(route, request, remote).await,
-            },
+            RouteKind::CloudEvents(route) => self.cloudevents(route, request, remote).await,
             RouteKind::Callback(route) => self.callback(route, request).await,
             RouteKind::Python {
                 method,
@@ -447,8 +442,8 @@ fn json_response(status: StatusCode, key: &str, text: &str) -> Response<Full<Byt
 }
 
 impl Shared {
-    /// `POST /callback/<token>` ([`super::callback`]): token, status header, claim, body limit;
-    /// a claimed callback goes to Python in the next batch.
+    /// `POST /callback/<token>` ([`crate::callbacks`]): token, status header, claim, body
+    /// limit; a claimed callback's result goes to the call waiting for it.
     async fn callback(
         self: &Arc<Self>,
         route: &CallbackRoute,
@@ -479,7 +474,7 @@ impl Shared {
             .and_then(|v| v.parse::<u64>().ok());
         // Refusals still read what fits the limit: closing on an unread body resets the client.
         let refuse = |status, why, key: &str, text: &str| {
-            refused(self, &route.table, why);
+            route.table.refuse(why);
             json_response(status, key, text)
         };
         // A call id is ASCII (uuid hex): anything else, even undecodable bytes, is not ours.
@@ -514,21 +509,17 @@ impl Shared {
             Ok(receipt) => receipt,
             Err(claim) => {
                 let _ = read_limited(body, length, route.max_body).await;
-                return refuse_claim(self, &route.table, claim, &call_id);
+                return refuse_claim(&route.table, claim, &call_id);
             }
         };
         let (body, too_large) = match read_limited(body, length, route.max_body).await {
             Ok(body) => (body, false),
-            Err(BodyError::TooLarge(_)) => (Bytes::new(), true),
+            Err(BodyError::TooLarge(_)) => (Bytes::from(too_large_text(route.max_body)), true),
             Err(BodyError::Incomplete(why)) => {
                 // Not claimed: the gateway may send it again, or the call times out.
                 return text_response(StatusCode::BAD_REQUEST, &format!("{why}\n"));
             }
         };
-        match receipt.claim() {
-            Claim::Claimed => {}
-            other => return refuse_claim(self, &route.table, other, &call_id),
-        }
         let headers = parts
             .headers
             .iter()
@@ -539,48 +530,44 @@ impl Shared {
                 )
             })
             .collect();
-        self.sink.callback(CallbackRecord {
-            call_id,
-            outcome: if too_large { "too_large" } else { "settled" },
+        let result = CallbackResult {
             status,
             headers,
             body,
-        });
+            too_large,
+        };
+        match receipt.complete(result) {
+            Claim::Claimed => {}
+            other => return refuse_claim(&route.table, other, &call_id),
+        }
         if too_large {
-            let limit = route.max_body;
+            route.table.refuse(Refusal::TooLarge);
             return json_response(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "error",
-                &format!(
-                    "the callback body exceeds [dispatch] max_callback_bytes ({limit} bytes); the \
-                     result was not read: raise max_callback_bytes or make the function return less"
-                ),
+                &too_large_text(route.max_body),
             );
         }
         json_response(StatusCode::OK, "status", "settled")
     }
 }
 
-/// Counts a refusal; the first since Python last took the counts wakes it to take them.
-fn refused(shared: &Shared, table: &CallbackTable, why: Refusal) {
-    if table.refuse(why) {
-        shared.sink.callback(CallbackRecord::refused());
-    }
+/// Why a callback over the limit fails its call (its answer, and the call's result).
+fn too_large_text(limit: usize) -> String {
+    format!(
+        "the callback body exceeds [dispatch] max_callback_bytes ({limit} bytes); the result was \
+         not read: raise max_callback_bytes or make the function return less"
+    )
 }
 
 /// 409 for a call settled already, 404 for one never expected (or long forgotten).
-fn refuse_claim(
-    shared: &Shared,
-    table: &CallbackTable,
-    claim: Claim,
-    call_id: &str,
-) -> Response<Full<Bytes>> {
+fn refuse_claim(table: &CallbackTable, claim: Claim, call_id: &str) -> Response<Full<Bytes>> {
     let (status, why) = if claim == Claim::Duplicate {
         (StatusCode::CONFLICT, Refusal::Duplicate)
     } else {
         (StatusCode::NOT_FOUND, Refusal::Unknown)
     };
-    refused(shared, table, why);
+    table.refuse(why);
     json_response(
         status,
         "error",

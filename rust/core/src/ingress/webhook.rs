@@ -11,8 +11,9 @@
 //! * 400 for a topic that is not concrete (wildcards, control characters) or not UTF-8;
 //! * with `?wait=true`: the first function's status and body once every function answered.
 //!
-//! A source whose messages need Python's async-invocation layer sets `python_fallback`: its
-//! requests then go to Python like any Python route.
+//! A source whose requests need Python (a durable store, records split from one request) sets
+//! `python_fallback`: its requests then go to Python like any Python route. Async invocation
+//! does not: each call waits for its callback in the core ([`crate::callbacks`]).
 
 use super::body::{read_limited, BodyError};
 use super::service::{event_route_refusal, text_response};
@@ -68,6 +69,9 @@ pub struct WebhookRoute {
     pub python_fallback: Option<usize>,
     /// Whether accepted messages carry their body to Python (`print_request_body`).
     pub record_payload: bool,
+    /// Invoke functions through `/async-function/` (each call then waits for its callback in
+    /// the core; `?wait=true` answers with the callback's result).
+    pub asynchronous: bool,
 }
 
 pub(super) fn error(status: StatusCode, reason: &str) -> Response<Full<Bytes>> {
@@ -173,6 +177,7 @@ impl Shared {
         let mut message = Message::new(token, topic.clone(), body.clone());
         message.message_id = message_id.clone();
         message.capture = wait;
+        message.asynchronous = route.asynchronous;
         message.headers = passthrough(&parts.headers, signature_header.as_deref());
         // Python hears of the message before its completion can reach it.
         self.sink.accepted(Accepted {
