@@ -435,13 +435,14 @@ class WalSource:
 
     def _on_outcomes(self, outcomes: list[Outcome]) -> None:
         ctx = self._require_ctx()
+        self._in_core -= len(outcomes)
+        settled: list[Outcome] = []
         for outcome in outcomes:
             item: InFlight = outcome.message.handle
-            self._in_core -= 1
             verdict = outcome.verdict
             if verdict is Verdict.OK or verdict is Verdict.UNROUTED:
                 self._done(item)
-                self.counters["delivered"] += 1
+                settled.append(outcome)
             elif verdict is Verdict.FAILED and self.config.dead_letter_table:
                 if outcome.key_held and outcome.message.key is not None:
                     ctx.dispatcher.release_key(outcome.message.key)
@@ -449,7 +450,8 @@ class WalSource:
                 ctx.supervise(f"{self.name}.dead-letter", self._dead_letter_job(item, outcome))
             else:
                 self._retry_later(item, outcome)
-        ctx.count_settled(self.name, [o for o in outcomes if o.ok])
+        self.counters["delivered"] += len(settled)
+        ctx.count_settled(self.name, settled)
         self._progress.set()
 
     def _done(self, item: InFlight) -> None:
