@@ -181,6 +181,7 @@ def format_lsn(lsn: int) -> str:
 
 _I16: Final = struct.Struct("!h").unpack_from
 _I32: Final = struct.Struct("!i").unpack_from
+_U32: Final = struct.Struct("!I").unpack_from
 
 
 class _Reader:
@@ -363,6 +364,10 @@ def _type(r: _Reader) -> Type:
 
 
 def _insert(r: _Reader) -> Insert:
+    data = r._data
+    if len(data) > 5 and data[5] == 78:  # b"N" after the OID: the common case, read directly
+        r._pos = 6
+        return Insert(_U32(data, 1)[0], r.tuple_data("new tuple"))
     oid = r.u32("relation OID")
     marker = r._take(1, "new tuple marker")
     if marker != b"N":
