@@ -31,7 +31,7 @@ from fastconn.sources.postgres.pgoutput import (
     format_lsn,
     parse_lsn,
 )
-from fastconn.sources.postgres.values import PgValueError, convert, parse_array
+from fastconn.sources.postgres.values import PgValueError, convert, converter, parse_array
 
 # -- byte builders (the layouts of "Logical Replication Message Formats") ------------------------
 
@@ -357,3 +357,122 @@ def test_dsn_file_is_read_and_a_missing_one_is_a_clear_error(tmp_path: Path) -> 
     (tmp_path / "empty").write_text("")
     with pytest.raises(SourceError, match="is empty"):
         read_dsn(PostgresConfig(dsn_file=str(tmp_path / "empty")))
+
+
+# -- the per-relation fast path (changes built with converters chosen once per column) -------------
+
+EVERY_TYPE = [
+    # (column, type OID, text as pgoutput sends it, the JSON value expected in the body)
+    ("b_true", 16, b"t", True),
+    ("b_false", 16, b"f", False),
+    ("i2", 21, b"-32768", -32768),
+    ("i4", 23, b"2147483647", 2147483647),
+    ("i8", 20, b"-9223372036854775808", -9223372036854775808),
+    ("oid", 26, b"4294967295", 4294967295),
+    ("f4", 700, b"1.5", 1.5),
+    ("f8", 701, b"-2.25e-05", -2.25e-05),
+    ("f8_nan", 701, b"NaN", "NaN"),
+    ("f8_inf", 701, b"-Infinity", "-Infinity"),
+    ("num", 1700, b"12345678901234567890.123456789", "12345678901234567890.123456789"),
+    ("js", 114, b'{"a": [1, "\xc3\xa9"]}', {"a": [1, "\u00e9"]}),
+    ("jsb", 3802, b"[true, null]", [True, None]),
+    ("raw", 17, b"\\x00ff10", base64.b64encode(b"\x00\xff\x10").decode()),
+    ("ts", 1114, b"2024-05-01 12:00:00.5", "2024-05-01T12:00:00.5"),
+    ("tstz", 1184, b"2024-05-01 12:00:00+05:30", "2024-05-01T12:00:00+05:30"),
+    ("txt", 25, "h\u00e9llo \u2603".encode(), "h\u00e9llo \u2603"),
+    ("ints", 1007, b"{{1,NULL},{3,4}}", [[1, None], [3, 4]]),
+    ("texts", 1009, b'{"a b","c\\"d",NULL}', ["a b", 'c"d', None]),
+    ("bools", 1000, b"{t,f}", [True, False]),
+    ("floats", 1022, b"{1.5,NaN}", [1.5, "NaN"]),
+    ("uuid", 2950, b"8f4c2a9e-0000-4000-8000-000000000001", "8f4c2a9e-0000-4000-8000-000000000001"),
+    ("nothing", 23, None, None),
+    ("toasted", 25, "u", None),
+]
+
+
+def _relation_of(columns: list[tuple[str, int]], oid: int = 16500) -> bytes:
+    out = b"R" + struct.pack("!I", oid) + _s("public") + _s("every") + b"d" + struct.pack("!h", len(columns))
+    for i, (name, type_oid) in enumerate(columns):
+        out += bytes([1 if i == 0 else 0]) + _s(name) + struct.pack("!Ii", type_oid, -1)
+    return out
+
+
+def test_every_supported_type_is_typed_in_the_change_body() -> None:
+    asm = Assembler()
+    asm.feed(1, begin(), None)
+    asm.feed(2, _relation_of([(name, oid_) for name, oid_, _, _ in EVERY_TYPE]), None)
+    values = tuple(raw for _, _, raw, _ in EVERY_TYPE)
+    asm.feed(3, b"I" + struct.pack("!I", 16500) + b"N" + _tuple(*values), None)
+    txn = asm.feed(4, commit(), None)
+    assert txn is not None
+    (change,) = txn.changes
+    body = orjson.loads(change.body)
+    expected = {name: value for name, _, raw, value in EVERY_TYPE if raw != "u"}
+    assert body["data"] == expected
+    assert body["unchangedToast"] == ["toasted"]
+    assert change.identity == b"public.every\x00t"
+
+
+@pytest.mark.parametrize(
+    ("name", "type_oid", "raw", "value"), [t for t in EVERY_TYPE if isinstance(t[2], bytes)]
+)
+def test_each_columns_converter_gives_what_convert_gives(
+    name: str, type_oid: int, raw: bytes, value: Any
+) -> None:
+    # through JSON: json/jsonb values are orjson fragments, embedded as sent
+    got = orjson.loads(orjson.dumps(converter(type_oid)(raw)))
+    assert got == orjson.loads(orjson.dumps(convert(type_oid, raw))) == value, name
+
+
+def test_a_value_that_does_not_parse_names_its_column_whatever_its_type() -> None:
+    asm = Assembler()
+    asm.feed(1, begin(), None)
+    asm.feed(2, _relation_of([("id", 23), ("f", 701), ("flag", 16), ("arr", 1007)]), None)
+    bad_rows = [
+        (
+            (b"1", b"one point five", b"t", b"{}"),
+            r"public\.every\.f: could not convert string to float: 'one",
+        ),
+        (
+            (b"1", b"1.5", b"t", b"{1,x}"),
+            r"public\.every\.arr: invalid literal for int\(\) with base 10: 'x'",
+        ),
+        ((b"1", b"1.5", b"t", b"{1"), r"public\.every\.arr: array literal cut short"),
+        (
+            (b"\xff", b"1.5", b"t", b"{}"),
+            r"public\.every\.id: invalid literal for int\(\) with base 10: '\ufffd'",
+        ),
+    ]
+    for row, complaint in bad_rows:
+        with pytest.raises(PgOutputError, match=complaint):
+            asm.feed(3, b"I" + struct.pack("!I", 16500) + b"N" + _tuple(*row), None)
+
+
+def test_tuple_data_fast_reader_agrees_with_the_checked_one() -> None:
+    """Well-formed tuples of every kind decode alike through the fast loop and the checked
+    reader it falls back to; cut short anywhere, both give a PgOutputError."""
+    from fastconn.sources.postgres.pgoutput import _Reader
+
+    shapes = [
+        (),
+        (None,),
+        ("u",),
+        (b"",),
+        (b"x" * 300, None, "u", b"1"),
+        tuple(bytes([i]) * i for i in range(40)),
+    ]
+    for values in shapes:
+        data = b"I" + _tuple(*values)
+        fast = _Reader(data, "Insert").tuple_data("t")
+        checked = _Reader(data, "Insert")._checked_tuple_data("t")
+        assert fast == checked == tuple(UNCHANGED if v == "u" else v for v in values)
+        binary = data.replace(b"t", b"b") if values == (b"",) else None
+        if binary is not None:
+            assert _Reader(binary, "Insert").tuple_data("t") == (b"",)
+        for cut in range(1, len(data)):
+            reader = _Reader(data[:cut], "Insert")
+            try:
+                got = reader.tuple_data("t")
+            except PgOutputError:
+                continue
+            pytest.fail(f"{values!r} cut at {cut} decoded as {got!r}")

@@ -121,13 +121,15 @@ class Type:
     name: str
 
 
-@dataclass(frozen=True, slots=True)
+# Insert, Update and Delete are not frozen: one is built per change, and a frozen dataclass's
+# __init__ sets each field through object.__setattr__ (several times slower). Nothing mutates them.
+@dataclass(slots=True)
 class Insert:
     relation_oid: int
     new: tuple[TupleValue, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Update:
     relation_oid: int
     old: tuple[TupleValue, ...] | None
@@ -136,7 +138,7 @@ class Update:
     new: tuple[TupleValue, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Delete:
     relation_oid: int
     old: tuple[TupleValue, ...]
@@ -175,6 +177,11 @@ def parse_lsn(text: str) -> int:
 def format_lsn(lsn: int) -> str:
     """int → ``16/B374D848`` (PostgreSQL's text form, what ``pg_lsn`` parses)."""
     return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
+
+
+_I16: Final = struct.Struct("!h").unpack_from
+_I32: Final = struct.Struct("!i").unpack_from
+_U32: Final = struct.Struct("!I").unpack_from
 
 
 class _Reader:
@@ -230,6 +237,43 @@ class _Reader:
         return text
 
     def tuple_data(self, what: str) -> tuple[TupleValue, ...]:
+        """TupleData. Every change carries one or two, so well-formed ones are read in one tight
+        loop; anything odd (short, negative, unknown kind) is read again by
+        :meth:`_checked_tuple_data`, which names what is wrong."""
+        data = self._data
+        size = len(data)
+        pos = self._pos
+        count = _I16(data, pos)[0] if pos + 2 <= size else -1
+        if count >= 0:
+            pos += 2
+            values: list[TupleValue] = []
+            append = values.append
+            for _ in range(count):
+                if pos >= size:
+                    break
+                kind = data[pos]
+                pos += 1
+                if kind in (116, 98):  # t, b
+                    if pos + 4 > size:
+                        break
+                    (length,) = _I32(data, pos)
+                    end = pos + 4 + length
+                    if length < 0 or end > size:
+                        break
+                    append(data[pos + 4 : end])
+                    pos = end
+                elif kind == 110:  # n
+                    append(None)
+                elif kind == 117:  # u
+                    append(UNCHANGED)
+                else:
+                    break
+            else:
+                self._pos = pos
+                return tuple(values)
+        return self._checked_tuple_data(what)
+
+    def _checked_tuple_data(self, what: str) -> tuple[TupleValue, ...]:
         count = self.i16(f"{what} column count")
         if count < 0:
             raise PgOutputError(f"{self._kind} message: negative column count {count} in {what}")
@@ -320,6 +364,10 @@ def _type(r: _Reader) -> Type:
 
 
 def _insert(r: _Reader) -> Insert:
+    data = r._data
+    if len(data) > 5 and data[5] == 78:  # b"N" after the OID: the common case, read directly
+        r._pos = 6
+        return Insert(_U32(data, 1)[0], r.tuple_data("new tuple"))
     oid = r.u32("relation OID")
     marker = r._take(1, "new tuple marker")
     if marker != b"N":

@@ -23,7 +23,7 @@ import hmac
 import secrets
 import struct
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -65,30 +65,41 @@ class ServerShutdown(ReplicationError, ConnectionError):
 # -- pure decoders -----------------------------------------------------------------------------
 
 
+_LENGTH: Final = struct.Struct("!I").unpack_from
+_XLOG_HEADER: Final = struct.Struct("!QQ").unpack_from
+_COPY_DATA: Final = ord("d")
+_XLOG_TAG: Final = ord("w")
+
+
 class Frames:
     """Backend messages out of a byte stream: ``(type, body)`` pairs, whatever the splits."""
 
     def __init__(self) -> None:
         self._buffer = bytearray()
 
-    def feed(self, data: bytes) -> Iterator[tuple[int, bytes]]:
+    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        """The messages ``data`` completes (a partial one stays for the next call)."""
         buffer = self._buffer
         buffer += data
         start = 0
-        while len(buffer) - start >= 5:
-            kind = buffer[start]
-            (length,) = struct.unpack_from("!I", buffer, start + 1)
-            if length < 4 or length > _MAX_FRAME:
-                raise ReplicationError(f"malformed message from the server (length {length})")
-            end = start + 1 + length
-            if end > len(buffer):
-                break
-            yield kind, bytes(buffer[start + 5 : end])
-            start = end
+        size = len(buffer)
+        out: list[tuple[int, bytes]] = []
+        with memoryview(buffer) as view:  # one copy per message, not two
+            while size - start >= 5:
+                kind = buffer[start]
+                (length,) = _LENGTH(buffer, start + 1)
+                if length < 4 or length > _MAX_FRAME:
+                    raise ReplicationError(f"malformed message from the server (length {length})")
+                end = start + 1 + length
+                if end > size:
+                    break
+                out.append((kind, bytes(view[start + 5 : end])))
+                start = end
         del buffer[:start]
+        return out
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per change, and a frozen __init__ costs more
 class XLogData:
     start: int
     """WAL position of this message (the peek's ``lsn`` column)."""
@@ -316,7 +327,11 @@ class ReplicationStream:
                 self._ready.extend(self._frames.feed(chunk))
                 continue
             kind, body = self._ready.popleft()
-            if kind == ord("d"):
+            if kind == _COPY_DATA and len(body) >= 25 and body[0] == _XLOG_TAG:
+                # XLogData, nearly every message: what copy_data does, without its dispatch
+                start, end = _XLOG_HEADER(body, 1)
+                out.append(XLogData(start, end, body[25:]))
+            elif kind == _COPY_DATA:
                 item = copy_data(body)
                 if isinstance(item, XLogData):
                     out.append(item)

@@ -19,7 +19,7 @@ from typing import Any, Final
 
 import orjson
 
-__all__ = ["ARRAY_ELEMENT", "PgValueError", "convert", "parse_array"]
+__all__ = ["ARRAY_ELEMENT", "PgValueError", "convert", "converter", "parse_array"]
 
 
 class PgValueError(ValueError):
@@ -119,6 +119,45 @@ def convert(type_oid: int, raw: bytes) -> Any:
         return _convert_array(parse_array(text), element)
     scalar = _SCALARS.get(type_oid)
     return text if scalar is None else scalar(text)
+
+
+def _text_bytes(raw: bytes) -> Any:
+    return raw.decode("utf-8", "replace")
+
+
+def _float_bytes(raw: bytes) -> Any:
+    value = float(raw)
+    return value if math.isfinite(value) else raw.decode()
+
+
+_BYTES_SCALARS: Final[dict[int, Callable[[bytes], Any]]] = {
+    # int() and float() parse ASCII bytes as they parse the decoded text: no str in between.
+    20: int,
+    21: int,
+    23: int,
+    26: int,
+    700: _float_bytes,
+    701: _float_bytes,
+    16: (b"t").__eq__,
+}
+"""The hot scalar types, converted from the bytes as they come (what :func:`convert` gives)."""
+
+
+def converter(type_oid: int) -> Callable[[bytes], Any]:
+    """The function :func:`convert` applies to a column of this type, chosen once per column
+    (the source builds one per column of a relation, not one lookup per value). On bad input it
+    raises ``ValueError`` (a message may read differently from :func:`convert`'s: call that for
+    the error to report)."""
+    fast = _BYTES_SCALARS.get(type_oid)
+    if fast is not None:
+        return fast
+    element = ARRAY_ELEMENT.get(type_oid)
+    if element is not None:
+        return lambda raw: _convert_array(parse_array(raw.decode("utf-8", "replace")), element)
+    scalar = _SCALARS.get(type_oid)
+    if scalar is None:
+        return _text_bytes
+    return lambda raw: scalar(raw.decode("utf-8", "replace"))
 
 
 def _convert_array(items: list[Any], element: int) -> list[Any]:

@@ -246,7 +246,7 @@ class WalSource:
             rows = await conn.fetch(
                 server.PEEK, cfg.slot, self.pending.rows + cfg.batch_size, cfg.publication
             )
-            await self._learn_keys(conn, rows)
+            await self._learn_keys(conn, [data for _, data in rows])
             transactions = self._assemble(rows)
             # No "nothing published up to the current WAL position, confirm it" shortcut for a quiet
             # publication: the flush position can lie inside a commit record the peek did not
@@ -284,7 +284,7 @@ class WalSource:
             batch = await stream.read(cfg.batch_size, cfg.poll_interval)
             if not batch:
                 continue
-            await self._learn_keys(conn, [(None, item.data) for item in batch])
+            await self._learn_keys(conn, [item.data for item in batch])
             transactions = self._assemble_stream(batch)
             if transactions:
                 try:
@@ -340,13 +340,13 @@ class WalSource:
                 rows_in_txn = 0
         return out
 
-    async def _learn_keys(self, conn: Any, rows: list[Any]) -> None:
+    async def _learn_keys(self, conn: Any, messages: list[bytes]) -> None:
         """Orders by primary key where the table has one (with REPLICA IDENTITY FULL every
         column is flagged as identity, and a changed column would change the key). Looked up
-        once per table, before the peek's changes are built."""
+        once per table, before the batch's changes are built."""
         if self.config.ordering != "key":
             return
-        for _, data in rows:
+        for data in messages:
             if data[:1] != b"R":
                 continue
             relation = decode(data)
@@ -369,11 +369,13 @@ class WalSource:
 
     async def _deliver(self, conn: Any, transactions: list[tuple[Transaction, int]]) -> None:
         messages: list[Message] = []
+        message = self._message
+        filters = self._filters
         for txn, rows in transactions:
-            chosen = [c for c in txn.changes if not self._filters or c.topic in self._filters]
+            chosen = [c for c in txn.changes if c.topic in filters] if filters else txn.changes
             self.counters["filtered"] += len(txn.changes) - len(chosen)
             state = self.pending.add(txn, rows, len(chosen))
-            messages.extend(self._message(change, state) for change in chosen)
+            messages.extend([message(change, state) for change in chosen])
         self._progress.set()
         # In chunks the dispatcher takes at once, confirming in between: a peek can hold more
         # changes than the dispatcher, and waiting for room must not hold back the confirmation
@@ -394,10 +396,10 @@ class WalSource:
             raise failure
 
     def _message(self, change: Change, txn: TxnState) -> Message:
-        cfg = self.config
-        if cfg.ordering == "key":
+        ordering = self.config.ordering
+        if ordering == "key":
             key = change.identity
-        elif cfg.ordering == "transaction":
+        elif ordering == "transaction":
             key = _TRANSACTION_KEY
         else:
             key = None
@@ -409,12 +411,12 @@ class WalSource:
                 ("X-Event-Table", change.table),
                 ("X-Event-Schema", change.schema),
                 ("X-Event-Id", change.id),
-                ("X-Pg-Lsn", format_lsn(change.lsn)),
+                ("X-Pg-Lsn", change.lsn_text),
             ),
             message_id=change.id,
             key=key,
             hold_key_on_retry=key is not None,
-            hold_key_on_failure=key is not None and cfg.dead_letter_table is None,
+            hold_key_on_failure=key is not None and self.config.dead_letter_table is None,
         )
         message.handle = InFlight(txn, change, message)
         return message
@@ -433,13 +435,14 @@ class WalSource:
 
     def _on_outcomes(self, outcomes: list[Outcome]) -> None:
         ctx = self._require_ctx()
+        self._in_core -= len(outcomes)
+        settled: list[Outcome] = []
         for outcome in outcomes:
             item: InFlight = outcome.message.handle
-            self._in_core -= 1
             verdict = outcome.verdict
             if verdict is Verdict.OK or verdict is Verdict.UNROUTED:
                 self._done(item)
-                self.counters["delivered"] += 1
+                settled.append(outcome)
             elif verdict is Verdict.FAILED and self.config.dead_letter_table:
                 if outcome.key_held and outcome.message.key is not None:
                     ctx.dispatcher.release_key(outcome.message.key)
@@ -447,7 +450,8 @@ class WalSource:
                 ctx.supervise(f"{self.name}.dead-letter", self._dead_letter_job(item, outcome))
             else:
                 self._retry_later(item, outcome)
-        ctx.count_settled(self.name, [o for o in outcomes if o.ok])
+        self.counters["delivered"] += len(settled)
+        ctx.count_settled(self.name, settled)
         self._progress.set()
 
     def _done(self, item: InFlight) -> None:
@@ -526,7 +530,7 @@ class WalSource:
                     "attempts, error, response, deliveries, change, context) "
                     "VALUES ($1, $2::text::pg_lsn, $3, $4, $5, $6, $7, $8, $9, $10::jsonb, $11::jsonb)",
                     item.change.id,
-                    format_lsn(item.change.lsn),
+                    item.change.lsn_text,
                     item.change.topic,
                     failure.function if failure else None,
                     failure.status if failure else None,
