@@ -1013,54 +1013,76 @@ mod tests {
     /// Like [`recording_server`], but after `answered` requests it reads each request and
     /// closes the connection without answering: a function that dies mid-call.
     fn recording_server_answering(answered: usize) -> (String, Arc<Mutex<Vec<String>>>) {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let url = format!("http://{}/f", listener.local_addr().expect("addr"));
         let seen = Arc::new(Mutex::new(Vec::new()));
         let record = Arc::clone(&seen);
+        let url = serve("/f", move |head| {
+            let id = header_of(head, "x-message-id");
+            let nth = {
+                let mut seen = record.lock().unwrap_or_else(PoisonError::into_inner);
+                seen.push(id.to_ascii_lowercase());
+                seen.len()
+            };
+            (nth <= answered).then_some("200 OK")
+        });
+        (url, seen)
+    }
+
+    /// A blocking HTTP/1.1 server on `path` (one thread per connection): `answer` sees each
+    /// request's header lines once its body is read and gives the status line to answer with,
+    /// or `None` to close the connection without answering.
+    fn serve<F>(path: &str, answer: F) -> String
+    where
+        F: Fn(&[String]) -> Option<&'static str> + Send + Sync + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let url = format!("http://{}{path}", listener.local_addr().expect("addr"));
+        let answer = Arc::new(answer);
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                let record = Arc::clone(&record);
+                let answer = Arc::clone(&answer);
                 std::thread::spawn(move || {
                     let mut writer = stream.try_clone().expect("clone");
                     let mut reader = BufReader::new(stream);
                     loop {
-                        let (mut id, mut length) = (String::new(), 0usize);
+                        let mut head = Vec::new();
                         loop {
                             let mut line = String::new();
                             if reader.read_line(&mut line).unwrap_or(0) == 0 {
                                 return;
                             }
-                            let line = line.trim_end().to_ascii_lowercase();
+                            let line = line.trim_end().to_owned();
                             if line.is_empty() {
                                 break;
                             }
-                            if let Some(v) = line.strip_prefix("x-message-id: ") {
-                                id = v.to_owned();
-                            } else if let Some(v) = line.strip_prefix("content-length: ") {
-                                length = v.parse().unwrap_or(0);
-                            }
+                            head.push(line);
                         }
+                        let length = header_of(&head, "content-length").parse().unwrap_or(0);
                         let mut body = vec![0u8; length];
                         if reader.read_exact(&mut body).is_err() {
                             return;
                         }
-                        let nth = {
-                            let mut seen = record.lock().unwrap_or_else(PoisonError::into_inner);
-                            seen.push(id);
-                            seen.len()
-                        };
-                        if nth > answered {
+                        let Some(status) = answer(&head) else {
                             return;
-                        }
-                        let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
-                        if writer.write_all(reply).is_err() {
+                        };
+                        let reply = format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\n\r\n");
+                        if writer.write_all(reply.as_bytes()).is_err() {
                             return;
                         }
                     }
                 });
             }
         });
-        (url, seen)
+        url
+    }
+
+    /// A header's value among a request's header lines ("" when absent); `name` lower-case.
+    fn header_of(head: &[String], name: &str) -> String {
+        head.iter()
+            .find_map(|line| {
+                let (k, v) = line.split_once(':')?;
+                k.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+            })
+            .unwrap_or_default()
     }
 
     fn message(token: u64, key: Option<&'static [u8]>) -> Message {
@@ -1325,54 +1347,18 @@ mod tests {
 
     /// A gateway double for async calls: answers every request with `status`.
     fn async_gateway(status: &'static str) -> (String, SeenCalls) {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let url = format!(
-            "http://{}/async-function/f",
-            listener.local_addr().expect("addr")
-        );
         let seen = Arc::new(Mutex::new(Vec::new()));
         let record = Arc::clone(&seen);
-        std::thread::spawn(move || {
-            for stream in listener.incoming().flatten() {
-                let record = Arc::clone(&record);
-                std::thread::spawn(move || {
-                    let mut writer = stream.try_clone().expect("clone");
-                    let mut reader = BufReader::new(stream);
-                    loop {
-                        let (mut call, mut length) = ((String::new(), String::new()), 0usize);
-                        loop {
-                            let mut line = String::new();
-                            if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                                return;
-                            }
-                            let line = line.trim_end();
-                            if line.is_empty() {
-                                break;
-                            }
-                            let lower = line.to_ascii_lowercase();
-                            if lower.starts_with("x-call-id: ") {
-                                call.0 = line["x-call-id: ".len()..].to_owned();
-                            } else if lower.starts_with("x-callback-url: ") {
-                                call.1 = line["x-callback-url: ".len()..].to_owned();
-                            } else if let Some(v) = lower.strip_prefix("content-length: ") {
-                                length = v.parse().unwrap_or(0);
-                            }
-                        }
-                        let mut body = vec![0u8; length];
-                        if reader.read_exact(&mut body).is_err() {
-                            return;
-                        }
-                        record
-                            .lock()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .push(call);
-                        let reply = format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\n\r\n");
-                        if writer.write_all(reply.as_bytes()).is_err() {
-                            return;
-                        }
-                    }
-                });
-            }
+        let url = serve("/async-function/f", move |head| {
+            let call = (
+                header_of(head, "x-call-id"),
+                header_of(head, "x-callback-url"),
+            );
+            record
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(call);
+            Some(status)
         });
         (url, seen)
     }

@@ -147,12 +147,7 @@ impl Runtime {
             max_inflight,
             max_inflight_per_function,
             max_queued,
-            retry: RetryPolicy {
-                max_attempts: max_attempts.max(1),
-                retry_on,
-                backoff_initial: seconds(backoff_initial, "backoff_initial")?,
-                backoff_max: seconds(backoff_max, "backoff_max")?,
-            },
+            retry: retry_policy(max_attempts, retry_on, backoff_initial, backoff_max)?,
             timeout: seconds(timeout, "timeout")?,
             connect_timeout: seconds(connect_timeout, "connect_timeout")?,
             content_type,
@@ -472,12 +467,7 @@ impl Runtime {
             timeout: seconds(timeout, "callback timeout")?,
             max_pending,
             ack,
-            retry: RetryPolicy {
-                max_attempts: max_attempts.max(1),
-                retry_on,
-                backoff_initial: seconds(backoff_initial, "backoff_initial")?,
-                backoff_max: seconds(backoff_max, "backoff_max")?,
-            },
+            retry: retry_policy(max_attempts, retry_on, backoff_initial, backoff_max)?,
         };
         let calls = Arc::new(AsyncCalls::new(table, settings));
         guard(py, || self.engine.set_async_calls(Some(calls)))
@@ -637,6 +627,21 @@ fn packed_headers(headers: &[(String, String)]) -> Vec<u8> {
         out.push(0);
     }
     out
+}
+
+/// A retry policy from Python's settings (seconds as floats, checked).
+fn retry_policy(
+    max_attempts: u32,
+    retry_on: Vec<u16>,
+    backoff_initial: f64,
+    backoff_max: f64,
+) -> PyResult<RetryPolicy> {
+    Ok(RetryPolicy {
+        max_attempts: max_attempts.max(1),
+        retry_on,
+        backoff_initial: seconds(backoff_initial, "backoff_initial")?,
+        backoff_max: seconds(backoff_max, "backoff_max")?,
+    })
 }
 
 fn stats_tuple(s: StatsSnapshot) -> StatsTuple {
