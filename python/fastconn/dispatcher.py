@@ -358,9 +358,7 @@ class Dispatcher:
                 | (m.hold_key_on_retry << 1)
                 | (m.resume << 2)
                 | (m.asynchronous << 3)
-                | (m.hold_key_on_failure << 4)
-                | (m.keep_key << 5)
-                | (m.lease << 6),
+                | (m.hold_key_on_failure << 4),
                 m.function,
                 m.own_headers,
             )

@@ -80,17 +80,11 @@ class Message:
     """Deliver only to this function (one of those the topic routes to): used to re-invoke a
     single function, e.g. after a failed async callback."""
     asynchronous: bool = False
-    """Invoke through the functions' ``/async-function/`` form (set by the dispatcher's async
-    layer; sources ask for async with ``submit(..., asynchronous=True)``)."""
-    keep_key: bool = False
-    """With a ``key``: the key stays held after the outcome whatever the verdict (the async layer
-    holds a key across all calls of a message until the last callback). Sources leave it."""
-    lease: bool = False
-    """Call nothing: wait for the key like any message of the key, then complete OK with the
-    key held. Used by the async layer; sources leave it."""
+    """Invoke through the functions' ``/async-function/`` form (sources ask for it with
+    ``submit(..., asynchronous=True)``, which sets it for the whole batch)."""
     own_headers: Sequence[tuple[str, str]] = ()
-    """Headers fastconn itself sets (the callback URL and call id): sent as given and exempt
-    from the reserved-name filter that ``headers`` go through. Sources leave it empty."""
+    """Headers fastconn itself sets (``invoke``'s): sent as given and exempt from the
+    reserved-name filter that ``headers`` go through. Sources leave it empty."""
     handle: Any = None
 
 

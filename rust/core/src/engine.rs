@@ -346,9 +346,7 @@ impl Engine {
         let table = self.shared.router.snapshot();
         let mut start = Vec::with_capacity(n);
         for message in messages {
-            let targets: Vec<Arc<Target>> = if message.lease {
-                Vec::new()
-            } else if let Some(only) = &message.only_function {
+            let targets: Vec<Arc<Target>> = if let Some(only) = &message.only_function {
                 // Not every subscriber and then one: with 1,000 cron functions on
                 // `cron-function`, that was 1,000 Arc clones per fire.
                 table
@@ -620,27 +618,19 @@ impl Shared {
                 self.keys.resume(&key);
                 Some((message, targets))
             }
-            Some(key) if message.lease || !targets.is_empty() => {
-                self.keys.admit(&key, (message, targets))
-            }
+            Some(key) if !targets.is_empty() => self.keys.admit(&key, (message, targets)),
             _ => Some((message, targets)),
         }
     }
 
     /// Starts an admitted message: its calls, or its completion when there is nothing to call
-    /// (a lease, or a topic nothing subscribes to).
+    /// (a topic nothing subscribes to).
     fn start(self: Arc<Self>, message: Message, targets: Vec<Arc<Target>>) {
         if targets.is_empty() {
-            let verdict = if message.lease {
-                Verdict::Ok
-            } else {
-                Verdict::Unrouted
-            };
-            // The key is ours here only when admission took it (a lease) or the caller gave it
-            // (resume); otherwise the message bypassed the key's line and holds nothing.
-            let owns_key = message.lease || message.resume;
-            let keep = message.lease || message.keep_key;
-            Arc::clone(&self).settle(&message, owns_key, keep, verdict, vec![]);
+            // The key is ours here only when the caller gave it (resume); otherwise the
+            // message bypassed the key's line and holds nothing.
+            let owns_key = message.resume;
+            Arc::clone(&self).settle(&message, owns_key, false, Verdict::Unrouted, vec![]);
             return;
         }
         self.launch(message, targets);
@@ -848,8 +838,7 @@ impl Shared {
             .max()
             .unwrap_or(Verdict::Unrouted);
         let m = &state.message;
-        let keep = m.keep_key
-            || (m.hold_key_on_retry && verdict == Verdict::Retry)
+        let keep = (m.hold_key_on_retry && verdict == Verdict::Retry)
             || (m.hold_key_on_failure && verdict == Verdict::Failed);
         // A launched keyed message owns its key: admission took it, or the caller resumed it.
         Arc::clone(self).settle(m, true, keep, verdict, results);
@@ -900,7 +889,7 @@ impl Shared {
 
     fn release_key(self: Arc<Self>, key: &Bytes) {
         if let Some((next, targets)) = self.keys.release(key) {
-            // `start`, not `launch`: the next one may be a lease or have lost its targets.
+            // `start`, not `launch`: the next one may have lost its targets.
             self.start(next, targets);
         }
     }
@@ -1188,44 +1177,6 @@ mod tests {
             3,
             "the function saw the message once per counted attempt: {seen:?}"
         );
-        engine.close(Duration::from_secs(1));
-    }
-
-    #[test]
-    fn a_lease_holds_the_key_until_released_and_says_so() {
-        let (url, seen) = recording_server();
-        let sink = Arc::new(Collect::default());
-        let engine = engine_with(url, Arc::clone(&sink));
-        let mut lease = message(1, Some(b"k"));
-        lease.lease = true;
-        engine
-            .submit(vec![lease, message(2, Some(b"k"))])
-            .expect("submit");
-        let done = wait_for(&sink, 1);
-        assert_eq!(done.len(), 1);
-        assert_eq!(
-            (done[0].token, done[0].verdict, done[0].key_held),
-            (1, Verdict::Ok, true)
-        );
-        // The lease's owner calls while holding the key; the key's next message still waits.
-        let mut owned = message(3, Some(b"k"));
-        owned.resume = true;
-        owned.keep_key = true;
-        engine.submit(vec![owned]).expect("submit");
-        let done = wait_for(&sink, 2);
-        assert_eq!((done[1].token, done[1].key_held), (3, true));
-        std::thread::sleep(Duration::from_millis(50));
-        assert_eq!(
-            wait_for(&sink, 3).len(),
-            2,
-            "message 2 waits behind the held key"
-        );
-        engine.release_key(Bytes::from_static(b"k"));
-        let done = wait_for(&sink, 3);
-        assert_eq!((done[2].token, done[2].key_held), (2, false));
-        let seen = seen.lock().unwrap_or_else(PoisonError::into_inner).clone();
-        assert_eq!(seen, vec!["3".to_owned(), "2".to_owned()]);
-        assert_eq!(engine.busy_keys(), 0);
         engine.close(Duration::from_secs(1));
     }
 

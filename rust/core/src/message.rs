@@ -36,15 +36,8 @@ pub struct Message {
     pub only_function: Option<String>,
     /// Invoke through each function's asynchronous endpoint where it has one.
     pub asynchronous: bool,
-    /// With a key: the key stays held after this message completes, whatever the verdict; the
-    /// caller owns it and resumes or releases it. For a message split into several calls (async
-    /// invocation), whose key must stay held until the last call's result.
-    pub keep_key: bool,
-    /// No call at all: wait for the key like any message of the key, then complete `Ok` with the
-    /// key held (`key_held`). The caller owns the key from then on.
-    pub lease: bool,
-    /// Headers fastconn itself sets for this message (callback URL, call id): sent as given,
-    /// after the message's headers, and exempt from the reserved-name filter.
+    /// Headers fastconn itself sets for this message (`invoke`'s): sent as given, after the
+    /// message's headers, and exempt from the reserved-name filter.
     pub own_headers: Vec<(String, String)>,
 }
 
@@ -65,8 +58,6 @@ impl Message {
             resume: false,
             only_function: None,
             asynchronous: false,
-            keep_key: false,
-            lease: false,
             own_headers: Vec::new(),
         }
     }
@@ -157,7 +148,7 @@ pub struct Completion {
     pub verdict: Verdict,
     pub results: Vec<TargetResult>,
     /// Whether the core still holds the message's ordering key for it after this completion
-    /// (`hold_key_on_*`, `keep_key`, `lease`): the caller must resubmit it with `resume` or call
+    /// (`hold_key_on_*`): the caller must resubmit it with `resume` or call
     /// `release_key`. Always false for a message without a key. Callers never infer this.
     pub key_held: bool,
 }

@@ -56,8 +56,6 @@ const HOLD_KEY_ON_RETRY: u8 = 1 << 1;
 const RESUME: u8 = 1 << 2;
 const ASYNCHRONOUS: u8 = 1 << 3;
 const HOLD_KEY_ON_FAILURE: u8 = 1 << 4;
-const KEEP_KEY: u8 = 1 << 5;
-const LEASE: u8 = 1 << 6;
 
 /// One function's counters: (function, [(status, count)], cumulative buckets, sum_s, count, retries).
 type StatsTuple = (
@@ -249,7 +247,7 @@ impl Runtime {
 
     /// Accepts a batch: each item is (topic, payload, headers, message_id, key, delivery_attempt,
     /// flags, only_function, own_headers) with flags = capture | hold_key_on_retry << 1 |
-    /// resume << 2 | asynchronous << 3 | hold_key_on_failure << 4 | keep_key << 5 | lease << 6;
+    /// resume << 2 | asynchronous << 3 | hold_key_on_failure << 4;
     /// message `i` gets token `base_token + i`. Never blocks.
     fn submit(&self, py: Python<'_>, base_token: u64, batch: &Bound<'_, PyList>) -> PyResult<()> {
         self.check_process(py, "submit")?;
@@ -285,8 +283,6 @@ impl Runtime {
                 resume: flags & RESUME != 0,
                 only_function,
                 asynchronous: flags & ASYNCHRONOUS != 0,
-                keep_key: flags & KEEP_KEY != 0,
-                lease: flags & LEASE != 0,
                 own_headers,
             });
         }
