@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -22,6 +22,7 @@ from fastconn.message import Message, Outcome
 from fastconn.ratelimit import RateLimitedLog
 from fastconn.responses import request_reply
 from fastconn.source import SourceContext
+from fastconn.sources.rabbitmq import frames
 from fastconn.sources.rabbitmq.acks import AckWindow
 from fastconn.sources.rabbitmq.config import RabbitMQConfig
 from fastconn.sources.rabbitmq.headers import (
@@ -162,6 +163,7 @@ class RabbitMQSource:
 
     async def start(self) -> None:
         ctx = self._require_ctx()
+        frames.install()
         try:
             self._connection = await aio_pika.connect_robust(
                 self.config.connection_url(),
@@ -251,13 +253,14 @@ class RabbitMQSource:
     async def _consume(self) -> None:
         """Starts one consumer per queue on the consuming channel's current (aiormq) channel.
         Consumers are started here rather than by aio-pika, which would restore them on a
-        reopened channel itself but wrap every message in an ``IncomingMessage`` and a task."""
+        reopened channel itself but wrap every message in an ``IncomingMessage`` and a task;
+        deliveries reach :meth:`_take` straight from the channel's reader (:mod:`.frames`)."""
         channel = self._consume_channel
         assert channel is not None
         underlay = await channel.get_underlay_channel()
         consumers = []
         for name in self._declared:
-            ok = await underlay.basic_consume(name, self._on_message_for(name), no_ack=False)
+            ok = await frames.consume_directly(underlay, name, self._on_message_for(name))
             consumers.append((underlay, str(ok.consumer_tag)))
         self._consumers = consumers
 
@@ -272,8 +275,8 @@ class RabbitMQSource:
             self._count("consume")
             log.error("source %s: cannot consume again after the channel reopened: %r", self.name, exc)
 
-    def _on_message_for(self, queue: str) -> Callable[[DeliveredMessage], Coroutine[Any, Any, None]]:
-        async def on_message(message: DeliveredMessage) -> None:
+    def _on_message_for(self, queue: str) -> Callable[[DeliveredMessage], None]:
+        def on_message(message: DeliveredMessage) -> None:
             self._take(queue, _Incoming(message))
 
         return on_message
