@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -48,6 +49,8 @@ log = logging.getLogger("fastconn.source.rabbitmq")
 _STOP_TIMEOUT: Final = 10.0
 _PUBLISH_TIMEOUT: Final = 10.0
 _PUBLISH_CONCURRENCY: Final = 64
+_ACK_LINGER: Final = 0.05
+"""How long a settled message may wait for a ``multiple`` ack before it is acknowledged alone."""
 _LINGER: Final = 0.002
 """How long a small batch waits for more arrivals while calls are in flight anyway: aio-pika
 hands over one message per task, and every crossing into the core has a fixed cost."""
@@ -135,6 +138,7 @@ class RabbitMQSource:
         self._publish_slots = asyncio.Semaphore(_PUBLISH_CONCURRENCY)
         self._in_place: dict[Message, asyncio.TimerHandle] = {}
         self._windows: dict[Any, AckWindow] = {}
+        self._overdue_timer: asyncio.TimerHandle | None = None
         self._ack_order = asyncio.Lock()
         """Acks are computed and sent one group at a time: a ``multiple`` ack sent before an
         earlier group's would cover that group's tags, whose own ack the broker then refuses
@@ -244,6 +248,12 @@ class RabbitMQSource:
         requeues whatever is still unacknowledged)."""
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=_STOP_TIMEOUT)
+        if self._overdue_timer is not None:
+            self._overdue_timer.cancel()
+            self._overdue_timer = None
+        # Acks held back for a multiple ack: sent now, or the broker redelivers those messages.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._send_overdue(everything=True), _STOP_TIMEOUT)
         if self._connection is not None:
             with contextlib.suppress(Exception):
                 await self._connection.close()
@@ -291,7 +301,7 @@ class RabbitMQSource:
         tag = int(msg.delivery.delivery_tag or 0)
         window = self._windows.get(channel)
         if window is None:
-            window = self._windows[channel] = AckWindow()
+            window = self._windows[channel] = AckWindow(_ACK_LINGER)
         window.delivered(tag)
         headers = msg.headers or {}
         exchange = _header_text(headers.get(ORIGINAL_EXCHANGE), msg.delivery.exchange or "")
@@ -432,18 +442,57 @@ class RabbitMQSource:
 
     async def _send_grouped(self, by_channel: dict[Any, list[int]]) -> int:
         failed = 0
+        now = asyncio.get_running_loop().time()
         for channel, tags in by_channel.items():
+            if channel.is_closed:
+                failed += len(tags)
+                continue
             window = self._windows.get(channel)
-            upto, singles = window.settle(tags) if window is not None else (None, tags)
             try:
                 # No drain per frame: the acks go out with the next socket write.
+                if window is None:
+                    for tag in tags:
+                        await channel.basic_ack(tag, wait=False)
+                    continue
+                upto = window.settle(tags, now)
                 if upto is not None:
                     await channel.basic_ack(upto, multiple=True, wait=False)
-                for tag in singles:
-                    await channel.basic_ack(tag, wait=False)
             except Exception:
                 failed += len(tags)
+        self._schedule_overdue()
         return failed
+
+    def _schedule_overdue(self) -> None:
+        """Sends what the ack windows hold back (:mod:`.acks`) once it has waited long enough."""
+        if self._overdue_timer is None and any(w.pending for w in self._windows.values()):
+            loop = asyncio.get_running_loop()
+            self._overdue_timer = loop.call_later(_ACK_LINGER, self._on_overdue)
+
+    def _on_overdue(self) -> None:
+        self._overdue_timer = None
+        self._spawn(self._send_overdue())
+
+    async def _send_overdue(self, *, everything: bool = False) -> None:
+        """Acknowledges the settled messages that waited ``_ACK_LINGER`` for a ``multiple``
+        ack (``everything``: all settled ones, before disconnecting)."""
+        failed = 0
+        async with self._ack_order:
+            now = math.inf if everything else asyncio.get_running_loop().time()
+            for channel, window in list(self._windows.items()):
+                upto, singles = window.overdue(now)
+                if channel.is_closed:
+                    continue  # the broker requeued them: counted when they were settled
+                try:
+                    if upto is not None:
+                        await channel.basic_ack(upto, multiple=True, wait=False)
+                    for tag in singles:
+                        await channel.basic_ack(tag, wait=False)
+                except Exception:
+                    failed += len(singles) + (upto is not None)
+        if failed:
+            self._count("ack", failed)
+        if not everything:
+            self._schedule_overdue()
 
     def _keep(self, outcome: Outcome, decision: Keep) -> None:
         """A final failure without a dead-letter exchange: kept, retried every ``backoff_max``."""
@@ -652,10 +701,12 @@ class RabbitMQSource:
         await self._send_acks([delivery])
 
     async def _requeue(self, delivery: _Delivery) -> None:
+        # The nack first: until the window forgets the tag, no multiple ack can cover it.
+        await self._requeue_delivery(delivery.msg)
         window = self._windows.get(delivery.channel)
         if window is not None:
             window.forget([delivery.tag])
-        await self._requeue_delivery(delivery.msg)
+            self._schedule_overdue()
 
     async def _requeue_delivery(self, msg: _Incoming) -> None:
         # Fails only when the channel is gone: then the broker has requeued it already.
