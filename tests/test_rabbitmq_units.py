@@ -167,13 +167,26 @@ def test_ack_window_after_a_forget_hands_out_the_multiple_ack_it_allows() -> Non
     assert not window.pending
 
 
+def test_ack_window_holds_a_multiple_ack_until_it_covers_a_batch() -> None:
+    window = AckWindow(linger=1.0, batch=3)
+    for tag in range(1, 6):
+        window.delivered(tag)
+    assert window.settle([2, 1], now=0.0) is None
+    assert window.settle([3], now=0.0) == 3
+    assert window.settle([4], now=0.0) is None
+    assert window.pending
+    # Asked for what is due: the multiple ack however few it covers; 5 is still running.
+    assert window.overdue(0.001) == (4, [])
+    assert not window.pending
+
+
 @pytest.mark.parametrize("seed", range(20))
 def test_ack_window_against_a_broker_model(seed: int) -> None:
     """Random settle orders, nacks and clock steps: every ack the window hands out is one the
     broker accepts (the tag is outstanding) and covers no unsettled or nacked delivery; in
     the end every settled delivery is acknowledged."""
     rng = random.Random(seed)
-    window = AckWindow(linger=0.05)
+    window = AckWindow(linger=0.05, batch=rng.choice([1, 3, 50]))
     outstanding: set[int] = set()  # the broker's unacknowledged deliveries
     running: set[int] = set()  # delivered, not settled here
     acked: set[int] = set()

@@ -3,12 +3,13 @@
 A ``multiple`` ack at tag T acknowledges every unacknowledged delivery up to T, so T must stay
 below every delivery still running, retrying or being moved to another queue, and T itself
 must be unacknowledged still (the broker refuses an unknown tag and closes the channel).
-Calls finish out of order, so most settled tags sit above one still running: acking those one
-by one cost a frame each, which was a large part of the source's work per message. They wait
-instead until the oldest delivery settles and one ``multiple`` ack covers them all; only a
-tag that has waited ``linger`` seconds (behind a slow call, or one kept for an in-place retry)
-is acknowledged alone, so the broker's prefetch window does not fill up with settled
-messages."""
+Acking per message, or per batch of outcomes (a few messages each), cost a frame and a socket
+write each, a large part of the source's work per message. Calls finish out of order, so
+most settled tags sit above one still running: they wait until the oldest delivery settles,
+and a ``multiple`` ack covers them all once ``batch`` of them are due, or when the source
+asks for what is :meth:`overdue` (every few milliseconds). Only a tag that has waited
+``linger`` seconds (behind a slow call, or one kept for an in-place retry) is acknowledged
+alone, so the broker's prefetch window does not fill up with settled messages."""
 
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ __all__ = ["AckWindow"]
 class AckWindow:
     """The delivery tags of one channel that are not acknowledged yet."""
 
-    def __init__(self, linger: float = 0.05) -> None:
+    def __init__(self, linger: float = 0.05, batch: int = 1) -> None:
         self.linger = linger
+        self.batch = batch
         self._open: list[int] = []
         """Delivered tags, a heap; trimmed from the bottom once settled."""
         self._settled: set[int] = set()
@@ -31,6 +33,8 @@ class AckWindow:
         """Settled tags not acknowledged yet, and when they settled (oldest first)."""
         self._upto: int | None = None
         """The highest waiting tag the trimmed prefix reached: due for a ``multiple`` ack."""
+        self._covered = 0
+        """Waiting tags that ack would acknowledge."""
 
     def __len__(self) -> int:
         """Deliveries not settled yet."""
@@ -53,17 +57,16 @@ class AckWindow:
 
     def settle(self, tags: Iterable[int], now: float) -> int | None:
         """Marks ``tags`` settled (to acknowledge); returns the tag to ack with ``multiple``
-        (None: none yet)."""
+        once it covers ``batch`` tags (None: not yet)."""
         for tag in tags:
             self._settled.add(tag)
             self._waiting[tag] = now
         self._trim()
-        upto, self._upto = self._upto, None
-        return upto
+        return self._hand_out() if self._covered >= self.batch else None
 
     def overdue(self, now: float) -> tuple[int | None, list[int]]:
-        """The ``multiple`` ack due (None: none) and the tags that waited ``linger`` or longer
-        for one, to acknowledge one by one."""
+        """The ``multiple`` ack due, however few it covers (None: none), and the tags that
+        waited ``linger`` or longer for one, to acknowledge one by one."""
         singles = []
         for tag, since in self._waiting.items():
             if now - since < self.linger:
@@ -71,8 +74,11 @@ class AckWindow:
             singles.append(tag)
         for tag in singles:
             del self._waiting[tag]
-        upto, self._upto = self._upto, None
-        return upto, singles
+        return self._hand_out(), singles
+
+    def _hand_out(self) -> int | None:
+        upto, self._upto, self._covered = self._upto, None, 0
+        return upto
 
     def _trim(self) -> None:
         heap, settled, waiting = self._open, self._settled, self._waiting
@@ -81,3 +87,4 @@ class AckWindow:
             settled.discard(tag)
             if waiting.pop(tag, None) is not None:
                 self._upto = tag
+                self._covered += 1

@@ -51,6 +51,8 @@ _PUBLISH_TIMEOUT: Final = 10.0
 _PUBLISH_CONCURRENCY: Final = 64
 _ACK_LINGER: Final = 0.05
 """How long a settled message may wait for a ``multiple`` ack before it is acknowledged alone."""
+_ACK_INTERVAL: Final = 0.005
+"""How often acks held back (:mod:`.acks`) are sent, at most: outcomes come a few at a time."""
 _LINGER: Final = 0.002
 """How long a small batch waits for more arrivals while calls are in flight anyway: aio-pika
 hands over one message per task, and every crossing into the core has a fixed cost."""
@@ -139,6 +141,7 @@ class RabbitMQSource:
         self._in_place: dict[Message, asyncio.TimerHandle] = {}
         self._windows: dict[Any, AckWindow] = {}
         self._overdue_timer: asyncio.TimerHandle | None = None
+        self._prefetch = 1
         self._ack_order = asyncio.Lock()
         """Acks are computed and sent one group at a time: a ``multiple`` ack sent before an
         earlier group's would cover that group's tags, whose own ack the broker then refuses
@@ -202,7 +205,7 @@ class RabbitMQSource:
         total = self.config.prefetch or min(65535, ctx.dispatcher.capacity)
         # Per consumer, the total split between the queues: a channel-wide ("global") limit is
         # much more expensive for the broker, and quorum queues do not support it.
-        prefetch = max(1, total // len(self.config.queues))
+        prefetch = self._prefetch = max(1, total // len(self.config.queues))
         await channel.set_qos(prefetch_count=prefetch)
         declared: dict[str, AbstractQueue] = {}
         for spec in self.config.queues:
@@ -301,7 +304,8 @@ class RabbitMQSource:
         tag = int(msg.delivery.delivery_tag or 0)
         window = self._windows.get(channel)
         if window is None:
-            window = self._windows[channel] = AckWindow(_ACK_LINGER)
+            # A quarter of the prefetch at most waits for its ack: the broker goes on delivering.
+            window = self._windows[channel] = AckWindow(_ACK_LINGER, batch=max(1, self._prefetch // 4))
         window.delivered(tag)
         headers = msg.headers or {}
         exchange = _header_text(headers.get(ORIGINAL_EXCHANGE), msg.delivery.exchange or "")
@@ -466,15 +470,15 @@ class RabbitMQSource:
         """Sends what the ack windows hold back (:mod:`.acks`) once it has waited long enough."""
         if self._overdue_timer is None and any(w.pending for w in self._windows.values()):
             loop = asyncio.get_running_loop()
-            self._overdue_timer = loop.call_later(_ACK_LINGER, self._on_overdue)
+            self._overdue_timer = loop.call_later(_ACK_INTERVAL, self._on_overdue)
 
     def _on_overdue(self) -> None:
         self._overdue_timer = None
         self._spawn(self._send_overdue())
 
     async def _send_overdue(self, *, everything: bool = False) -> None:
-        """Acknowledges the settled messages that waited ``_ACK_LINGER`` for a ``multiple``
-        ack (``everything``: all settled ones, before disconnecting)."""
+        """Sends the ``multiple`` acks due and acknowledges the settled messages that waited
+        ``_ACK_LINGER`` for one (``everything``: all settled ones, before disconnecting)."""
         failed = 0
         async with self._ack_order:
             now = math.inf if everything else asyncio.get_running_loop().time()
