@@ -4,6 +4,7 @@ pamqp's own marshalling and unmarshalling, without a broker."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 from typing import Any
 
 import pamqp.frame
@@ -25,6 +26,30 @@ def frames() -> list[tuple[int, Any]]:
     return [
         (1, spec.Basic.Deliver("ctag1.abc", 1, False, "", "q")),
         (1, ContentHeader(0, 5, props)),
+        (1, ContentHeader(0, 0, spec.Basic.Properties())),
+        (
+            4,
+            ContentHeader(
+                0,
+                2**40,
+                spec.Basic.Properties(
+                    content_type="text/plain",
+                    content_encoding="gzip",
+                    headers={"x-death": [{"count": 2, "queue": "q.r"}], "n": -7, "t": True},
+                    delivery_mode=1,
+                    priority=9,
+                    correlation_id="c-ü",
+                    reply_to="amq.rabbitmq.reply-to",
+                    expiration="60000",
+                    message_id="m" * 255,
+                    timestamp=datetime.datetime(2026, 12, 3, 20, 0, tzinfo=datetime.UTC),
+                    message_type="t",
+                    user_id="guest",
+                    app_id="app",
+                ),
+            ),
+        ),
+        (1, ContentHeader(0, 1, spec.Basic.Properties(priority=0, headers={}))),
         (1, ContentBody(b"hello")),
         (2, spec.Basic.Deliver("ctag2.é", 2**62 + 5, True, "ex.change-1", "rk.ünï/" + "x" * 200)),
         (2, spec.Basic.Deliver("", 7, False, "amq.topic", "")),
@@ -46,7 +71,10 @@ def same(a: Any, b: Any) -> bool:
     if isinstance(a, ContentBody):
         return bool(a.value == b.value)
     if isinstance(a, ContentHeader):
-        return bool(a.body_size == b.body_size and dict(a.properties) == dict(b.properties))
+        props = spec.Basic.Properties.__slots__
+        return a.body_size == b.body_size and all(
+            getattr(a.properties, p) == getattr(b.properties, p) for p in props
+        )
     if isinstance(a, Heartbeat):
         return True
     return bool(dict(a) == dict(b))

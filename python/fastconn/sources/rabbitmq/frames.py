@@ -6,8 +6,8 @@ header, body), then a task per message for the consumer callback. Together that 
 the CPU the RabbitMQ source spent per message. Here:
 
 - :class:`BufferedFrameReceiver` reads the socket in large chunks and cuts frames out of the
-  buffer; Basic.Deliver and body frames (two of a delivery's three) are decoded directly,
-  every other frame by pamqp as before. The frames are the same pamqp objects aiormq expects.
+  buffer; a delivery's three frames (Basic.Deliver, content header, body) are decoded
+  directly, every other frame by pamqp as before. The frames are the same pamqp objects aiormq expects.
 - :func:`deliver_directly` makes a channel hand its deliveries to a plain function instead of
   starting a task per message.
 
@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 import aiormq.connection
+import pamqp.decode
 import pamqp.frame
 from aiormq.abc import DeliveredMessage
 from aiormq.exceptions import AMQPConnectionError, InvalidFrameError, ProtocolSyntaxError
@@ -42,10 +43,19 @@ _READ_SIZE: Final = 1 << 18
 _HEADER: Final = struct.Struct(">BHI")
 _HEADER_SIZE: Final = 7
 _FRAME_END: Final = 0xCE
-_METHOD, _BODY = 1, 3
+_METHOD, _HEADER_FRAME, _BODY = 1, 2, 3
 _DELIVER: Final = spec.Basic.Deliver.index
 _DELIVER_INDEX: Final = struct.Struct(">I")
 _TAG: Final = struct.Struct(">q")
+_CONTENT_HEADER: Final = struct.Struct(">HHQH")
+_BASIC_CLASS: Final = spec.Basic.frame_id
+_Properties = spec.Basic.Properties
+_DEFAULTS: Final = _Properties()
+_PROPERTIES: Final = tuple(
+    (name, _Properties.flags[name], getattr(_Properties, "_" + name), getattr(_DEFAULTS, name))
+    for name in _Properties.__slots__
+)
+"""(name, flag bit, AMQP type, value when absent) of each message property, in wire order."""
 """Signed, as pamqp decodes it (and encodes it again for the ack)."""
 
 Frame = Any
@@ -71,6 +81,13 @@ def parse_frame(data: bytes | bytearray, pos: int, started: bool) -> tuple[int, 
     start = pos + _HEADER_SIZE
     if frame_type == _BODY:
         return weight, channel, ContentBody(bytes(data[start:end]))
+    if frame_type == _HEADER_FRAME and size >= _CONTENT_HEADER.size:
+        try:
+            header = _content_header(data, start, end)
+        except (IndexError, struct.error, UnicodeDecodeError, ValueError) as exc:
+            raise InvalidFrameError(f"malformed content header: {exc}") from None
+        if header is not None:
+            return weight, channel, header
     if frame_type == _METHOD and size >= 4 and _DELIVER_INDEX.unpack_from(data, start)[0] == _DELIVER:
         try:
             return weight, channel, _deliver(data, start + 4, end)
@@ -108,6 +125,39 @@ def _deliver(data: bytes | bytearray, pos: int, end: int) -> spec.Basic.Deliver:
     frame.exchange = exchange
     frame.routing_key = routing_key
     return frame
+
+
+def _content_header(data: bytes | bytearray, pos: int, end: int) -> ContentHeader | None:
+    """A Basic content header (None: another class, or more than one flag word, for pamqp):
+    the fixed fields, then each property whose flag is set, short strings and octets decoded
+    here, tables and timestamps by pamqp's decoders."""
+    class_id, weight, body_size, flags = _CONTENT_HEADER.unpack_from(data, pos)
+    if class_id != _BASIC_CLASS or flags & 1:
+        return None
+    pos += _CONTENT_HEADER.size
+    properties = _Properties.__new__(_Properties)
+    for name, flag, kind, default in _PROPERTIES:
+        if not flags & flag:
+            value = default
+        elif kind == "shortstr":
+            n = data[pos]
+            value = bytes(data[pos + 1 : pos + 1 + n]).decode()
+            pos += 1 + n
+        elif kind == "octet":
+            value = data[pos]
+            pos += 1
+        else:
+            consumed, value = pamqp.decode.by_type(bytes(data[pos:end]), kind)
+            pos += consumed
+        setattr(properties, name, value)
+    if pos > end:
+        raise ValueError("properties run past the frame")
+    header = ContentHeader.__new__(ContentHeader)
+    header.class_id = class_id
+    header.weight = weight
+    header.body_size = body_size
+    header.properties = properties
+    return header
 
 
 class BufferedFrameReceiver(aiormq.connection.FrameReceiver):
