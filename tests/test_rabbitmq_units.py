@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from pydantic import ValidationError
 
@@ -137,14 +139,93 @@ def test_amqp_headers_are_prefixed_and_cannot_spoof_the_sources_own() -> None:
 
 
 def test_ack_window_never_covers_an_unsettled_delivery() -> None:
-    window = AckWindow()
+    window = AckWindow(linger=1.0)
     for tag in range(1, 7):
         window.delivered(tag)
-    # 3 is still running: 1-2 go as one multiple ack, 4 alone.
-    assert window.settle([1, 2, 4]) == (2, [4])
+    # 3 is still running: 1-2 go as one multiple ack, 4 waits for one.
+    assert window.settle([1, 2, 4], now=0.0) == 2
     assert len(window) == 3
-    # 3 handed back to the broker (not acked from here): 5 and 6 may go as a multiple ack.
+    assert window.overdue(0.5) == (None, [])
+    # 4 waited long enough: acked alone, and not again by a later multiple ack's count.
+    assert window.overdue(1.0) == (None, [4])
+    # 3 handed back to the broker (nacked, not acked from here): 5 and 6 go as a multiple ack.
     window.forget([3])
-    assert window.settle([6, 5]) == (6, [])
+    assert window.settle([6, 5], now=1.0) == 6
     assert len(window) == 0
-    assert window.settle([]) == (None, [])
+    assert not window.pending
+    assert window.settle([], now=2.0) is None
+
+
+def test_ack_window_after_a_forget_hands_out_the_multiple_ack_it_allows() -> None:
+    window = AckWindow(linger=1.0)
+    for tag in (1, 2, 3):
+        window.delivered(tag)
+    assert window.settle([2, 3], now=0.0) is None
+    window.forget([1])
+    assert window.pending
+    assert window.overdue(0.0) == (3, [])
+    assert not window.pending
+
+
+def test_ack_window_holds_a_multiple_ack_until_it_covers_a_batch() -> None:
+    window = AckWindow(linger=1.0, batch=3)
+    for tag in range(1, 6):
+        window.delivered(tag)
+    assert window.settle([2, 1], now=0.0) is None
+    assert window.settle([3], now=0.0) == 3
+    assert window.settle([4], now=0.0) is None
+    assert window.pending
+    # Asked for what is due: the multiple ack however few it covers; 5 is still running.
+    assert window.overdue(0.001) == (4, [])
+    assert not window.pending
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_ack_window_against_a_broker_model(seed: int) -> None:
+    """Random settle orders, nacks and clock steps: every ack the window hands out is one the
+    broker accepts (the tag is outstanding) and covers no unsettled or nacked delivery; in
+    the end every settled delivery is acknowledged."""
+    rng = random.Random(seed)
+    window = AckWindow(linger=0.05, batch=rng.choice([1, 3, 50]))
+    outstanding: set[int] = set()  # the broker's unacknowledged deliveries
+    running: set[int] = set()  # delivered, not settled here
+    acked: set[int] = set()
+    now = 0.0
+
+    def ack(tag: int, multiple: bool) -> None:
+        assert tag in outstanding, f"unknown delivery tag {tag}"
+        covered = {t for t in outstanding if t <= tag} if multiple else {tag}
+        assert not covered & running, f"ack {tag} covers unsettled {covered & running}"
+        outstanding.difference_update(covered)
+        acked.update(covered)
+
+    next_tag = 1
+    for _ in range(400):
+        now += rng.choice([0.0, 0.001, 0.01, 0.06])
+        for _ in range(rng.randint(0, 5)):
+            window.delivered(next_tag)
+            outstanding.add(next_tag)
+            running.add(next_tag)
+            next_tag += 1
+        done = rng.sample(sorted(running), k=min(len(running), rng.randint(0, 4)))
+        nacked = [t for t in done if rng.random() < 0.1]
+        settled = [t for t in done if t not in nacked]
+        running.difference_update(done)
+        for tag in nacked:
+            outstanding.discard(tag)  # the nack is sent before the window forgets the tag
+        window.forget(nacked)
+        upto = window.settle(settled, now)
+        if upto is not None:
+            ack(upto, multiple=True)
+        if rng.random() < 0.3:
+            upto, singles = window.overdue(now)
+            if upto is not None:
+                ack(upto, multiple=True)
+            for tag in singles:
+                ack(tag, multiple=False)
+    upto, singles = window.overdue(float("inf"))
+    if upto is not None:
+        ack(upto, multiple=True)
+    for tag in singles:
+        ack(tag, multiple=False)
+    assert outstanding == running, "every settled delivery acknowledged, nothing else"

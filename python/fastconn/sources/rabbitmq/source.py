@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+import math
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -22,6 +23,7 @@ from fastconn.message import Message, Outcome
 from fastconn.ratelimit import RateLimitedLog
 from fastconn.responses import request_reply
 from fastconn.source import SourceContext
+from fastconn.sources.rabbitmq import frames
 from fastconn.sources.rabbitmq.acks import AckWindow
 from fastconn.sources.rabbitmq.config import RabbitMQConfig
 from fastconn.sources.rabbitmq.headers import (
@@ -47,6 +49,10 @@ log = logging.getLogger("fastconn.source.rabbitmq")
 _STOP_TIMEOUT: Final = 10.0
 _PUBLISH_TIMEOUT: Final = 10.0
 _PUBLISH_CONCURRENCY: Final = 64
+_ACK_LINGER: Final = 0.05
+"""How long a settled message may wait for a ``multiple`` ack before it is acknowledged alone."""
+_ACK_INTERVAL: Final = 0.005
+"""How often acks held back (:mod:`.acks`) are sent, at most: outcomes come a few at a time."""
 _LINGER: Final = 0.002
 """How long a small batch waits for more arrivals while calls are in flight anyway: aio-pika
 hands over one message per task, and every crossing into the core has a fixed cost."""
@@ -134,6 +140,8 @@ class RabbitMQSource:
         self._publish_slots = asyncio.Semaphore(_PUBLISH_CONCURRENCY)
         self._in_place: dict[Message, asyncio.TimerHandle] = {}
         self._windows: dict[Any, AckWindow] = {}
+        self._overdue_timer: asyncio.TimerHandle | None = None
+        self._prefetch = 1
         self._ack_order = asyncio.Lock()
         """Acks are computed and sent one group at a time: a ``multiple`` ack sent before an
         earlier group's would cover that group's tags, whose own ack the broker then refuses
@@ -162,6 +170,7 @@ class RabbitMQSource:
 
     async def start(self) -> None:
         ctx = self._require_ctx()
+        frames.install()
         try:
             self._connection = await aio_pika.connect_robust(
                 self.config.connection_url(),
@@ -196,7 +205,7 @@ class RabbitMQSource:
         total = self.config.prefetch or min(65535, ctx.dispatcher.capacity)
         # Per consumer, the total split between the queues: a channel-wide ("global") limit is
         # much more expensive for the broker, and quorum queues do not support it.
-        prefetch = max(1, total // len(self.config.queues))
+        prefetch = self._prefetch = max(1, total // len(self.config.queues))
         await channel.set_qos(prefetch_count=prefetch)
         declared: dict[str, AbstractQueue] = {}
         for spec in self.config.queues:
@@ -242,6 +251,12 @@ class RabbitMQSource:
         requeues whatever is still unacknowledged)."""
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=_STOP_TIMEOUT)
+        if self._overdue_timer is not None:
+            self._overdue_timer.cancel()
+            self._overdue_timer = None
+        # Acks held back for a multiple ack: sent now, or the broker redelivers those messages.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._send_overdue(everything=True), _STOP_TIMEOUT)
         if self._connection is not None:
             with contextlib.suppress(Exception):
                 await self._connection.close()
@@ -251,13 +266,14 @@ class RabbitMQSource:
     async def _consume(self) -> None:
         """Starts one consumer per queue on the consuming channel's current (aiormq) channel.
         Consumers are started here rather than by aio-pika, which would restore them on a
-        reopened channel itself but wrap every message in an ``IncomingMessage`` and a task."""
+        reopened channel itself but wrap every message in an ``IncomingMessage`` and a task;
+        deliveries reach :meth:`_take` straight from the channel's reader (:mod:`.frames`)."""
         channel = self._consume_channel
         assert channel is not None
         underlay = await channel.get_underlay_channel()
         consumers = []
         for name in self._declared:
-            ok = await underlay.basic_consume(name, self._on_message_for(name), no_ack=False)
+            ok = await frames.consume_directly(underlay, name, self._on_message_for(name))
             consumers.append((underlay, str(ok.consumer_tag)))
         self._consumers = consumers
 
@@ -272,8 +288,8 @@ class RabbitMQSource:
             self._count("consume")
             log.error("source %s: cannot consume again after the channel reopened: %r", self.name, exc)
 
-    def _on_message_for(self, queue: str) -> Callable[[DeliveredMessage], Coroutine[Any, Any, None]]:
-        async def on_message(message: DeliveredMessage) -> None:
+    def _on_message_for(self, queue: str) -> Callable[[DeliveredMessage], None]:
+        def on_message(message: DeliveredMessage) -> None:
             self._take(queue, _Incoming(message))
 
         return on_message
@@ -288,7 +304,8 @@ class RabbitMQSource:
         tag = int(msg.delivery.delivery_tag or 0)
         window = self._windows.get(channel)
         if window is None:
-            window = self._windows[channel] = AckWindow()
+            # A quarter of the prefetch at most waits for its ack: the broker goes on delivering.
+            window = self._windows[channel] = AckWindow(_ACK_LINGER, batch=max(1, self._prefetch // 4))
         window.delivered(tag)
         headers = msg.headers or {}
         exchange = _header_text(headers.get(ORIGINAL_EXCHANGE), msg.delivery.exchange or "")
@@ -429,18 +446,57 @@ class RabbitMQSource:
 
     async def _send_grouped(self, by_channel: dict[Any, list[int]]) -> int:
         failed = 0
+        now = asyncio.get_running_loop().time()
         for channel, tags in by_channel.items():
+            if channel.is_closed:
+                failed += len(tags)
+                continue
             window = self._windows.get(channel)
-            upto, singles = window.settle(tags) if window is not None else (None, tags)
             try:
                 # No drain per frame: the acks go out with the next socket write.
+                if window is None:
+                    for tag in tags:
+                        await channel.basic_ack(tag, wait=False)
+                    continue
+                upto = window.settle(tags, now)
                 if upto is not None:
                     await channel.basic_ack(upto, multiple=True, wait=False)
-                for tag in singles:
-                    await channel.basic_ack(tag, wait=False)
             except Exception:
                 failed += len(tags)
+        self._schedule_overdue()
         return failed
+
+    def _schedule_overdue(self) -> None:
+        """Sends what the ack windows hold back (:mod:`.acks`) once it has waited long enough."""
+        if self._overdue_timer is None and any(w.pending for w in self._windows.values()):
+            loop = asyncio.get_running_loop()
+            self._overdue_timer = loop.call_later(_ACK_INTERVAL, self._on_overdue)
+
+    def _on_overdue(self) -> None:
+        self._overdue_timer = None
+        self._spawn(self._send_overdue())
+
+    async def _send_overdue(self, *, everything: bool = False) -> None:
+        """Sends the ``multiple`` acks due and acknowledges the settled messages that waited
+        ``_ACK_LINGER`` for one (``everything``: all settled ones, before disconnecting)."""
+        failed = 0
+        async with self._ack_order:
+            now = math.inf if everything else asyncio.get_running_loop().time()
+            for channel, window in list(self._windows.items()):
+                upto, singles = window.overdue(now)
+                if channel.is_closed:
+                    continue  # the broker requeued them: counted when they were settled
+                try:
+                    if upto is not None:
+                        await channel.basic_ack(upto, multiple=True, wait=False)
+                    for tag in singles:
+                        await channel.basic_ack(tag, wait=False)
+                except Exception:
+                    failed += len(singles) + (upto is not None)
+        if failed:
+            self._count("ack", failed)
+        if not everything:
+            self._schedule_overdue()
 
     def _keep(self, outcome: Outcome, decision: Keep) -> None:
         """A final failure without a dead-letter exchange: kept, retried every ``backoff_max``."""
@@ -649,10 +705,12 @@ class RabbitMQSource:
         await self._send_acks([delivery])
 
     async def _requeue(self, delivery: _Delivery) -> None:
+        # The nack first: until the window forgets the tag, no multiple ack can cover it.
+        await self._requeue_delivery(delivery.msg)
         window = self._windows.get(delivery.channel)
         if window is not None:
             window.forget([delivery.tag])
-        await self._requeue_delivery(delivery.msg)
+            self._schedule_overdue()
 
     async def _requeue_delivery(self, msg: _Incoming) -> None:
         # Fails only when the channel is gone: then the broker has requeued it already.
