@@ -70,3 +70,19 @@ def test_paho_keeps_what_the_mqtt_client_overrides() -> None:
     assert (decoded.dup, decoded.retain, decoded.properties) == (False, False, None)
     source = inspect.getsource(paho.Client._packet_write)
     assert 'packet["packet"]' in source or "packet['packet']" in source
+
+
+def test_aiormq_has_the_private_parts_the_rabbitmq_frame_reader_replaces() -> None:
+    """``fastconn.sources.rabbitmq.frames`` swaps aiormq's frame receiver class and wraps a
+    channel's delivery handler; an aiormq without them would silently keep its slow path."""
+    import aiormq.channel
+    import aiormq.connection
+
+    from fastconn.sources.rabbitmq.frames import BufferedFrameReceiver
+
+    receiver = aiormq.connection.FrameReceiver
+    assert receiver is BufferedFrameReceiver or issubclass(BufferedFrameReceiver, receiver)
+    for name in ("get_frame", "__anext__"):
+        assert callable(getattr(receiver, name, None)), f"aiormq FrameReceiver.{name}"
+    for name in ("_on_deliver_frame", "_get_frame"):
+        assert callable(getattr(aiormq.channel.Channel, name, None)), f"aiormq Channel.{name}"
