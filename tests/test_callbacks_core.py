@@ -30,14 +30,17 @@ async def test_the_core_answers_callbacks_and_python_settles_them(
     h: Harness = await core_harness()  # type: ignore[misc]
     h.gateway.script("fn", statuses=[200], body=b"result", callback_delay=0.2)
     h.dispatcher.set_functions([h.target("fn", "jobs")])
-    await h.dispatcher.submit([Message("jobs", b"a"), Message("jobs", b"b")], h.collect)
+    await h.dispatcher.submit([Message("jobs", b"a")], h.collect, capture=True)
+    await h.dispatcher.submit([Message("jobs", b"b")], h.collect)
     await wait_for(lambda: h.gateway.calls("fn") == 2, what="two async calls")
     assert h.outcomes == [], "the 202 does not settle the message"
     await wait_for(lambda: len(h.outcomes) == 2, what="both outcomes")
     assert all(o.verdict is Verdict.OK for o in h.outcomes)
-    assert [o.results[0].body for o in h.outcomes] == [b"result", b"result"]
-    headers = dict(h.outcomes[0].results[0].headers or ())
-    assert headers["x-function-status"] == "200", "the callback's headers reach the result"
+    assert [o.results[0].body for o in h.outcomes] == [b"result", b"result"], "the body, captured or not"
+    by_payload = {o.message.payload: o.results[0] for o in h.outcomes}
+    headers = dict(by_payload[b"a"].headers or ())
+    assert headers["x-function-status"] == "200", "the callback's headers reach a captured result"
+    assert by_payload[b"b"].headers is None, "as for a sync call, headers only with capture"
     sent = await asyncio.wait_for(h.gateway.wait_callbacks(2), 5)
     assert [c.response_status for c in sent] == [200, 200]
     assert h.callbacks.pending == 0

@@ -97,7 +97,8 @@ pub enum Claim {
 #[derive(Debug, Clone, Default)]
 pub struct CallbackResult {
     pub status: i64,
-    pub headers: Vec<(String, String)>,
+    /// Kept as parsed: converted only for a call that captures its result.
+    pub headers: http::HeaderMap,
     pub body: Bytes,
     /// The body was over the route's limit and not read: the call fails (413) for good, with
     /// `body` saying so.
@@ -464,7 +465,7 @@ impl AsyncCalls {
 impl PendingCall<'_> {
     /// The attempt's result once the invocation was answered with `accepted`: the callback's,
     /// or a timeout. An invocation not accepted gets no callback (unless one came already).
-    pub(crate) async fn settle(mut self, accepted: Attempt) -> Attempt {
+    pub(crate) async fn settle(mut self, accepted: Attempt, capture: bool) -> Attempt {
         // Not accepted: no callback will come, unless one claimed the call before the
         // invocation's answer arrived (then it counts).
         let accepted_ok = accepted.error == ErrorKind::None && accepted.status == 202;
@@ -477,7 +478,7 @@ impl PendingCall<'_> {
             match waited {
                 Ok(Ok(result)) => {
                     self.done = true;
-                    let attempt = callback_attempt(result);
+                    let attempt = callback_attempt(result, capture);
                     self.stats
                         .record(attempt.status, attempt.error, self.invoked.elapsed());
                     return attempt;
@@ -537,7 +538,7 @@ pub(crate) fn not_accepted(mut attempt: Attempt) -> Attempt {
     attempt
 }
 
-fn callback_attempt(result: CallbackResult) -> Attempt {
+fn callback_attempt(result: CallbackResult, capture: bool) -> Attempt {
     if result.too_large {
         return Attempt {
             status: 413,
@@ -547,14 +548,24 @@ fn callback_attempt(result: CallbackResult) -> Attempt {
     }
     // A status no HTTP answer has (negative, or past 65535) is an invalid answer: 0, final.
     let status = u16::try_from(result.status).unwrap_or(0);
-    // The function's result is what an async caller waits for: its body and headers are kept
-    // with or without capture (they are in memory already).
+    // The function's result is what an async caller waits for: its body is kept with or
+    // without capture (it is in memory already); its headers, as a sync call's, with capture.
+    let headers = capture.then(|| {
+        result
+            .headers
+            .iter()
+            .map(|(k, v)| {
+                let value = String::from_utf8_lossy(v.as_bytes()).into_owned();
+                (k.as_str().to_owned(), value)
+            })
+            .collect()
+    });
     Attempt {
         status,
         error: ErrorKind::None,
         retry_after: None,
         body: Some(result.body),
-        headers: Some(result.headers),
+        headers,
     }
 }
 

@@ -748,7 +748,7 @@ impl Shared {
                             .call(target, endpoint, head, state, attempt, Some(headers))
                             .await;
                         // The HTTP permits are back: the wait for the callback holds none.
-                        pending.settle(accepted).await
+                        pending.settle(accepted, state.message.capture).await
                     }
                     // Settled on the 202, as the OpenFaaS connectors do (and only a 202 counts).
                     None => not_accepted(

@@ -8,6 +8,7 @@ use bytes::Bytes;
 use fastconn_core::callbacks::{
     AckMode, AsyncCalls, AsyncSettings, CallbackResult, CallbackTable, Claim,
 };
+use fastconn_core::ingress::http_header::{HeaderName, HeaderValue};
 use fastconn_core::ingress::tls::{check_server_tls, server_config};
 use fastconn_core::ingress::{Ingress, IngressConfig};
 use fastconn_core::tls::TlsConfigError;
@@ -517,6 +518,14 @@ impl Runtime {
         too_large: bool,
     ) -> PyResult<u8> {
         let table = self.callback_table(py)?;
+        // Headers the aiohttp server read: any it would have refused cannot be here.
+        let headers = headers
+            .into_iter()
+            .filter_map(|(k, v)| {
+                let name = HeaderName::try_from(k).ok()?;
+                Some((name, HeaderValue::try_from(v).ok()?))
+            })
+            .collect();
         let result = CallbackResult {
             status,
             headers,

@@ -520,19 +520,9 @@ impl Shared {
                 return text_response(StatusCode::BAD_REQUEST, &format!("{why}\n"));
             }
         };
-        let headers = parts
-            .headers
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.as_str().to_owned(),
-                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                )
-            })
-            .collect();
         let result = CallbackResult {
             status,
-            headers,
+            headers: parts.headers,
             body,
             too_large,
         };
