@@ -283,9 +283,12 @@ fn main() -> std::io::Result<()> {
         std::io::Write::flush(&mut out)?;
         drop(out);
         let stats = Arc::new(Stats::default());
+        // The callbacks' connections, like the accepted ones, without Nagle's delay.
+        let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        connector.set_nodelay(true);
         let client: Client =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .build_http();
+                .build(connector);
         if let (Some(listener), Some(acceptor)) = (tls_listener, tls) {
             let stats = Arc::clone(&stats);
             let client = client.clone();
