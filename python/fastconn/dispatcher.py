@@ -145,6 +145,7 @@ class Dispatcher:
         self._targets: tuple[FunctionTarget, ...] = ()
         self.callbacks: Callbacks | None = None
         self._closing = False
+        self._drain_scheduled = False
         self._ingress_sink: IngressSink | None = None
 
     VERDICTS = _VERDICTS
@@ -201,7 +202,7 @@ class Dispatcher:
         # The core's close blocks a thread (without the GIL) until its queue is empty; the loop
         # keeps running meanwhile and drains completions as they arrive.
         left = await asyncio.get_running_loop().run_in_executor(None, runtime.close, timeout)
-        self._on_wake()
+        self._drain()
         assert self._loop is not None
         self._loop.remove_reader(runtime.wake_fd)
         for waiter in self._capacity.waiters:
@@ -445,6 +446,18 @@ class Dispatcher:
             return
         with contextlib.suppress(BlockingIOError):
             os.read(runtime.wake_fd, 8)
+        # Drained one loop iteration later: the core does not wake us again meanwhile (it
+        # re-arms on the drain), so the callbacks ready now (sources reading their sockets)
+        # run first and the completions that arrive meanwhile come in the same batch.
+        if not self._drain_scheduled:
+            self._drain_scheduled = True
+            asyncio.get_running_loop().call_soon(self._drain)
+
+    def _drain(self) -> None:
+        self._drain_scheduled = False
+        runtime = self._runtime
+        if runtime is None:
+            return
         records = runtime.drain()
         if not records:
             return
