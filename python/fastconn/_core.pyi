@@ -44,8 +44,8 @@ _IngressRequest = tuple[int, int, str, str, str, list[tuple[str, bytes]], bytes,
 _IngressAccepted = tuple[int, str, str, str, bytes | None]
 # (kind, source, remote, text)
 _IngressNotice = tuple[str, str | None, str, str]
-# (method, path, prefix, max body bytes, oversized bodies reach the handler, tracked header)
-_PythonRoute = tuple[str, str, bool, int, bool, str]
+# (method, path, prefix, max body bytes, oversized bodies reach the handler)
+_PythonRoute = tuple[str, str, bool, int, bool]
 # (header, scheme, secret, prefix, algorithm, encoding, tolerance_secs)
 _SignatureTuple = tuple[str, str, str, str, str, str, int]
 # (name, max_body, auth_token, signature, accepting, python fallback route index, record payload,
@@ -159,7 +159,6 @@ class Runtime:
         callback_max_body: int | None = None,
     ) -> None: ...
     def ingress_ready(self, ready: bool, text: str, routing: bool) -> None: ...
-    def ingress_receiving(self, values: list[str]) -> list[bool]: ...
     def ingress_connections(self) -> tuple[int, int, int, int]: ...
     def stop_ingress(self) -> None: ...
 

@@ -53,6 +53,7 @@ from prometheus_client.registry import Collector
 
 from fastconn import _core
 from fastconn.http_routes import HttpRequest, HttpResponse, Route, add_to_aiohttp
+from fastconn.metrics import add_function_stats
 
 __all__ = ["AckMode", "CallbackMetrics", "CallbackSettings", "Callbacks"]
 
@@ -128,13 +129,8 @@ class CallbackMetrics(Collector):
             "From an async invocation to its callback",
             labels=["function"],
         )
-        bounds = [*(str(b) for b in _core.LATENCY_BUCKETS), "+Inf"]
-        for function, results, buckets, total, _count, _retried, _tried in (
-            runtime.callbacks_stats() if runtime else []
-        ):
-            for status, n in results:
-                received.add_metric([function, status], n)
-            latency.add_metric([function], list(zip(bounds, buckets, strict=True)), total)
+        for stats in runtime.callbacks_stats() if runtime else []:
+            add_function_stats(received, latency, stats)
         pending = GaugeMetricFamily("fastconn_pending_callbacks", "Async calls waiting for their callback")
         pending.add_metric([], runtime.callbacks_pending() if runtime else 0)
         yield received
@@ -190,10 +186,6 @@ class Callbacks:
         self._runtime = runtime
         self.metrics.use(runtime)
 
-    def use_core(self, runtime: _core.Runtime) -> None:
-        """The ingress serves ``/callback/`` from the core's table (the one :meth:`attach` made)."""
-        self.attach(runtime)
-
     @property
     def pending(self) -> int:
         """Async calls waiting for their callback."""
@@ -210,9 +202,6 @@ class Callbacks:
     @property
     def _callback_base(self) -> str:
         return f"{self.settings.public_url.rstrip('/')}{_CALLBACK_PATH}"
-
-    def callback_url(self, call_id: str) -> str:
-        return self._callback_base + self.token(call_id)
 
     # -- the callback route outside the ingress ---------------------------------------------
 

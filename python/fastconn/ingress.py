@@ -159,18 +159,15 @@ class Ingress:
     _malformed: RateLimitedLog = field(default_factory=lambda: RateLimitedLog(log, interval=10.0))
     _bad: dict[str, RateLimitedLog] = field(default_factory=dict)
     _readiness: tuple[bool, str, bool] | None = None
-    _tracked: dict[int, str] = field(default_factory=dict)
     _callbacks: Callbacks | None = None
 
     # -- configuration ---------------------------------------------------------------------
 
-    def add_route(self, route: Route, *, track_header: str = "") -> None:
-        """Serves ``route`` (before or after start). With ``track_header``, the header's value
-        of a request counts as *receiving* (:meth:`receiving`) while it is read and handled."""
+    def add_route(self, route: Route) -> None:
+        """Serves ``route`` (before or after start)."""
         if any(r.path == route.path and r.method == route.method for r in self._routes):
             raise ValueError(f"route {route.method} {route.path} ({route.name}) is served already")
         self._routes.append(route)
-        self._tracked[id(route)] = track_header
         self._push_routes()
 
     def add_callbacks(self, callbacks: Callbacks) -> None:
@@ -179,14 +176,8 @@ class Ingress:
             raise ValueError("the callbacks of async invocations are served already")
         self._callbacks = callbacks
         if self._runtime is not None:
-            callbacks.use_core(self._runtime)
+            callbacks.attach(self._runtime)
         self._push_routes()
-
-    def receiving(self, values: list[str]) -> list[bool]:
-        """Which of ``values`` (of a tracked header) a request is carrying in right now."""
-        if self._runtime is None or not values:
-            return [False] * len(values)
-        return self._runtime.ingress_receiving(values)
 
     def add_webhook(self, webhook: WebhookRoute) -> None:
         if self._webhooks:
@@ -247,7 +238,7 @@ class Ingress:
         )
         self._runtime = runtime
         if self._callbacks is not None:
-            self._callbacks.use_core(runtime)
+            self._callbacks.attach(runtime)
         asyncio.get_running_loop().add_reader(runtime.ingress_wake_fd, self._on_wake)
         self.dispatcher.set_ingress_sink(self._on_outcomes)
         self._push_routes()
@@ -327,11 +318,10 @@ class Ingress:
                 r.prefix,
                 r.max_body_bytes,
                 r.oversized_to_handler,
-                self._tracked.get(id(r), ""),
             )
             for r in self._routes
         ]
-        python += [(r.method, "", False, r.max_body_bytes, False, "") for r in table[len(self._routes) :]]
+        python += [(r.method, "", False, r.max_body_bytes, False) for r in table[len(self._routes) :]]
         callback_max_body = self._callbacks.settings.max_body_bytes if self._callbacks else None
         self._runtime.ingress_routes(python, webhooks, cloudevents, callback_max_body)
 

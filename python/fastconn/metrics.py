@@ -11,9 +11,22 @@ from prometheus_client.registry import Collector
 
 from fastconn import _core
 
-StatsReader = Callable[
-    [], list[tuple[str, list[tuple[str, int]], list[int], float, int, int, list[tuple[str, int]]]]
-]
+FunctionStats = tuple[str, list[tuple[str, int]], list[int], float, int, int, list[tuple[str, int]]]
+"""One function's counters as the core reports them (``Runtime.stats``, ``callbacks_stats``):
+(function, final results by status, cumulative latency buckets, latency sum, count, retries,
+every attempt by status)."""
+StatsReader = Callable[[], list[FunctionStats]]
+_BOUNDS = [*(str(b) for b in _core.LATENCY_BUCKETS), "+Inf"]
+
+
+def add_function_stats(
+    results: CounterMetricFamily, latency: HistogramMetricFamily, stats: FunctionStats
+) -> None:
+    """Adds one function's final results by status and its latency histogram."""
+    function, by_status, buckets, total = stats[:4]
+    for status, n in by_status:
+        results.add_metric([function, status], n)
+    latency.add_metric([function], list(zip(_BOUNDS, buckets, strict=True)), total)
 
 
 class _CoreCollector(Collector):
@@ -38,11 +51,9 @@ class _CoreCollector(Collector):
             labels=["function", "status"],
         )
         reader = self._read()
-        bounds = [*(str(b) for b in _core.LATENCY_BUCKETS), "+Inf"]
-        for function, results, buckets, total, _count, retried, tried in reader() if reader else []:
-            for status, n in results:
-                invocations.add_metric([function, status], n)
-            duration.add_metric([function], list(zip(bounds, buckets, strict=True)), total)
+        for stats in reader() if reader else []:
+            function, retried, tried = stats[0], stats[5], stats[6]
+            add_function_stats(invocations, duration, stats)
             retries.add_metric([function], retried)
             for status, n in tried:
                 attempts.add_metric([function, status], n)

@@ -4,7 +4,6 @@
 
 use crate::completions::WakeQueue;
 use bytes::Bytes;
-use fastconn_core::ingress::http_header::HeaderName;
 use fastconn_core::ingress::{
     Accepted, Answer, CallbackRoute, CallbackTable, CloudEventsRoute, IngressSink, Notice,
     PyRequest, RouteEntry, RouteKind, WebhookRoute,
@@ -35,9 +34,8 @@ impl IngressSink for IngressQueue {
     }
 }
 
-/// A Python route as Python passes it: (method, path, prefix, max_body, oversized, track)
-/// with track the name of the header listed as receiving ("" for none).
-pub type PythonRoute = (String, String, bool, usize, bool, String);
+/// A Python route as Python passes it: (method, path, prefix, max_body, oversized).
+pub type PythonRoute = (String, String, bool, usize, bool);
 
 /// A webhook source as Python passes it: (name, max_body, auth_token, signature, accepting,
 /// python_fallback, record_payload, asynchronous).
@@ -143,26 +141,16 @@ pub fn route_table(
 ) -> PyResult<Vec<RouteEntry>> {
     let mut table: Vec<RouteEntry> = python
         .into_iter()
-        .map(|(method, path, prefix, max_body, oversized, track)| {
-            let track = if track.is_empty() {
-                None
-            } else {
-                Some(HeaderName::try_from(track.as_str()).map_err(|_| {
-                    PyValueError::new_err(format!("{track:?} is not a header name"))
-                })?)
-            };
-            Ok(RouteEntry {
-                path,
-                prefix,
-                kind: RouteKind::Python {
-                    method,
-                    max_body,
-                    oversized,
-                    track,
-                },
-            })
+        .map(|(method, path, prefix, max_body, oversized)| RouteEntry {
+            path,
+            prefix,
+            kind: RouteKind::Python {
+                method,
+                max_body,
+                oversized,
+            },
         })
-        .collect::<PyResult<_>>()?;
+        .collect();
     for (name, max_body, auth_token, rule, accepting, fallback, record, asynchronous) in webhooks {
         let signature = signature_check(rule)
             .map_err(|e| PyValueError::new_err(format!("webhook source {name}: {e}")))?;

@@ -584,11 +584,6 @@ impl Runtime {
         })
     }
 
-    /// Which of `values` (of a tracked header, e.g. call ids) a route is receiving now.
-    fn ingress_receiving(&self, py: Python<'_>, values: Vec<String>) -> PyResult<Vec<bool>> {
-        self.with_ingress(py, |server| server.receiving(&values))
-    }
-
     /// (open, evicted, refused, timed_out) connections of the ingress.
     fn ingress_connections(&self, py: Python<'_>) -> PyResult<(usize, u64, u64, u64)> {
         self.with_ingress(py, |server| {

@@ -139,10 +139,6 @@ pub enum RouteKind {
         method: String,
         max_body: usize,
         oversized: bool,
-        /// While such a request is read and handled, its value of this header is listed as
-        /// *receiving* ([`Ingress::receiving`]), e.g. a call id, so what the request is about
-        /// is not timed out meanwhile (the callback route has this built in: [`callback`]).
-        track: Option<http::header::HeaderName>,
     },
     Webhook(Arc<WebhookRoute>),
     /// A `type = "cloudevents"` source ([`cloudevents`]).
@@ -184,8 +180,6 @@ pub(crate) struct Shared {
     /// Whether the engine has a topic map yet (webhooks answer 503 at once until it does).
     routing_ready: AtomicBool,
     pending: Mutex<HashMap<u64, oneshot::Sender<Answer>>>,
-    /// Tracked header values of requests being read or handled, with their counts.
-    receiving: Mutex<HashMap<Bytes, usize>>,
     next_request: AtomicU64,
     next_token: AtomicU64,
     conns: Arc<conns::Tracker>,
@@ -227,7 +221,6 @@ impl Ingress {
             }),
             routing_ready: AtomicBool::new(false),
             pending: Mutex::new(HashMap::new()),
-            receiving: Mutex::new(HashMap::new()),
             next_request: AtomicU64::new(1),
             next_token: AtomicU64::new(1),
             stop: stop_rx,
@@ -281,19 +274,6 @@ impl Ingress {
             }
         }
         delivered
-    }
-
-    /// Which of `values` a tracked route is receiving now (see `RouteKind::Python::track`).
-    pub fn receiving(&self, values: &[String]) -> Vec<bool> {
-        let receiving = self
-            .shared
-            .receiving
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        values
-            .iter()
-            .map(|v| receiving.contains_key(v.as_bytes()))
-            .collect()
     }
 
     pub fn connections(&self) -> ConnectionCounts {

@@ -321,7 +321,7 @@ impl Shared {
         match &entry.kind {
             RouteKind::Webhook(webhook) => match webhook.python_fallback {
                 Some(index) if webhook.accepting && request.method() == Method::POST => {
-                    self.python(index, webhook.max_body, false, None, request, remote)
+                    self.python(index, webhook.max_body, false, request, remote)
                         .await
                 }
                 _ => self.webhook(webhook, request, remote).await,
@@ -332,7 +332,6 @@ impl Shared {
                 method,
                 max_body,
                 oversized,
-                track,
             } => {
                 if request.method().as_str() != method && method != "*" {
                     let mut response =
@@ -346,15 +345,8 @@ impl Shared {
                     .iter()
                     .position(|r| std::ptr::eq(r, entry))
                     .unwrap_or(usize::MAX);
-                self.python(
-                    index,
-                    *max_body,
-                    *oversized,
-                    track.as_ref(),
-                    request,
-                    remote,
-                )
-                .await
+                self.python(index, *max_body, *oversized, request, remote)
+                    .await
             }
         }
     }
@@ -364,14 +356,10 @@ impl Shared {
         route: usize,
         max_body: usize,
         oversized: bool,
-        track: Option<&HeaderName>,
         request: Request<Incoming>,
         remote: &str,
     ) -> Response<Full<Bytes>> {
         let (parts, body) = request.into_parts();
-        let _receiving = track
-            .and_then(|name| parts.headers.get(name))
-            .map(|value| Receiving::new(self, Bytes::copy_from_slice(value.as_bytes())));
         let length = parts
             .headers
             .get(http::header::CONTENT_LENGTH)
@@ -563,40 +551,6 @@ fn refuse_claim(table: &CallbackTable, claim: Claim, call_id: &str) -> Response<
         "error",
         &format!("{} call id {call_id}", why.label()),
     )
-}
-
-/// Lists a tracked header value as receiving for as long as it lives.
-struct Receiving<'a> {
-    shared: &'a Shared,
-    value: Bytes,
-}
-
-impl<'a> Receiving<'a> {
-    fn new(shared: &'a Shared, value: Bytes) -> Receiving<'a> {
-        *shared
-            .receiving
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry(value.clone())
-            .or_insert(0) += 1;
-        Receiving { shared, value }
-    }
-}
-
-impl Drop for Receiving<'_> {
-    fn drop(&mut self) {
-        let mut receiving = self
-            .shared
-            .receiving
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if let Some(count) = receiving.get_mut(&self.value) {
-            *count -= 1;
-            if *count == 0 {
-                receiving.remove(&self.value);
-            }
-        }
-    }
 }
 
 struct Forget<'a> {
