@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -169,4 +170,57 @@ async def test_callbacks_racing_the_timeout_sweep_settle_each_call_once(
     assert verdicts.count("OK") == n - timed_out
     assert h.rejected().get("timeout", 0.0) == timed_out
     assert h.gateway.calls("late") == n, "max_attempts = 1: nothing re-invoked"
+    assert h.callbacks.pending == 0
+
+
+def _raw_callback(url: str, call_id: str, body: bytes) -> bytes:
+    target = urlsplit(url)
+    head = (
+        f"POST {target.path} HTTP/1.1\r\nHost: {target.netloc}\r\nX-Call-Id: {call_id}\r\n"
+        f"X-Function-Status: 200\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+async def _read_answer(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    lines = head.decode("latin-1").split("\r\n")
+    fields = dict(line.lower().split(": ", 1) for line in lines[1:] if line)
+    body = await reader.readexactly(int(fields["content-length"]))
+    return int(lines[0].split()[1]), body
+
+
+async def test_pipelined_callbacks_and_other_requests_share_one_connection(
+    core_harness: Callable[..., object],
+) -> None:
+    """Callbacks are served on the core's lean HTTP/1.1 lane; the first request of any other
+    kind hands the connection to hyper with what was read of it, and hyper serves the rest,
+    callbacks included, in order."""
+    h: Harness = await core_harness()  # type: ignore[misc]
+    h.gateway.script("piped", statuses=[200], callback_copies=0)  # we play the gateway's callbacks
+    h.dispatcher.set_functions([h.target("piped", "jobs")])
+    await h.dispatcher.submit([Message("jobs", b"%d" % i) for i in range(3)], h.collect)
+    await wait_for(lambda: h.gateway.calls("piped") == 3, what="three async calls")
+    ids = [r.headers["X-Call-Id"] for r in h.gateway.requests_for("piped")]
+    requests = [
+        _raw_callback(h.url_for(ids[0]), ids[0], b"one"),
+        _raw_callback(h.url_for(ids[1]), ids[1], b"two"),
+        b"GET /healthz HTTP/1.1\r\nHost: fastconn\r\n\r\n",
+        _raw_callback(h.url_for(ids[2]), ids[2], b"three"),
+        _raw_callback(h.url_for(ids[2]), ids[2], b"again"),
+    ]
+    address = urlsplit(h.public_url)
+    reader, writer = await asyncio.open_connection(address.hostname, address.port)
+    try:
+        writer.write(b"".join(requests))  # all in one write: pipelined
+        await writer.drain()
+        answers = [await _read_answer(reader) for _ in requests]
+    finally:
+        writer.close()
+    assert [status for status, _ in answers] == [200, 200, 200, 200, 409]
+    assert answers[2][1] == b"ok\n", "the probe, answered by hyper after the hand-over"
+    assert answers[0][1] == b'{"status":"settled"}'
+    await wait_for(lambda: len(h.outcomes) == 3, what="three outcomes")
+    assert sorted(o.results[0].body or b"" for o in h.outcomes) == [b"one", b"three", b"two"]
+    assert all(o.verdict is Verdict.OK for o in h.outcomes)
     assert h.callbacks.pending == 0

@@ -11,7 +11,9 @@
 //! * CloudEvents routes ([`cloudevents`]) decode, route and submit every event of a request
 //!   here, as webhooks do.
 //! * The callback route ([`crate::callbacks`]) checks each async callback's token, claims its
-//!   call, answers here and hands the result to the call waiting in the core.
+//!   call, answers here and hands the result to the call waiting in the core. Callbacks are
+//!   served on a lean HTTP/1.1 lane ([`callback_lane`]) that hands a connection to hyper at
+//!   its first request of any other kind.
 //! * Anything else is a 404 here.
 //!
 //! Connection limits ([`conns`]): a deadline for a new connection's first request head, an
@@ -24,9 +26,12 @@
 //! still on the same port.
 
 mod body;
+mod callback;
+mod callback_lane;
 
 pub mod cloudevents;
 mod conns;
+mod rewind;
 mod service;
 pub mod text;
 pub mod tls;

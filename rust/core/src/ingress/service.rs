@@ -2,12 +2,12 @@
 //! each request: answered here, by a webhook route, or by Python.
 
 use super::body::{read_limited, BodyError};
+use super::callback_lane::{self, Handoff};
 use super::conns::{Admitted, Conn};
-use super::webhook;
+use super::rewind::Rewind;
+use super::{callback, webhook};
 use super::{Answer, Notice, PyRequest, RouteEntry, RouteKind, Shared};
-use crate::callbacks::{
-    self as callback, CallbackResult, CallbackRoute, CallbackTable, Claim, Refusal,
-};
+use crate::callbacks::{self as callbacks, CallbackRoute};
 use crate::panics::CatchPanic;
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, CONTENT_TYPE};
@@ -142,6 +142,13 @@ where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let conn = Arc::clone(&admitted.conn);
+    // Callbacks are served on the lean lane; hyper takes the connection over at the first
+    // request that is anything else, and serves it from that request on.
+    let (stream, read_ahead) = match callback_lane::serve(&shared, &conn, stream).await {
+        Handoff::Closed => return,
+        Handoff::Hyper { stream, read_ahead } => (stream, read_ahead),
+    };
+    let stream = Rewind::new(read_ahead, stream);
     let remote = peer.to_string();
     let service = {
         let shared = Arc::clone(&shared);
@@ -256,7 +263,7 @@ async fn watch<C, E>(
 /// The longest request target or header field accepted (aiohttp's bound, kept): it bounds
 /// what one line of a slow client can make the server hold. The whole head is bounded too
 /// (`max_head_bytes`, hyper answers 431 beyond it).
-const MAX_LINE_BYTES: usize = 8190;
+pub(super) const MAX_LINE_BYTES: usize = 8190;
 
 /// Why the request's head is refused (a line over [`MAX_LINE_BYTES`]), if it is.
 fn oversized_line(request: &Request<Incoming>) -> Option<String> {
@@ -417,21 +424,10 @@ impl Shared {
     }
 }
 
-/// A JSON answer `{"<key>": "<text>"}` (the callback route's answers, as the Python route's).
-fn json_response(status: StatusCode, key: &str, text: &str) -> Response<Full<Bytes>> {
-    let body = serde_json::json!({ key: text }).to_string();
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("application/json; charset=utf-8"),
-    );
-    response
-}
-
 impl Shared {
-    /// `POST /callback/<token>` ([`crate::callbacks`]): token, status header, claim, body
-    /// limit; a claimed callback's result goes to the call waiting for it.
+    /// `POST /callback/<token>` ([`crate::callbacks`]) when hyper serves it (a chunked body, one
+    /// over the limit, HTTP/2: the [`callback_lane`] serves the rest): the [`callback`] checks
+    /// around a body read within the limit.
     async fn callback(
         self: &Arc<Self>,
         route: &CallbackRoute,
@@ -448,122 +444,37 @@ impl Shared {
         let token = parts
             .uri
             .path()
-            .strip_prefix(callback::PREFIX)
+            .strip_prefix(callbacks::PREFIX)
             .unwrap_or("");
-        let call_id = parts
-            .headers
-            .get(callback::CALL_ID)
-            .map(|v| v.as_bytes())
-            .unwrap_or(b"");
         let length = parts
             .headers
             .get(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
+        let admitted = callback::admit(
+            route,
+            token,
+            parts.headers.get(callbacks::CALL_ID),
+            parts.headers.get(callbacks::STATUS),
+        );
         // Refusals still read what fits the limit: closing on an unread body resets the client.
-        let refuse = |status, why, key: &str, text: &str| {
-            route.table.refuse(why);
-            json_response(status, key, text)
+        let read = read_limited(body, length, route.max_body).await;
+        let admitted = match admitted {
+            Ok(admitted) => admitted,
+            Err(refusal) => return refusal.into_response(),
         };
-        // A call id is ASCII (uuid hex): anything else, even undecodable bytes, is not ours.
-        let call_id = match std::str::from_utf8(call_id) {
-            Ok(id)
-                if id.is_ascii() && route.table.token_matches(id.as_bytes(), token.as_bytes()) =>
-            {
-                id.to_owned()
-            }
-            _ => {
-                let _ = read_limited(body, length, route.max_body).await;
-                return refuse(
-                    StatusCode::UNAUTHORIZED,
-                    Refusal::BadToken,
-                    "error",
-                    "bad callback token",
-                );
-            }
-        };
-        let Some(status) =
-            callback::parse_status(parts.headers.get(callback::STATUS).map(|v| v.as_bytes()))
-        else {
-            let _ = read_limited(body, length, route.max_body).await;
-            return refuse(
-                StatusCode::BAD_REQUEST,
-                Refusal::BadRequest,
-                "error",
-                "missing or invalid X-Function-Status",
-            );
-        };
-        let receipt = match route.table.receive(&call_id) {
-            Ok(receipt) => receipt,
-            Err(claim) => {
-                let _ = read_limited(body, length, route.max_body).await;
-                return refuse_claim(&route.table, claim, &call_id);
-            }
-        };
-        let (body, too_large) = match read_limited(body, length, route.max_body).await {
+        let (body, too_large) = match read {
             Ok(body) => (body, false),
-            Err(BodyError::TooLarge(_)) => (Bytes::from(too_large_text(route.max_body)), true),
+            Err(BodyError::TooLarge(_)) => {
+                (Bytes::from(callback::too_large_text(route.max_body)), true)
+            }
             Err(BodyError::Incomplete(why)) => {
                 // Not claimed: the gateway may send it again, or the call times out.
                 return text_response(StatusCode::BAD_REQUEST, &format!("{why}\n"));
             }
         };
-        let result = CallbackResult {
-            status,
-            headers: parts.headers,
-            body,
-            too_large,
-        };
-        match receipt.complete(result) {
-            Claim::Claimed => {}
-            other => return refuse_claim(&route.table, other, &call_id),
-        }
-        if too_large {
-            route.table.refuse(Refusal::TooLarge);
-            return json_response(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "error",
-                &too_large_text(route.max_body),
-            );
-        }
-        settled()
+        callback::settle(route, admitted, parts.headers, body, too_large).into_response()
     }
-}
-
-/// The body of [`settled`]: [`json_response`]'s `{"status": "settled"}`, written once.
-const SETTLED: &[u8] = br#"{"status":"settled"}"#;
-
-/// The answer to a callback that settled its call: the hot path's, so a static body.
-fn settled() -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from_static(SETTLED)));
-    response.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("application/json; charset=utf-8"),
-    );
-    response
-}
-
-/// Why a callback over the limit fails its call (its answer, and the call's result).
-fn too_large_text(limit: usize) -> String {
-    format!(
-        "the callback body exceeds [dispatch] max_callback_bytes ({limit} bytes); the result was \
-         not read: raise max_callback_bytes or make the function return less"
-    )
-}
-
-/// 409 for a call settled already, 404 for one never expected (or long forgotten).
-fn refuse_claim(table: &CallbackTable, claim: Claim, call_id: &str) -> Response<Full<Bytes>> {
-    let (status, why) = if claim == Claim::Duplicate {
-        (StatusCode::CONFLICT, Refusal::Duplicate)
-    } else {
-        (StatusCode::NOT_FOUND, Refusal::Unknown)
-    };
-    table.refuse(why);
-    json_response(
-        status,
-        "error",
-        &format!("{} call id {call_id}", why.label()),
-    )
 }
 
 struct Forget<'a> {
@@ -581,7 +492,11 @@ impl Drop for Forget<'_> {
     }
 }
 
-fn find<'a>(routes: &'a [RouteEntry], method: &Method, path: &str) -> Option<&'a RouteEntry> {
+pub(super) fn find<'a>(
+    routes: &'a [RouteEntry],
+    method: &Method,
+    path: &str,
+) -> Option<&'a RouteEntry> {
     let mut matching = routes.iter().filter(|r| r.matches(path)).peekable();
     let first = matching.peek().copied();
     // Several routes on one path (one per method): the one for this method, else the first
@@ -614,18 +529,6 @@ fn to_response(answer: Answer) -> Response<Full<Bytes>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_static_settled_answer_is_the_json_answer() {
-        let json: serde_json::Value = serde_json::from_slice(SETTLED).unwrap_or_default();
-        assert_eq!(json, serde_json::json!({"status": "settled"}));
-        assert_eq!(
-            settled().headers().get(CONTENT_TYPE),
-            json_response(StatusCode::OK, "status", "settled")
-                .headers()
-                .get(CONTENT_TYPE)
-        );
-    }
 
     #[test]
     fn python_answers_with_header_injection_lose_the_bad_headers_only() {
