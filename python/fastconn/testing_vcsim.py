@@ -133,6 +133,9 @@ class VcsimDriver:
             pwd=password,
             # the simulator's -tls certificate is httptest's self-signed one: trusted knowingly
             disableSslCertValidation=parts.scheme == "https",
+            # A simulator that stops answering (killed by a test, stalled on a loaded machine)
+            # fails the call instead of blocking its thread, and the test run, forever.
+            httpConnectionTimeout=30,
         )
         self.content: Any = self.si.RetrieveContent()
 

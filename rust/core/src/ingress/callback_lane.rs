@@ -72,16 +72,16 @@ enum Parsed {
 fn parse_head(buf: &[u8], max_head: usize) -> Parsed {
     let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut slots);
+    // The lane serves heads within one line's bound (so no line is over it: the hyper path's
+    // 400 stays hyper's). Waiting for more than that would only re-parse a growing head that
+    // hyper must answer anyway.
+    let longest = MAX_LINE_BYTES.min(max_head);
     let len = match request.parse(buf) {
-        Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) if buf.len() < max_head => return Parsed::NeedMore,
+        Ok(httparse::Status::Complete(len)) if len <= longest => len,
+        Ok(httparse::Status::Partial) if buf.len() < longest => return Parsed::NeedMore,
         _ => return Parsed::Hyper,
     };
-    // A head within one line's bound has no line over it (the hyper path's 400 is hyper's).
-    if len > MAX_LINE_BYTES.min(max_head)
-        || request.method != Some(Method::POST.as_str())
-        || request.version != Some(1)
-    {
+    if request.method != Some(Method::POST.as_str()) || request.version != Some(1) {
         return Parsed::Hyper;
     }
     let Some(path) = request
