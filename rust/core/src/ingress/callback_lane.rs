@@ -29,6 +29,7 @@ use http::header::{
 use http::{HeaderMap, Method};
 use std::cell::RefCell;
 use std::io::Write;
+use std::mem::MaybeUninit;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -70,13 +71,14 @@ enum Parsed {
 /// parses the same). Anything the lane does not serve is [`Parsed::Hyper`], including what
 /// hyper will refuse: hyper then answers it as it answers any connection.
 fn parse_head(buf: &[u8], max_head: usize) -> Parsed {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut request = httparse::Request::new(&mut slots);
+    // Uninitialised slots: zeroing a hundred of them cost more than parsing a callback's head.
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut []);
     // The lane serves heads within one line's bound (so no line is over it: the hyper path's
     // 400 stays hyper's). Waiting for more than that would only re-parse a growing head that
     // hyper must answer anyway.
     let longest = MAX_LINE_BYTES.min(max_head);
-    let len = match request.parse(buf) {
+    let len = match request.parse_with_uninit_headers(buf, &mut slots) {
         Ok(httparse::Status::Complete(len)) if len <= longest => len,
         Ok(httparse::Status::Partial) if buf.len() < longest => return Parsed::NeedMore,
         _ => return Parsed::Hyper,
