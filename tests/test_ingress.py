@@ -6,17 +6,19 @@ webhooks keep answering, readiness pushed from Python, and ``admin_listen`` sepa
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import pytest
 
-from fastconn import Dispatcher, DispatchOptions
+from fastconn import Dispatcher, DispatchOptions, testing
 from fastconn.http_routes import HttpRequest, HttpResponse, Route, text_response
 from fastconn.ingress import Ingress, IngressLimits
-from fastconn.testing import FunctionDouble, free_port, wait_for
+from fastconn.testing import DaemonProcess, FunctionDouble, free_port, wait_for
 from gateway_double import FunctionSpec, GatewayDouble
 
 if TYPE_CHECKING:
@@ -248,6 +250,35 @@ async def test_admin_listen_takes_metrics_off_the_public_listener(
         assert "fastconn_messages_received_total" in await r.text()
     async with http.post(f"http://127.0.0.1:{admin_port}/webhook/t", data=b"x") as r:
         assert r.status == 404, "events are not served on the admin listener"
+
+
+def test_free_port_never_hands_out_a_port_twice() -> None:
+    picks = [free_port() for _ in range(200)]
+    assert len(set(picks)) == len(picks)
+
+
+async def test_the_daemon_harness_picks_another_port_when_its_pick_was_taken(
+    function_double: FunctionDouble, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A port picked for a test daemon can be taken before the daemon binds it (by any
+    process's outgoing connection); the harness then starts it on another, instead of failing
+    the test that needed a daemon."""
+    with socket.socket() as thief:
+        thief.bind(("127.0.0.1", 0))
+        thief.listen()
+        taken = thief.getsockname()[1]
+        picks = iter([taken])
+        pick = testing.free_port
+        monkeypatch.setattr(testing, "free_port", lambda: next(picks, None) or pick())
+        daemon = DaemonProcess(_webhook_config(function_double), tmp_path)
+        assert daemon.listen == f"127.0.0.1:{taken}"
+        try:
+            await daemon.start()
+            assert daemon.listen != f"127.0.0.1:{taken}"
+            async with aiohttp.ClientSession() as http, http.get(f"{daemon.url}/healthz") as r:
+                assert r.status == 200
+        finally:
+            assert await daemon.stop() == 0
 
 
 async def test_without_admin_listen_metrics_answer_on_listen(

@@ -44,12 +44,20 @@ __all__ = [
 ]
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port that was free a moment ago on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    """A TCP port that was free a moment ago on 127.0.0.1, and never handed out before by this
+    process: the kernel may offer a port it just gave back, and two picks in a row (a daemon's
+    `listen` and `admin_listen`) then collide."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port: int = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 async def wait_for(
@@ -220,7 +228,10 @@ class DaemonProcess:
     ) -> None:
         self.config = dict(config)
         server = dict(self.config.get("server", {}))
-        if "listen" not in server:
+        # A port we picked may still be taken between the pick and the daemon's bind (by any
+        # process's outgoing connection): start() then picks another.
+        self._picked_listen = "listen" not in server
+        if self._picked_listen:
             server["listen"] = f"127.0.0.1:{free_port()}"
         self.config["server"] = server
         self.listen = str(server["listen"])
@@ -245,6 +256,18 @@ class DaemonProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     async def start(self, wait: str = "ready", timeout: float = 20.0) -> DaemonProcess:
+        for _ in range(3):
+            try:
+                return await self._start(wait, timeout)
+            except RuntimeError:
+                if not (self._picked_listen and "server.listen: address already in use" in self.output()):
+                    raise
+                self.listen = f"127.0.0.1:{free_port()}"
+                self.config["server"] = {**self.config["server"], "listen": self.listen}
+                self.log_path.unlink(missing_ok=True)
+        return await self._start(wait, timeout)
+
+    async def _start(self, wait: str, timeout: float) -> DaemonProcess:
         self.config_path.write_text(to_toml(self.config))
         env = {**os.environ, **self.env}
         env.pop("FASTCONN_CONFIG", None)
@@ -257,12 +280,14 @@ class DaemonProcess:
         )
         log.close()
         path = "/readyz" if wait == "ready" else "/healthz"
-        async with aiohttp.ClientSession(connector=self._connector()) as http:
+        # Each probe is bounded: a stranger holding the port may accept and never answer.
+        probe_timeout = aiohttp.ClientTimeout(total=2)
+        async with aiohttp.ClientSession(connector=self._connector(), timeout=probe_timeout) as http:
 
             async def up() -> bool:
                 if self.process is not None and self.process.poll() is not None:
                     raise RuntimeError(f"fastconn exited with {self.process.returncode}:\n{self.output()}")
-                with contextlib.suppress(aiohttp.ClientError):
+                with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
                     async with http.get(self.url + path) as r:
                         return r.status == 200
                 return False
